@@ -1,0 +1,1 @@
+"""exo-remote-engine: hosted and external LLMs as ordinary nodes of an exo cluster."""

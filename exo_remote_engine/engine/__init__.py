@@ -1,0 +1,1 @@
+"""The exo side: client, engine, codec, exo hooks."""

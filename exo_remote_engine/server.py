@@ -1,0 +1,313 @@
+"""The key-holding sidecar: a grpc.aio server streaming completions from LiteLLM.
+
+``exo-remote-sidecar --listen 127.0.0.1:50505 --config config.yaml`` serves
+``exo.remote.v1.RemoteInferenceService`` and the standard ``grpc.health.v1.Health``.
+The servicer is thin: config lookup and request checks here, streaming in
+:mod:`~exo_remote_engine.sidecar.litellm_backend`, errors in one table
+(:mod:`~exo_remote_engine.errors`), auth in an interceptor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import grpc
+
+from exo_remote_engine.errors import Reason, RemoteError, redact
+from exo_remote_engine.generated import remote_inference_pb2 as pb
+from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
+from exo_remote_engine.generated.grpc_health import health_pb2, health_pb2_grpc
+from exo_remote_engine.sidecar.auth import ServerTLS, TokenAuthInterceptor
+from exo_remote_engine.sidecar.config import ConfigError, SidecarConfig, load_config
+
+log = logging.getLogger("exo_remote_engine.sidecar")
+
+SERVICE_NAME = "exo.remote.v1.RemoteInferenceService"
+DEFAULT_LISTEN = "127.0.0.1:50505"
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
+T = TypeVar("T")
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1: "" is liveness, the service name is readiness."""
+
+    def __init__(self) -> None:
+        self._status: dict[str, int] = {}
+        self._changed = asyncio.Event()
+
+    def set(self, service: str, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse
+        self._status[service] = status.SERVING if serving else status.NOT_SERVING
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def Check(  # noqa: N802 - gRPC method name
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        if request.service not in self._status:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=self._status[request.service])  # type: ignore[arg-type]
+
+    async def Watch(  # noqa: N802 - gRPC method name
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        while True:
+            changed = self._changed
+            status = self._status.get(request.service, unknown)
+            yield health_pb2.HealthCheckResponse(status=status)  # type: ignore[arg-type]
+            await changed.wait()
+
+
+def _rpc_errors(
+    method: Callable[..., Awaitable[T]],
+) -> Callable[..., Awaitable[T]]:
+    """Turn RemoteError into a rich status and anything unexpected into a generic INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self: RemoteInferenceServicer, request: Any, context: Any) -> T:
+        request_id = getattr(request, "request_id", "")
+        try:
+            return await method(self, request, context)
+        except RemoteError as exc:
+            error = exc
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            log.exception("request_id=%s unexpected error", request_id)
+            error = RemoteError(Reason.INTERNAL, f"internal error (request id {request_id})")
+        message = redact(error.message, self.config.secrets)
+        log.warning(
+            "request_id=%s failed reason=%s code=%s: %s",
+            request_id, error.reason.value, error.grpc_code.name, message,
+        )
+        context.set_trailing_metadata(error.trailing_metadata())
+        await context.abort(error.grpc_code, message)
+        raise AssertionError("unreachable")  # context.abort always raises
+
+    return wrapper
+
+
+class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
+    def __init__(self, config: SidecarConfig) -> None:
+        from exo_remote_engine.sidecar.litellm_backend import LiteLLMBackend
+
+        self.config = config
+        self.backend = LiteLLMBackend(config.secrets)
+
+    @_rpc_errors
+    async def ListModels(  # noqa: N802 - gRPC method name
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListModelsResponse:
+        response = pb.ListModelsResponse(default_model=self.config.default_model)
+        for entry in self.config.models:
+            model = pb.Model(
+                alias=entry.alias,
+                provider=entry.provider,
+                display_name=entry.display_name or entry.alias,
+                ready=True,
+                source={
+                    "config": pb.MODEL_SOURCE_CONFIG,
+                    "embedded": pb.MODEL_SOURCE_EMBEDDED,
+                }.get(entry.source, pb.MODEL_SOURCE_UNSPECIFIED),
+            )
+            for name in ("context_window", "max_output_tokens", "supports_tools", "supports_images"):
+                value = getattr(entry, name)
+                if value is not None:
+                    setattr(model, name, value)
+            response.models.append(model)
+        return response
+
+    @_rpc_errors
+    async def Generate(  # noqa: N802 - gRPC method name
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        entry = self.config.get(request.model)
+        if entry is None:
+            known = ", ".join(m.alias for m in self.config.models)
+            raise RemoteError(
+                Reason.MODEL_NOT_FOUND,
+                f"unknown model {request.model!r}; this sidecar serves: {known}",
+            )
+        if not request.messages:
+            raise RemoteError(Reason.INVALID_REQUEST, "request has no messages")
+        log.info("request_id=%s model=%s start", request.request_id, entry.alias)
+        await self.backend.generate(entry, request, context.write)
+        log.info("request_id=%s model=%s done", request.request_id, entry.alias)
+
+
+@dataclass
+class SidecarSettings:
+    listen: str = DEFAULT_LISTEN
+    config_path: Path | None = None
+    tokens: Sequence[str] = ()
+    tls: ServerTLS | None = None
+    allow_insecure: bool = False
+    max_concurrent_streams: int = 512
+    extra_options: Sequence[tuple[str, Any]] = field(default_factory=tuple)
+
+
+@dataclass
+class RunningSidecar:
+    server: grpc.aio.Server
+    port: int
+    health: HealthServicer
+    config: SidecarConfig
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace_s: float | None = 1.0) -> None:
+        self.health.set("", False)
+        self.health.set(SERVICE_NAME, False)
+        await self.server.stop(grace_s)
+
+
+def _is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None = None) -> RunningSidecar:
+    """Build, bind and start the server; returns once it accepts calls."""
+    config = config or load_config(settings.config_path)
+    interceptors = [TokenAuthInterceptor(settings.tokens)] if settings.tokens else []
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=settings.max_concurrent_streams,
+        options=[
+            ("grpc.so_reuseport", 0),  # a second process must not share (and skim) our port
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # Reasoning models can think for minutes before the first token: let clients
+            # keep the connection alive with pings while nothing flows.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 0),
+            *settings.extra_options,
+        ],
+    )
+    pb_grpc.add_RemoteInferenceServiceServicer_to_server(RemoteInferenceServicer(config), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if settings.tls is not None:
+        port = server.add_secure_port(settings.listen, settings.tls.credentials())
+    else:
+        if not _is_loopback(settings.listen) and not settings.allow_insecure:
+            raise ConfigError(
+                f"refusing to listen in plaintext on {settings.listen}: use TLS, a loopback "
+                "address, or --insecure"
+            )
+        if not _is_loopback(settings.listen):
+            log.warning(
+                "WARNING: serving provider credentials in PLAINTEXT on %s; anyone on the "
+                "network can read requests and replies", settings.listen,
+            )
+        port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise ConfigError(f"cannot bind {settings.listen}: address in use or not available")
+    await server.start()
+    health.set("", True)
+    health.set(SERVICE_NAME, True)
+    return RunningSidecar(server, port, health, config)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="exo-remote-sidecar",
+        description="Serve external LLMs to exo nodes over gRPC. Provider keys live here only.",
+    )
+    parser.add_argument("--listen", default=os.environ.get("EXO_REMOTE_LISTEN", DEFAULT_LISTEN))
+    parser.add_argument(
+        "--config", type=Path, default=os.environ.get("EXO_REMOTE_CONFIG") or None,
+        help="LiteLLM proxy config.yaml or JSON alias map; none = the embedded offline model",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("EXO_REMOTE_LOG_LEVEL", "info"))
+    parser.add_argument(
+        "--token-file", type=Path, default=os.environ.get("EXO_REMOTE_TOKEN_FILE") or None,
+        help="file with one accepted bearer token per line (or env EXO_REMOTE_TOKEN)",
+    )
+    parser.add_argument("--tls-cert", type=Path)
+    parser.add_argument("--tls-key", type=Path)
+    parser.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")
+    parser.add_argument("--insecure", action="store_true", help="allow plaintext off loopback")
+    return parser.parse_args(argv)
+
+
+def _settings_from_args(args: argparse.Namespace) -> SidecarSettings:
+    tokens: list[str] = []
+    if args.token_file:
+        try:
+            lines = args.token_file.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"{args.token_file}: cannot read token file: {exc.strerror}") from exc
+        tokens = [t.strip() for t in lines if t.strip()]
+    elif os.environ.get("EXO_REMOTE_TOKEN"):
+        tokens = [os.environ["EXO_REMOTE_TOKEN"]]
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        tls = ServerTLS(args.tls_cert, args.tls_key, args.tls_client_ca)
+    return SidecarSettings(
+        listen=args.listen, config_path=args.config, tokens=tokens, tls=tls,
+        allow_insecure=args.insecure,
+    )
+
+
+async def _serve(settings: SidecarSettings) -> None:
+    running = await start_sidecar(settings)
+    models = ", ".join(m.alias for m in running.config.models)
+    log.info("listening on %s (models: %s)", settings.listen.rsplit(":", 1)[0] + f":{running.port}", models)
+    print(f"exo-remote-sidecar listening on port {running.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await running.stop(grace_s=5.0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    # LiteLLM logs request params at debug level; keep its loggers quiet whatever we run at.
+    for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm", "httpx", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        asyncio.run(_serve(_settings_from_args(args)))
+    except ConfigError as exc:
+        print(f"exo-remote-sidecar: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The key-holding sidecar: config, LiteLLM backend, error mapping, auth."""

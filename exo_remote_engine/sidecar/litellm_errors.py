@@ -1,0 +1,111 @@
+"""LiteLLM exceptions to the shared error contract (:mod:`exo_remote_engine.errors`).
+
+Mapped by exception class, not status code: LiteLLM reports a refused connection as a
+500 and a stream that died mid-way as a 503. Provider text is never passed through for
+auth failures (OpenAI's 401 echoes part of the key); elsewhere it is redacted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import litellm
+
+from exo_remote_engine.errors import Reason, RemoteError, redact
+
+# Order matters: subclasses before their bases.
+_BY_CLASS: tuple[tuple[type[BaseException], Reason], ...] = (
+    (litellm.ContextWindowExceededError, Reason.CONTEXT_WINDOW_EXCEEDED),
+    (litellm.ContentPolicyViolationError, Reason.CONTENT_POLICY),
+    (litellm.AuthenticationError, Reason.PROVIDER_AUTH_FAILED),
+    (litellm.PermissionDeniedError, Reason.PROVIDER_AUTH_FAILED),
+    (litellm.NotFoundError, Reason.PROVIDER_NOT_FOUND),
+    (litellm.RateLimitError, Reason.RATE_LIMITED),
+    (litellm.Timeout, Reason.PROVIDER_TIMEOUT),
+    (litellm.UnprocessableEntityError, Reason.INVALID_REQUEST),
+    (litellm.UnsupportedParamsError, Reason.INVALID_REQUEST),
+    (litellm.BadRequestError, Reason.INVALID_REQUEST),
+    (litellm.APIConnectionError, Reason.PROVIDER_UNAVAILABLE),
+    (litellm.ServiceUnavailableError, Reason.PROVIDER_UNAVAILABLE),
+    (litellm.InternalServerError, Reason.PROVIDER_UNAVAILABLE),
+    (litellm.BadGatewayError, Reason.PROVIDER_UNAVAILABLE),
+    (litellm.APIError, Reason.PROVIDER_UNAVAILABLE),
+)
+_MAX_PROVIDER_TEXT = 300
+
+
+def classify(exc: BaseException, *, alias: str, provider: str, secrets: Iterable[str]) -> RemoteError:
+    """The RemoteError a client should see for ``exc`` raised while serving ``alias``."""
+    if isinstance(exc, RemoteError):
+        return exc
+    reason = next((r for cls, r in _BY_CLASS if isinstance(exc, cls)), Reason.INTERNAL)
+    status = getattr(exc, "status_code", None)
+    http = f" (HTTP {status})" if isinstance(status, int) else ""
+    meta = {"model": alias, "provider": provider}
+    if reason is Reason.PROVIDER_AUTH_FAILED:
+        return RemoteError(
+            reason,
+            f"provider {provider} rejected the sidecar's credentials for model {alias!r}{http}; "
+            "check the key configured on the sidecar",
+            metadata=meta,
+        )
+    if reason is Reason.RATE_LIMITED:
+        return RemoteError(
+            reason,
+            f"provider {provider} is rate limiting model {alias!r}{http}",
+            retry_after_s=_retry_after(exc),
+            metadata=meta,
+        )
+    if reason is Reason.INTERNAL:
+        return RemoteError(reason, f"internal error while serving model {alias!r}", metadata=meta)
+    detail = _provider_text(exc, secrets)
+    summary = {
+        Reason.CONTEXT_WINDOW_EXCEEDED: "the request exceeds the model's context window",
+        Reason.CONTENT_POLICY: "the provider's content policy refused the request",
+        Reason.PROVIDER_NOT_FOUND: "the provider does not know this model",
+        Reason.INVALID_REQUEST: "the provider rejected the request",
+        Reason.PROVIDER_TIMEOUT: "the provider timed out",
+        Reason.PROVIDER_UNAVAILABLE: "the provider is unavailable",
+    }[reason]
+    message = f"{summary} (model {alias!r}, provider {provider}{http})"
+    if detail:
+        message = f"{message}: {detail}"
+    return RemoteError(reason, message, retry_after_s=_retry_after(exc), metadata=meta)
+
+
+def _provider_text(exc: BaseException, secrets: Iterable[str]) -> str:
+    text = str(getattr(exc, "message", "") or exc)
+    # LiteLLM prefixes "litellm.BadRequestError: OpenAIException - ..."; keep the provider part.
+    text = text.split(" - ", 1)[-1] if " - " in text else text
+    text = redact(text, secrets).strip()
+    return text[:_MAX_PROVIDER_TEXT]
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    headers: Any = None
+    response = getattr(exc, "response", None)
+    if response is not None:
+        headers = getattr(response, "headers", None)
+    headers = headers or getattr(exc, "litellm_response_headers", None)
+    if not headers:
+        return None
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            import time
+
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Creates the project's virtual environments from the repo's own files, idempotently.
+#   .venv            Python 3.11+: the package with the sidecar and test extras (LiteLLM, buf, ...)
+#   .venvs/exo-pins  Python 3.12: classic exo's pins (grpcio 1.70.0, protobuf 5.28.1, numpy 2.0.0)
+#                    plus the base (engine-side) install only; with EXO_SRC set, also classic exo.
+# Re-runs are cheap: each environment is rebuilt only when pyproject.toml or EXO_SRC changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+PY_EXO=${EXO_PYTHON_BIN:-}
+if [ -z "$PY_EXO" ]; then
+  # Classic exo supports Python 3.11/3.12; prefer 3.12. pyenv shims may exist without working.
+  for cand in /root/.pyenv/versions/3.12*/bin/python3 python3.12 python3.11 python3; do
+    if "$cand" -c "import sys; assert sys.version_info[:2] in ((3, 11), (3, 12))" 2>/dev/null; then
+      PY_EXO=$cand; break
+    fi
+  done
+fi
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+stamp_of() { cat pyproject.toml "$@" 2>/dev/null | sha256sum | cut -c1-16; }
+
+# 1. Development / sidecar environment.
+want=$(stamp_of)
+if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.stamp 2>/dev/null)" != "$want" ]; then
+  echo "[bootstrap] building .venv with $PY"
+  "$PY" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e ".[sidecar,test]"
+  echo "$want" > .venv/.stamp
+fi
+
+# 2. Classic exo's pinned environment: proves the engine side installs there without LiteLLM.
+EXO_PINS="aiohttp==3.10.11 aiohttp_cors==0.7.0 aiofiles==24.1.0 grpcio==1.70.0 protobuf==5.28.1 numpy==2.0.0 pillow==10.4.0 psutil==6.0.0 pydantic==2.9.2 rich==13.7.1 scapy==2.6.1 tqdm==4.66.4 transformers==4.46.3 uvloop==0.21.0 Jinja2==3.1.4 requests==2.32.3 opencv-python-headless"
+want=$(stamp_of; echo "exo:${EXO_SRC:-none}")
+want=$(echo "$want" | sha256sum | cut -c1-16)
+VE=.venvs/exo-pins
+if [ ! -x $VE/bin/python ] || [ "$(cat $VE/.stamp 2>/dev/null)" != "$want" ]; then
+  echo "[bootstrap] building $VE with $PY_EXO"
+  rm -rf $VE
+  "$PY_EXO" -m venv $VE
+  $VE/bin/pip install -q --upgrade pip
+  # The base install must not pull LiteLLM and must keep exo's pins as they are.
+  $VE/bin/pip install -q -c scripts/exo-pins.txt "$ROOT"
+  if [ -n "${EXO_SRC:-}" ]; then
+    echo "[bootstrap] installing classic exo from $EXO_SRC into $VE (no tinygrad)"
+    # shellcheck disable=SC2086
+    $VE/bin/pip install -q -c scripts/exo-pins.txt $EXO_PINS openai
+    $VE/bin/pip install -q --no-deps "$EXO_SRC"
+  fi
+  echo "$want" > $VE/.stamp
+fi
