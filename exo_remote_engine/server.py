@@ -210,8 +210,21 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
     pb_grpc.add_RemoteInferenceServiceServicer_to_server(RemoteInferenceServicer(config), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    try:
+        port = _bind(server, settings)
+    except RuntimeError as exc:  # grpc's way of saying the bind failed
+        raise ConfigError(f"cannot bind {settings.listen}: address in use or not available") from exc
+    if port == 0:
+        raise ConfigError(f"cannot bind {settings.listen}: address in use or not available")
+    await server.start()
+    health.set("", True)
+    health.set(SERVICE_NAME, True)
+    return RunningSidecar(server, port, health, config)
+
+
+def _bind(server: grpc.aio.Server, settings: SidecarSettings) -> int:
     if settings.tls is not None:
-        port = server.add_secure_port(settings.listen, settings.tls.credentials())
+        return server.add_secure_port(settings.listen, settings.tls.credentials())
     else:
         if not _is_loopback(settings.listen) and not settings.allow_insecure:
             raise ConfigError(
@@ -223,13 +236,7 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
                 "WARNING: serving provider credentials in PLAINTEXT on %s; anyone on the "
                 "network can read requests and replies", settings.listen,
             )
-        port = server.add_insecure_port(settings.listen)
-    if port == 0:
-        raise ConfigError(f"cannot bind {settings.listen}: address in use or not available")
-    await server.start()
-    health.set("", True)
-    health.set(SERVICE_NAME, True)
-    return RunningSidecar(server, port, health, config)
+        return server.add_insecure_port(settings.listen)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -33,6 +33,16 @@ _BY_CLASS: tuple[tuple[type[BaseException], Reason], ...] = (
     (litellm.BadGatewayError, Reason.PROVIDER_UNAVAILABLE),
     (litellm.APIError, Reason.PROVIDER_UNAVAILABLE),
 )
+# Only for generic LiteLLM classes that still carry a client-error status.
+_BY_CLIENT_STATUS: dict[int, Reason] = {
+    400: Reason.INVALID_REQUEST,
+    401: Reason.PROVIDER_AUTH_FAILED,
+    403: Reason.PROVIDER_AUTH_FAILED,
+    404: Reason.PROVIDER_NOT_FOUND,
+    413: Reason.REQUEST_TOO_LARGE,
+    422: Reason.INVALID_REQUEST,
+    429: Reason.RATE_LIMITED,
+}
 _MAX_PROVIDER_TEXT = 300
 
 
@@ -42,6 +52,9 @@ def classify(exc: BaseException, *, alias: str, provider: str, secrets: Iterable
         return exc
     reason = next((r for cls, r in _BY_CLASS if isinstance(exc, cls)), Reason.INTERNAL)
     status = getattr(exc, "status_code", None)
+    if reason in (Reason.PROVIDER_UNAVAILABLE, Reason.INTERNAL) and status in _BY_CLIENT_STATUS:
+        # LiteLLM wraps some provider 4xx (e.g. OpenAI-compatible 403) in a generic APIError.
+        reason = _BY_CLIENT_STATUS[status]
     http = f" (HTTP {status})" if isinstance(status, int) else ""
     meta = {"model": alias, "provider": provider}
     if reason is Reason.PROVIDER_AUTH_FAILED:

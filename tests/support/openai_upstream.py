@@ -329,7 +329,7 @@ class OpenAIUpstream:
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._stopping = False
-        self._in_flight = 0
+        self._active: dict[int, web.Request] = {}  # web.Request is unhashable
         self._request_ids = itertools.count(1)
         self._frames_cache: dict[tuple[int, str, bool], tuple[Scenario, _Frames]] = {}
         # Records are appended on the server's loop and may be awaited from another
@@ -356,7 +356,7 @@ class OpenAIUpstream:
     @property
     def in_flight(self) -> int:
         """Chat completion handlers currently running."""
-        return self._in_flight
+        return len(self._active)
 
     async def start(self) -> None:
         if self._runner is not None:
@@ -377,7 +377,7 @@ class OpenAIUpstream:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", self._port_wanted))
-            site = web.SockSite(runner, sock, backlog=2048, shutdown_timeout=0.1)
+            site = web.SockSite(runner, sock, backlog=2048)
             await site.start()
         except BaseException:
             sock.close()
@@ -392,6 +392,9 @@ class OpenAIUpstream:
         if runner is None:
             return
         self._stopping = True
+        # aiohttp would wait up to 2 x shutdown_timeout for running streams; cut them now.
+        for request in list(self._active.values()):
+            _abort(request)
         await runner.cleanup()
 
     async def __aenter__(self) -> Self:
@@ -583,7 +586,8 @@ class OpenAIUpstream:
             )
 
         model = str(body.get("model", ""))
-        scenario = self.scenarios.get(model) or self.default or echo_scenario(body)
+        scripted = self.scenarios.get(model) or self.default
+        scenario = scripted or echo_scenario(body)
         stream = bool(body.get("stream"))
         options = body.get("stream_options")
         include_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
@@ -592,7 +596,7 @@ class OpenAIUpstream:
         started_at = time.monotonic()
         written = 0
         outcome: Outcome = "completed"
-        self._in_flight += 1
+        self._active[id(request)] = request
         try:
             if scenario.stall_before_first_byte_s > 0:
                 await asyncio.sleep(scenario.stall_before_first_byte_s)
@@ -622,7 +626,11 @@ class OpenAIUpstream:
                 },
             )
             await response.prepare(request)
-            frames = self._frames_for(scenario, reported, include_usage)
+            frames = (
+                self._frames_for(scenario, reported, include_usage)
+                if scripted is not None
+                else _build_frames(scenario, reported, include_usage, int(time.time()))
+            )
             n = len(frames.deltas)
             drop_at = (
                 None if scenario.drop_after_chunks is None else min(scenario.drop_after_chunks, n)
@@ -667,7 +675,7 @@ class OpenAIUpstream:
             outcome = "server_stopped" if self._stopping else "disconnected"
             raise
         finally:
-            self._in_flight -= 1
+            self._active.pop(id(request), None)
             self._record(
                 StreamRecord(
                     model=model,

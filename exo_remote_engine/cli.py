@@ -1,0 +1,122 @@
+"""``exo-remote``: check a sidecar without exo.
+
+``exo-remote models`` prints the sidecar's models as a table; ``exo-remote chat "Hi"``
+streams a reply to stdout and the finish reason and usage to stderr. The sidecar address,
+token and TLS files come from the same environment variables the exo side reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+
+from exo_remote_engine.engine.client import SidecarClient, SidecarTarget
+from exo_remote_engine.errors import RemoteError
+from exo_remote_engine.generated import remote_inference_pb2 as pb
+from exo_remote_engine.openai_wire import FINISH_REASON_NAMES, chat_body_to_request
+
+
+def _yes_no(model: pb.Model, name: str) -> str:
+    return ("yes" if getattr(model, name) else "no") if model.HasField(name) else "?"
+
+
+def _tokens(model: pb.Model, name: str) -> str:
+    return f"{getattr(model, name):,}" if model.HasField(name) else "?"
+
+
+def render_models(response: pb.ListModelsResponse) -> str:
+    """A plain-text table: one row per model, the reason beside each unready one."""
+    header = ("MODEL", "PROVIDER", "READY", "CONTEXT", "MAX OUT", "TOOLS", "IMAGES")
+    rows = [header]
+    notes: list[str] = []
+    for m in response.models:
+        default = " *" if m.alias == response.default_model else ""
+        rows.append((
+            m.alias + default,
+            m.provider,
+            "yes" if m.ready else "no",
+            _tokens(m, "context_window"),
+            _tokens(m, "max_output_tokens"),
+            _yes_no(m, "supports_tools"),
+            _yes_no(m, "supports_images"),
+        ))
+        if not m.ready and m.not_ready_reason:
+            notes.append(f"  {m.alias}: {m.not_ready_reason}")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.append("(* default model; ? unknown)")
+    if notes:
+        lines.append("not ready:")
+        lines.extend(notes)
+    return "\n".join(lines)
+
+
+async def _models(target: SidecarTarget, refresh: bool) -> int:
+    client = SidecarClient(target)
+    try:
+        print(render_models(await client.list_models(refresh=refresh)))
+    finally:
+        await client.close()
+    return 0
+
+
+async def _chat(target: SidecarTarget, args: argparse.Namespace) -> int:
+    client = SidecarClient(target)
+    try:
+        model = args.model or (await client.list_models()).default_model
+        body: dict[str, object] = {"messages": [{"role": "user", "content": args.prompt}]}
+        if args.system:
+            body["messages"] = [{"role": "system", "content": args.system}, *body["messages"]]  # type: ignore[misc]
+        if args.max_tokens:
+            body["max_tokens"] = args.max_tokens
+        if args.temperature is not None:
+            body["temperature"] = args.temperature
+        request = chat_body_to_request(body, request_id=str(uuid.uuid4()), model=model)
+        async for event in client.generate(request):
+            if event.HasField("delta"):
+                sys.stdout.write(event.delta.text)
+                sys.stdout.flush()
+            elif event.HasField("finished"):
+                f = event.finished
+                print()
+                print(
+                    f"[{model} -> {f.model}: finish_reason={FINISH_REASON_NAMES.get(f.finish_reason, '?')}"
+                    f" prompt_tokens={f.usage.prompt_tokens} completion_tokens={f.usage.completion_tokens}]",
+                    file=sys.stderr,
+                )
+    finally:
+        await client.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="exo-remote", description=__doc__.splitlines()[0])
+    parser.add_argument("--sidecar", help="host:port (default: EXO_REMOTE_SIDECAR or 127.0.0.1:50505)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    models = sub.add_parser("models", help="list the sidecar's models")
+    models.add_argument("--refresh", action="store_true", help="ask the sidecar to rediscover first")
+    chat = sub.add_parser("chat", help="stream one reply")
+    chat.add_argument("prompt")
+    chat.add_argument("--model", help="alias (default: the sidecar's default model)")
+    chat.add_argument("--system")
+    chat.add_argument("--max-tokens", type=int)
+    chat.add_argument("--temperature", type=float)
+    args = parser.parse_args(argv)
+    target = SidecarTarget.from_env()
+    if args.sidecar:
+        target = replace(target, address=args.sidecar)
+    try:
+        if args.command == "models":
+            return asyncio.run(_models(target, args.refresh))
+        return asyncio.run(_chat(target, args))
+    except RemoteError as exc:
+        print(f"exo-remote: {exc.reason.value}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The exo side's one connection layer to a sidecar.
+
+:class:`SidecarTarget` says where the sidecar is and how to prove who we are (token,
+TLS), read from environment variables so exo's own argv stays untouched.
+:class:`SidecarClient` owns one lazily created grpc.aio channel per event loop, retries
+a Generate call only until its first event arrives (never after: that would duplicate
+text), and turns every failure into the one error type, :class:`RemoteError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+)
+
+from exo_remote_engine.errors import Reason, RemoteError
+from exo_remote_engine.generated import remote_inference_pb2 as pb
+from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
+from exo_remote_engine.generated.grpc_health import health_pb2, health_pb2_grpc
+
+DEFAULT_SIDECAR = "127.0.0.1:50505"
+SERVICE_NAME = "exo.remote.v1.RemoteInferenceService"
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """Trust anchor for the sidecar's certificate, plus our own for mutual TLS."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_file.read_bytes() if self.ca_file else None,
+            private_key=self.key_file.read_bytes() if self.key_file else None,
+            certificate_chain=self.cert_file.read_bytes() if self.cert_file else None,
+        )
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded, jittered retries before the first event of a stream."""
+
+    attempts: int = 4
+    max_total_s: float = 20.0
+    base_delay_s: float = 0.25
+    max_delay_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class SidecarTarget:
+    address: str = DEFAULT_SIDECAR
+    token: str | None = field(default=None, repr=False)
+    tls: ClientTLS | None = None
+    deadline_s: float = 900.0
+    retry: RetryPolicy = RetryPolicy()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SidecarTarget:
+        """EXO_REMOTE_SIDECAR, EXO_REMOTE_TOKEN(_FILE), EXO_REMOTE_TLS_CA/CERT/KEY."""
+        env = os.environ if environ is None else environ
+        token = env.get("EXO_REMOTE_TOKEN") or None
+        token_file = env.get("EXO_REMOTE_TOKEN_FILE")
+        if token_file:
+            token = Path(token_file).read_text().strip() or None
+        tls = None
+        if env.get("EXO_REMOTE_TLS_CA") or env.get("EXO_REMOTE_TLS_CERT"):
+            tls = ClientTLS(
+                ca_file=_path(env.get("EXO_REMOTE_TLS_CA")),
+                cert_file=_path(env.get("EXO_REMOTE_TLS_CERT")),
+                key_file=_path(env.get("EXO_REMOTE_TLS_KEY")),
+                server_name=env.get("EXO_REMOTE_TLS_SERVER_NAME") or None,
+            )
+        return cls(
+            address=env.get("EXO_REMOTE_SIDECAR", DEFAULT_SIDECAR),
+            token=token,
+            tls=tls,
+            deadline_s=float(env.get("EXO_REMOTE_DEADLINE_S", "900")),
+        )
+
+    def channel_options(self) -> list[tuple[str, int | str]]:
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        if self.tls and self.tls.server_name:
+            options.append(("grpc.ssl_target_name_override", self.tls.server_name))
+        return options
+
+    def metadata(self, request_id: str = "") -> tuple[tuple[str, str], ...]:
+        md: list[tuple[str, str]] = []
+        if self.token:
+            md.append(("authorization", f"Bearer {self.token}"))
+        if request_id:
+            md.append(("x-request-id", request_id))
+        return tuple(md)
+
+    def sync_channel(self) -> grpc.Channel:
+        """A blocking channel, for callers that have no event loop yet (exo's import time)."""
+        if self.tls:
+            return grpc.secure_channel(self.address, self.tls.credentials(), self.channel_options())
+        return grpc.insecure_channel(self.address, self.channel_options())
+
+    def aio_channel(self) -> grpc.aio.Channel:
+        if self.tls:
+            return grpc.aio.secure_channel(
+                self.address, self.tls.credentials(), self.channel_options()
+            )
+        return grpc.aio.insecure_channel(self.address, self.channel_options())
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _error_from(exc: grpc.RpcError) -> RemoteError:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    return RemoteError.from_status(code, details, trailers)
+
+
+def list_models_blocking(target: SidecarTarget, timeout_s: float = 3.0) -> pb.ListModelsResponse:
+    """ListModels without an event loop; raises RemoteError when the sidecar is away."""
+    with target.sync_channel() as channel:
+        stub = pb_grpc.RemoteInferenceServiceStub(channel)
+        try:
+            response: pb.ListModelsResponse = stub.ListModels(
+                pb.ListModelsRequest(), timeout=timeout_s, metadata=target.metadata()
+            )
+            return response
+        except grpc.RpcError as exc:
+            raise _error_from(exc) from None
+
+
+class SidecarClient:
+    """Async calls to one sidecar over a channel created lazily in the running loop."""
+
+    def __init__(self, target: SidecarTarget) -> None:
+        self.target = target
+        self._channel: grpc.aio.Channel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _stub(self) -> pb_grpc.RemoteInferenceServiceStub:
+        return pb_grpc.RemoteInferenceServiceStub(self._ensure_channel())
+
+    def _ensure_channel(self) -> grpc.aio.Channel:
+        loop = asyncio.get_running_loop()
+        if self._channel is None or self._loop is not loop:
+            self._channel = self.target.aio_channel()
+            self._loop = loop
+        return self._channel
+
+    async def close(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None and self._loop is asyncio.get_running_loop():
+            await channel.close(grace=None)
+
+    async def health(self, timeout_s: float = 2.0) -> bool:
+        """True when the sidecar reports its inference service SERVING."""
+        stub = health_pb2_grpc.HealthStub(self._ensure_channel())
+        try:
+            response = await stub.Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def list_models(self, refresh: bool = False, timeout_s: float = 10.0) -> pb.ListModelsResponse:
+        try:
+            response: pb.ListModelsResponse = await self._stub().ListModels(
+                pb.ListModelsRequest(refresh=refresh),
+                timeout=timeout_s,
+                metadata=self.target.metadata(),
+            )
+            return response
+        except grpc.RpcError as exc:
+            raise _error_from(exc) from None
+
+    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+        """Stream events; retried only while nothing has been received."""
+        policy = self.target.retry
+        call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse] | None = None
+        first: pb.GenerateResponse | None = None
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(lambda e: isinstance(e, RemoteError) and e.retryable),
+            stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.max_total_s),
+            wait=_wait_honouring_retry_after(policy),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    call = self._stub().Generate(
+                        request,
+                        timeout=self.target.deadline_s,
+                        metadata=self.target.metadata(request.request_id),
+                    )
+                    first = await self._first_event(call)
+            if first is None:
+                return
+            yield first
+            assert call is not None
+            while True:
+                try:
+                    event = await call.read()
+                except grpc.RpcError as exc:
+                    raise _error_from(exc) from None
+                if event is grpc.aio.EOF:
+                    break
+                yield event  # type: ignore[misc]
+        finally:
+            if call is not None and not call.done():
+                call.cancel()
+
+    @staticmethod
+    async def _first_event(
+        call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse],
+    ) -> pb.GenerateResponse | None:
+        try:
+            event = await call.read()
+        except grpc.RpcError as exc:
+            raise _error_from(exc) from None
+        if event is grpc.aio.EOF:
+            code = await call.code()
+            if code == grpc.StatusCode.OK:
+                raise RemoteError(Reason.INTERNAL, "sidecar ended the stream without a result")
+            raise RemoteError.from_status(
+                code, await call.details(), await call.trailing_metadata()
+            )
+        return event  # type: ignore[return-value]
+
+
+def _wait_honouring_retry_after(policy: RetryPolicy) -> object:
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        hinted = exc.retry_after_s if isinstance(exc, RemoteError) else None
+        backoff = min(policy.max_delay_s, policy.base_delay_s * 2 ** (state.attempt_number - 1))
+        jittered = random.uniform(0, backoff)
+        return max(jittered, min(hinted, policy.max_total_s)) if hinted is not None else jittered
+
+    return wait
+
+
+@contextlib.asynccontextmanager
+async def connected(target: SidecarTarget) -> AsyncIterator[SidecarClient]:
+    client = SidecarClient(target)
+    try:
+        yield client
+    finally:
+        await client.close()

@@ -1,0 +1,275 @@
+"""OpenAI-faithful chat completions for remote models, inside exo's own API.
+
+exo's handler drops max_tokens, stop and tool_choice, rewrites images, calls every
+stream chunk ``chat.completion``, never sends usage or ``[DONE]``, and derives the finish
+reason from EOS alone. For remote models this handler takes over the HTTP side while the
+tokens still flow through exo's node and token loop: the prompt envelope carries the
+request as sent, and the in-band control events carry the provider's finish reason,
+usage, tool calls and errors back. Local models never reach this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from exo_remote_engine.engine import codec
+from exo_remote_engine.errors import Reason, RemoteError
+from exo_remote_engine.openai_wire import chat_body_to_request
+
+# Request fields forwarded to the provider (exo's own parser drops all but temperature).
+FORWARDED_PARAMS = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "tool_choice",
+    "parallel_tool_calls",
+)
+
+
+def error_response(error: RemoteError) -> web.Response:
+    headers = {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+    return web.json_response(error.to_openai_error(), status=error.http_status, headers=headers)
+
+
+@dataclass
+class _Collected:
+    """What the control events said, and the text so far (for non-streamed replies)."""
+
+    text: list[str] = field(default_factory=list)
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    error: RemoteError | None = None
+
+    def add_tool_fragment(self, event: Mapping[str, Any]) -> None:
+        call = self.tool_calls.setdefault(
+            int(event["index"]),
+            {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+        )
+        if event.get("id"):
+            call["id"] = event["id"]
+        if event.get("name"):
+            call["function"]["name"] = event["name"]
+        call["function"]["arguments"] += event.get("arguments") or ""
+
+
+def _error_from_event(event: Mapping[str, Any]) -> RemoteError:
+    try:
+        reason = Reason(event.get("reason", "INTERNAL"))
+    except ValueError:
+        reason = Reason.INTERNAL
+    return RemoteError(reason, str(event.get("message", "remote model failed")), event.get("retry_after_s"))
+
+
+class RemoteChatHandler:
+    """Serves one chat completion for a remote model through exo's node."""
+
+    def __init__(self, api: Any, engine: Any, exo_id: str) -> None:
+        self.api = api
+        self.engine = engine  # the local RemoteLLMInferenceEngine, or None on a relay node
+        self.exo_id = exo_id
+        self.request_id = str(uuid.uuid4())
+        self.created = int(time.time())
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        from exo import VERSION
+
+        chunk = {
+            "id": f"chatcmpl-{self.request_id}",
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.exo_id,
+            "system_fingerprint": f"exo_{VERSION}",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
+
+    async def handle(self, request: web.Request, body: Mapping[str, Any]) -> web.StreamResponse:
+        from exo.models import build_base_shard
+
+        messages = body.get("messages")
+        try:
+            # Validate everything the sidecar would, before exo's loop is involved.
+            chat_body_to_request(body, request_id=self.request_id, model=self.exo_id)
+        except RemoteError as exc:
+            return error_response(exc)
+        assert isinstance(messages, list)
+        if self.api.system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self.api.system_prompt}, *messages]
+        params = {k: body[k] for k in FORWARDED_PARAMS if body.get(k) is not None}
+        tokenizer = self.engine.tokenizer if self.engine else None
+        if tokenizer is None:
+            from exo_remote_engine.engine.tokenizer import RemoteTokenizer
+
+            tokenizer = RemoteTokenizer()
+        prompt = tokenizer.apply_chat_template(messages, tools=body.get("tools"), params=params)
+        shard = build_base_shard(self.exo_id, self.api.inference_engine_classname)
+        if shard is None:
+            return error_response(RemoteError(Reason.MODEL_NOT_FOUND, f"unknown model {self.exo_id!r}"))
+        if self.api.on_chat_completion_request:  # exo's TUI shows the prompt
+            with contextlib.suppress(Exception):
+                text = " ".join(str(m.get("content", "")) for m in messages if m.get("role") == "user")
+                self.api.on_chat_completion_request(self.request_id, None, text)
+        stream = bool(body.get("stream"))
+        options = body.get("stream_options") or {}
+        include_usage = bool(isinstance(options, Mapping) and options.get("include_usage"))
+        queue: asyncio.Queue[tuple[list[int], bool]] = self.api.token_queues[self.request_id]
+        finished_cleanly = False
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(asyncio.create_task(
+                    self.api.node.process_prompt(shard, prompt, request_id=self.request_id)
+                )),
+                timeout=self.api.response_timeout,
+            )
+            if stream:
+                response = await self._stream(request, queue, include_usage)
+            else:
+                response = await self._collect(queue)
+            finished_cleanly = True
+            return response
+        except TimeoutError:
+            return error_response(RemoteError(Reason.DEADLINE_EXCEEDED, "response generation timed out"))
+        finally:
+            self.api.token_queues.pop(self.request_id, None)
+            if not finished_cleanly and self.engine is not None:
+                self.engine.cancel(self.request_id)
+
+    async def _next(self, queue: asyncio.Queue[tuple[list[int], bool]]) -> tuple[list[int], bool]:
+        return await asyncio.wait_for(queue.get(), timeout=self.api.response_timeout)
+
+    def _absorb(self, pieces: list[str | bytes], collected: _Collected) -> tuple[list[str], list[dict[str, Any]]]:
+        """Split decoded pieces into text and tool-call deltas; record finish/usage/error."""
+        texts: list[str] = []
+        tools: list[dict[str, Any]] = []
+        for piece in pieces:
+            if isinstance(piece, str):
+                texts.append(piece)
+                continue
+            event = json.loads(piece)
+            kind = event.get("type")
+            if kind == "tool_call":
+                collected.add_tool_fragment(event)
+                tool: dict[str, Any] = {"index": event["index"], "function": {"arguments": event.get("arguments", "")}}
+                if event.get("id"):
+                    tool["id"] = event["id"]
+                    tool["type"] = "function"
+                if event.get("name"):
+                    tool["function"]["name"] = event["name"]
+                tools.append(tool)
+            elif kind == "finished":
+                collected.finish_reason = event.get("finish_reason")
+                collected.usage = event.get("usage")
+            elif kind == "error":
+                collected.error = _error_from_event(event)
+        return texts, tools
+
+    async def _stream(
+        self, request: web.Request, queue: asyncio.Queue[tuple[list[int], bool]], include_usage: bool
+    ) -> web.StreamResponse:
+        decoder = codec.StreamDecoder()
+        collected = _Collected()
+        response: web.StreamResponse | None = None
+        first = True
+        try:
+            while True:
+                tokens, is_finished = await self._next(queue)
+                texts, tools = self._absorb(decoder.feed(tokens), collected)
+                if collected.error is not None and response is None:
+                    return error_response(collected.error)
+                if texts or tools:
+                    if response is None:
+                        response = await self._prepare(request)
+                    delta: dict[str, Any] = {"role": "assistant"} if first else {}
+                    first = False
+                    if texts:
+                        delta["content"] = "".join(texts)
+                    if tools:
+                        delta["tool_calls"] = tools
+                    await response.write(self._chunk(delta))
+                if is_finished:
+                    break
+            if response is None:
+                response = await self._prepare(request)
+            if collected.error is not None:
+                payload = {"error": collected.error.to_openai_error()["error"]}
+                await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+            else:
+                reason = collected.finish_reason or self._fallback_reason(tokens)
+                await response.write(self._chunk({"role": "assistant"} if first else {}, reason))
+                if include_usage and collected.usage is not None:
+                    usage_chunk = json.loads(self._chunk({}).decode()[len("data: ") :])
+                    usage_chunk["choices"] = []
+                    usage_chunk["usage"] = collected.usage
+                    await response.write(f"data: {json.dumps(usage_chunk)}\n\n".encode())
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        except (ConnectionResetError, asyncio.CancelledError):
+            if self.engine is not None:
+                self.engine.cancel(self.request_id)
+            raise
+
+    async def _prepare(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=200,
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
+        )
+        await response.prepare(request)
+        return response
+
+    @staticmethod
+    def _fallback_reason(tokens: list[int]) -> str:
+        # No finished event: exo's own limit (--max-generate-tokens) or a cancelled stream.
+        return "stop" if tokens and tokens[-1] == codec.EOS_ID else "length"
+
+    async def _collect(self, queue: asyncio.Queue[tuple[list[int], bool]]) -> web.Response:
+        from exo import VERSION
+
+        decoder = codec.StreamDecoder()
+        collected = _Collected()
+        while True:
+            tokens, is_finished = await self._next(queue)
+            texts, _ = self._absorb(decoder.feed(tokens), collected)
+            collected.text.extend(texts)
+            if is_finished:
+                break
+        if collected.error is not None:
+            return error_response(collected.error)
+        content = "".join(collected.text)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if collected.tool_calls:
+            message["tool_calls"] = [collected.tool_calls[i] for i in sorted(collected.tool_calls)]
+            message["content"] = content or None
+        body: dict[str, Any] = {
+            "id": f"chatcmpl-{self.request_id}",
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.exo_id,
+            "system_fingerprint": f"exo_{VERSION}",
+            "choices": [{
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": collected.finish_reason or self._fallback_reason(tokens),
+            }],
+        }
+        if collected.usage is not None:
+            body["usage"] = collected.usage
+        return web.json_response(body, dumps=lambda o: json.dumps(o, ensure_ascii=False))

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: builds the environments, lints, type-checks,
+# checks the wire contract, then runs pytest. Real-exo tests run when EXO_SRC points at
+# a classic exo source tree (commit e4238f9ef) and are skipped with the reason otherwise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+export LITELLM_LOCAL_MODEL_COST_MAP=True
+export EXO_REMOTE_PINS_PYTHON="$PWD/.venvs/exo-pins/bin/python"
+echo "[test] ruff"; .venv/bin/ruff check .
+echo "[test] mypy"; .venv/bin/mypy exo_remote_engine
+echo "[test] pytest"; .venv/bin/python -m pytest "$@"

@@ -1,0 +1,64 @@
+"""Shared fixtures: a real OpenAI-compatible upstream, a real sidecar on a real port."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+
+import pytest
+
+from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
+from exo_remote_engine.sidecar.config import load_config
+from tests.support.openai_upstream import OpenAIUpstream
+
+PLANTED_KEY = "sk-planted-0123456789abcdefPLANTEDKEY"
+
+
+def write_proxy_config(path: Path, upstream_url: str, aliases: Iterable[str]) -> Path:
+    """A LiteLLM proxy config.yaml, as a user would write it, pointing at the upstream."""
+    lines = ["model_list:"]
+    for alias in aliases:
+        lines += [
+            f"  - model_name: {alias}",
+            "    litellm_params:",
+            f"      model: openai/{alias}",
+            f"      api_base: {upstream_url}/v1",
+            "      api_key: os.environ/TEST_UPSTREAM_KEY",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[OpenAIUpstream]:
+    async with OpenAIUpstream() as up:
+        yield up
+
+
+SidecarFactory = Callable[..., "AsyncIterator[RunningSidecar]"]
+
+
+@pytest.fixture
+async def sidecar_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable[..., object]]:
+    """Start sidecars serving the given aliases from an upstream; stopped at teardown."""
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", PLANTED_KEY)
+    running: list[RunningSidecar] = []
+
+    async def start(upstream: OpenAIUpstream, *aliases: str, **settings: object) -> RunningSidecar:
+        config_path = write_proxy_config(tmp_path / f"config{len(running)}.yaml", upstream.url, aliases)
+        sidecar = await start_sidecar(
+            SidecarSettings(listen="127.0.0.1:0", config_path=config_path, **settings),  # type: ignore[arg-type]
+            load_config(config_path),
+        )
+        running.append(sidecar)
+        return sidecar
+
+    yield start
+    for sidecar in running:
+        await sidecar.stop(grace_s=None)
