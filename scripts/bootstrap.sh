@@ -51,3 +51,6 @@ if [ ! -x $VE/bin/python ] || [ "$(cat $VE/.stamp 2>/dev/null)" != "$want" ]; th
   fi
   echo "$want" > $VE/.stamp
 fi
+# Always refresh this project's own code in the pinned environment (a wheel install, so the
+# .pth/.start startup files land in site-packages exactly as users get them).
+$VE/bin/pip install -q --no-deps --force-reinstall "$ROOT" 2>&1 | grep -v "^WARNING: Location" || true

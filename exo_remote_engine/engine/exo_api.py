@@ -221,7 +221,11 @@ class RemoteChatHandler:
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             return response
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:  # the client went away: stop paying for its tokens
+            if self.engine is not None:
+                self.engine.cancel(self.request_id)
+            return response or web.StreamResponse(status=499)
+        except asyncio.CancelledError:
             if self.engine is not None:
                 self.engine.cancel(self.request_id)
             raise

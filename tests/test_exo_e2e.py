@@ -1,0 +1,242 @@
+"""Real classic exo, started with the stock ``exo --inference-engine remote`` command, in
+front of a real sidecar process and an OpenAI-compatible upstream on 127.0.0.1, driven by
+the official openai SDK. Skipped with the reason when EXO_SRC is not set."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import psutil
+import pytest
+
+from tests.conftest import PLANTED_KEY, write_proxy_config
+from tests.support.openai_upstream import OpenAIUpstream, Scenario, ToolCallSpec
+from tests.support.processes import (
+    ExoNode,
+    SidecarProcess,
+    exo_skip_reason,
+    free_port,
+    start_exo_node,
+    start_sidecar_process,
+    write_peers,
+)
+
+pytestmark = [pytest.mark.exo, pytest.mark.skipif(exo_skip_reason() is not None, reason=str(exo_skip_reason()))]
+
+TORTURE = (
+    "Zero-width joiners 👨‍👩‍👧‍👦 and flags 🇫🇷🇯🇵, skin tones 👋🏽, CJK 漢字かなカナ한국어, "
+    "RTL שלום עולם مرحبا بالعالم, combining e\u0301 and n\u0303, Devanagari नमस्ते, "
+    "code `def f(x):\n\treturn {x: [1, 2]}`  \n\n   whitespace   runs\t\ttabs, "
+    "controls \x01\x02\x1f\x7f, astral 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 and U+FFFF \uffff."
+)
+ALIASES = ["echo-model", "tools-model", "length-model", "rl-model", "slow-model", "gpt-4o-mini"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    workdir = tmp_path_factory.mktemp("exo-e2e")
+    scenarios = {
+        "tools-model": Scenario(
+            chunks=[],
+            tool_calls=[ToolCallSpec("call_42", "get_weather", '{"city": "Paris", "days": 2}')],
+            finish_reason="tool_calls",
+        ),
+        "length-model": Scenario(chunks=["one ", "two ", "three"], finish_reason="length", usage=(17, 3)),
+        "rl-model": Scenario(status=429, retry_after="3", error_message=f"Rate limit for key {PLANTED_KEY}"),
+        "slow-model": Scenario(chunks=["tick "] * 2000, interval_s=0.02),
+    }
+    with OpenAIUpstream.in_thread(scenarios=scenarios) as upstream:
+        config = write_proxy_config(workdir / "config.yaml", upstream.url, ALIASES)
+        sidecar = start_sidecar_process(config, workdir / "sidecar.log", env={"TEST_UPSTREAM_KEY": PLANTED_KEY})
+        node_port, api_port = free_port(), free_port()
+        peers = write_peers(workdir / "peers.json", {"r": node_port})
+        node: ExoNode | None = None
+        try:
+            node = start_exo_node(
+                workdir, "r", node_port, api_port, peers,
+                env={"EXO_REMOTE_SIDECAR": sidecar.address}, wait_models=["echo-model"],
+            )
+            yield {"upstream": upstream, "sidecar": sidecar, "node": node, "workdir": workdir}
+        finally:
+            if node is not None:
+                node.stop()
+            sidecar.stop()
+
+
+def _client(node: ExoNode) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{node.api}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_streamed_completion_through_exo_with_the_openai_sdk(stack: dict[str, Any]) -> None:
+    node: ExoNode = stack["node"]
+    stream = _client(node).chat.completions.create(
+        model="echo-model",
+        messages=[{"role": "user", "content": "stream this please"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "echo: stream this please"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens == 11  # the upstream's figure, not exo's count
+
+
+def test_raw_stream_ends_with_done(stack: dict[str, Any]) -> None:
+    node: ExoNode = stack["node"]
+    body = json.dumps({"model": "echo-model", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    request = urllib.request.Request(
+        f"{node.api}/v1/chat/completions", body.encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+        raw = response.read().decode()
+    events = [line for line in raw.split("\n\n") if line.strip()]
+    assert events[-1] == "data: [DONE]"
+    assert all(json.loads(e[len("data: ") :])["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+def test_unicode_torture_round_trips_byte_for_byte(stack: dict[str, Any]) -> None:
+    node: ExoNode = stack["node"]
+    reply = _client(node).chat.completions.create(
+        model="echo-model", messages=[{"role": "user", "content": TORTURE}]
+    )
+    assert reply.choices[0].message.content == "echo: " + TORTURE
+    streamed = _client(node).chat.completions.create(
+        model="echo-model", messages=[{"role": "user", "content": TORTURE}], stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "echo: " + TORTURE
+    sent = stack["upstream"].requests_for("echo-model")[-1].body
+    assert sent["messages"][-1]["content"] == TORTURE, "the provider got the structured message as sent"
+
+
+def test_tool_call_comes_back_structured(stack: dict[str, Any]) -> None:
+    node: ExoNode = stack["node"]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    reply = _client(node).chat.completions.create(
+        model="tools-model", messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert (call.id, call.function.name, json.loads(call.function.arguments)) == (
+        "call_42", "get_weather", {"city": "Paris", "days": 2},
+    )
+    sent = stack["upstream"].requests_for("tools-model")[-1].body
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    streamed = list(_client(node).chat.completions.create(
+        model="tools-model", messages=[{"role": "user", "content": "again"}], tools=tools, stream=True,
+    ))
+    args = "".join(
+        tc.function.arguments or "" for c in streamed if c.choices for tc in c.choices[0].delta.tool_calls or []
+    )
+    assert json.loads(args) == {"city": "Paris", "days": 2}
+
+
+def test_max_tokens_stop_and_temperature_reach_the_provider(stack: dict[str, Any]) -> None:
+    node: ExoNode = stack["node"]
+    reply = _client(node).chat.completions.create(
+        model="length-model", messages=[{"role": "user", "content": "count"}],
+        max_tokens=3, stop=["four"], temperature=0.3, top_p=0.9,
+    )
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.choices[0].message.content == "one two three"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (17, 3)
+    sent = stack["upstream"].requests_for("length-model")[-1].body
+    assert (sent["max_tokens"], sent["stop"], sent["temperature"], sent["top_p"]) == (3, ["four"], 0.3, 0.9)
+
+
+def test_models_and_topology_show_the_remote_side(stack: dict[str, Any]) -> None:
+    node: ExoNode = stack["node"]
+    models = {m["id"]: m for m in node.get_json("/v1/models")["data"]}
+    assert models["echo-model"]["ready"] is True
+    assert models["echo-model"]["provider"] == "openai"
+    assert "remote-gpt-4o-mini" in models and "gpt-4o-mini" not in models, "no id may start with gpt-"
+    assert models["llama-3.2-1b"]["owned_by"] == "exo", "local cards are listed as exo lists them"
+    topology = node.get_json("/v1/topology")
+    description = topology["nodes"]["r"]
+    assert description["model"] == f"Remote LLM via {stack['sidecar'].address}"
+    assert "models ready" in description["chip"]
+    initial = node.get_json("/initial_models")
+    assert "echo-model" in initial and initial["echo-model"]["name"]
+
+
+def test_unknown_model_and_provider_errors_are_clear(stack: dict[str, Any]) -> None:
+    node: ExoNode = stack["node"]
+    with pytest.raises(openai.NotFoundError) as not_found:
+        _client(node).chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert "no-such-model" in str(not_found.value) and "echo-model" in str(not_found.value)
+    with pytest.raises(openai.RateLimitError) as limited:
+        _client(node).chat.completions.create(model="rl-model", messages=[{"role": "user", "content": "x"}])
+    assert PLANTED_KEY not in str(limited.value)
+    assert limited.value.response.headers.get("retry-after") == "3"
+
+
+def test_client_disconnect_cancels_the_upstream(stack: dict[str, Any]) -> None:
+    node: ExoNode = stack["node"]
+    upstream: OpenAIUpstream = stack["upstream"]
+    stream = _client(node).chat.completions.create(
+        model="slow-model", messages=[{"role": "user", "content": "go"}], stream=True
+    )
+    for i, _chunk in enumerate(stream):
+        if i == 5:
+            break
+    closed_at = time.monotonic()
+    stream.close()
+    record = upstream.wait_closed_sync("slow-model", timeout=10)
+    assert record.client_disconnected and record.chunks_written < 2000
+    assert record.ended_at - closed_at < 3.0
+
+
+def test_no_connection_leaves_loopback_and_no_hugging_face(stack: dict[str, Any]) -> None:
+    node: ExoNode = stack["node"]
+    with urllib.request.urlopen(f"{node.api}/modelpool", timeout=10) as response:  # noqa: S310
+        assert response.read().decode().strip() == "data: [DONE]"
+    _client(node).chat.completions.create(model="echo-model", messages=[{"role": "user", "content": "x"}])
+    remote_addresses = {
+        c.raddr.ip
+        for proc in [psutil.Process(node.process.pid), *psutil.Process(node.process.pid).children(recursive=True)]
+        for c in proc.net_connections(kind="inet")
+        if c.raddr
+    }
+    assert remote_addresses <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, remote_addresses
+    log = node.log_text().lower()
+    assert "huggingface" not in log, log[-3000:]
+    assert "traceback" not in log, log[-3000:]
+
+
+def test_sidecar_down_before_first_delta_gives_a_clear_503(stack: dict[str, Any], tmp_path: Path) -> None:
+    node: ExoNode = stack["node"]
+    sidecar: SidecarProcess = stack["sidecar"]
+    assert node.process.poll() is None
+    # A second node pointed at a port where no sidecar listens.
+    dead = free_port()
+    node_port, api_port = free_port(), free_port()
+    lonely = start_exo_node(
+        tmp_path, "lonely", node_port, api_port, write_peers(tmp_path / "p.json", {"lonely": node_port}),
+        env={"EXO_REMOTE_SIDECAR": f"127.0.0.1:{dead}"},
+    )
+    try:
+        request = urllib.request.Request(
+            f"{lonely.api}/v1/chat/completions",
+            json.dumps({"model": "echo-model", "messages": [{"role": "user", "content": "x"}]}).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=60)  # noqa: S310
+        assert caught.value.code == 404
+        assert "sidecar" in caught.value.read().decode()
+    finally:
+        lonely.stop()
+    assert sidecar.process.poll() is None
