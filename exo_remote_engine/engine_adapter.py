@@ -79,6 +79,7 @@ class _Generation:
         self._segments: deque[str | list[int]] = deque()
         self._available = asyncio.Event()
         self.finished = False  # EOS is queued
+        self.consumer_waiting = False
         self.last_pull = time.monotonic()
         self.started = time.monotonic()
         if isinstance(request, RemoteError):
@@ -145,7 +146,12 @@ class _Generation:
             if self.finished:
                 return codec.EOS_ID
             self._available.clear()
-            await self._available.wait()
+            self.consumer_waiting = True  # exo is consuming; the provider is the slow one
+            try:
+                await self._available.wait()
+            finally:
+                self.consumer_waiting = False
+                self.last_pull = time.monotonic()
         head = self._segments[0]
         if isinstance(head, list):
             token = head.pop(0)
@@ -279,7 +285,7 @@ class RemoteLLMInferenceEngine(InferenceEngine):  # type: ignore[misc,valid-type
             await asyncio.sleep(min(5.0, self.idle_timeout_s / 2))
             now = time.monotonic()
             for request_id, generation in list(self._generations.items()):
-                if now - generation.last_pull > self.idle_timeout_s:
+                if not generation.consumer_waiting and now - generation.last_pull > self.idle_timeout_s:
                     log.warning("request_id=%s idle for %.0fs, cancelling upstream", request_id, now - generation.last_pull)
                     generation.cancel()
                     self._generations.pop(request_id, None)

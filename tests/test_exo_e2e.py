@@ -50,7 +50,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         ),
         "length-model": Scenario(chunks=["one ", "two ", "three"], finish_reason="length", usage=(17, 3)),
         "rl-model": Scenario(status=429, retry_after="3", error_message=f"Rate limit for key {PLANTED_KEY}"),
-        "slow-model": Scenario(chunks=["tick "] * 2000, interval_s=0.02),
+        "slow-model": Scenario(chunks=[f"t{i} " for i in range(2000)], interval_s=0.02),
     }
     with OpenAIUpstream.in_thread(scenarios=scenarios) as upstream:
         config = write_proxy_config(workdir / "config.yaml", upstream.url, ALIASES)

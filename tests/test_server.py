@@ -152,7 +152,7 @@ async def test_unknown_model_is_not_found_and_names_the_served_models(
 async def test_client_cancel_closes_the_upstream_connection_within_1s(
     upstream: OpenAIUpstream, sidecar_for: Any
 ) -> None:
-    upstream.scenarios["slow"] = Scenario(chunks=["tick "] * 1000, interval_s=0.02)
+    upstream.scenarios["slow"] = Scenario(chunks=[f"t{i} " for i in range(1000)], interval_s=0.02)
     sidecar = await sidecar_for(upstream, "slow")
     client = _client(sidecar.address)
     stream = client.generate(_request("slow"))

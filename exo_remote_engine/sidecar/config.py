@@ -88,6 +88,10 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: cannot read config file: not UTF-8 text (byte {exc.start})"
+        ) from exc
     raw = _parse(path, text)
     secrets: set[str] = set()
     if isinstance(raw, Mapping) and "model_list" in raw:
@@ -101,6 +105,8 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         raise ConfigError(f"{path}: expected a mapping with model_list or model aliases")
     if not entries:
         raise ConfigError(f"{path}: no models configured")
+    if not isinstance(settings, Mapping):
+        raise ConfigError(f"{path}: exo_remote_settings must be a mapping")
     default = str(settings.get("default_model") or entries[0].alias)
     if default not in {e.alias for e in entries}:
         raise ConfigError(f"{path}: default_model {default!r} is not a configured alias")
@@ -166,6 +172,8 @@ def _from_proxy_config(
             raise ConfigError(f"{where}: litellm_params.model is required")
         resolved = {k: _resolve(v, env, where, k, secrets) for k, v in params.items()}
         info = item.get("model_info") or {}
+        if not isinstance(info, Mapping):
+            raise ConfigError(f"{where}: model_info must be a mapping")
         entries.append(_entry(where, alias, resolved, info))
     _check_unique(path, entries)
     return entries
