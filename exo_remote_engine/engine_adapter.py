@@ -119,13 +119,17 @@ class _Generation:
                     if delta.reasoning_text:
                         self._push_ids(control_ids({"type": "reasoning", "text": delta.reasoning_text}))
                     for call in delta.tool_calls:
-                        self._push_ids(control_ids({
-                            "type": "tool_call",
-                            "index": call.index,
-                            "id": call.id,
-                            "name": call.name,
-                            "arguments": call.arguments_fragment,
-                        }))
+                        self._push_ids(
+                            control_ids(
+                                {
+                                    "type": "tool_call",
+                                    "index": call.index,
+                                    "id": call.id,
+                                    "name": call.name,
+                                    "arguments": call.arguments_fragment,
+                                }
+                            )
+                        )
                 elif event.HasField("finished"):
                     self._push_ids(control_ids(finished_event(event.finished)))
             self._finish()
@@ -286,7 +290,9 @@ class RemoteLLMInferenceEngine(InferenceEngine):  # type: ignore[misc,valid-type
             now = time.monotonic()
             for request_id, generation in list(self._generations.items()):
                 if not generation.consumer_waiting and now - generation.last_pull > self.idle_timeout_s:
-                    log.warning("request_id=%s idle for %.0fs, cancelling upstream", request_id, now - generation.last_pull)
+                    log.warning(
+                        "request_id=%s idle for %.0fs, cancelling upstream", request_id, now - generation.last_pull
+                    )
                     generation.cancel()
                     self._generations.pop(request_id, None)
 

@@ -17,7 +17,7 @@ from typing import Any
 from exo_remote_engine.errors import FieldViolation, Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 
-_ROLES: dict[str, pb.Role.ValueType] = {
+_ROLES: dict[str, pb.Role] = {
     "system": pb.ROLE_SYSTEM,
     "user": pb.ROLE_USER,
     "assistant": pb.ROLE_ASSISTANT,
@@ -25,13 +25,13 @@ _ROLES: dict[str, pb.Role.ValueType] = {
     "developer": pb.ROLE_DEVELOPER,
 }
 _ROLE_NAMES = {v: k for k, v in _ROLES.items()}
-_TOOL_CHOICE_MODES: dict[str, pb.ToolChoiceMode.ValueType] = {
+_TOOL_CHOICE_MODES: dict[str, pb.ToolChoiceMode] = {
     "auto": pb.TOOL_CHOICE_MODE_AUTO,
     "none": pb.TOOL_CHOICE_MODE_NONE,
     "required": pb.TOOL_CHOICE_MODE_REQUIRED,
 }
 _TOOL_CHOICE_NAMES = {v: k for k, v in _TOOL_CHOICE_MODES.items()}
-FINISH_REASONS: dict[str, pb.FinishReason.ValueType] = {
+FINISH_REASONS: dict[str, pb.FinishReason] = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
     "tool_calls": pb.FINISH_REASON_TOOL_CALLS,

@@ -55,14 +55,14 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def Check(  # noqa: N802 - gRPC method name
+    async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> health_pb2.HealthCheckResponse:
         if request.service not in self._status:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=self._status[request.service])  # type: ignore[arg-type]
 
-    async def Watch(  # noqa: N802 - gRPC method name
+    async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
@@ -110,7 +110,7 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         self.backend = LiteLLMBackend(config.secrets)
 
     @_rpc_errors
-    async def ListModels(  # noqa: N802 - gRPC method name
+    async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListModelsResponse:
         response = pb.ListModelsResponse(default_model=self.config.default_model)
@@ -133,7 +133,7 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         return response
 
     @_rpc_errors
-    async def Generate(  # noqa: N802 - gRPC method name
+    async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         entry = self.config.get(request.model)

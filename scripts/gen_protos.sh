@@ -11,7 +11,7 @@ if [ ! -x $VE/bin/python ] || ! $VE/bin/python -c "import grpc_tools" 2>/dev/nul
   mkdir -p .venvs && python3 -m venv $VE
   $VE/bin/pip install -q --disable-pip-version-check grpcio-tools==1.68.1
 fi
-OUT=${1:-exo_remote_engine/generated}
+OUT=exo_remote_engine/generated
 rm -rf "$OUT" && mkdir -p "$OUT"
 $VE/bin/python -m grpc_tools.protoc \
   -Iexo_remote_engine/generated=protos/exo/remote/v1 \

@@ -76,7 +76,7 @@ TORTURE = {
     "cjk": "漢字かなカナ한국어",
     "arabic_marks": "بِسْمِ ٱللَّٰهِ ٱلرَّحْمَٰنِ",
     "hebrew_marks": "בְּרֵאשִׁית בָּרָא",
-    "rtl_mixed": "abc \u202eשלום\u202c def مرحبا 123",  # noqa: RUF001
+    "rtl_mixed": "abc \u202eשלום\u202c def مرحبا 123",
     "combining": "e\u0301 cafe\u0301 n\u0303",
     "devanagari": "नमस्ते दुनिया क्षत्रिय",
     "zero_width": "a\u200bb\u200cc\u200dd\u2060e\ufeff",

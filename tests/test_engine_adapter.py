@@ -25,7 +25,6 @@ from tests.conftest import PLANTED_KEY, write_proxy_config
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import SidecarProcess, free_port, start_sidecar_process
 
-
 SLOW_CHUNKS = [f"t{i} " for i in range(3000)]
 
 
@@ -56,7 +55,9 @@ def upstream_thread() -> Iterator[OpenAIUpstream]:
 
 
 @pytest.fixture(scope="module")
-def sidecar_process(upstream_thread: OpenAIUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
+def sidecar_process(
+    upstream_thread: OpenAIUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SidecarProcess]:
     workdir = tmp_path_factory.mktemp("engine")
     config = write_proxy_config(workdir / "config.yaml", upstream_thread.url, ["story", "slow", "limited", "echo"])
     sidecar = start_sidecar_process(config, workdir / "sidecar.log", env={"TEST_UPSTREAM_KEY": PLANTED_KEY})
@@ -80,7 +81,11 @@ def _prompt(text: str, **params: Any) -> str:
 
 
 async def drive(
-    engine: RemoteLLMInferenceEngine, request_id: str, shard: Shard, prompt: str, max_tokens: int = 10_000,
+    engine: RemoteLLMInferenceEngine,
+    request_id: str,
+    shard: Shard,
+    prompt: str,
+    max_tokens: int = 10_000,
     pause_after: int | None = None,
 ) -> list[int]:
     """exo's Node.process_prompt / process_inference_result loop for a one-node ring."""
@@ -112,10 +117,14 @@ async def test_ids_decode_in_another_tokenizer_instance_with_eos_last(engine: Re
     assert RemoteTokenizer().decode(np.array(ids)) == expected
     text, events = _events(ids)
     assert text == expected
-    assert events == [{
-        "type": "finished", "finish_reason": "stop", "model": "story",
-        "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
-    }]
+    assert events == [
+        {
+            "type": "finished",
+            "finish_reason": "stop",
+            "model": "story",
+            "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+        }
+    ]
     text_ids = [i for i in ids if codec.decode_id(i)]
     assert len(expected) / len(text_ids) >= 3, "several characters per id"
     assert not engine._generations, "a finished request leaves nothing behind"

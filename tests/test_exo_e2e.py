@@ -98,7 +98,7 @@ def test_raw_stream_ends_with_done(stack: dict[str, Any]) -> None:
     request = urllib.request.Request(
         f"{node.api}/v1/chat/completions", body.encode(), {"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+    with urllib.request.urlopen(request, timeout=30) as response:
         raw = response.read().decode()
     events = [line for line in raw.split("\n\n") if line.strip()]
     assert events[-1] == "data: [DONE]"
@@ -201,7 +201,7 @@ def test_client_disconnect_cancels_the_upstream(stack: dict[str, Any]) -> None:
 
 def test_no_connection_leaves_loopback_and_no_hugging_face(stack: dict[str, Any]) -> None:
     node: ExoNode = stack["node"]
-    with urllib.request.urlopen(f"{node.api}/modelpool", timeout=10) as response:  # noqa: S310
+    with urllib.request.urlopen(f"{node.api}/modelpool", timeout=10) as response:
         assert response.read().decode().strip() == "data: [DONE]"
     _client(node).chat.completions.create(model="echo-model", messages=[{"role": "user", "content": "x"}])
     remote_addresses = {
@@ -234,7 +234,7 @@ def test_sidecar_down_before_first_delta_gives_a_clear_503(stack: dict[str, Any]
             {"Content-Type": "application/json"},
         )
         with pytest.raises(urllib.error.HTTPError) as caught:
-            urllib.request.urlopen(request, timeout=60)  # noqa: S310
+            urllib.request.urlopen(request, timeout=60)
         assert caught.value.code == 404
         assert "sidecar" in caught.value.read().decode()
     finally:

@@ -98,7 +98,7 @@ async def _stream(server: GemmaServer, prompt: str, **kwargs: Any) -> StreamResu
 def test_health_and_models(gemma: GemmaServer) -> None:
     assert gemma.base_url == f"http://127.0.0.1:{gemma.port}/v1"
     assert gemma.healthy()
-    with urllib.request.urlopen(f"{gemma.base_url}/models", timeout=5) as resp:  # noqa: S310
+    with urllib.request.urlopen(f"{gemma.base_url}/models", timeout=5) as resp:
         assert resp.status == 200
         assert DEFAULT_ALIAS in resp.read().decode()
 

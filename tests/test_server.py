@@ -227,7 +227,7 @@ async def test_token_auth_refuses_missing_and_wrong_tokens(upstream: OpenAIUpstr
 
 async def test_second_process_cannot_bind_the_same_port(upstream: OpenAIUpstream, sidecar_for: Any) -> None:
     sidecar = await sidecar_for(upstream, "m")
-    with pytest.raises(ValueError, match="cannot bind|in use|Failed to bind"):
+    with pytest.raises(ValueError, match=r"cannot bind"):
         await start_sidecar(SidecarSettings(listen=f"127.0.0.1:{sidecar.port}"))
 
 

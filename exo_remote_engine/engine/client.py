@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,7 +250,7 @@ class SidecarClient:
         return event  # type: ignore[return-value]
 
 
-def _wait_honouring_retry_after(policy: RetryPolicy) -> object:
+def _wait_honouring_retry_after(policy: RetryPolicy) -> Callable[[RetryCallState], float]:
     def wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         hinted = exc.retry_after_s if isinstance(exc, RemoteError) else None

@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from exo_remote_engine.engine.catalog import REPO_PREFIX, pretty_name, repo_for
-from exo_remote_engine.engine.client import SidecarTarget, list_models_blocking
+from exo_remote_engine.engine.client import list_models_blocking
 from exo_remote_engine.engine_adapter import ENGINE_CLASS_NAME, RemoteLLMInferenceEngine, shared_engine
 from exo_remote_engine.errors import Reason, RemoteError
 
@@ -197,7 +197,7 @@ def _install_node_patches() -> None:
             return  # never swap the remote engine for tinygrad
         await original_select(self)
 
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N807
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
         engine = self.inference_engine
         if isinstance(engine, RemoteLLMInferenceEngine):
@@ -277,7 +277,7 @@ def _install_api_patches() -> None:
             if engine.catalog.default_id:
                 api.default_model = engine.catalog.default_id
 
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N807
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
         engine = _local_remote_engine(self)
         if engine is not None:

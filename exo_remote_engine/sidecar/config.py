@@ -147,7 +147,7 @@ def _reject_duplicate_keys(path: Path) -> Any:
         out: dict[str, Any] = {}
         for key, value in pairs:
             if key in out:
-                raise ConfigError(f"{path}: duplicate alias {key!r}")
+                raise ConfigError(f"{path}: duplicate key {key!r} (aliases must be unique)")
             out[key] = value
         return out
 

@@ -143,6 +143,9 @@ class LiteLLMBackend:
                     self._absorb(chunk, buffer, outcome)
                     if buffer:
                         ready.set()
+                        # LiteLLM does not yield while its socket has data buffered; without
+                        # this the writer would not run until the provider paused.
+                        await asyncio.sleep(0)
             finally:
                 # Closing, not just dropping, the stream is what closes the HTTP connection.
                 aclose = getattr(stream, "aclose", None)

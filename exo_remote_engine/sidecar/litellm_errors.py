@@ -11,27 +11,27 @@ from collections.abc import Iterable
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import litellm
+from litellm import exceptions as lx
 
 from exo_remote_engine.errors import Reason, RemoteError, redact
 
 # Order matters: subclasses before their bases.
 _BY_CLASS: tuple[tuple[type[BaseException], Reason], ...] = (
-    (litellm.ContextWindowExceededError, Reason.CONTEXT_WINDOW_EXCEEDED),
-    (litellm.ContentPolicyViolationError, Reason.CONTENT_POLICY),
-    (litellm.AuthenticationError, Reason.PROVIDER_AUTH_FAILED),
-    (litellm.PermissionDeniedError, Reason.PROVIDER_AUTH_FAILED),
-    (litellm.NotFoundError, Reason.PROVIDER_NOT_FOUND),
-    (litellm.RateLimitError, Reason.RATE_LIMITED),
-    (litellm.Timeout, Reason.PROVIDER_TIMEOUT),
-    (litellm.UnprocessableEntityError, Reason.INVALID_REQUEST),
-    (litellm.UnsupportedParamsError, Reason.INVALID_REQUEST),
-    (litellm.BadRequestError, Reason.INVALID_REQUEST),
-    (litellm.APIConnectionError, Reason.PROVIDER_UNAVAILABLE),
-    (litellm.ServiceUnavailableError, Reason.PROVIDER_UNAVAILABLE),
-    (litellm.InternalServerError, Reason.PROVIDER_UNAVAILABLE),
-    (litellm.BadGatewayError, Reason.PROVIDER_UNAVAILABLE),
-    (litellm.APIError, Reason.PROVIDER_UNAVAILABLE),
+    (lx.ContextWindowExceededError, Reason.CONTEXT_WINDOW_EXCEEDED),
+    (lx.ContentPolicyViolationError, Reason.CONTENT_POLICY),
+    (lx.AuthenticationError, Reason.PROVIDER_AUTH_FAILED),
+    (lx.PermissionDeniedError, Reason.PROVIDER_AUTH_FAILED),
+    (lx.NotFoundError, Reason.PROVIDER_NOT_FOUND),
+    (lx.RateLimitError, Reason.RATE_LIMITED),
+    (lx.Timeout, Reason.PROVIDER_TIMEOUT),
+    (lx.UnprocessableEntityError, Reason.INVALID_REQUEST),
+    (lx.UnsupportedParamsError, Reason.INVALID_REQUEST),
+    (lx.BadRequestError, Reason.INVALID_REQUEST),
+    (lx.APIConnectionError, Reason.PROVIDER_UNAVAILABLE),
+    (lx.ServiceUnavailableError, Reason.PROVIDER_UNAVAILABLE),
+    (lx.InternalServerError, Reason.PROVIDER_UNAVAILABLE),
+    (lx.BadGatewayError, Reason.PROVIDER_UNAVAILABLE),
+    (lx.APIError, Reason.PROVIDER_UNAVAILABLE),
 )
 # Only for generic LiteLLM classes that still carry a client-error status.
 _BY_CLIENT_STATUS: dict[int, Reason] = {

@@ -319,7 +319,7 @@ class GemmaServer:
         """Whether ``/health`` answers 200 right now."""
         try:
             url = f"{self.root_url}/health"  # always http://127.0.0.1
-            with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
                 return bool(resp.status == 200)
         except (urllib.error.URLError, OSError, ValueError):
             return False

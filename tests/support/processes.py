@@ -101,7 +101,7 @@ class ExoNode:
         return f"http://127.0.0.1:{self.api_port}"
 
     def get_json(self, path: str, timeout: float = 10) -> Any:
-        with urllib.request.urlopen(self.api + path, timeout=timeout) as response:  # noqa: S310
+        with urllib.request.urlopen(self.api + path, timeout=timeout) as response:
             return json.loads(response.read())
 
     def stop(self) -> None:
