@@ -126,7 +126,8 @@ async def test_ids_decode_in_another_tokenizer_instance_with_eos_last(engine: Re
         }
     ]
     text_ids = [i for i in ids if codec.decode_id(i)]
-    assert len(expected) / len(text_ids) >= 3, "several characters per id"
+    chunks = ["Once ", "upon a time, ", "a 🦊 met ", "a 狐狸."]
+    assert len(text_ids) <= sum(len(codec.encode_text(c)) for c in chunks), "packed at least per chunk"
     assert not engine._generations, "a finished request leaves nothing behind"
 
 

@@ -4,7 +4,9 @@ the official openai SDK. Skipped with the reason when EXO_SRC is not set."""
 
 from __future__ import annotations
 
+import base64
 import json
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -202,7 +204,11 @@ def test_client_disconnect_cancels_the_upstream(stack: dict[str, Any]) -> None:
 def test_no_connection_leaves_loopback_and_no_hugging_face(stack: dict[str, Any]) -> None:
     node: ExoNode = stack["node"]
     with urllib.request.urlopen(f"{node.api}/modelpool", timeout=10) as response:
-        assert response.read().decode().strip() == "data: [DONE]"
+        events = [e[len("data: ") :] for e in response.read().decode().split("\n\n") if e.strip()]
+    assert events[-1] == "[DONE]"
+    pool = {k: v for e in events[:-1] for k, v in json.loads(e).items()}
+    assert set(pool) == {"remote-gpt-4o-mini" if a == "gpt-4o-mini" else a for a in ALIASES}
+    assert all(entry["downloaded"] for entry in pool.values()), "tinychat shows ready remote models"
     _client(node).chat.completions.create(model="echo-model", messages=[{"role": "user", "content": "x"}])
     remote_addresses = {
         c.raddr.ip
@@ -240,3 +246,64 @@ def test_sidecar_down_before_first_delta_gives_a_clear_503(stack: dict[str, Any]
     finally:
         lonely.stop()
     assert sidecar.process.poll() is None
+
+
+def test_images_reach_the_provider_despite_exo_image_rewriting(stack: dict[str, Any]) -> None:
+    node: ExoNode = stack["node"]
+    data_url = "data:image/png;base64," + base64.b64encode(bytes(range(256))).decode()
+    content = [
+        {"type": "text", "text": "Compare these"},
+        {"type": "image_url", "image_url": {"url": "https://images.example/cat.png", "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": data_url}},
+    ]
+    _client(node).chat.completions.create(model="echo-model", messages=[{"role": "user", "content": content}])
+    sent = stack["upstream"].requests_for("echo-model")[-1].body
+    assert sent["messages"][-1]["content"] == content, "both images, as sent, in place"
+
+
+def test_default_model_is_a_remote_one(stack: dict[str, Any]) -> None:
+    node: ExoNode = stack["node"]
+    body = json.dumps({"messages": [{"role": "user", "content": "who answers?"}]}).encode()
+    request = urllib.request.Request(f"{node.api}/v1/chat/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        reply = json.loads(response.read())
+    assert reply["model"] == "echo-model"
+    assert reply["choices"][0]["message"]["content"] == "echo: who answers?"
+
+
+def test_tinychat_stream_has_no_done_terminator(stack: dict[str, Any]) -> None:
+    node: ExoNode = stack["node"]
+    body = json.dumps({"model": "length-model", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    headers = {"Content-Type": "application/json", "Referer": f"{node.api}/"}
+    request = urllib.request.Request(f"{node.api}/v1/chat/completions", body.encode(), headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        events = [e for e in response.read().decode().split("\n\n") if e.strip()]
+    parsed = [json.loads(e[len("data: ") :]) for e in events]  # every event is JSON for tinychat
+    assert parsed[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_remote_node_runs_without_tinygrad() -> None:
+    from tests.support.processes import PINS_VENV
+
+    probe = subprocess.run(
+        [str(PINS_VENV / "bin" / "python"), "-c", "import tinygrad"], capture_output=True, timeout=60
+    )
+    assert probe.returncode != 0 and b"No module named 'tinygrad'" in probe.stderr
+
+
+def test_explicit_launcher_strips_its_own_flags(stack: dict[str, Any], tmp_path: Path) -> None:
+    sidecar: SidecarProcess = stack["sidecar"]
+    node_port, api_port = free_port(), free_port()
+    node = start_exo_node(
+        tmp_path, "launched", node_port, api_port, write_peers(tmp_path / "p.json", {"launched": node_port}),
+        engine="", executable="exo-remote-node", extra_args=["--sidecar", sidecar.address],
+        env={"EXO_REMOTE_SIDECAR": "127.0.0.1:1"}, wait_models=["echo-model"],
+    )
+    try:
+        reply = _client(node).chat.completions.create(
+            model="echo-model", messages=[{"role": "user", "content": "via launcher"}]
+        )
+        assert reply.choices[0].message.content == "echo: via launcher"
+        assert "Using inference engine: RemoteLLMInferenceEngine" in node.log_text()
+    finally:
+        node.stop()

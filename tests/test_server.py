@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,8 +18,9 @@ from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.openai_wire import chat_body_to_request
 from exo_remote_engine.server import SidecarSettings, start_sidecar
-from tests.conftest import PLANTED_KEY
+from tests.conftest import PLANTED_KEY, write_proxy_config
 from tests.support.openai_upstream import OpenAIUpstream, Scenario, ToolCallSpec
+from tests.support.processes import start_sidecar_process
 
 NO_RETRY = RetryPolicy(attempts=1)
 
@@ -172,7 +174,8 @@ async def test_client_cancel_closes_the_upstream_connection_within_1s(
 async def test_slow_reader_gets_merged_deltas_and_loses_nothing(
     upstream: OpenAIUpstream, sidecar_for: Any
 ) -> None:
-    chunks = [f"{i}," for i in range(3000)]
+    # Enough bytes (3 MB) that HTTP/2 flow control pushes back on the sidecar's writes.
+    chunks = [f"{i:06d}" + "x" * 4994 for i in range(600)]
     upstream.scenarios["burst"] = Scenario(chunks=chunks)
     sidecar = await sidecar_for(upstream, "burst")
     text: list[str] = []
@@ -181,9 +184,9 @@ async def test_slow_reader_gets_merged_deltas_and_loses_nothing(
         if event.HasField("delta"):
             deltas += 1
             text.append(event.delta.text)
-            await asyncio.sleep(0.005)  # a reader slower than the provider
+            await asyncio.sleep(0.02)  # a reader much slower than the provider
     assert "".join(text) == "".join(chunks)
-    assert deltas < len(chunks) / 4, f"{deltas} deltas for {len(chunks)} chunks: nothing was merged"
+    assert deltas < len(chunks) / 2, f"{deltas} deltas for {len(chunks)} chunks: too little merging"
 
 
 async def test_mid_stream_drop_ends_with_an_error_after_the_text_that_arrived(
@@ -234,3 +237,24 @@ async def test_second_process_cannot_bind_the_same_port(upstream: OpenAIUpstream
 async def test_plaintext_off_loopback_is_refused_without_insecure() -> None:
     with pytest.raises(ValueError, match="plaintext"):
         await start_sidecar(SidecarSettings(listen="0.0.0.0:0"))
+
+
+async def test_debug_logging_sidecar_process_never_logs_the_key(upstream: OpenAIUpstream, tmp_path: Path) -> None:
+    upstream.scenarios["leaky"] = Scenario(status=401, error_message=f"Incorrect API key provided: {PLANTED_KEY}")
+    upstream.scenarios["fine"] = Scenario(chunks=["ok"])
+    config = write_proxy_config(tmp_path / "c.yaml", upstream.url, ["leaky", "fine"])
+    log = tmp_path / "sidecar.log"
+    sidecar = await asyncio.to_thread(
+        start_sidecar_process, config, log, {"TEST_UPSTREAM_KEY": PLANTED_KEY}, "127.0.0.1:0", ["--log-level", "debug"]
+    )
+    try:
+        client = _client(sidecar.address)
+        with pytest.raises(RemoteError):
+            await _collect(client, _request("leaky"))
+        await _collect(client, _request("fine"))
+        await client.close()
+    finally:
+        await asyncio.to_thread(sidecar.stop)
+    text = log.read_text()
+    assert "request_id=test-leaky failed reason=PROVIDER_AUTH_FAILED" in text, "the log is real and at debug"
+    assert PLANTED_KEY not in text and "PLANTEDKEY" not in text

@@ -218,7 +218,8 @@ class RemoteChatHandler:
                     usage_chunk["choices"] = []
                     usage_chunk["usage"] = collected.usage
                     await response.write(f"data: {json.dumps(usage_chunk)}\n\n".encode())
-            await response.write(b"data: [DONE]\n\n")
+            if not self._from_tinychat(request):
+                await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             return response
         except ConnectionResetError:  # the client went away: stop paying for its tokens
@@ -229,6 +230,13 @@ class RemoteChatHandler:
             if self.engine is not None:
                 self.engine.cancel(self.request_id)
             raise
+
+    @staticmethod
+    def _from_tinychat(request: web.Request) -> bool:
+        """exo's own tinychat page JSON-parses every event and would fail on ``[DONE]``
+        after a non-"stop" finish; every other client gets OpenAI's terminator."""
+        referer = request.headers.get("Referer", "")
+        return bool(referer) and referer.startswith(f"{request.scheme}://{request.host}/")
 
     async def _prepare(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(

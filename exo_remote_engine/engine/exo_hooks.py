@@ -15,7 +15,8 @@ modules. Local engines are left exactly as exo has them: each patch only acts fo
 | model_cards, pretty_name                | remote models must be cards for exo's API, tinychat, CLI     |
 | resolve_tokenizer                       | would fetch "exo-remote/<alias>" from Hugging Face           |
 | device_capabilities                     | imports tinygrad on Linux; describes the node in topology    |
-| new_shard_downloader                    | a remote node downloads nothing (/modelpool contacts HF)     |
+| new_shard_downloader                    | a remote node downloads nothing (/modelpool contacted HF);   |
+|                                         | it reports ready remote models as present for tinychat       |
 | Node.get_supported_inference_engines    | would announce "tinygrad" for a remote node                  |
 | Node.select_best_inference_engine       | would replace the remote engine by tinygrad once a peer joins|
 | Node.__init__                           | to learn when exo finishes a request (EOS / max tokens)      |
@@ -169,14 +170,31 @@ def _install_device_capabilities() -> None:
 
 
 def _install_downloader() -> None:
-    import exo.download.new_shard_download as nsd
+    from datetime import timedelta
+    from pathlib import Path
+
+    from exo.download.download_progress import RepoProgressEvent
     from exo.download.shard_download import NoopShardDownloader
+    from exo.models import build_full_shard
+
+    class RemoteShardDownloader(NoopShardDownloader):  # type: ignore[misc]
+        """Downloads nothing; reports ready remote models as present so tinychat lists them."""
+
+        async def get_shard_download_status(self, inference_engine_name: str) -> Any:
+            for exo_id, model in shared_engine().catalog.models.items():
+                shard = build_full_shard(exo_id, inference_engine_name)
+                if shard is None:
+                    continue
+                size = 0 if model.ready else 1  # 0/0 is "downloaded"; 0/1 is "not yet"
+                yield Path("/dev/null"), RepoProgressEvent(
+                    shard, repo_for(model.alias), "remote", 0, 0, 0, 0, size, 0, timedelta(0), {},
+                    "complete" if model.ready else "not_started",
+                )
 
     def new_shard_downloader(max_parallel_downloads: int = 8) -> Any:
-        return NoopShardDownloader()
+        return RemoteShardDownloader()
 
     _patch("exo.download.new_shard_download", "new_shard_downloader", new_shard_downloader)
-    assert nsd.new_shard_downloader is new_shard_downloader
 
 
 # --- node ---------------------------------------------------------------------------

@@ -64,10 +64,14 @@ class SidecarProcess:
 
 
 def start_sidecar_process(
-    config: Path | None, log: Path, env: dict[str, str] | None = None, listen: str = "127.0.0.1:0"
+    config: Path | None,
+    log: Path,
+    env: dict[str, str] | None = None,
+    listen: str = "127.0.0.1:0",
+    extra_args: list[str] | None = None,
 ) -> SidecarProcess:
     """``exo-remote-sidecar`` in its own process; returns once it listens."""
-    args = [sys.executable, "-m", "exo_remote_engine.server", "--listen", listen]
+    args = [sys.executable, "-m", "exo_remote_engine.server", "--listen", listen, *(extra_args or [])]
     if config is not None:
         args += ["--config", str(config)]
     full_env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {})}
@@ -136,8 +140,10 @@ def start_exo_node(
     env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
     wait_models: list[str] | None = None,
+    executable: str = "exo",
 ) -> ExoNode:
-    """The stock ``exo`` command of the pinned environment, headless, manual discovery."""
+    """The stock ``exo`` command of the pinned environment (or another of its commands,
+    e.g. the ``exo-remote-node`` launcher), headless, manual discovery."""
     home = workdir / f"home-{node_id}"
     home.mkdir(parents=True, exist_ok=True)
     log = workdir / f"exo-{node_id}.log"
@@ -146,7 +152,7 @@ def start_exo_node(
     }
     full_env.update({"HOME": str(home), "EXO_HOME": str(home), "TMPDIR": str(home), **(env or {})})
     args = [
-        str(PINS_VENV / "bin" / "exo"), "--inference-engine", engine, "--disable-tui",
+        str(PINS_VENV / "bin" / executable), *(["--inference-engine", engine] if engine else []), "--disable-tui",
         "--discovery-module", "manual", "--discovery-config-path", str(peers),
         "--node-id", node_id, "--node-host", "127.0.0.1", "--node-port", str(node_port),
         "--chatgpt-api-port", str(api_port), *(extra_args or []),
