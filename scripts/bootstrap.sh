@@ -32,10 +32,10 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.stamp 2>/dev/null)" != "$want" ]
 fi
 
 # 2. Classic exo's pinned environment: proves the engine side installs there without LiteLLM.
+[ "${BOOTSTRAP_PINS:-1}" = "1" ] || exit 0
 EXO_PINS="aiohttp==3.10.11 aiohttp_cors==0.7.0 aiofiles==24.1.0 grpcio==1.70.0 protobuf==5.28.1 numpy==2.0.0 pillow==10.4.0 psutil==6.0.0 pydantic==2.9.2 rich==13.7.1 scapy==2.6.1 tqdm==4.66.4 transformers==4.46.3 uvloop==0.21.0 Jinja2==3.1.4 requests==2.32.3 opencv-python-headless"
-want=$(stamp_of; echo "exo:${EXO_SRC:-none}")
-want=$(echo "$want" | sha256sum | cut -c1-16)
 VE=.venvs/exo-pins
+want=$(stamp_of scripts/exo-pins.txt)
 if [ ! -x $VE/bin/python ] || [ "$(cat $VE/.stamp 2>/dev/null)" != "$want" ]; then
   echo "[bootstrap] building $VE with $PY_EXO"
   rm -rf $VE
@@ -43,13 +43,14 @@ if [ ! -x $VE/bin/python ] || [ "$(cat $VE/.stamp 2>/dev/null)" != "$want" ]; th
   $VE/bin/pip install -q --upgrade pip
   # The base install must not pull LiteLLM and must keep exo's pins as they are.
   $VE/bin/pip install -q -c scripts/exo-pins.txt "$ROOT"
-  if [ -n "${EXO_SRC:-}" ]; then
-    echo "[bootstrap] installing classic exo from $EXO_SRC into $VE (no tinygrad)"
-    # shellcheck disable=SC2086
-    $VE/bin/pip install -q -c scripts/exo-pins.txt $EXO_PINS openai
-    $VE/bin/pip install -q --no-deps "$EXO_SRC"
-  fi
   echo "$want" > $VE/.stamp
+fi
+if [ -n "${EXO_SRC:-}" ] && [ "$(cat $VE/.exo-stamp 2>/dev/null)" != "$EXO_SRC" ]; then
+  echo "[bootstrap] installing classic exo from $EXO_SRC into $VE (without tinygrad)"
+  # shellcheck disable=SC2086
+  $VE/bin/pip install -q -c scripts/exo-pins.txt $EXO_PINS openai
+  $VE/bin/pip install -q --no-deps "$EXO_SRC"
+  echo "$EXO_SRC" > $VE/.exo-stamp
 fi
 # Always refresh this project's own code in the pinned environment (a wheel install, so the
 # .pth/.start startup files land in site-packages exactly as users get them).

@@ -3,7 +3,7 @@
 # on loopback with the embedded default model, list its models, stream a reply, stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh
+BOOTSTRAP_PINS=0 bash scripts/bootstrap.sh
 export LITELLM_LOCAL_MODEL_COST_MAP=True
 LOG=$(mktemp)
 .venv/bin/exo-remote-sidecar --listen 127.0.0.1:0 ${EXO_REMOTE_CONFIG:+--config "$EXO_REMOTE_CONFIG"} >"$LOG" 2>&1 &
