@@ -35,15 +35,17 @@ def render_models(response: pb.ListModelsResponse) -> str:
     notes: list[str] = []
     for m in response.models:
         default = " *" if m.alias == response.default_model else ""
-        rows.append((
-            m.alias + default,
-            m.provider,
-            "yes" if m.ready else "no",
-            _tokens(m, "context_window"),
-            _tokens(m, "max_output_tokens"),
-            _yes_no(m, "supports_tools"),
-            _yes_no(m, "supports_images"),
-        ))
+        rows.append(
+            (
+                m.alias + default,
+                m.provider,
+                "yes" if m.ready else "no",
+                _tokens(m, "context_window"),
+                _tokens(m, "max_output_tokens"),
+                _yes_no(m, "supports_tools"),
+                _yes_no(m, "supports_images"),
+            )
+        )
         if not m.ready and m.not_ready_reason:
             notes.append(f"  {m.alias}: {m.not_ready_reason}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

@@ -58,24 +58,12 @@ class _Kind:
 # latter would blame the exo node's own sidecar token.
 _TABLE: dict[Reason, _Kind] = {
     Reason.MODEL_NOT_FOUND: _Kind(grpc.StatusCode.NOT_FOUND, 404, False, "invalid_request_error"),
-    Reason.MODEL_NOT_READY: _Kind(
-        grpc.StatusCode.FAILED_PRECONDITION, 503, False, "model_not_ready"
-    ),
-    Reason.INVALID_REQUEST: _Kind(
-        grpc.StatusCode.INVALID_ARGUMENT, 400, False, "invalid_request_error"
-    ),
-    Reason.REQUEST_TOO_LARGE: _Kind(
-        grpc.StatusCode.INVALID_ARGUMENT, 413, False, "invalid_request_error"
-    ),
-    Reason.CONTEXT_WINDOW_EXCEEDED: _Kind(
-        grpc.StatusCode.INVALID_ARGUMENT, 400, False, "context_length_exceeded"
-    ),
-    Reason.CONTENT_POLICY: _Kind(
-        grpc.StatusCode.INVALID_ARGUMENT, 400, False, "content_policy_violation"
-    ),
-    Reason.PROVIDER_AUTH_FAILED: _Kind(
-        grpc.StatusCode.FAILED_PRECONDITION, 502, False, "provider_auth_error"
-    ),
+    Reason.MODEL_NOT_READY: _Kind(grpc.StatusCode.FAILED_PRECONDITION, 503, False, "model_not_ready"),
+    Reason.INVALID_REQUEST: _Kind(grpc.StatusCode.INVALID_ARGUMENT, 400, False, "invalid_request_error"),
+    Reason.REQUEST_TOO_LARGE: _Kind(grpc.StatusCode.INVALID_ARGUMENT, 413, False, "invalid_request_error"),
+    Reason.CONTEXT_WINDOW_EXCEEDED: _Kind(grpc.StatusCode.INVALID_ARGUMENT, 400, False, "context_length_exceeded"),
+    Reason.CONTENT_POLICY: _Kind(grpc.StatusCode.INVALID_ARGUMENT, 400, False, "content_policy_violation"),
+    Reason.PROVIDER_AUTH_FAILED: _Kind(grpc.StatusCode.FAILED_PRECONDITION, 502, False, "provider_auth_error"),
     Reason.PROVIDER_NOT_FOUND: _Kind(grpc.StatusCode.NOT_FOUND, 404, False, "not_found_error"),
     Reason.RATE_LIMITED: _Kind(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, True, "rate_limit_error"),
     Reason.OVERLOADED: _Kind(grpc.StatusCode.RESOURCE_EXHAUSTED, 503, True, "overloaded_error"),
@@ -83,9 +71,7 @@ _TABLE: dict[Reason, _Kind] = {
     Reason.PROVIDER_TIMEOUT: _Kind(grpc.StatusCode.UNAVAILABLE, 504, True, "timeout_error"),
     Reason.DEADLINE_EXCEEDED: _Kind(grpc.StatusCode.DEADLINE_EXCEEDED, 504, False, "timeout_error"),
     Reason.UNAUTHENTICATED: _Kind(grpc.StatusCode.UNAUTHENTICATED, 502, False, "sidecar_auth_error"),
-    Reason.PERMISSION_DENIED: _Kind(
-        grpc.StatusCode.PERMISSION_DENIED, 403, False, "permission_error"
-    ),
+    Reason.PERMISSION_DENIED: _Kind(grpc.StatusCode.PERMISSION_DENIED, 403, False, "permission_error"),
     Reason.SIDECAR_UNAVAILABLE: _Kind(grpc.StatusCode.UNAVAILABLE, 503, True, "api_error"),
     Reason.CANCELLED: _Kind(grpc.StatusCode.CANCELLED, 499, False, "cancelled"),
     Reason.INTERNAL: _Kind(grpc.StatusCode.INTERNAL, 500, False, "api_error"),
@@ -159,9 +145,7 @@ class RemoteError(Exception):
     def to_status_proto(self) -> status_pb2.Status:
         """The google.rpc.Status that carries this error's details in the trailers."""
         status = status_pb2.Status(code=self.grpc_code.value[0], message=self.message)
-        info = error_details_pb2.ErrorInfo(
-            reason=self.reason.value, domain=ERROR_DOMAIN, metadata=self.metadata
-        )
+        info = error_details_pb2.ErrorInfo(reason=self.reason.value, domain=ERROR_DOMAIN, metadata=self.metadata)
         status.details.add().Pack(info)
         if self.retry_after_s is not None:
             delay = duration_pb2.Duration()
@@ -170,9 +154,7 @@ class RemoteError(Exception):
         if self.violations:
             bad = error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description
-                    )
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
                     for v in self.violations
                 ]
             )
@@ -214,9 +196,7 @@ class RemoteError(Exception):
         return cls(reason, message)
 
     @classmethod
-    def _from_status_proto(
-        cls, status: status_pb2.Status, fallback_code: grpc.StatusCode | None
-    ) -> RemoteError:
+    def _from_status_proto(cls, status: status_pb2.Status, fallback_code: grpc.StatusCode | None) -> RemoteError:
         reason: Reason | None = None
         retry_after: float | None = None
         violations: list[FieldViolation] = []
@@ -235,9 +215,7 @@ class RemoteError(Exception):
             elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
-                violations = [
-                    FieldViolation(v.field, v.description) for v in bad.field_violations
-                ]
+                violations = [FieldViolation(v.field, v.description) for v in bad.field_violations]
         if reason is None:
             code = _code_from_int(status.code) or fallback_code
             reason = _REASON_FOR_BARE_CODE.get(code, Reason.INTERNAL) if code else Reason.INTERNAL

@@ -48,9 +48,7 @@ FINISH_REASON_NAMES: dict[int, str] = {
 
 def _invalid(field: str, problem: str) -> RemoteError:
     return RemoteError(
-        Reason.INVALID_REQUEST, f"invalid request: {field}: {problem}", violations=(
-            FieldViolation(field, problem),
-        )
+        Reason.INVALID_REQUEST, f"invalid request: {field}: {problem}", violations=(FieldViolation(field, problem),)
     )
 
 
@@ -99,9 +97,7 @@ def _message_to_proto(message: Any, where: str) -> pb.Message:
         arguments = fn.get("arguments", "")
         if not isinstance(arguments, str):
             arguments = json.dumps(arguments)
-        out.tool_calls.append(
-            pb.ToolCall(id=str(call.get("id", "")), name=str(fn["name"]), arguments_json=arguments)
-        )
+        out.tool_calls.append(pb.ToolCall(id=str(call.get("id", "")), name=str(fn["name"]), arguments_json=arguments))
     if message.get("tool_call_id"):
         out.tool_call_id = str(message["tool_call_id"])
     if message.get("name"):
@@ -120,9 +116,7 @@ def _part_to_proto(part: Any, where: str) -> pb.ContentPart:
     if kind in ("image_url", "image"):
         # OpenAI's {"image_url": {"url", "detail"}}, a bare string, or exo's {"image": url}.
         image = part.get("image_url", part.get("image"))
-        url, detail = (image.get("url"), image.get("detail", "")) if isinstance(
-            image, Mapping
-        ) else (image, "")
+        url, detail = (image.get("url"), image.get("detail", "")) if isinstance(image, Mapping) else (image, "")
         if not isinstance(url, str) or not url:
             raise _invalid(where, "image part needs a url")
         return image_to_part(url, str(detail or ""), where)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +33,8 @@ from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from exo_remote_engine.generated.grpc_health import health_pb2, health_pb2_grpc
 from exo_remote_engine.sidecar.auth import ServerTLS, TokenAuthInterceptor
 from exo_remote_engine.sidecar.config import ConfigError, SidecarConfig, load_config
+from exo_remote_engine.sidecar.metrics import Metrics
+from exo_remote_engine.sidecar.policy import Limits, Policy
 
 log = logging.getLogger("exo_remote_engine.sidecar")
 
@@ -93,7 +96,10 @@ def _rpc_errors(
         message = redact(error.message, self.config.secrets)
         log.warning(
             "request_id=%s failed reason=%s code=%s: %s",
-            request_id, error.reason.value, error.grpc_code.name, message,
+            request_id,
+            error.reason.value,
+            error.grpc_code.name,
+            message,
         )
         context.set_trailing_metadata(error.trailing_metadata())
         await context.abort(error.grpc_code, message)
@@ -103,10 +109,12 @@ def _rpc_errors(
 
 
 class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
-    def __init__(self, config: SidecarConfig) -> None:
+    def __init__(self, config: SidecarConfig, policy: Policy, metrics: Metrics) -> None:
         from exo_remote_engine.sidecar.litellm_backend import LiteLLMBackend
 
         self.config = config
+        self.policy = policy
+        self.metrics = metrics
         self.backend = LiteLLMBackend(config.secrets)
 
     @_rpc_errors
@@ -133,9 +141,7 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         return response
 
     @_rpc_errors
-    async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         entry = self.config.get(request.model)
         if entry is None:
             known = ", ".join(m.alias for m in self.config.models)
@@ -145,9 +151,46 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
             )
         if not request.messages:
             raise RemoteError(Reason.INVALID_REQUEST, "request has no messages")
-        log.info("request_id=%s model=%s start", request.request_id, entry.alias)
-        await self.backend.generate(entry, request, context.write)
-        log.info("request_id=%s model=%s done", request.request_id, entry.alias)
+        node = self.policy.identify(context.invocation_metadata(), context.auth_context())
+        deadline_s = self.policy.check_request(request, node, context.time_remaining())
+        recorder = self.metrics.stream(entry.alias, node)
+        usage = pb.Usage()
+
+        async def write(response: pb.GenerateResponse) -> None:
+            await context.write(response)
+            if response.HasField("delta"):
+                recorder.delta_written()
+            else:
+                usage.CopyFrom(response.finished.usage)
+
+        code = "OK"
+        log.info("request_id=%s model=%s node=%s start", request.request_id, entry.alias, node)
+        try:
+            with self.policy.stream_slot(node), self._active():
+                async with asyncio.timeout(deadline_s):
+                    await self.backend.generate(entry, request, write)
+        except TimeoutError:
+            code = "DEADLINE_EXCEEDED"
+            raise RemoteError(Reason.DEADLINE_EXCEEDED, f"deadline of {deadline_s:.0f}s exceeded") from None
+        except RemoteError as exc:
+            code = exc.grpc_code.name
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            recorder.finished(code, usage.prompt_tokens, usage.completion_tokens)
+            log.info("request_id=%s model=%s node=%s end code=%s", request.request_id, entry.alias, node, code)
+
+    @contextlib.contextmanager
+    def _active(self) -> Iterator[None]:
+        if self.metrics.registry is not None:
+            self.metrics.active.inc()
+        try:
+            yield
+        finally:
+            if self.metrics.registry is not None:
+                self.metrics.active.dec()
 
 
 @dataclass
@@ -155,9 +198,11 @@ class SidecarSettings:
     listen: str = DEFAULT_LISTEN
     config_path: Path | None = None
     tokens: Sequence[str] = ()
+    named_tokens: Mapping[str, str] = field(default_factory=dict, repr=False)  # node name -> token
     tls: ServerTLS | None = None
     allow_insecure: bool = False
-    max_concurrent_streams: int = 512
+    limits: Limits = field(default_factory=Limits)
+    metrics_listen: str | None = None
     extra_options: Sequence[tuple[str, Any]] = field(default_factory=tuple)
 
 
@@ -167,12 +212,16 @@ class RunningSidecar:
     port: int
     health: HealthServicer
     config: SidecarConfig
+    servicer: RemoteInferenceServicer
+    metrics_port: int | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     async def stop(self, grace_s: float | None = 1.0) -> None:
+        """Drain: health NOT_SERVING, new calls refused, live streams get ``grace_s`` to
+        finish, then they are cancelled (which closes their upstream connections)."""
         self.health.set("", False)
         self.health.set(SERVICE_NAME, False)
         await self.server.stop(grace_s)
@@ -191,13 +240,18 @@ def _is_loopback(listen: str) -> bool:
 async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None = None) -> RunningSidecar:
     """Build, bind and start the server; returns once it accepts calls."""
     config = config or load_config(settings.config_path)
-    interceptors = [TokenAuthInterceptor(settings.tokens)] if settings.tokens else []
+    tokens = [*settings.tokens, *settings.named_tokens.values()]
+    interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
+    policy = Policy.build(settings.limits, config.node_policies, settings.named_tokens)
+    metrics = Metrics()
+    servicer = RemoteInferenceServicer(config, policy, metrics)
     server = grpc.aio.server(
         interceptors=interceptors,
-        maximum_concurrent_rpcs=settings.max_concurrent_streams,
+        # A backstop above the policy's own limit, which answers with a retry hint.
+        maximum_concurrent_rpcs=settings.limits.max_concurrent_streams + 64,
         options=[
             ("grpc.so_reuseport", 0),  # a second process must not share (and skim) our port
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", max(MAX_MESSAGE_BYTES, settings.limits.max_request_bytes + 1024)),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # Reasoning models can think for minutes before the first token: let clients
             # keep the connection alive with pings while nothing flows.
@@ -207,7 +261,7 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
             *settings.extra_options,
         ],
     )
-    pb_grpc.add_RemoteInferenceServiceServicer_to_server(RemoteInferenceServicer(config), server)
+    pb_grpc.add_RemoteInferenceServiceServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
@@ -216,10 +270,17 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
         raise ConfigError(f"cannot bind {settings.listen}: address in use or not available") from exc
     if port == 0:
         raise ConfigError(f"cannot bind {settings.listen}: address in use or not available")
+    from exo_remote_engine.sidecar.litellm_backend import warm_up
+
+    await warm_up()
+    metrics_port = None
+    if settings.metrics_listen:
+        host, _, metrics_port_text = settings.metrics_listen.rpartition(":")
+        metrics_port = metrics.serve(host or "127.0.0.1", int(metrics_port_text))
     await server.start()
     health.set("", True)
     health.set(SERVICE_NAME, True)
-    return RunningSidecar(server, port, health, config)
+    return RunningSidecar(server, port, health, config, servicer, metrics_port)
 
 
 def _bind(server: grpc.aio.Server, settings: SidecarSettings) -> int:
@@ -228,13 +289,13 @@ def _bind(server: grpc.aio.Server, settings: SidecarSettings) -> int:
     else:
         if not _is_loopback(settings.listen) and not settings.allow_insecure:
             raise ConfigError(
-                f"refusing to listen in plaintext on {settings.listen}: use TLS, a loopback "
-                "address, or --insecure"
+                f"refusing to listen in plaintext on {settings.listen}: use TLS, a loopback address, or --insecure"
             )
         if not _is_loopback(settings.listen):
             log.warning(
                 "WARNING: serving provider credentials in PLAINTEXT on %s; anyone on the "
-                "network can read requests and replies", settings.listen,
+                "network can read requests and replies",
+                settings.listen,
             )
         return server.add_insecure_port(settings.listen)
 
@@ -246,43 +307,60 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--listen", default=os.environ.get("EXO_REMOTE_LISTEN", DEFAULT_LISTEN))
     parser.add_argument(
-        "--config", type=Path, default=os.environ.get("EXO_REMOTE_CONFIG") or None,
+        "--config",
+        type=Path,
+        default=os.environ.get("EXO_REMOTE_CONFIG") or None,
         help="LiteLLM proxy config.yaml or JSON alias map; none = the embedded offline model",
     )
     parser.add_argument("--log-level", default=os.environ.get("EXO_REMOTE_LOG_LEVEL", "info"))
     parser.add_argument(
-        "--token-file", type=Path, default=os.environ.get("EXO_REMOTE_TOKEN_FILE") or None,
+        "--token-file",
+        type=Path,
+        default=os.environ.get("EXO_REMOTE_TOKEN_FILE") or None,
         help="file with one accepted bearer token per line (or env EXO_REMOTE_TOKEN)",
     )
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)
     parser.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")
     parser.add_argument("--insecure", action="store_true", help="allow plaintext off loopback")
+    parser.add_argument(
+        "--metrics-listen",
+        default=os.environ.get("EXO_REMOTE_METRICS_LISTEN") or None,
+        help="host:port for Prometheus metrics (a separate port; off by default)",
+    )
+    parser.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, how long live streams may finish")
     return parser.parse_args(argv)
 
 
 def _settings_from_args(args: argparse.Namespace) -> SidecarSettings:
-    tokens: list[str] = []
+    named: dict[str, str] = {}
     if args.token_file:
         try:
             lines = args.token_file.read_text().splitlines()
         except OSError as exc:
             raise ConfigError(f"{args.token_file}: cannot read token file: {exc.strerror}") from exc
-        tokens = [t.strip() for t in lines if t.strip()]
+        # One token per line, optionally preceded by the node name it identifies.
+        for i, line in enumerate(t.split() for t in lines if t.strip() and not t.startswith("#")):
+            name, token = (line[0], line[1]) if len(line) == 2 else (f"token-{i + 1}", line[0])
+            named[name] = token
     elif os.environ.get("EXO_REMOTE_TOKEN"):
-        tokens = [os.environ["EXO_REMOTE_TOKEN"]]
+        named["token-1"] = os.environ["EXO_REMOTE_TOKEN"]
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
         tls = ServerTLS(args.tls_cert, args.tls_key, args.tls_client_ca)
     return SidecarSettings(
-        listen=args.listen, config_path=args.config, tokens=tokens, tls=tls,
+        listen=args.listen,
+        config_path=args.config,
+        named_tokens=named,
+        tls=tls,
         allow_insecure=args.insecure,
+        metrics_listen=args.metrics_listen,
     )
 
 
-async def _serve(settings: SidecarSettings) -> None:
+async def _serve(settings: SidecarSettings, grace_s: float) -> None:
     running = await start_sidecar(settings)
     models = ", ".join(m.alias for m in running.config.models)
     log.info("listening on %s (models: %s)", settings.listen.rsplit(":", 1)[0] + f":{running.port}", models)
@@ -292,8 +370,8 @@ async def _serve(settings: SidecarSettings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down")
-    await running.stop(grace_s=5.0)
+    log.info("shutting down: draining %d live streams for up to %.0fs", running.servicer.policy.active_streams, grace_s)
+    await running.stop(grace_s=grace_s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -307,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm", "httpx", "openai"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        asyncio.run(_serve(_settings_from_args(args)))
+        asyncio.run(_serve(_settings_from_args(args), args.grace_s))
     except ConfigError as exc:
         print(f"exo-remote-sidecar: configuration error: {exc}", file=sys.stderr)
         return 2

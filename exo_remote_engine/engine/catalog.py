@@ -44,9 +44,7 @@ def repo_for(alias: str) -> str:
 
 
 def pretty_name(model: pb.Model) -> str:
-    base = model.display_name if model.display_name and model.display_name != model.alias else (
-        _titled(model.alias)
-    )
+    base = model.display_name if model.display_name and model.display_name != model.alias else (_titled(model.alias))
     provider = _PROVIDER_NAMES.get(model.provider, model.provider.title() or "Remote")
     return base if provider.lower() in base.lower() else f"{base} ({provider})"
 

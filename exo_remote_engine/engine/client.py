@@ -121,9 +121,7 @@ class SidecarTarget:
 
     def aio_channel(self) -> grpc.aio.Channel:
         if self.tls:
-            return grpc.aio.secure_channel(
-                self.address, self.tls.credentials(), self.channel_options()
-            )
+            return grpc.aio.secure_channel(self.address, self.tls.credentials(), self.channel_options())
         return grpc.aio.insecure_channel(self.address, self.channel_options())
 
 
@@ -178,9 +176,7 @@ class SidecarClient:
         """True when the sidecar reports its inference service SERVING."""
         stub = health_pb2_grpc.HealthStub(self._ensure_channel())
         try:
-            response = await stub.Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s
-            )
+            response = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s)
         except grpc.RpcError:
             return False
         return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
@@ -244,9 +240,7 @@ class SidecarClient:
             code = await call.code()
             if code == grpc.StatusCode.OK:
                 raise RemoteError(Reason.INTERNAL, "sidecar ended the stream without a result")
-            raise RemoteError.from_status(
-                code, await call.details(), await call.trailing_metadata()
-            )
+            raise RemoteError.from_status(code, await call.details(), await call.trailing_metadata())
         return event  # type: ignore[return-value]
 
 

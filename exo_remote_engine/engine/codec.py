@@ -95,9 +95,7 @@ class _Pack:
         self.tables: list[list[str]] = [[""]] + [
             ["".join(p) for p in product(alphabet, repeat=n)] for n in range(1, table_len + 1)
         ]
-        self.index: dict[str, int] = {
-            s: v for table in self.tables[1:] for v, s in enumerate(table)
-        }
+        self.index: dict[str, int] = {s: v for table in self.tables[1:] for v, s in enumerate(table)}
         starts = [base]
         for n in range(1, max_len + 1):
             starts.append(starts[-1] + self.radix**n)
@@ -184,8 +182,7 @@ def decode_ids(ids: Iterable[int]) -> str:
 def encode_control(payload: bytes) -> list[int]:
     """Ids carrying payload out of band (3 bytes per id), terminated by CONTROL_END_ID."""
     ids = [
-        _CTRL3_BASE + int.from_bytes(payload[i : i + 3], "big")
-        for i in range(0, len(payload) - len(payload) % 3, 3)
+        _CTRL3_BASE + int.from_bytes(payload[i : i + 3], "big") for i in range(0, len(payload) - len(payload) % 3, 3)
     ]
     rest = payload[len(payload) - len(payload) % 3 :]
     if len(rest) == 1:

@@ -133,9 +133,9 @@ class RemoteChatHandler:
         finished_cleanly = False
         try:
             await asyncio.wait_for(
-                asyncio.shield(asyncio.create_task(
-                    self.api.node.process_prompt(shard, prompt, request_id=self.request_id)
-                )),
+                asyncio.shield(
+                    asyncio.create_task(self.api.node.process_prompt(shard, prompt, request_id=self.request_id))
+                ),
                 timeout=self.api.response_timeout,
             )
             if stream:
@@ -275,12 +275,14 @@ class RemoteChatHandler:
             "created": self.created,
             "model": self.exo_id,
             "system_fingerprint": f"exo_{VERSION}",
-            "choices": [{
-                "index": 0,
-                "message": message,
-                "logprobs": None,
-                "finish_reason": collected.finish_reason or self._fallback_reason(tokens),
-            }],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": collected.finish_reason or self._fallback_reason(tokens),
+                }
+            ],
         }
         if collected.usage is not None:
             body["usage"] = collected.usage

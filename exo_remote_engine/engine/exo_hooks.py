@@ -54,6 +54,7 @@ ADDON_FLAGS = {
 }
 _installed = False
 _remote_ids: set[str] = set()
+_nodes: list[Any] = []  # exo Node objects running the remote engine (normally one)
 
 
 def strip_addon_flags(argv: list[str], environ: dict[str, str] | os._Environ[str]) -> None:
@@ -151,7 +152,8 @@ def _install_device_capabilities() -> None:
 
     async def device_capabilities() -> Any:
         engine = shared_engine()
-        ready = sum(1 for m in engine.catalog.models.values() if m.ready)
+        ready_ids = [k for k, m in engine.catalog.models.items() if m.ready]
+        listed = ", ".join(ready_ids[:4]) + (", ..." if len(ready_ids) > 4 else "")
         try:
             import psutil
 
@@ -160,7 +162,7 @@ def _install_device_capabilities() -> None:
             memory_mb = 1024
         return dc.DeviceCapabilities(
             model=f"Remote LLM via {engine.target.address}",
-            chip=f"remote: {ready}/{len(engine.catalog.models)} models ready",
+            chip=f"remote: {len(ready_ids)}/{len(engine.catalog.models)} models ready ({listed})",
             # exo's ring partitioner divides by total memory and hangs on zero.
             memory=max(memory_mb, 1024),
             flops=dc.DeviceFlops(fp32=0, fp16=0, int8=0),
@@ -186,9 +188,22 @@ def _install_downloader() -> None:
                 if shard is None:
                     continue
                 size = 0 if model.ready else 1  # 0/0 is "downloaded"; 0/1 is "not yet"
-                yield Path("/dev/null"), RepoProgressEvent(
-                    shard, repo_for(model.alias), "remote", 0, 0, 0, 0, size, 0, timedelta(0), {},
-                    "complete" if model.ready else "not_started",
+                yield (
+                    Path("/dev/null"),
+                    RepoProgressEvent(
+                        shard,
+                        repo_for(model.alias),
+                        "remote",
+                        0,
+                        0,
+                        0,
+                        0,
+                        size,
+                        0,
+                        timedelta(0),
+                        {},
+                        "complete" if model.ready else "not_started",
+                    ),
                 )
 
     def new_shard_downloader(max_parallel_downloads: int = 8) -> Any:
@@ -220,6 +235,7 @@ def _install_node_patches() -> None:
         engine = self.inference_engine
         if isinstance(engine, RemoteLLMInferenceEngine):
             self.on_token.register("exo-remote-engine").on_next(engine.on_token)
+            _nodes.append(self)
 
     Node.get_supported_inference_engines = get_supported_inference_engines
     Node.select_best_inference_engine = select_best_inference_engine
@@ -262,6 +278,8 @@ def _load_model_cards_at_startup() -> None:
 
 
 async def refresh_catalog(engine: RemoteLLMInferenceEngine, force: bool = False) -> None:
+    """Re-read the sidecar's models (at most every CATALOG_TTL_S unless forced) and keep
+    exo's model cards and this node's topology description in step."""
     if not force and engine.catalog.age_s() < CATALOG_TTL_S:
         return
     try:
@@ -270,6 +288,10 @@ async def refresh_catalog(engine: RemoteLLMInferenceEngine, force: bool = False)
         log.warning("cannot refresh remote models: %s", exc)
         return
     sync_model_cards(engine)
+    import exo.topology.device_capabilities as dc
+
+    for node in _nodes:
+        node.device_capabilities = await dc.device_capabilities()
 
 
 # --- API ----------------------------------------------------------------------------
@@ -325,9 +347,9 @@ def _install_api_patches() -> None:
         if model in model_cards:
             return await original_post(self, request)  # type: ignore[no-any-return]
         served = ", ".join(engine.catalog.models) or "none (is the sidecar running?)"
-        return error_response(RemoteError(
-            Reason.MODEL_NOT_FOUND, f"unknown model {model!r}; this node serves: {served}"
-        ))
+        return error_response(
+            RemoteError(Reason.MODEL_NOT_FOUND, f"unknown model {model!r}; this node serves: {served}")
+        )
 
     async def handle_get_models(self: Any, request: web.Request) -> web.Response:
         engine = _local_remote_engine(self)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exo_remote_engine.sidecar.policy import NodePolicy
+
 EMBEDDED_ALIAS = "embedded-echo"
 EMBEDDED_PROVIDER = "embedded"
 _ENV_PREFIX = "os.environ/"
@@ -58,6 +60,7 @@ class SidecarConfig:
     default_model: str
     secrets: frozenset[str] = field(repr=False, default_factory=frozenset)
     path: Path | None = None
+    node_policies: Mapping[str, NodePolicy] = field(default_factory=dict)
 
     def get(self, alias: str) -> ModelEntry | None:
         return next((m for m in self.models if m.alias == alias), None)
@@ -89,9 +92,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{path}: cannot read config file: not UTF-8 text (byte {exc.start})"
-        ) from exc
+        raise ConfigError(f"{path}: cannot read config file: not UTF-8 text (byte {exc.start})") from exc
     raw = _parse(path, text)
     secrets: set[str] = set()
     if isinstance(raw, Mapping) and "model_list" in raw:
@@ -110,7 +111,27 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     default = str(settings.get("default_model") or entries[0].alias)
     if default not in {e.alias for e in entries}:
         raise ConfigError(f"{path}: default_model {default!r} is not a configured alias")
-    return SidecarConfig(tuple(entries), default, frozenset(secrets), path)
+    return SidecarConfig(tuple(entries), default, frozenset(secrets), path, _node_policies(path, settings))
+
+
+def _node_policies(path: Path, settings: Mapping[str, Any]) -> dict[str, NodePolicy]:
+    """``exo_remote_settings.nodes: {name: {allowed_models: [globs], max_concurrent_streams: n}}``."""
+    nodes = settings.get("nodes") or {}
+    if not isinstance(nodes, Mapping):
+        raise ConfigError(f"{path}: exo_remote_settings.nodes must map node names to rules")
+    policies: dict[str, NodePolicy] = {}
+    for name, rules in nodes.items():
+        where = f"{path}: exo_remote_settings.nodes.{name}"
+        if not isinstance(rules, Mapping):
+            raise ConfigError(f"{where}: must be a mapping")
+        allowed = rules.get("allowed_models") or []
+        limit = rules.get("max_concurrent_streams")
+        if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
+            raise ConfigError(f"{where}: allowed_models must be a list of alias patterns")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise ConfigError(f"{where}: max_concurrent_streams must be a positive integer")
+        policies[str(name)] = NodePolicy(tuple(allowed), limit)
+    return policies
 
 
 def _parse(path: Path, text: str) -> Any:
@@ -129,9 +150,7 @@ def _parse(path: Path, text: str) -> Any:
         for key_node, value_node in node.value:
             key = loader.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
             if key in out:
-                raise ConfigError(
-                    f"{path}: line {key_node.start_mark.line + 1}: duplicate key {key!r}"
-                )
+                raise ConfigError(f"{path}: line {key_node.start_mark.line + 1}: duplicate key {key!r}")
             out[key] = loader.construct_object(value_node, deep=True)  # type: ignore[no-untyped-call]
         return out
 
@@ -179,9 +198,7 @@ def _from_proxy_config(
     return entries
 
 
-def _from_alias_map(
-    path: Path, alias_map: Any, env: Mapping[str, str], secrets: set[str]
-) -> list[ModelEntry]:
+def _from_alias_map(path: Path, alias_map: Any, env: Mapping[str, str], secrets: set[str]) -> list[ModelEntry]:
     if not isinstance(alias_map, Mapping):
         raise ConfigError(f"{path}: models must map alias -> {{model, api_base, api_key}}")
     entries: list[ModelEntry] = []
@@ -192,7 +209,7 @@ def _from_alias_map(
         if isinstance(spec, str):
             spec = {"model": spec}
         if not isinstance(spec, Mapping) or not isinstance(spec.get("model"), str):
-            raise ConfigError(f"{where}: needs a model, e.g. {{\"model\": \"openai/gpt-4o-mini\"}}")
+            raise ConfigError(f'{where}: needs a model, e.g. {{"model": "openai/gpt-4o-mini"}}')
         resolved = {k: _resolve(v, env, where, k, secrets) for k, v in spec.items()}
         entries.append(_entry(where, str(alias), resolved, {}))
     _check_unique(path, entries)
@@ -222,9 +239,7 @@ def _resolve(value: Any, env: Mapping[str, str], where: str, key: str, secrets: 
     return value
 
 
-def _entry(
-    where: str, alias: str, params: dict[str, Any], info: Mapping[str, Any]
-) -> ModelEntry:
+def _entry(where: str, alias: str, params: dict[str, Any], info: Mapping[str, Any]) -> ModelEntry:
     if not alias.strip():
         raise ConfigError(f"{where}: empty alias")
     model = params.pop("model")

@@ -137,7 +137,7 @@ class LiteLLMBackend:
         ready: asyncio.Event,
     ) -> None:
         try:
-            stream = await litellm.acompletion(**self._call_kwargs(entry, request))
+            stream = await _open_stream(self._call_kwargs(entry, request))
             try:
                 async for chunk in stream:
                     self._absorb(chunk, buffer, outcome)
@@ -222,6 +222,44 @@ class LiteLLMBackend:
             cdetails = getattr(usage, "completion_tokens_details", None)
             finished.usage.reasoning_tokens = int(getattr(cdetails, "reasoning_tokens", 0) or 0)
         return finished
+
+
+async def _open_stream(kwargs: dict[str, Any]) -> Any:
+    """``acompletion`` that cannot leak: cancelled while LiteLLM is still opening the
+    stream (its first call takes half a second), the stream is closed once it arrives
+    instead of lingering, and paying for tokens, until garbage collection."""
+    opening = asyncio.ensure_future(litellm.acompletion(**kwargs))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(_close_abandoned)
+        raise
+
+
+def _close_abandoned(opening: asyncio.Future[Any]) -> None:
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    aclose = getattr(opening.result(), "aclose", None)
+    if aclose is not None:
+        task = asyncio.ensure_future(aclose())
+        _abandoned.add(task)
+        task.add_done_callback(_abandoned.discard)
+
+
+_abandoned: set[asyncio.Future[Any]] = set()
+
+
+async def warm_up() -> None:
+    """Pay LiteLLM's first-call costs (lazy imports, client setup) before serving."""
+    stream = await litellm.acompletion(
+        model="openai/warm-up",
+        messages=[{"role": "user", "content": "."}],
+        mock_response=".",
+        api_key="warm-up",
+        stream=True,
+    )
+    async for _ in stream:
+        pass
 
 
 def _echo_reply(messages: list[dict[str, Any]]) -> str:

@@ -43,6 +43,7 @@ _BY_CLIENT_STATUS: dict[int, Reason] = {
     422: Reason.INVALID_REQUEST,
     429: Reason.RATE_LIMITED,
 }
+_UNAMBIGUOUS = frozenset({401, 403, 404, 429})
 _MAX_PROVIDER_TEXT = 300
 
 
@@ -52,8 +53,11 @@ def classify(exc: BaseException, *, alias: str, provider: str, secrets: Iterable
         return exc
     reason = next((r for cls, r in _BY_CLASS if isinstance(exc, cls)), Reason.INTERNAL)
     status = getattr(exc, "status_code", None)
-    if reason in (Reason.PROVIDER_UNAVAILABLE, Reason.INTERNAL) and status in _BY_CLIENT_STATUS:
-        # LiteLLM wraps some provider 4xx (e.g. OpenAI-compatible 403) in a generic APIError.
+    if status in _BY_CLIENT_STATUS and (
+        status in _UNAMBIGUOUS or reason in (Reason.PROVIDER_UNAVAILABLE, Reason.INTERNAL)
+    ):
+        # LiteLLM wraps some provider 4xx in a generic APIError, and some 401s (those
+        # without OpenAI's wording) in BadRequestError; the status says what happened.
         reason = _BY_CLIENT_STATUS[status]
     http = f" (HTTP {status})" if isinstance(status, int) else ""
     meta = {"model": alias, "provider": provider}

@@ -1,0 +1,168 @@
+"""Limits, deadlines, concurrency, per-node permissions, graceful drain and metrics of a
+real sidecar on a real port, against a real upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from exo_remote_engine.engine.client import RetryPolicy, SidecarClient, SidecarTarget
+from exo_remote_engine.errors import Reason, RemoteError
+from exo_remote_engine.generated import remote_inference_pb2 as pb
+from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
+from exo_remote_engine.openai_wire import chat_body_to_request
+from exo_remote_engine.server import SidecarSettings, start_sidecar
+from exo_remote_engine.sidecar.config import load_config
+from exo_remote_engine.sidecar.policy import Limits
+from tests.conftest import PLANTED_KEY, write_proxy_config
+from tests.support.openai_upstream import OpenAIUpstream, Scenario
+
+SLOW = Scenario(chunks=[f"s{i} " for i in range(400)], interval_s=0.02)
+
+
+def _request(model: str, **extra: Any) -> pb.GenerateRequest:
+    body = {"messages": [{"role": "user", "content": "hi"}], **extra}
+    return chat_body_to_request(body, request_id=f"p-{model}", model=model)
+
+
+def _client(address: str, token: str | None = None) -> SidecarClient:
+    return SidecarClient(SidecarTarget(address=address, token=token, retry=RetryPolicy(attempts=1)))
+
+
+async def _error_of(client: SidecarClient, request: pb.GenerateRequest) -> RemoteError:
+    with pytest.raises(RemoteError) as caught:
+        async for _ in client.generate(request):
+            pass
+    return caught.value
+
+
+async def test_oversized_requests_are_refused_with_the_field(upstream: OpenAIUpstream, sidecar_for: Any) -> None:
+    sidecar = await sidecar_for(upstream, "m", limits=Limits(max_messages=3, max_tools=1, max_image_bytes=10))
+    client = _client(sidecar.address)
+    many = {"messages": [{"role": "user", "content": str(i)} for i in range(4)]}
+    error = await _error_of(client, chat_body_to_request(many, request_id="x", model="m"))
+    assert error.reason is Reason.REQUEST_TOO_LARGE and error.http_status == 413
+    assert error.violations[0].field == "messages"
+    tools = [{"type": "function", "function": {"name": f"t{i}"}} for i in range(2)]
+    error = await _error_of(client, _request("m", tools=tools))
+    assert error.violations[0].field == "tools"
+    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 40}}]
+    error = await _error_of(
+        client, chat_body_to_request({"messages": [{"role": "user", "content": image}]}, request_id="x", model="m")
+    )
+    assert error.violations[0].field == "messages[0].content[0]"
+    assert not upstream.requests, "nothing oversized reached the provider"
+
+
+async def test_a_call_without_deadline_is_refused(upstream: OpenAIUpstream, sidecar_for: Any) -> None:
+    sidecar = await sidecar_for(upstream, "m")
+    async with grpc.aio.insecure_channel(sidecar.address) as channel:
+        call = pb_grpc.RemoteInferenceServiceStub(channel).Generate(_request("m"))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in call:
+                pass
+    error = RemoteError.from_status(caught.value.code(), caught.value.details(), caught.value.trailing_metadata())
+    assert error.reason is Reason.INVALID_REQUEST and "deadline" in error.message
+
+
+async def test_sidecar_caps_deadlines_and_closes_the_upstream(upstream: OpenAIUpstream, sidecar_for: Any) -> None:
+    upstream.scenarios["slow"] = SLOW
+    sidecar = await sidecar_for(upstream, "slow", limits=Limits(max_deadline_s=0.5))
+    started = time.monotonic()
+    error = await _error_of(_client(sidecar.address), _request("slow"))
+    assert error.reason is Reason.DEADLINE_EXCEEDED and time.monotonic() - started < 1.5
+    record = await upstream.wait_closed("slow", timeout=2)
+    assert record.client_disconnected and record.ended_at - started < 1.5
+
+
+async def test_concurrency_limit_answers_overloaded_with_a_retry_hint(
+    upstream: OpenAIUpstream, sidecar_for: Any
+) -> None:
+    upstream.scenarios["slow"] = SLOW
+    sidecar = await sidecar_for(upstream, "slow", limits=Limits(max_concurrent_streams=2))
+    client = _client(sidecar.address)
+    streams = [client.generate(_request("slow")) for _ in range(2)]
+    for stream in streams:
+        await stream.__anext__()  # both hold a slot
+    error = await _error_of(client, _request("slow"))
+    assert error.reason is Reason.OVERLOADED and error.grpc_code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.retry_after_s == 1.0
+    for stream in streams:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_per_node_models_and_concurrency(
+    upstream: OpenAIUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", PLANTED_KEY)
+    upstream.scenarios["slow"] = SLOW
+    config = write_proxy_config(tmp_path / "c.yaml", upstream.url, ["open-model", "slow"])
+    config.write_text(
+        config.read_text()
+        + (
+            "exo_remote_settings:\n  nodes:\n    node-a: {allowed_models: ['open-*']}\n"
+            "    node-b: {max_concurrent_streams: 1}\n"
+        )
+    )
+    sidecar = await start_sidecar(
+        SidecarSettings(listen="127.0.0.1:0", named_tokens={"node-a": "token-a", "node-b": "token-b"}),
+        load_config(config),
+    )
+    try:
+        node_a, node_b = _client(sidecar.address, "token-a"), _client(sidecar.address, "token-b")
+        error = await _error_of(node_a, _request("slow"))
+        assert error.reason is Reason.PERMISSION_DENIED and "node-a" in error.message
+        assert [e async for e in node_a.generate(_request("open-model"))][-1].HasField("finished")
+        held = node_b.generate(_request("slow"))
+        await held.__anext__()
+        error = await _error_of(node_b, _request("slow"))
+        assert error.reason is Reason.OVERLOADED and "node-b" in error.message
+        await held.aclose()  # type: ignore[attr-defined]
+    finally:
+        await sidecar.stop(grace_s=None)
+
+
+async def test_graceful_drain_under_50_live_streams(upstream: OpenAIUpstream, sidecar_for: Any) -> None:
+    upstream.scenarios["drain"] = Scenario(chunks=[f"d{i} " for i in range(60)], interval_s=0.02)
+    sidecar = await sidecar_for(upstream, "drain")
+    client = _client(sidecar.address)
+
+    async def run() -> str:
+        try:
+            async for event in client.generate(_request("drain")):
+                if event.HasField("finished"):
+                    return "finished"
+            return "ended"
+        except RemoteError as exc:
+            return exc.reason.value
+
+    tasks = [asyncio.create_task(run()) for _ in range(50)]
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    await sidecar.stop(grace_s=0.5)  # shorter than the 1.2 s the streams need
+    outcomes = await asyncio.wait_for(asyncio.gather(*tasks), timeout=5)
+    assert time.monotonic() - started < 3
+    assert set(outcomes) <= {"finished", "CANCELLED", "SIDECAR_UNAVAILABLE"}, outcomes
+    assert not await client.health(timeout_s=1), "health no longer SERVING"
+
+
+async def test_metrics_are_on_their_own_port_without_secrets(upstream: OpenAIUpstream, sidecar_for: Any) -> None:
+    upstream.scenarios["bad"] = Scenario(status=401, error_message=f"bad key {PLANTED_KEY}")
+    sidecar = await sidecar_for(upstream, "good", "bad", metrics_listen="127.0.0.1:0")
+    client = _client(sidecar.address)
+    [_ async for _ in client.generate(_request("good"))]
+    await _error_of(client, _request("bad"))
+    assert sidecar.metrics_port and sidecar.metrics_port != sidecar.port
+    with urllib.request.urlopen(f"http://127.0.0.1:{sidecar.metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert 'exo_remote_requests_total{code="OK",model="good",node="anonymous"} 1.0' in text
+    assert 'exo_remote_requests_total{code="FAILED_PRECONDITION",model="bad",node="anonymous"} 1.0' in text
+    assert 'exo_remote_completion_tokens_total{model="good",node="anonymous"}' in text
+    assert "exo_remote_time_to_first_token_seconds_count" in text
+    assert PLANTED_KEY not in text and "PLANTEDKEY" not in text
