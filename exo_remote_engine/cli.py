@@ -29,31 +29,31 @@ def _tokens(model: pb.Model, name: str) -> str:
 
 
 def render_models(response: pb.ListModelsResponse) -> str:
-    """A plain-text table: one row per model, the reason beside each unready one."""
-    header = ("MODEL", "PROVIDER", "READY", "CONTEXT", "MAX OUT", "TOOLS", "IMAGES")
+    """Ready models as a table; the others grouped under what would make them ready."""
+    header = ("MODEL", "PROVIDER", "CONTEXT", "MAX OUT", "TOOLS", "IMAGES")
     rows = [header]
-    notes: list[str] = []
+    waiting: dict[str, list[str]] = {}
     for m in response.models:
-        default = " *" if m.alias == response.default_model else ""
-        rows.append(
-            (
-                m.alias + default,
-                m.provider,
-                "yes" if m.ready else "no",
-                _tokens(m, "context_window"),
-                _tokens(m, "max_output_tokens"),
-                _yes_no(m, "supports_tools"),
-                _yes_no(m, "supports_images"),
-            )
-        )
-        if not m.ready and m.not_ready_reason:
-            notes.append(f"  {m.alias}: {m.not_ready_reason}")
+        if not m.ready:
+            waiting.setdefault(m.not_ready_reason or "not ready", []).append(m.alias)
+            continue
+        rows.append((
+            m.alias + (" *" if m.alias == response.default_model else ""),
+            m.provider,
+            _tokens(m, "context_window"),
+            _tokens(m, "max_output_tokens"),
+            _yes_no(m, "supports_tools"),
+            _yes_no(m, "supports_images"),
+        ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.append("(* default model; ? unknown)")
-    if notes:
+    lines.append(f"({len(rows) - 1} ready; * default model; ? unknown)")
+    if waiting:
+        lines.append("")
         lines.append("not ready:")
-        lines.extend(notes)
+        for reason, aliases in waiting.items():
+            shown = ", ".join(aliases[:4]) + (f", ... ({len(aliases)} models)" if len(aliases) > 4 else "")
+            lines.append(f"  {reason}: {shown}")
     return "\n".join(lines)
 
 

@@ -33,8 +33,10 @@ from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from exo_remote_engine.generated.grpc_health import health_pb2, health_pb2_grpc
 from exo_remote_engine.sidecar.auth import ServerTLS, TokenAuthInterceptor
 from exo_remote_engine.sidecar.config import ConfigError, SidecarConfig, load_config
+from exo_remote_engine.sidecar.discovery import ServerSpec
 from exo_remote_engine.sidecar.metrics import Metrics
 from exo_remote_engine.sidecar.policy import Limits, Policy
+from exo_remote_engine.sidecar.registry import ModelRegistry
 
 log = logging.getLogger("exo_remote_engine.sidecar")
 
@@ -43,6 +45,11 @@ DEFAULT_LISTEN = "127.0.0.1:50505"
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
 T = TypeVar("T")
+_SOURCES = {
+    "config": pb.MODEL_SOURCE_CONFIG,
+    "embedded": pb.MODEL_SOURCE_EMBEDDED,
+    "discovered": pb.MODEL_SOURCE_DISCOVERED,
+}
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
@@ -93,7 +100,7 @@ def _rpc_errors(
         except Exception:
             log.exception("request_id=%s unexpected error", request_id)
             error = RemoteError(Reason.INTERNAL, f"internal error (request id {request_id})")
-        message = redact(error.message, self.config.secrets)
+        message = redact(error.message, self.registry.secrets())
         log.warning(
             "request_id=%s failed reason=%s code=%s: %s",
             request_id,
@@ -109,29 +116,30 @@ def _rpc_errors(
 
 
 class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
-    def __init__(self, config: SidecarConfig, policy: Policy, metrics: Metrics) -> None:
+    def __init__(self, registry: ModelRegistry, policy: Policy, metrics: Metrics) -> None:
         from exo_remote_engine.sidecar.litellm_backend import LiteLLMBackend
 
-        self.config = config
+        self.registry = registry
+        self.config = registry.config
         self.policy = policy
         self.metrics = metrics
-        self.backend = LiteLLMBackend(config.secrets)
+        self.backend = LiteLLMBackend(registry.secrets, num_retries=self.config.num_retries)
 
     @_rpc_errors
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListModelsResponse:
-        response = pb.ListModelsResponse(default_model=self.config.default_model)
-        for entry in self.config.models:
+        models = await self.registry.models(refresh=request.refresh)
+        response = pb.ListModelsResponse(default_model=self.registry.default(models))
+        for found in models:
+            entry = found.entry
             model = pb.Model(
                 alias=entry.alias,
                 provider=entry.provider,
                 display_name=entry.display_name or entry.alias,
-                ready=True,
-                source={
-                    "config": pb.MODEL_SOURCE_CONFIG,
-                    "embedded": pb.MODEL_SOURCE_EMBEDDED,
-                }.get(entry.source, pb.MODEL_SOURCE_UNSPECIFIED),
+                ready=found.ready,
+                not_ready_reason=found.not_ready_reason,
+                source=_SOURCES.get(entry.source, pb.MODEL_SOURCE_UNSPECIFIED),
             )
             for name in ("context_window", "max_output_tokens", "supports_tools", "supports_images"):
                 value = getattr(entry, name)
@@ -141,14 +149,19 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         return response
 
     @_rpc_errors
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        entry = self.config.get(request.model)
-        if entry is None:
-            known = ", ".join(m.alias for m in self.config.models)
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        found = await self.registry.lookup(request.model)
+        if found is None:
+            known = ", ".join(m.alias for m in await self.registry.models() if m.ready)
             raise RemoteError(
                 Reason.MODEL_NOT_FOUND,
-                f"unknown model {request.model!r}; this sidecar serves: {known}",
+                f"unknown model {request.model!r}; this sidecar serves: {known or 'nothing ready'}",
             )
+        if not found.ready:
+            raise RemoteError(Reason.MODEL_NOT_READY, f"model {request.model!r} is not ready: {found.not_ready_reason}")
+        entry = found.entry
         if not request.messages:
             raise RemoteError(Reason.INVALID_REQUEST, "request has no messages")
         node = self.policy.identify(context.invocation_metadata(), context.auth_context())
@@ -168,7 +181,12 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         try:
             with self.policy.stream_slot(node), self._active():
                 async with asyncio.timeout(deadline_s):
-                    await self.backend.generate(entry, request, write)
+                    fallbacks = [
+                        f.entry
+                        for alias in self.config.fallbacks.get(entry.alias, ())
+                        if (f := await self.registry.lookup(alias)) is not None and f.ready
+                    ]
+                    await self.backend.generate(entry, request, write, fallbacks)
         except TimeoutError:
             code = "DEADLINE_EXCEEDED"
             raise RemoteError(Reason.DEADLINE_EXCEEDED, f"deadline of {deadline_s:.0f}s exceeded") from None
@@ -203,6 +221,12 @@ class SidecarSettings:
     allow_insecure: bool = False
     limits: Limits = field(default_factory=Limits)
     metrics_listen: str | None = None
+    # Discovery of provider model lists (off for embedded/programmatic use, on for the CLI).
+    discover: bool = False
+    env_file: Path | None = None
+    servers: tuple[ServerSpec, ...] = ()
+    discovery_ttl_s: float = 60.0
+    discovery_timeout_s: float = 5.0
     extra_options: Sequence[tuple[str, Any]] = field(default_factory=tuple)
 
 
@@ -225,6 +249,7 @@ class RunningSidecar:
         self.health.set("", False)
         self.health.set(SERVICE_NAME, False)
         await self.server.stop(grace_s)
+        await self.servicer.registry.stop()
 
 
 def _is_loopback(listen: str) -> bool:
@@ -244,7 +269,17 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
     interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
     policy = Policy.build(settings.limits, config.node_policies, settings.named_tokens)
     metrics = Metrics()
-    servicer = RemoteInferenceServicer(config, policy, metrics)
+    if settings.discover:
+        registry = ModelRegistry.with_discovery(
+            config,
+            env_file=settings.env_file,
+            servers=settings.servers,
+            ttl_s=settings.discovery_ttl_s,
+            timeout_s=settings.discovery_timeout_s,
+        )
+    else:
+        registry = ModelRegistry(config)
+    servicer = RemoteInferenceServicer(registry, policy, metrics)
     server = grpc.aio.server(
         interceptors=interceptors,
         # A backstop above the policy's own limit, which answers with a retry hint.
@@ -278,6 +313,7 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
         host, _, metrics_port_text = settings.metrics_listen.rpartition(":")
         metrics_port = metrics.serve(host or "127.0.0.1", int(metrics_port_text))
     await server.start()
+    registry.start()
     health.set("", True)
     health.set(SERVICE_NAME, True)
     return RunningSidecar(server, port, health, config, servicer, metrics_port)
@@ -329,6 +365,26 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="host:port for Prometheus metrics (a separate port; off by default)",
     )
     parser.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, how long live streams may finish")
+    parser.add_argument(
+        "--discover",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("EXO_REMOTE_DISCOVER", "1") != "0",
+        help="find the models the sidecar's keys and servers make available (default: on)",
+    )
+    parser.add_argument(
+        "--env-file",
+        type=Path,
+        default=os.environ.get("EXO_REMOTE_ENV_FILE") or None,
+        help="KEY=value file re-read at every discovery refresh (add keys without a restart)",
+    )
+    parser.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="KIND=URL",
+        help="an OpenAI-compatible server to list: ollama, llamacpp, vllm, lmstudio or openai (repeatable)",
+    )
+    parser.add_argument("--refresh-s", type=float, default=60.0, help="discovery refresh period")
     return parser.parse_args(argv)
 
 
@@ -350,6 +406,15 @@ def _settings_from_args(args: argparse.Namespace) -> SidecarSettings:
         if not (args.tls_cert and args.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
         tls = ServerTLS(args.tls_cert, args.tls_key, args.tls_client_ca)
+    servers = []
+    for spec in [*args.server, *filter(None, os.environ.get("EXO_REMOTE_SERVERS", "").split(","))]:
+        kind, sep, url = spec.partition("=")
+        if not sep or not url:
+            raise ConfigError(f"--server {spec!r}: expected KIND=URL, e.g. ollama=http://127.0.0.1:11434")
+        try:
+            servers.append(ServerSpec(kind.strip(), url.strip()))
+        except ValueError as exc:
+            raise ConfigError(f"--server {spec!r}: {exc}") from exc
     return SidecarSettings(
         listen=args.listen,
         config_path=args.config,
@@ -357,6 +422,10 @@ def _settings_from_args(args: argparse.Namespace) -> SidecarSettings:
         tls=tls,
         allow_insecure=args.insecure,
         metrics_listen=args.metrics_listen,
+        discover=args.discover,
+        env_file=args.env_file,
+        servers=tuple(servers),
+        discovery_ttl_s=args.refresh_s,
     )
 
 

@@ -307,3 +307,50 @@ def test_explicit_launcher_strips_its_own_flags(stack: dict[str, Any], tmp_path:
         assert "Using inference engine: RemoteLLMInferenceEngine" in node.log_text()
     finally:
         node.stop()
+
+
+def test_discovered_models_appear_in_exo_without_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from exo_remote_engine.sidecar.discovery import PROVIDERS
+
+    for spec in PROVIDERS:  # never a real provider with a developer's own keys
+        for name in (*spec.key_envs, spec.base_env):
+            monkeypatch.delenv(name, raising=False)
+    with OpenAIUpstream.in_thread(scenarios={"gpt-found-mini": Scenario(chunks=["discovered ", "reply"])}) as upstream:
+        env_file = tmp_path / "keys.env"
+        env_file.write_text(f"OPENAI_API_BASE={upstream.url}/v1\n")
+        sidecar = start_sidecar_process(
+            None, tmp_path / "sidecar.log", env={"OLLAMA_API_BASE": "http://127.0.0.1:9"},
+            extra_args=["--env-file", str(env_file), "--refresh-s", "1"], discover=True,
+        )
+        node_port, api_port = free_port(), free_port()
+        node = start_exo_node(
+            tmp_path, "disc", node_port, api_port, write_peers(tmp_path / "p.json", {"disc": node_port}),
+            env={"EXO_REMOTE_SIDECAR": sidecar.address}, wait_models=["embedded-echo"],
+        )
+        try:
+            models = {m["id"]: m for m in node.get_json("/v1/models")["data"]}
+            unready = [m for m in models.values() if m.get("provider") == "openai" and not m["ready"]]
+            assert unready and unready[0]["not_ready_reason"] == "set OPENAI_API_KEY on the sidecar"
+            with pytest.raises(openai.APIStatusError) as caught:
+                _client(node).chat.completions.create(
+                    model=unready[0]["id"], messages=[{"role": "user", "content": "x"}]
+                )
+            assert caught.value.status_code == 503
+            assert "set OPENAI_API_KEY on the sidecar" in str(caught.value), "the reason, not a substitution"
+
+            env_file.write_text(f"OPENAI_API_BASE={upstream.url}/v1\nOPENAI_API_KEY={PLANTED_KEY}\n")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                found = {m["id"]: m for m in node.get_json("/v1/models")["data"]}.get("openai/gpt-found-mini")
+                if found and found["ready"]:
+                    break
+                time.sleep(0.5)
+            assert found and found["ready"], "appeared in exo's /v1/models without restarting exo"
+            reply = _client(node).chat.completions.create(
+                model="openai/gpt-found-mini", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert reply.choices[0].message.content == "discovered reply"
+            assert PLANTED_KEY not in node.log_text()
+        finally:
+            node.stop()
+            sidecar.stop()

@@ -198,7 +198,11 @@ class SidecarClient:
         call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse] | None = None
         first: pb.GenerateResponse | None = None
         retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda e: isinstance(e, RemoteError) and e.retryable),
+            # Provider errors were already retried by the sidecar (one place for that);
+            # here only the sidecar itself being away or full is worth another try.
+            retry=retry_if_exception(
+                lambda e: isinstance(e, RemoteError) and e.reason in (Reason.SIDECAR_UNAVAILABLE, Reason.OVERLOADED)
+            ),
             stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.max_total_s),
             wait=_wait_honouring_retry_after(policy),
             reraise=True,

@@ -61,6 +61,8 @@ class SidecarConfig:
     secrets: frozenset[str] = field(repr=False, default_factory=frozenset)
     path: Path | None = None
     node_policies: Mapping[str, NodePolicy] = field(default_factory=dict)
+    fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    num_retries: int = 1
 
     def get(self, alias: str) -> ModelEntry | None:
         return next((m for m in self.models if m.alias == alias), None)
@@ -111,7 +113,56 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     default = str(settings.get("default_model") or entries[0].alias)
     if default not in {e.alias for e in entries}:
         raise ConfigError(f"{path}: default_model {default!r} is not a configured alias")
-    return SidecarConfig(tuple(entries), default, frozenset(secrets), path, _node_policies(path, settings))
+    return SidecarConfig(
+        tuple(entries),
+        default,
+        frozenset(secrets),
+        path,
+        _node_policies(path, settings),
+        _fallbacks(path, raw, settings, {e.alias for e in entries}),
+        _num_retries(path, raw, settings),
+    )
+
+
+def _fallbacks(
+    path: Path, raw: Mapping[str, Any], settings: Mapping[str, Any], aliases: set[str]
+) -> dict[str, tuple[str, ...]]:
+    """Fallback aliases per alias: LiteLLM's ``litellm_settings``/``router_settings``
+    ``fallbacks: [{alias: [other, ...]}]`` or ``exo_remote_settings.fallbacks: {alias: [...]}``."""
+    found: dict[str, tuple[str, ...]] = {}
+    sources: list[tuple[str, Any]] = []
+    for section in ("litellm_settings", "router_settings"):
+        block = raw.get(section) if isinstance(raw, Mapping) else None
+        if isinstance(block, Mapping) and block.get("fallbacks"):
+            sources.append((f"{section}.fallbacks", block["fallbacks"]))
+    if settings.get("fallbacks"):
+        sources.append(("exo_remote_settings.fallbacks", [settings["fallbacks"]]))
+    for where, items in sources:
+        if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
+            raise ConfigError(f"{path}: {where} must be a list of {{alias: [fallback aliases]}}")
+        for item in items:
+            for alias, targets in item.items():
+                if isinstance(targets, str):
+                    targets = [targets]
+                unknown = [t for t in [alias, *targets] if t not in aliases]
+                if unknown or not isinstance(targets, list):
+                    raise ConfigError(f"{path}: {where}: {alias!r}: unknown alias {', '.join(map(repr, unknown))}")
+                found[str(alias)] = tuple(str(t) for t in targets)
+    return found
+
+
+def _num_retries(path: Path, raw: Mapping[str, Any], settings: Mapping[str, Any]) -> int:
+    """Retries of one model before its first delta (default 1; LiteLLM's keys accepted)."""
+    value: Any = settings.get("num_retries")
+    for section in ("router_settings", "litellm_settings"):
+        block = raw.get(section) if isinstance(raw, Mapping) else None
+        if value is None and isinstance(block, Mapping):
+            value = block.get("num_retries")
+    if value is None:
+        return 1
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 10:
+        raise ConfigError(f"{path}: num_retries must be an integer from 0 to 10")
+    return value
 
 
 def _node_policies(path: Path, settings: Mapping[str, Any]) -> dict[str, NodePolicy]:

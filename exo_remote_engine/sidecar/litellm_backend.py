@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import random
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,21 +94,43 @@ class _Outcome:
     model: str = ""
     usage: Any = None
     saw_tool_calls: bool = False
+    started: bool = False  # a delta exists: from here on, no retry and no fallback
+    entry: ModelEntry | None = None  # the model being (or last) tried
 
 
 class LiteLLMBackend:
     """Calls ``litellm.acompletion(stream=True)`` for a configured model entry."""
 
-    def __init__(self, secrets: frozenset[str], request_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        secrets: Callable[[], Iterable[str]],
+        request_timeout_s: float = 600.0,
+        num_retries: int = 1,
+        retry_base_s: float = 0.25,
+        retry_cap_s: float = 5.0,
+    ) -> None:
         self._secrets = secrets
         self._timeout = request_timeout_s
+        self._num_retries = num_retries
+        self._retry_base_s = retry_base_s
+        self._retry_cap_s = retry_cap_s
 
-    async def generate(self, entry: ModelEntry, request: pb.GenerateRequest, write: Write) -> None:
-        """Stream ``request`` to ``write``: deltas, then exactly one Finished event."""
+    async def generate(
+        self,
+        entry: ModelEntry,
+        request: pb.GenerateRequest,
+        write: Write,
+        fallbacks: Sequence[ModelEntry] = (),
+    ) -> None:
+        """Stream ``request`` to ``write``: deltas, then exactly one Finished event.
+
+        Before the first delta a failing model is retried (bounded, jittered, honouring
+        Retry-After up to a cap) and then its fallbacks are tried in order; after the first
+        delta nothing is retried, so no text is ever sent twice."""
         buffer = DeltaBuffer()
         outcome = _Outcome()
         ready = asyncio.Event()
-        producer = asyncio.create_task(self._produce(entry, request, buffer, outcome, ready))
+        producer = asyncio.create_task(self._produce_with_retries([entry, *fallbacks], request, buffer, outcome, ready))
         try:
             while not producer.done():
                 await ready.wait()
@@ -120,13 +143,62 @@ class LiteLLMBackend:
                 await write(pb.GenerateResponse(delta=delta))
             exc = producer.exception()
             if exc is not None:
-                raise classify(exc, alias=entry.alias, provider=entry.provider, secrets=self._secrets)
+                failed = outcome.entry or entry
+                raise classify(exc, alias=failed.alias, provider=failed.provider, secrets=self._secrets())
             await write(pb.GenerateResponse(finished=self._finished(entry, outcome)))
         finally:
             if not producer.done():
                 producer.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await producer
+
+    async def _produce_with_retries(
+        self,
+        candidates: Sequence[ModelEntry],
+        request: pb.GenerateRequest,
+        buffer: DeltaBuffer,
+        outcome: _Outcome,
+        ready: asyncio.Event,
+    ) -> None:
+        try:
+            for position, entry in enumerate(candidates):
+                for attempt in range(self._num_retries + 1):
+                    outcome.entry = entry
+                    try:
+                        await self._produce(entry, request, buffer, outcome, ready)
+                        return
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        if outcome.started:
+                            raise  # text already went out: never retry, never fall back
+                        error = classify(exc, alias=entry.alias, provider=entry.provider, secrets=self._secrets())
+                        last_model = position == len(candidates) - 1
+                        if not error.retryable or attempt == self._num_retries:
+                            if last_model:
+                                raise
+                            log.warning(
+                                "request_id=%s model=%s failed (%s); falling back to %s",
+                                request.request_id,
+                                entry.alias,
+                                error.reason.value,
+                                candidates[position + 1].alias,
+                            )
+                            break
+                        delay = random.uniform(0, self._retry_base_s * 2**attempt)
+                        if error.retry_after_s is not None:
+                            delay = max(delay, error.retry_after_s)
+                        log.info(
+                            "request_id=%s model=%s %s; retry %d in %.2fs",
+                            request.request_id,
+                            entry.alias,
+                            error.reason.value,
+                            attempt + 1,
+                            delay,
+                        )
+                        await asyncio.sleep(min(delay, self._retry_cap_s))
+        finally:
+            ready.set()
 
     async def _produce(
         self,
@@ -136,24 +208,22 @@ class LiteLLMBackend:
         outcome: _Outcome,
         ready: asyncio.Event,
     ) -> None:
+        stream = await _open_stream(self._call_kwargs(entry, request))
         try:
-            stream = await _open_stream(self._call_kwargs(entry, request))
-            try:
-                async for chunk in stream:
-                    self._absorb(chunk, buffer, outcome)
-                    if buffer:
-                        ready.set()
-                        # LiteLLM does not yield while its socket has data buffered; without
-                        # this the writer would not run until the provider paused.
-                        await asyncio.sleep(0)
-            finally:
-                # Closing, not just dropping, the stream is what closes the HTTP connection.
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    with contextlib.suppress(Exception):
-                        await aclose()
+            async for chunk in stream:
+                self._absorb(chunk, buffer, outcome)
+                if buffer:
+                    outcome.started = True
+                    ready.set()
+                    # LiteLLM does not yield while its socket has data buffered; without
+                    # this the writer would not run until the provider paused.
+                    await asyncio.sleep(0)
         finally:
-            ready.set()
+            # Closing, not just dropping, the stream is what closes the HTTP connection.
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
 
     @staticmethod
     def _absorb(chunk: Any, buffer: DeltaBuffer, outcome: _Outcome) -> None:

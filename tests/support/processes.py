@@ -69,9 +69,13 @@ def start_sidecar_process(
     env: dict[str, str] | None = None,
     listen: str = "127.0.0.1:0",
     extra_args: list[str] | None = None,
+    discover: bool = False,
 ) -> SidecarProcess:
-    """``exo-remote-sidecar`` in its own process; returns once it listens."""
+    """``exo-remote-sidecar`` in its own process; returns once it listens. Discovery is off
+    unless asked for, so no test ever lists a real provider with a developer's own keys."""
     args = [sys.executable, "-m", "exo_remote_engine.server", "--listen", listen, *(extra_args or [])]
+    if not discover:
+        args.append("--no-discover")
     if config is not None:
         args += ["--config", str(config)]
     full_env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {})}
