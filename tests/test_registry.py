@@ -96,7 +96,9 @@ async def test_configured_alias_wins_and_config_default_is_kept(
         config = tmp_path / "aliases.json"
         spec = {"model": "openai/shared", "api_base": f"{upstream.url}/v1", "api_key": "${OPENAI_API_KEY}"}
         config.write_text(
-            json.dumps({"models": {"openai/shared": spec, "mine": spec}, "exo_remote_settings": {"default_model": "mine"}})
+            json.dumps(
+                {"models": {"openai/shared": spec, "mine": spec}, "exo_remote_settings": {"default_model": "mine"}}
+            )
         )
         sidecar = await start_sidecar(SidecarSettings(listen="127.0.0.1:0", config_path=config, discover=True))
         client = SidecarClient(SidecarTarget(address=sidecar.address))
