@@ -1,8 +1,9 @@
 """``exo-remote``: check a sidecar without exo.
 
 ``exo-remote models`` prints the sidecar's models as a table; ``exo-remote chat "Hi"``
-streams a reply to stdout and the finish reason and usage to stderr. The sidecar address,
-token and TLS files come from the same environment variables the exo side reads.
+streams a reply to stdout and the finish reason and usage to stderr; ``exo-remote topology``
+draws an exo cluster's nodes from its API, asking each remote node's sidecar directly. The
+sidecar address, token and TLS files come from the same environment variables the exo side reads.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from exo_remote_engine.engine.client import SidecarClient, SidecarTarget
 from exo_remote_engine.errors import RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.openai_wire import FINISH_REASON_NAMES, chat_body_to_request
+from exo_remote_engine.topology_view import DEFAULT_API, positive_seconds
+from exo_remote_engine.topology_view import run as run_topology
 
 
 def _yes_no(model: pb.Model, name: str) -> str:
@@ -107,11 +110,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     chat.add_argument("--system")
     chat.add_argument("--max-tokens", type=int)
     chat.add_argument("--temperature", type=float)
+    topology = sub.add_parser("topology", help="draw an exo cluster's nodes and their sidecars")
+    topology.add_argument("--api", default=DEFAULT_API, help=f"exo's API (default: {DEFAULT_API})")
+    topology.add_argument(
+        "--timeout", type=positive_seconds, default=3.0, help="seconds for each HTTP or sidecar call (default: 3)"
+    )
+    topology.add_argument("--ascii", action="store_true", help="plain ASCII boxes")
+    topology.add_argument("--width", type=int, help="columns (default: the terminal's, else 100)")
     args = parser.parse_args(argv)
     target = SidecarTarget.from_env()
     if args.sidecar:
         target = replace(target, address=args.sidecar)
     try:
+        if args.command == "topology":
+            # Each remote node names its own sidecar; the environment gives token and TLS.
+            return run_topology(args.api, args.timeout, target, ascii_only=args.ascii, width=args.width)
         if args.command == "models":
             return asyncio.run(_models(target, args.refresh))
         return asyncio.run(_chat(target, args))

@@ -231,6 +231,13 @@ class RemoteLLMInferenceEngine(InferenceEngine):  # type: ignore[misc,valid-type
     ) -> tuple[np.ndarray, dict[str, Any] | None]:
         generation = self._generations.get(request_id)
         if generation is None:  # cancelled or unknown: end exo's loop for it
+            if self.catalog.models and self.catalog.get(shard.model_id) is None:
+                # A local model's layer routed here: exo's ring is not model-aware on some node.
+                log.warning(
+                    "request_id=%s asked to run a layer of %s, which this node does not serve",
+                    request_id,
+                    shard.model_id,
+                )
             return np.array([[codec.EOS_ID]], dtype=np.int64), inference_state
         return await self._next(request_id, generation), inference_state
 
@@ -252,6 +259,9 @@ class RemoteLLMInferenceEngine(InferenceEngine):  # type: ignore[misc,valid-type
     def _build_request(self, request_id: str, shard: Any, prompt: str) -> pb.GenerateRequest | RemoteError:
         alias = self.catalog.alias(shard.model_id)
         model = self.catalog.get(shard.model_id)
+        if model is None and self.catalog.models:
+            log.warning("request_id=%s asked to run %s, which this node does not serve", request_id, shard.model_id)
+            return RemoteError(Reason.MODEL_NOT_FOUND, f"this node does not serve model {shard.model_id!r}")
         if model is not None and not model.ready:
             return RemoteError(
                 Reason.MODEL_NOT_READY,

@@ -77,6 +77,9 @@ def _error_from_event(event: Mapping[str, Any]) -> RemoteError:
     return RemoteError(reason, str(event.get("message", "remote model failed")), event.get("retry_after_s"))
 
 
+_cancellations: set[asyncio.Future[None]] = set()
+
+
 class RemoteChatHandler:
     """Serves one chat completion for a remote model through exo's node."""
 
@@ -86,6 +89,18 @@ class RemoteChatHandler:
         self.exo_id = exo_id
         self.request_id = str(uuid.uuid4())
         self.created = int(time.time())
+
+    def cancel_upstream(self) -> None:
+        """Stop the provider call wherever it runs: here directly, and on the node that
+        serves the model through exo's opaque-status broadcast (which reaches every node)."""
+        from exo_remote_engine.engine.cluster import CANCEL_TYPE
+
+        if self.engine is not None:
+            self.engine.cancel(self.request_id)
+        status = json.dumps({"type": CANCEL_TYPE, "request_id": self.request_id})
+        task = asyncio.ensure_future(self.api.node.broadcast_opaque_status(self.request_id, status))
+        _cancellations.add(task)
+        task.add_done_callback(_cancellations.discard)
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         from exo import VERSION
@@ -146,10 +161,12 @@ class RemoteChatHandler:
             return response
         except TimeoutError:
             return error_response(RemoteError(Reason.DEADLINE_EXCEEDED, "response generation timed out"))
+        except RuntimeError as exc:  # the node that serves the model is not reachable
+            return error_response(RemoteError(Reason.SIDECAR_UNAVAILABLE, str(exc)))
         finally:
             self.api.token_queues.pop(self.request_id, None)
-            if not finished_cleanly and self.engine is not None:
-                self.engine.cancel(self.request_id)
+            if not finished_cleanly:
+                self.cancel_upstream()
 
     async def _next(self, queue: asyncio.Queue[tuple[list[int], bool]]) -> tuple[list[int], bool]:
         return await asyncio.wait_for(queue.get(), timeout=self.api.response_timeout)
@@ -223,12 +240,10 @@ class RemoteChatHandler:
             await response.write_eof()
             return response
         except ConnectionResetError:  # the client went away: stop paying for its tokens
-            if self.engine is not None:
-                self.engine.cancel(self.request_id)
+            self.cancel_upstream()
             return response or web.StreamResponse(status=499)
         except asyncio.CancelledError:
-            if self.engine is not None:
-                self.engine.cancel(self.request_id)
+            self.cancel_upstream()
             raise
 
     @staticmethod

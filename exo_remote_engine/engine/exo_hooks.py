@@ -28,7 +28,11 @@ modules. Local engines are left exactly as exo has them: each patch only acts fo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import functools
+import json
 import logging
 import os
 import sys
@@ -37,6 +41,7 @@ from typing import Any
 
 from exo_remote_engine.engine.catalog import REPO_PREFIX, pretty_name, repo_for
 from exo_remote_engine.engine.client import list_models_blocking
+from exo_remote_engine.engine.cluster import CANCEL_TYPE, ClusterView
 from exo_remote_engine.engine_adapter import ENGINE_CLASS_NAME, RemoteLLMInferenceEngine, shared_engine
 from exo_remote_engine.errors import Reason, RemoteError
 
@@ -97,22 +102,31 @@ def _patch(module_name: str, attr: str, replacement: Any) -> Any:
 
 
 def install(argv: list[str] | None = None, environ: os._Environ[str] | dict[str, str] | None = None) -> bool:
-    """Install every hook; returns False when this process does not run the remote engine."""
+    """Install the hooks; the cluster ones on every node, the engine ones on remote nodes.
+    Returns whether this process runs the remote engine."""
     global _installed
     argv = sys.argv if argv is None else argv
     env = os.environ if environ is None else environ
     strip_addon_flags(argv, env)
     remote_node = engine_requested(argv) == ENGINE_NAME
-    if _installed or not remote_node:
+    if _installed:
         return remote_node
     _installed = True
-    _install_engine_registry()
+    if env.get("EXO_REMOTE_LOG_LEVEL"):
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        logging.getLogger("exo_remote_engine").setLevel(env["EXO_REMOTE_LOG_LEVEL"].upper())
+    # Every node with the add-on: model-aware rings, announcements, relaying, light hooks.
     _install_tokenizer()
+    _install_cluster_patches()
+    _install_api_patches()
+    _install_callback_fix()
+    if not remote_node:
+        _install_local_device_fallback()
+        return False
+    _install_engine_registry()
     _install_device_capabilities()
     _install_downloader()
     _install_node_patches()
-    _install_api_patches()
-    _install_callback_fix()
     _load_model_cards_at_startup()
     return True
 
@@ -253,12 +267,21 @@ def sync_model_cards(engine: RemoteLLMInferenceEngine) -> None:
         models.pretty_name.pop(exo_id, None)
     for exo_id, model in engine.catalog.models.items():
         if exo_id in models.model_cards and exo_id not in _remote_ids:
-            log.warning("remote model %s shadows no local model card; skipped", exo_id)
+            log.warning("remote model %s would shadow a local model card; skipped", exo_id)
             continue
-        models.model_cards[exo_id] = {"layers": 1, "repo": {ENGINE_CLASS_NAME: repo_for(model.alias)}}
+        models.model_cards[exo_id] = _remote_card(model.alias)
         models.pretty_name[exo_id] = pretty_name(model)
     _remote_ids.clear()
     _remote_ids.update(current)
+
+
+def _remote_card(alias: str) -> dict[str, Any]:
+    """A remote model's card, with a repo for every engine class so that the API of any
+    add-on node (remote or local engine) accepts the model and relays it."""
+    from exo.inference.inference_engine import inference_engine_classes
+
+    classes = {*inference_engine_classes.values(), ENGINE_CLASS_NAME}
+    return {"layers": 1, "repo": dict.fromkeys(sorted(classes), repo_for(alias))}
 
 
 def _load_model_cards_at_startup() -> None:
@@ -294,6 +317,274 @@ async def refresh_catalog(engine: RemoteLLMInferenceEngine, force: bool = False)
         node.device_capabilities = await dc.device_capabilities()
 
 
+# --- cluster: rings, announcements, relaying ----------------------------------------
+_current_model: contextvars.ContextVar[str | None] = contextvars.ContextVar("exo_remote_model", default=None)
+_view: ClusterView | None = None
+ANNOUNCE_EVERY_S = 2.0
+RELAY_CONNECT_S = 3.0
+
+
+def cluster_view() -> ClusterView | None:
+    return _view
+
+
+def _install_cluster_patches() -> None:
+    """Model-aware partitioning and the announcements it needs, on every add-on node."""
+    from exo.orchestration.node import Node
+    from exo.topology.partitioning_strategy import Partition
+    from exo.topology.ring_memory_weighted_partitioning_strategy import RingMemoryWeightedPartitioningStrategy
+
+    original_partition = RingMemoryWeightedPartitioningStrategy.partition
+
+    def partition(self: Any, topology: Any) -> list[Any]:
+        view = _view
+        if view is None:
+            return list(original_partition(self, topology))
+        partitions, start = [], 0.0
+        for node_id, fraction in view.ring(_current_model.get(), topology.nodes):
+            end = round(start + fraction, 5)
+            partitions.append(Partition(node_id, start, end))
+            start = end
+        return partitions
+
+    RingMemoryWeightedPartitioningStrategy.partition = partition  # type: ignore[method-assign]
+
+    def with_model(method: Callable[..., Any]) -> Callable[..., Any]:
+        """Run ``method`` with its shard's model as the ring's model (exo's partitioner
+        is never told the model; every caller below has the shard)."""
+        if asyncio.iscoroutinefunction(method):
+
+            @functools.wraps(method)
+            async def async_wrapper(self: Any, shard: Any, *args: Any, **kwargs: Any) -> Any:
+                token = _current_model.set(shard.model_id)
+                try:
+                    return await method(self, shard, *args, **kwargs)
+                finally:
+                    _current_model.reset(token)
+
+            return async_wrapper
+
+        @functools.wraps(method)
+        def wrapper(self: Any, shard: Any, *args: Any, **kwargs: Any) -> Any:
+            token = _current_model.set(shard.model_id)
+            try:
+                return method(self, shard, *args, **kwargs)
+            finally:
+                _current_model.reset(token)
+
+        return wrapper
+
+    for name in (
+        "_process_prompt",
+        "process_tensor",
+        "_process_tensor",
+        "process_inference_result",
+        "forward_prompt",
+        "forward_tensor",
+        "get_current_shard",
+    ):
+        setattr(Node, name, with_model(getattr(Node, name)))
+
+    original_process_prompt = Node.process_prompt
+
+    @with_model
+    async def process_prompt(
+        self: Any, base_shard: Any, prompt: str, request_id: str | None = None, inference_state: Any = None
+    ) -> Any:
+        # exo assumes the asking node is in every ring; with model-aware rings it may not
+        # be, so the prompt goes to the ring's first node and tokens come back by broadcast.
+        view = _view
+        model = base_shard.model_id
+        if view is not None and model in view.remote_model_ids() and not view.servers_of(model, self.topology.nodes):
+            served_by = ", ".join(sorted(n for n, p in view.peers.items() if model in p.aliases)) or "no node"
+            raise RuntimeError(f"model {model!r} is served by {served_by}, which is not reachable now")
+        ring = [p.node_id for p in self.partitioning_strategy.partition(self.topology)]
+        log.debug("request_id=%s model=%s ring=%s", request_id, model, ring)
+        if ring and self.id not in ring:
+            peer = next((p for p in self.peers if p.id() == ring[0]), None)
+            if peer is None:
+                raise RuntimeError(f"model {base_shard.model_id!r} is served by node {ring[0]!r}, not reachable")
+            shard = self.get_current_shard(base_shard, 0)
+            try:
+                if not await peer.is_connected():
+                    await asyncio.wait_for(peer.connect(), timeout=RELAY_CONNECT_S)
+                # Tell the serving node who waits for the results (exo's inference_state
+                # cannot carry it: its serializer fails on plain values off macOS).
+                note = json.dumps({"type": REPLY_TO_TYPE, "request_id": request_id, "node_id": self.id})
+                await peer.send_opaque_status(request_id, note)
+                await peer.send_prompt(shard, prompt, request_id=request_id, inference_state=inference_state)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"model {model!r} is served by node {ring[0]!r}, which is not reachable now ({type(exc).__name__})"
+                ) from exc
+            return None
+        reply_to = _reply_to.pop(request_id or "", None)
+        if reply_to and reply_to != self.id:
+            await _until_peer(self, reply_to)
+        return await original_process_prompt(self, base_shard, prompt, request_id, inference_state or {})
+
+    Node.process_prompt = process_prompt
+
+    original_init = Node.__init__
+    original_start = Node.start
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        global _view
+        original_init(self, *args, **kwargs)
+        _view = ClusterView(self.id)
+        self.on_opaque_status.register("exo-remote-cluster").on_next(
+            lambda request_id, status: _on_status(self, status)
+        )
+
+    async def start(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = await original_start(self, *args, **kwargs)
+        _background.add(asyncio.create_task(_announce_forever(self), name="exo-remote-announce"))
+        return result
+
+    original_update_peers = Node.update_peers
+
+    async def update_peers(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # A peer that left (or restarted) may come back as a new process that has not
+        # connected back to us yet: forget what it announced until it announces again.
+        before = {p.id(): p for p in self.peers}
+        changed = await original_update_peers(self, *args, **kwargs)
+        after = {p.id(): p for p in self.peers}
+        view = _view
+        if view is not None:
+            for node_id, handle in before.items():
+                if after.get(node_id) is not handle:
+                    view.forget(node_id)
+        return changed
+
+    Node.__init__ = __init__
+    Node.start = start
+    Node.update_peers = update_peers
+
+
+_background: set[asyncio.Task[None]] = set()
+REPLY_TO_TYPE = "exo_remote_reply_to"
+REPLY_WAIT_S = 8.0
+_reply_to: dict[str, str] = {}  # request id -> the node that relayed it here
+
+
+async def _until_peer(node: Any, node_id: str) -> None:
+    """A relayed prompt's results go back by exo's broadcast to peers: a node that just
+    (re)started may not have connected back to the relaying node yet, so wait for it."""
+    deadline = asyncio.get_running_loop().time() + REPLY_WAIT_S
+    while node_id not in {p.id() for p in node.peers}:
+        if asyncio.get_running_loop().time() > deadline:
+            raise RuntimeError(f"results could not be sent back to node {node_id!r}: not connected to it")
+        await node.update_peers()
+        await asyncio.sleep(0.25)
+
+
+def _announcement(node: Any) -> str:
+    engine = node.inference_engine
+    models: dict[str, str] = {}
+    sidecar = None
+    if isinstance(engine, RemoteLLMInferenceEngine):
+        models = {k: m.alias for k, m in engine.catalog.models.items() if m.ready}
+        sidecar = engine.target.address
+    return ClusterView.announcement(node.id, engine.__class__.__name__, models, sidecar, (p.id() for p in node.peers))
+
+
+async def _announce_forever(node: Any) -> None:
+    while True:
+        try:
+            await node.broadcast_opaque_status("", _announcement(node))
+            view = _view
+            if view is not None:
+                for node_id in view.nodes_without_addon(node.topology.nodes):
+                    if node_id not in view.warned:
+                        view.warned.add(node_id)
+                        print(
+                            f"exo-remote: WARNING: node {node_id} runs without the exo-remote-engine add-on; "
+                            "install it there or mixed local/remote requests can be misrouted",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+        except Exception as exc:
+            log.warning("announcement failed: %s", exc)
+        await asyncio.sleep(ANNOUNCE_EVERY_S)
+
+
+def _on_status(node: Any, status: str) -> None:
+    if REPLY_TO_TYPE in status:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            note = json.loads(status)
+            if note.get("type") == REPLY_TO_TYPE:
+                _reply_to[str(note["request_id"])] = str(note["node_id"])
+                if len(_reply_to) > 10_000:  # notes for prompts that never came
+                    _reply_to.pop(next(iter(_reply_to)))
+                return
+    view = _view
+    data = view.absorb(status) if view is not None else None
+    if data is None:
+        return
+    if data["type"] == CANCEL_TYPE:
+        engine = node.inference_engine
+        if isinstance(engine, RemoteLLMInferenceEngine) and isinstance(data.get("request_id"), str):
+            engine.cancel(data["request_id"])
+        return
+    _sync_cluster_cards(node)
+
+
+def _sync_cluster_cards(node: Any) -> None:
+    """Cards for what peers serve: remote models on every node; on a remote node, a repo
+    of its own class for the local models its peers' engines serve."""
+    import exo.models as models
+
+    view = _view
+    if view is None:
+        return
+    for exo_id, alias in view.remote_model_ids().items():
+        if exo_id in _remote_ids:
+            continue  # this node's own remote model: sync_model_cards keeps it
+        if exo_id in models.model_cards and exo_id not in _relayed_ids:
+            continue  # never shadow a local model card
+        models.model_cards[exo_id] = _remote_card(alias)
+        models.pretty_name.setdefault(exo_id, exo_id)
+        _relayed_ids.add(exo_id)
+    own_class = node.inference_engine.__class__.__name__
+    if own_class != ENGINE_CLASS_NAME:
+        return
+    peer_classes = {p.engine_class for p in view.peers.values()} - {ENGINE_CLASS_NAME, ""}
+    for card in models.model_cards.values():
+        repos = card.get("repo", {})
+        if ENGINE_CLASS_NAME not in repos:
+            source = next((repos[c] for c in sorted(peer_classes) if c in repos), None)
+            if source is not None:
+                repos[ENGINE_CLASS_NAME] = source
+
+
+_relayed_ids: set[str] = set()
+
+
+def _install_local_device_fallback() -> None:
+    """On Linux exo's device_capabilities imports tinygrad; a node without it (a dummy
+    node, say) still describes itself instead of crashing at start."""
+    import exo.topology.device_capabilities as dc
+
+    original = dc.device_capabilities
+
+    async def device_capabilities() -> Any:
+        try:
+            return await original()
+        except ImportError:
+            import platform
+
+            import psutil
+
+            return dc.DeviceCapabilities(
+                model=f"{platform.system()} box (no tinygrad)",
+                chip=platform.machine() or "CPU",
+                memory=int(psutil.virtual_memory().total // 2**20),
+                flops=dc.DeviceFlops(fp32=0, fp16=0, int8=0),
+            )
+
+    _patch("exo.topology.device_capabilities", "device_capabilities", device_capabilities)
+
+
 # --- API ----------------------------------------------------------------------------
 def _local_remote_engine(api: Any) -> RemoteLLMInferenceEngine | None:
     engine = getattr(api.node, "inference_engine", None)
@@ -325,7 +616,15 @@ def _install_api_patches() -> None:
 
     async def handle_post_chat_completions(self: Any, request: web.Request) -> web.StreamResponse:
         engine = _local_remote_engine(self)
-        if engine is None:
+        if engine is None:  # a local-engine node: relay remote models, leave the rest to exo
+            view = _view
+            try:
+                body = await request.json()
+            except ValueError:
+                body = None
+            model = body.get("model") if isinstance(body, Mapping) else None
+            if view is not None and isinstance(model, str) and model in view.remote_model_ids():
+                return await RemoteChatHandler(self, None, model).handle(request, body)
             return await original_post(self, request)  # type: ignore[no-any-return]
         try:
             body = await request.json()
@@ -340,7 +639,8 @@ def _install_api_patches() -> None:
             model = self.default_model  # exo's rule, kept: OpenAI tools send gpt-* ids
         if engine.catalog.get(model) is None:
             await refresh_catalog(engine, force=True)
-        if engine.catalog.get(model) is not None:
+        view = _view
+        if engine.catalog.get(model) is not None or (view is not None and model in view.remote_model_ids()):
             return await RemoteChatHandler(self, engine, model).handle(request, body)
         from exo.models import model_cards
 

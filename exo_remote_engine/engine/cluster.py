@@ -1,0 +1,144 @@
+"""What an add-on node knows about the cluster: who runs the add-on, which node serves
+which remote model, and so which nodes form the ring of a given model.
+
+Classic exo puts every node in every model's ring and never tells its partitioner the
+model, so one remote node breaks local models and the other way round. With the add-on
+on every node, each node announces itself (an opaque-status broadcast exo already
+relays), and the ring of a model is computed the same way everywhere:
+
+* a remote model's ring is one node that serves it: the asking node when it does, else
+  the serving node with the smallest id (every node computes the same choice);
+* a local model's ring is every node that is not remote, weighted by memory as exo does.
+
+Pure logic, no exo imports: the patches live in :mod:`exo_hooks`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ANNOUNCE_TYPE = "exo_remote_node"
+CANCEL_TYPE = "exo_remote_cancel"
+REMOTE_DESCRIPTION_PREFIX = "Remote LLM via "
+ADDON_GRACE_S = 10.0
+STALE_S = 6.0  # three missed announcements: the node is gone
+
+
+@dataclass
+class PeerInfo:
+    engine_class: str
+    models: tuple[str, ...]  # exo ids of the ready remote models the node serves
+    aliases: dict[str, str]  # exo id -> sidecar alias
+    sidecar: str | None
+    seen: float
+    peers: frozenset[str] = frozenset()  # whom its results reach (exo broadcasts to peers)
+
+
+@dataclass
+class ClusterView:
+    self_id: str
+    clock: Callable[[], float] = time.monotonic
+    peers: dict[str, PeerInfo] = field(default_factory=dict)
+    first_seen: dict[str, float] = field(default_factory=dict)
+    warned: set[str] = field(default_factory=set)
+
+    # --- announcements ------------------------------------------------------------------
+    @staticmethod
+    def announcement(
+        node_id: str, engine_class: str, models: Mapping[str, str], sidecar: str | None, peers: Iterable[str] = ()
+    ) -> str:
+        """The opaque status a node broadcasts about itself (``models``: exo id -> alias)."""
+        return json.dumps(
+            {
+                "type": ANNOUNCE_TYPE,
+                "node_id": node_id,
+                "engine_class": engine_class,
+                "models": dict(models),
+                "sidecar": sidecar,
+                "peers": sorted(peers),
+            }
+        )
+
+    def absorb(self, status: str) -> dict[str, Any] | None:
+        """Take an opaque status; returns it parsed when it was one of ours."""
+        try:
+            data = json.loads(status)
+        except (TypeError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("type") not in (ANNOUNCE_TYPE, CANCEL_TYPE):
+            return None
+        if data["type"] == ANNOUNCE_TYPE and isinstance(data.get("node_id"), str):
+            models = data.get("models") or {}
+            self.peers[data["node_id"]] = PeerInfo(
+                engine_class=str(data.get("engine_class") or ""),
+                models=tuple(sorted(models)),
+                aliases={str(k): str(v) for k, v in models.items()},
+                sidecar=data.get("sidecar"),
+                seen=self.clock(),
+                peers=frozenset(str(p) for p in data.get("peers") or ()),
+            )
+        return data
+
+    def forget(self, node_id: str) -> None:
+        """Drop a node's announced state (it left); what it served stays known as remote."""
+        peer = self.peers.get(node_id)
+        if peer is not None:
+            self.peers[node_id] = PeerInfo(peer.engine_class, (), peer.aliases, peer.sidecar, peer.seen)
+
+    # --- questions ----------------------------------------------------------------------
+    def servers_of(self, model_id: str, present: Iterable[str] = ()) -> list[str]:
+        """Nodes serving ``model_id`` that announced it recently, or are in ``present``
+        (the current topology) and announced it at all."""
+        here = set(present)
+        now = self.clock()
+        return sorted(
+            n
+            for n, p in self.peers.items()
+            if model_id in p.models
+            and (now - p.seen <= STALE_S or (n in here and now - p.seen <= ADDON_GRACE_S))
+            # a server whose results would not reach us (it has not connected back yet) is no use
+            and (n == self.self_id or self.self_id in p.peers)
+        )
+
+    def remote_model_ids(self) -> dict[str, str]:
+        """Every remote model some add-on node serves: exo id -> alias."""
+        found: dict[str, str] = {}
+        for peer in self.peers.values():
+            found.update(peer.aliases)
+        return found
+
+    def is_remote(self, node_id: str, description: str | None) -> bool:
+        peer = self.peers.get(node_id)
+        if peer is not None and peer.engine_class == "RemoteLLMInferenceEngine":
+            return True
+        return bool(description and description.startswith(REMOTE_DESCRIPTION_PREFIX))
+
+    def ring(self, model_id: str | None, nodes: Mapping[str, Any]) -> list[tuple[str, float]]:
+        """(node id, fraction) pairs in ring order for ``model_id`` over ``nodes``
+        (node id -> DeviceCapabilities-like with ``model`` and ``memory``)."""
+        if model_id is not None:
+            servers = self.servers_of(model_id, nodes)
+            if servers:
+                return [(self.self_id if self.self_id in servers else servers[0], 1.0)]
+        local = {n: c for n, c in nodes.items() if not self.is_remote(n, getattr(c, "model", None))}
+        candidates = local or dict(nodes)  # a remote-only cluster keeps exo's behaviour
+        ordered = sorted(candidates.items(), key=lambda x: (max(int(x[1].memory), 1), x[0]), reverse=True)
+        total = sum(max(int(c.memory), 1) for _, c in ordered)
+        ring: list[tuple[str, float]] = []
+        for node_id, caps in ordered:
+            ring.append((node_id, max(int(caps.memory), 1) / total))
+        return ring
+
+    def nodes_without_addon(self, present: Iterable[str]) -> list[str]:
+        """Nodes seen for a while that never announced the add-on."""
+        now = self.clock()
+        missing = []
+        for node_id in present:
+            first = self.first_seen.setdefault(node_id, now)
+            if node_id not in self.peers and node_id != self.self_id and now - first > ADDON_GRACE_S:
+                missing.append(node_id)
+        return sorted(missing)
