@@ -40,14 +40,16 @@ def render_models(response: pb.ListModelsResponse) -> str:
         if not m.ready:
             waiting.setdefault(m.not_ready_reason or "not ready", []).append(m.alias)
             continue
-        rows.append((
-            m.alias + (" *" if m.alias == response.default_model else ""),
-            m.provider,
-            _tokens(m, "context_window"),
-            _tokens(m, "max_output_tokens"),
-            _yes_no(m, "supports_tools"),
-            _yes_no(m, "supports_images"),
-        ))
+        rows.append(
+            (
+                m.alias + (" *" if m.alias == response.default_model else ""),
+                m.provider,
+                _tokens(m, "context_window"),
+                _tokens(m, "max_output_tokens"),
+                _yes_no(m, "supports_tools"),
+                _yes_no(m, "supports_images"),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.append(f"({len(rows) - 1} ready; * default model; ? unknown)")

@@ -149,9 +149,7 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         return response
 
     @_rpc_errors
-    async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         found = await self.registry.lookup(request.model)
         if found is None:
             known = ", ".join(m.alias for m in await self.registry.models() if m.ready)

@@ -421,6 +421,12 @@ def render_topology(
             out.append("".join(parts).rstrip())
         out.append("")
 
+    extra = topology.get("exo_remote") if isinstance(topology, Mapping) else None
+    missing = [_clean(n) for n in (extra or {}).get("nodes_without_addon") or []] if isinstance(extra, Mapping) else []
+    if missing:
+        out.append(f"WARNING: without the exo-remote-engine add-on: {', '.join(missing)}")
+        out.append("  install it on every node; without it mixed local/remote requests can be misrouted")
+        out.append("")
     if edges:
         out.append("links:")
         for a, b, both, description in edges:

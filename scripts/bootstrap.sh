@@ -45,12 +45,15 @@ if [ ! -x $VE/bin/python ] || [ "$(cat $VE/.stamp 2>/dev/null)" != "$want" ]; th
   $VE/bin/pip install -q -c scripts/exo-pins.txt "$ROOT"
   echo "$want" > $VE/.stamp
 fi
-if [ -n "${EXO_SRC:-}" ] && [ "$(cat $VE/.exo-stamp 2>/dev/null)" != "$EXO_SRC" ]; then
-  echo "[bootstrap] installing classic exo from $EXO_SRC into $VE (without tinygrad)"
+# tinygrad (exo's git pin, released as 0.10.1) is there for stock local-engine nodes, which
+# import it on Linux; the tests show a remote node runs with it blocked.
+EXO_STAMP="$EXO_SRC tinygrad==0.10.1"
+if [ -n "${EXO_SRC:-}" ] && [ "$(cat $VE/.exo-stamp 2>/dev/null)" != "$EXO_STAMP" ]; then
+  echo "[bootstrap] installing classic exo from $EXO_SRC into $VE"
   # shellcheck disable=SC2086
-  $VE/bin/pip install -q -c scripts/exo-pins.txt $EXO_PINS openai
+  $VE/bin/pip install -q -c scripts/exo-pins.txt $EXO_PINS openai tinygrad==0.10.1
   $VE/bin/pip install -q --no-deps "$EXO_SRC"
-  echo "$EXO_SRC" > $VE/.exo-stamp
+  echo "$EXO_STAMP" > $VE/.exo-stamp
 fi
 # Always refresh this project's own code in the pinned environment (a wheel install, so the
 # .pth/.start startup files land in site-packages exactly as users get them).

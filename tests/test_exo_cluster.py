@@ -188,3 +188,74 @@ def test_a_remote_node_leaves_and_comes_back(cluster: Cluster) -> None:
         time.sleep(0.5)
     assert status == 200 and reply["choices"][0]["message"]["content"] == "echo: back", reply
     assert _chat(local, "dummy")[1]["choices"][0]["message"]["content"] == DUMMY_REPLY
+
+
+def test_a_node_without_the_addon_is_reported(cluster: Cluster, capsys: pytest.CaptureFixture[str]) -> None:
+    from exo_remote_engine.cli import main as cli_main
+
+    cluster.sidecar("s1", ["echo-model"])
+    cluster.plan(["r", "plain"])
+    remote = cluster.start("r", "remote", "s1")
+    node_port, api_port = cluster.ports["plain"]
+    cluster.nodes["plain"] = start_exo_node(  # the stock exo, add-on switched off
+        cluster.workdir,
+        "plain",
+        node_port,
+        api_port,
+        cluster.workdir / "peers.json",
+        engine="dummy",
+        env={"EXO_REMOTE_DISABLE": "1"},
+    )
+    deadline = time.monotonic() + 40
+    missing: list[str] = []
+    while time.monotonic() < deadline and not missing:
+        missing = remote.get_json("/v1/topology").get("exo_remote", {}).get("nodes_without_addon", [])
+        time.sleep(0.5)
+    assert missing == ["plain"]
+    assert "node plain runs without the exo-remote-engine add-on" in remote.log_text()
+    assert cli_main(["topology", "--api", remote.api, "--ascii"]) == 0
+    assert "WARNING: without the exo-remote-engine add-on: plain" in capsys.readouterr().out
+    status, reply = _chat(remote, "echo-model")
+    assert status == 200 and reply["choices"][0]["message"]["content"] == "echo: hello"
+
+
+def test_tui_of_a_mixed_cluster_shows_remote_nodes(cluster: Cluster) -> None:
+    import shutil
+    import subprocess
+
+    from tests.support.processes import PINS_VENV
+
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    cluster.sidecar("s1", ["echo-model"])
+    cluster.plan(["r", "d"])
+    remote = cluster.start("r", "remote", "s1")
+    node_port, api_port = cluster.ports["d"]
+    home = cluster.workdir / "home-tui"
+    home.mkdir()
+    command = (
+        f"cd {home} && COLUMNS=200 LINES=90 HOME={home} EXO_HOME={home} TMPDIR={home} "
+        f"{PINS_VENV}/bin/exo --inference-engine dummy "
+        f"--discovery-module manual --discovery-config-path {cluster.workdir}/peers.json --node-id d "
+        f"--node-host 127.0.0.1 --node-port {node_port} --chatgpt-api-port {api_port}"
+    )
+    session = f"exo-tui-{node_port}"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "90", command], check=True)
+    try:
+        deadline = time.monotonic() + 40
+        screen = ""
+        while time.monotonic() < deadline:
+            time.sleep(1)
+            screen = subprocess.run(
+                ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True, check=True
+            ).stdout
+            if "Remote LLM via" in screen and "[1.00-1.00]" in screen:
+                break
+        (cluster.workdir / "tui.txt").write_text(screen)
+        # exo's TUI draws on a 100-column canvas and clips long labels: the remote node's
+        # description starts its label, and both nodes sit on the ring.
+        assert "Remote LLM via" in screen, screen
+        assert "Exo Cluster (2 nodes)" in screen
+        assert remote.process.poll() is None
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], check=False)

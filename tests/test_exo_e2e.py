@@ -21,6 +21,7 @@ import pytest
 from tests.conftest import PLANTED_KEY, write_proxy_config
 from tests.support.openai_upstream import OpenAIUpstream, Scenario, ToolCallSpec
 from tests.support.processes import (
+    PINS_VENV,
     ExoNode,
     SidecarProcess,
     exo_skip_reason,
@@ -62,8 +63,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         node: ExoNode | None = None
         try:
             node = start_exo_node(
-                workdir, "r", node_port, api_port, peers,
-                env={"EXO_REMOTE_SIDECAR": sidecar.address}, wait_models=["echo-model"],
+                workdir,
+                "r",
+                node_port,
+                api_port,
+                peers,
+                env={"EXO_REMOTE_SIDECAR": sidecar.address},
+                wait_models=["echo-model"],
             )
             yield {"upstream": upstream, "sidecar": sidecar, "node": node, "workdir": workdir}
         finally:
@@ -109,9 +115,7 @@ def test_raw_stream_ends_with_done(stack: dict[str, Any]) -> None:
 
 def test_unicode_torture_round_trips_byte_for_byte(stack: dict[str, Any]) -> None:
     node: ExoNode = stack["node"]
-    reply = _client(node).chat.completions.create(
-        model="echo-model", messages=[{"role": "user", "content": TORTURE}]
-    )
+    reply = _client(node).chat.completions.create(model="echo-model", messages=[{"role": "user", "content": TORTURE}])
     assert reply.choices[0].message.content == "echo: " + TORTURE
     streamed = _client(node).chat.completions.create(
         model="echo-model", messages=[{"role": "user", "content": TORTURE}], stream=True
@@ -125,21 +129,30 @@ def test_tool_call_comes_back_structured(stack: dict[str, Any]) -> None:
     node: ExoNode = stack["node"]
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     reply = _client(node).chat.completions.create(
-        model="tools-model", messages=[{"role": "user", "content": "Weather in Paris?"}],
-        tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        model="tools-model",
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
     )
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content is None
     call = choice.message.tool_calls[0]
     assert (call.id, call.function.name, json.loads(call.function.arguments)) == (
-        "call_42", "get_weather", {"city": "Paris", "days": 2},
+        "call_42",
+        "get_weather",
+        {"city": "Paris", "days": 2},
     )
     sent = stack["upstream"].requests_for("tools-model")[-1].body
     assert sent["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
-    streamed = list(_client(node).chat.completions.create(
-        model="tools-model", messages=[{"role": "user", "content": "again"}], tools=tools, stream=True,
-    ))
+    streamed = list(
+        _client(node).chat.completions.create(
+            model="tools-model",
+            messages=[{"role": "user", "content": "again"}],
+            tools=tools,
+            stream=True,
+        )
+    )
     args = "".join(
         tc.function.arguments or "" for c in streamed if c.choices for tc in c.choices[0].delta.tool_calls or []
     )
@@ -149,8 +162,12 @@ def test_tool_call_comes_back_structured(stack: dict[str, Any]) -> None:
 def test_max_tokens_stop_and_temperature_reach_the_provider(stack: dict[str, Any]) -> None:
     node: ExoNode = stack["node"]
     reply = _client(node).chat.completions.create(
-        model="length-model", messages=[{"role": "user", "content": "count"}],
-        max_tokens=3, stop=["four"], temperature=0.3, top_p=0.9,
+        model="length-model",
+        messages=[{"role": "user", "content": "count"}],
+        max_tokens=3,
+        stop=["four"],
+        temperature=0.3,
+        top_p=0.9,
     )
     assert reply.choices[0].finish_reason == "length"
     assert reply.choices[0].message.content == "one two three"
@@ -230,7 +247,11 @@ def test_sidecar_down_before_first_delta_gives_a_clear_503(stack: dict[str, Any]
     dead = free_port()
     node_port, api_port = free_port(), free_port()
     lonely = start_exo_node(
-        tmp_path, "lonely", node_port, api_port, write_peers(tmp_path / "p.json", {"lonely": node_port}),
+        tmp_path,
+        "lonely",
+        node_port,
+        api_port,
+        write_peers(tmp_path / "p.json", {"lonely": node_port}),
         env={"EXO_REMOTE_SIDECAR": f"127.0.0.1:{dead}"},
     )
     try:
@@ -282,22 +303,49 @@ def test_tinychat_stream_has_no_done_terminator(stack: dict[str, Any]) -> None:
     assert parsed[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def test_remote_node_runs_without_tinygrad() -> None:
-    from tests.support.processes import PINS_VENV
-
-    probe = subprocess.run(
-        [str(PINS_VENV / "bin" / "python"), "-c", "import tinygrad"], capture_output=True, timeout=60
+def test_remote_node_runs_without_tinygrad(stack: dict[str, Any], tmp_path: Path) -> None:
+    blocker = tmp_path / "block" / "tinygrad"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'tinygrad'\")\n")
+    node_port, api_port = free_port(), free_port()
+    node = start_exo_node(
+        tmp_path,
+        "notiny",
+        node_port,
+        api_port,
+        write_peers(tmp_path / "p.json", {"notiny": node_port}),
+        env={"EXO_REMOTE_SIDECAR": stack["sidecar"].address, "PYTHONPATH": str(blocker.parent)},
+        wait_models=["echo-model"],
     )
-    assert probe.returncode != 0 and b"No module named 'tinygrad'" in probe.stderr
+    try:
+        probe = subprocess.run(
+            [str(PINS_VENV / "bin" / "python"), "-c", "import tinygrad"],
+            capture_output=True,
+            timeout=60,
+            env={"PYTHONPATH": str(blocker.parent)},
+        )
+        assert b"No module named 'tinygrad'" in probe.stderr, "the blocker really hides tinygrad"
+        reply = _client(node).chat.completions.create(model="echo-model", messages=[{"role": "user", "content": "x"}])
+        assert reply.choices[0].message.content == "echo: x"
+        assert "tinygrad" not in node.log_text()
+    finally:
+        node.stop()
 
 
 def test_explicit_launcher_strips_its_own_flags(stack: dict[str, Any], tmp_path: Path) -> None:
     sidecar: SidecarProcess = stack["sidecar"]
     node_port, api_port = free_port(), free_port()
     node = start_exo_node(
-        tmp_path, "launched", node_port, api_port, write_peers(tmp_path / "p.json", {"launched": node_port}),
-        engine="", executable="exo-remote-node", extra_args=["--sidecar", sidecar.address],
-        env={"EXO_REMOTE_SIDECAR": "127.0.0.1:1"}, wait_models=["echo-model"],
+        tmp_path,
+        "launched",
+        node_port,
+        api_port,
+        write_peers(tmp_path / "p.json", {"launched": node_port}),
+        engine="",
+        executable="exo-remote-node",
+        extra_args=["--sidecar", sidecar.address],
+        env={"EXO_REMOTE_SIDECAR": "127.0.0.1:1"},
+        wait_models=["echo-model"],
     )
     try:
         reply = _client(node).chat.completions.create(
@@ -319,13 +367,21 @@ def test_discovered_models_appear_in_exo_without_restart(tmp_path: Path, monkeyp
         env_file = tmp_path / "keys.env"
         env_file.write_text(f"OPENAI_API_BASE={upstream.url}/v1\n")
         sidecar = start_sidecar_process(
-            None, tmp_path / "sidecar.log", env={"OLLAMA_API_BASE": "http://127.0.0.1:9"},
-            extra_args=["--env-file", str(env_file), "--refresh-s", "1"], discover=True,
+            None,
+            tmp_path / "sidecar.log",
+            env={"OLLAMA_API_BASE": "http://127.0.0.1:9"},
+            extra_args=["--env-file", str(env_file), "--refresh-s", "1"],
+            discover=True,
         )
         node_port, api_port = free_port(), free_port()
         node = start_exo_node(
-            tmp_path, "disc", node_port, api_port, write_peers(tmp_path / "p.json", {"disc": node_port}),
-            env={"EXO_REMOTE_SIDECAR": sidecar.address}, wait_models=["embedded-echo"],
+            tmp_path,
+            "disc",
+            node_port,
+            api_port,
+            write_peers(tmp_path / "p.json", {"disc": node_port}),
+            env={"EXO_REMOTE_SIDECAR": sidecar.address},
+            wait_models=["embedded-echo"],
         )
         try:
             models = {m["id"]: m for m in node.get_json("/v1/models")["data"]}

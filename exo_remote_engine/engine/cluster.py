@@ -131,6 +131,9 @@ class ClusterView:
         ring: list[tuple[str, float]] = []
         for node_id, caps in ordered:
             ring.append((node_id, max(int(caps.memory), 1) / total))
+        if model_id is None:
+            # No model: exo is drawing its TUI. Remote nodes join the picture with no layers.
+            ring.extend((n, 0.0) for n in sorted(set(nodes) - set(candidates)))
         return ring
 
     def nodes_without_addon(self, present: Iterable[str]) -> list[str]:

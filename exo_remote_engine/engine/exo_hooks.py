@@ -15,6 +15,7 @@ modules. Local engines are left exactly as exo has them: each patch only acts fo
 | model_cards, pretty_name                | remote models must be cards for exo's API, tinychat, CLI     |
 | resolve_tokenizer                       | would fetch "exo-remote/<alias>" from Hugging Face           |
 | device_capabilities                     | imports tinygrad on Linux; describes the node in topology    |
+|                                         | (local nodes: psutil fallback when tinygrad is missing)      |
 | new_shard_downloader                    | a remote node downloads nothing (/modelpool contacted HF);   |
 |                                         | it reports ready remote models as present for tinychat       |
 | Node.get_supported_inference_engines    | would announce "tinygrad" for a remote node                  |
@@ -23,6 +24,10 @@ modules. Local engines are left exactly as exo has them: each patch only acts fo
 | ChatGPTAPI.handle_post_chat_completions | OpenAI fidelity for remote models; clear 404 for unknown ids |
 | ChatGPTAPI.handle_get_models            | ready flag, reason and metadata of remote models; refresh    |
 | ChatGPTAPI.__init__                     | a remote model is the default when exo's cannot be served    |
+| ChatGPTAPI.handle_get_topology          | adds who runs the add-on and which node serves which model   |
+| RingMemoryWeighted...partition          | model-aware rings (remote model: its server; local: no remote)|
+| Node.process_prompt and shard methods   | tell the ring its model; relay prompts to the serving node   |
+| Node.start / __init__ / update_peers    | announce this node; learn peers; forget peers that left      |
 | AsyncCallbackSystem.trigger_all         | exo bug: callbacks share one token list, duplicating tokens  |
 """
 
@@ -676,9 +681,32 @@ def _install_api_patches() -> None:
                     item[field] = getattr(model, field)
         return web.json_response(listing)
 
+    original_topology: Callable[..., Any] = ChatGPTAPI.handle_get_topology
+
+    async def handle_get_topology(self: Any, request: web.Request) -> web.Response:
+        """exo's topology plus what the add-on knows: who runs it, who serves what."""
+        response: web.Response = await original_topology(self, request)
+        view = _view
+        if view is None or response.status != 200:
+            return response
+        import json as _json
+
+        body = _json.loads(response.body)  # type: ignore[arg-type]
+        present = list((body.get("nodes") or {}).keys())
+        body["exo_remote"] = {
+            "nodes": {
+                node_id: {"engine": p.engine_class, "models": list(p.models), "sidecar": p.sidecar}
+                for node_id, p in view.peers.items()
+                if node_id in present
+            },
+            "nodes_without_addon": view.nodes_without_addon(present),
+        }
+        return web.json_response(body)
+
     ChatGPTAPI.__init__ = __init__
     ChatGPTAPI.handle_post_chat_completions = handle_post_chat_completions
     ChatGPTAPI.handle_get_models = handle_get_models
+    ChatGPTAPI.handle_get_topology = handle_get_topology
 
 
 # --- exo bug fix ----------------------------------------------------------------------
