@@ -166,3 +166,31 @@ async def test_metrics_are_on_their_own_port_without_secrets(upstream: OpenAIUps
     assert 'exo_remote_completion_tokens_total{model="good",node="anonymous"}' in text
     assert "exo_remote_time_to_first_token_seconds_count" in text
     assert PLANTED_KEY not in text and "PLANTEDKEY" not in text
+
+
+async def test_retries_then_fallback_before_the_first_delta_only(
+    upstream: OpenAIUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", PLANTED_KEY)
+    upstream.scenarios["flaky"] = Scenario(status=503, error_message="overloaded")
+    upstream.scenarios["backup"] = Scenario(chunks=["from ", "backup"])
+    upstream.scenarios["cut"] = Scenario(chunks=["part "] * 3, drop_after_chunks=2, interval_s=0.01)
+    config = write_proxy_config(tmp_path / "c.yaml", upstream.url, ["flaky", "backup", "cut"])
+    config.write_text(
+        config.read_text()
+        + "litellm_settings:\n  num_retries: 2\n  fallbacks: [{flaky: [backup]}, {cut: [backup]}]\n"
+    )
+    sidecar = await start_sidecar(SidecarSettings(listen="127.0.0.1:0"), load_config(config))
+    client = _client(sidecar.address)
+    try:
+        events = [e async for e in client.generate(_request("flaky"))]
+        assert "".join(e.delta.text for e in events) == "from backup"
+        assert events[-1].finished.model == "backup", "the resolved model is the fallback"
+        assert len(upstream.requests_for("flaky")) == 3, "one call and two retries, then the fallback"
+        error = await _error_of(client, _request("cut"))
+        assert error.reason is Reason.PROVIDER_UNAVAILABLE, "after the first delta: no retry, no fallback"
+        assert len(upstream.requests_for("cut")) == 1
+        assert len(upstream.requests_for("backup")) == 1
+    finally:
+        await client.close()
+        await sidecar.stop(grace_s=None)
