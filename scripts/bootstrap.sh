@@ -47,7 +47,7 @@ if [ ! -x $VE/bin/python ] || [ "$(cat $VE/.stamp 2>/dev/null)" != "$want" ]; th
 fi
 # tinygrad (exo's git pin, released as 0.10.1) is there for stock local-engine nodes, which
 # import it on Linux; the tests show a remote node runs with it blocked.
-EXO_STAMP="$EXO_SRC tinygrad==0.10.1"
+EXO_STAMP="${EXO_SRC:-} tinygrad==0.10.1"
 if [ -n "${EXO_SRC:-}" ] && [ "$(cat $VE/.exo-stamp 2>/dev/null)" != "$EXO_STAMP" ]; then
   echo "[bootstrap] installing classic exo from $EXO_SRC into $VE"
   # shellcheck disable=SC2086
