@@ -171,11 +171,10 @@ async def test_client_cancel_closes_the_upstream_connection_within_1s(
     assert record.chunks_written < 1000
 
 
-async def test_slow_reader_gets_merged_deltas_and_loses_nothing(
-    upstream: OpenAIUpstream, sidecar_for: Any
-) -> None:
-    # Enough bytes (3 MB) that HTTP/2 flow control pushes back on the sidecar's writes.
-    chunks = [f"{i:06d}" + "x" * 4994 for i in range(600)]
+async def test_slow_reader_gets_merged_deltas_and_loses_nothing(upstream: OpenAIUpstream, sidecar_for: Any) -> None:
+    # 16 MB, more than HTTP/2 flow control lets the sidecar write ahead of a reader that
+    # stalls, so its writes block and what the provider sends meanwhile must be merged.
+    chunks = [f"{i:06d}" + "x" * 19_994 for i in range(800)]
     upstream.scenarios["burst"] = Scenario(chunks=chunks)
     sidecar = await sidecar_for(upstream, "burst")
     text: list[str] = []
@@ -184,8 +183,10 @@ async def test_slow_reader_gets_merged_deltas_and_loses_nothing(
         if event.HasField("delta"):
             deltas += 1
             text.append(event.delta.text)
-            await asyncio.sleep(0.02)  # a reader much slower than the provider
+            if deltas == 1:
+                await asyncio.sleep(1.5)  # the reader stalls; the provider keeps writing
     assert "".join(text) == "".join(chunks)
+    print(f"merged: {deltas} deltas for {len(chunks)} chunks")
     assert deltas < len(chunks) / 2, f"{deltas} deltas for {len(chunks)} chunks: too little merging"
 
 

@@ -257,12 +257,12 @@ class LiteLLMBackend:
 
     def _call_kwargs(self, entry: ModelEntry, request: pb.GenerateRequest) -> dict[str, Any]:
         kwargs = request_to_litellm_kwargs(request)
+        kwargs["timeout"] = self._timeout  # a config's litellm_params.timeout overrides it
         kwargs.update(entry.params)
         kwargs.update(
             model=entry.litellm_model,
             stream=True,
             stream_options={"include_usage": True},
-            timeout=self._timeout,
             num_retries=0,  # retries happen before the first delta, in one place, not here
             max_retries=0,
         )
@@ -302,7 +302,8 @@ async def _open_stream(kwargs: dict[str, Any]) -> Any:
     try:
         return await asyncio.shield(opening)
     except asyncio.CancelledError:
-        opening.add_done_callback(_close_abandoned)
+        opening.cancel()  # a provider that has not answered yet: abort the HTTP request now
+        opening.add_done_callback(_close_abandoned)  # one that answered meanwhile: close it
         raise
 
 

@@ -7,6 +7,7 @@ auth failures (OpenAI's 401 echoes part of the key); elsewhere it is redacted.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -45,6 +46,10 @@ _BY_CLIENT_STATUS: dict[int, Reason] = {
 }
 _UNAMBIGUOUS = frozenset({401, 403, 404, 429})
 _MAX_PROVIDER_TEXT = 300
+_EXPLAINED_BY_PROVIDER = frozenset({
+    Reason.INVALID_REQUEST, Reason.CONTEXT_WINDOW_EXCEEDED, Reason.CONTENT_POLICY, Reason.PROVIDER_NOT_FOUND,
+})
+_PYTHON_REPR = re.compile(r"<[A-Za-z_][\w.]*(?:Error|Exception)\b[^>]*>")
 
 
 def classify(exc: BaseException, *, alias: str, provider: str, secrets: Iterable[str]) -> RemoteError:
@@ -77,7 +82,8 @@ def classify(exc: BaseException, *, alias: str, provider: str, secrets: Iterable
         )
     if reason is Reason.INTERNAL:
         return RemoteError(reason, f"internal error while serving model {alias!r}", metadata=meta)
-    detail = _provider_text(exc, secrets)
+    # Provider wording helps with request problems; for outages it is transport noise.
+    detail = _provider_text(exc, secrets) if reason in _EXPLAINED_BY_PROVIDER else ""
     summary = {
         Reason.CONTEXT_WINDOW_EXCEEDED: "the request exceeds the model's context window",
         Reason.CONTENT_POLICY: "the provider's content policy refused the request",
@@ -96,6 +102,7 @@ def _provider_text(exc: BaseException, secrets: Iterable[str]) -> str:
     text = str(getattr(exc, "message", "") or exc)
     # LiteLLM prefixes "litellm.BadRequestError: OpenAIException - ..."; keep the provider part.
     text = text.split(" - ", 1)[-1] if " - " in text else text
+    text = _PYTHON_REPR.sub("", text)  # "<SomeError: ...>" is ours to hide, not the client's to read
     text = redact(text, secrets).strip()
     return text[:_MAX_PROVIDER_TEXT]
 
