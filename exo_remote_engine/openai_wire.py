@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -171,8 +172,8 @@ def _number(body: Mapping[str, Any], key: str) -> float | None:
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _invalid(key, "must be a number")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _invalid(key, "must be a finite number")
     return float(value)
 
 
@@ -205,6 +206,42 @@ def _sampling_to_proto(body: Mapping[str, Any]) -> pb.SamplingParams:
 
 
 # ----------------------------------------------------------------------- sidecar side
+
+
+def validate_request(request: pb.GenerateRequest) -> None:
+    """What the sidecar checks before any provider sees the request (clients other than
+    our engine may send anything the schema allows)."""
+    for i, tool in enumerate(request.tools):
+        if not tool.name:
+            raise _invalid(f"tools[{i}].name", "is required")
+        try:
+            schema = json.loads(tool.parameters_json_schema or "{}")
+        except ValueError:
+            raise _invalid(f"tools[{i}].parameters_json_schema", "is not valid JSON") from None
+        if not isinstance(schema, dict) or not _finite_json(schema):
+            raise _invalid(f"tools[{i}].parameters_json_schema", "must be a JSON object of finite numbers")
+    s = request.sampling
+    for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        if s.HasField(key) and not math.isfinite(getattr(s, key)):
+            raise _invalid(f"sampling.{key}", "must be a finite number")
+    if s.HasField("max_tokens") and s.max_tokens < 1:
+        raise _invalid("sampling.max_tokens", "must be a positive integer")
+    for i, message in enumerate(request.messages):
+        if message.role not in _ROLE_NAMES:
+            raise _invalid(f"messages[{i}].role", "is not a known role")
+        if message.tool_calls and message.role != pb.ROLE_ASSISTANT:
+            raise _invalid(f"messages[{i}].tool_calls", "only assistant messages carry tool calls")
+
+
+def _finite_json(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite_json(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite_json(v) for v in value)
+    return True
+
 
 
 def request_to_litellm_kwargs(request: pb.GenerateRequest) -> dict[str, Any]:
@@ -255,8 +292,8 @@ def _message_to_openai(message: pb.Message) -> dict[str, Any]:
         out["content"] = parts[0]["text"]
     elif parts:
         out["content"] = parts
-    else:
-        out["content"] = None if message.tool_calls else ""
+    else:  # only an assistant turn that calls tools may have no content (providers insist)
+        out["content"] = None if message.tool_calls and message.role == pb.ROLE_ASSISTANT else ""
     if message.tool_calls:
         out["tool_calls"] = [
             {

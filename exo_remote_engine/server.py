@@ -31,8 +31,10 @@ from exo_remote_engine.errors import Reason, RemoteError, redact
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from exo_remote_engine.generated.grpc_health import health_pb2, health_pb2_grpc
+from exo_remote_engine.openai_wire import validate_request
 from exo_remote_engine.sidecar.auth import ServerTLS, TokenAuthInterceptor
 from exo_remote_engine.sidecar.config import ConfigError, SidecarConfig, load_config
+from exo_remote_engine.sidecar.decoding import DecodeGuardInterceptor
 from exo_remote_engine.sidecar.discovery import ServerSpec
 from exo_remote_engine.sidecar.metrics import Metrics
 from exo_remote_engine.sidecar.policy import Limits, Policy
@@ -162,6 +164,7 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         entry = found.entry
         if not request.messages:
             raise RemoteError(Reason.INVALID_REQUEST, "request has no messages")
+        validate_request(request)
         node = self.policy.identify(context.invocation_metadata(), context.auth_context())
         deadline_s = self.policy.check_request(request, node, context.time_remaining())
         recorder = self.metrics.stream(entry.alias, node)
@@ -264,7 +267,8 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
     """Build, bind and start the server; returns once it accepts calls."""
     config = config or load_config(settings.config_path)
     tokens = [*settings.tokens, *settings.named_tokens.values()]
-    interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
+    interceptors: list[grpc.aio.ServerInterceptor] = [TokenAuthInterceptor(tokens)] if tokens else []
+    interceptors.append(DecodeGuardInterceptor())
     policy = Policy.build(settings.limits, config.node_policies, settings.named_tokens)
     metrics = Metrics()
     if settings.discover:
