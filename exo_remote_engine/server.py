@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import gc
 import ipaddress
 import logging
 import os
@@ -190,7 +191,7 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
                     await self.backend.generate(entry, request, write, fallbacks)
         except TimeoutError:
             code = "DEADLINE_EXCEEDED"
-            raise RemoteError(Reason.DEADLINE_EXCEEDED, f"deadline of {deadline_s:.0f}s exceeded") from None
+            raise RemoteError(Reason.DEADLINE_EXCEEDED, f"deadline of {deadline_s:.1f}s exceeded") from None
         except RemoteError as exc:
             code = exc.grpc_code.name
             raise
@@ -310,6 +311,10 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
     from exo_remote_engine.sidecar.litellm_backend import warm_up
 
     await warm_up()
+    # LiteLLM leaves ~360k tracked objects after import; a full GC over them pauses every
+    # stream for hundreds of ms. Freezing what exists now keeps collections small.
+    gc.collect()
+    gc.freeze()
     metrics_port = None
     if settings.metrics_listen:
         host, _, metrics_port_text = settings.metrics_listen.rpartition(":")

@@ -320,15 +320,60 @@ SAMPLING = st.fixed_dictionaries(
 ).map(_sampling_params)
 
 
+# Requests the sidecar's validation accepts (known roles, tool calls only on assistant turns,
+# named tools with finite JSON-object schemas, finite sampling, max_tokens >= 1), so that half
+# of the structured cases reach LiteLLM and the provider instead of stopping at validation.
+KNOWN_ROLE = st.sampled_from([r for r in pb.Role.values() if r != pb.ROLE_UNSPECIFIED])
+FINITE = st.floats(allow_nan=False, allow_infinity=False)
+VALID_SCHEMA = st.one_of(
+    st.just('{"type": "object"}'),
+    st.dictionaries(SHORT, JSON_VALUE, max_size=3).map(json.dumps),
+)
+VALID_TOOL = st.builds(_tool, SHORT.filter(bool), SHORT, VALID_SCHEMA, st.none() | st.booleans())
+VALID_SAMPLING = st.fixed_dictionaries(
+    {},
+    optional={
+        "temperature": FINITE,
+        "top_p": FINITE,
+        "presence_penalty": FINITE,
+        "frequency_penalty": FINITE,
+        "max_tokens": st.integers(1, 2**31 - 1),
+        "seed": INT64,
+        "parallel_tool_calls": st.booleans(),
+        "stop": st.lists(SHORT, max_size=3),
+    },
+).map(_sampling_params)
+
+
+def _valid_message(image_url: st.SearchStrategy[str]) -> st.SearchStrategy[pb.Message]:
+    return st.builds(
+        lambda role, content, calls, call_id, name: pb.Message(
+            role=role,
+            content=content,
+            tool_calls=calls if role == pb.ROLE_ASSISTANT else [],
+            tool_call_id=call_id,
+            name=name,
+        ),
+        KNOWN_ROLE,
+        st.lists(_part(image_url), max_size=2),
+        st.lists(TOOL_CALL, max_size=2),
+        st.one_of(st.just(""), SHORT),
+        st.one_of(st.just(""), SHORT),
+    )
+
+
 @st.composite
 def generate_requests(draw: st.DrawFn, upstream_url: str) -> pb.GenerateRequest:
+    """Half anything the schema allows, half what validation accepts."""
     image_urls = _image_urls(upstream_url)
+    valid = draw(st.booleans())
+    message = _valid_message(image_urls) if valid else _message(image_urls)
     request = pb.GenerateRequest(
         request_id=draw(st.one_of(st.just(""), SHORT)),
         model=draw(MODEL),
-        messages=draw(st.lists(_message(image_urls), min_size=draw(st.sampled_from([0, 1, 1, 1])), max_size=2)),
-        tools=draw(st.lists(TOOL, max_size=2)),
-        sampling=draw(SAMPLING),
+        messages=draw(st.lists(message, min_size=draw(st.sampled_from([0, 1, 1, 1])), max_size=2)),
+        tools=draw(st.lists(VALID_TOOL if valid else TOOL, max_size=2)),
+        sampling=draw(VALID_SAMPLING if valid else SAMPLING),
     )
     choice = draw(TOOL_CHOICE)
     if choice is not None:
