@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import gc
 import ipaddress
 import logging
 import os
@@ -311,10 +310,6 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
     from exo_remote_engine.sidecar.litellm_backend import warm_up
 
     await warm_up()
-    # LiteLLM leaves ~360k tracked objects after import; a full GC over them pauses every
-    # stream for hundreds of ms. Freezing what exists now keeps collections small.
-    gc.collect()
-    gc.freeze()
     metrics_port = None
     if settings.metrics_listen:
         host, _, metrics_port_text = settings.metrics_listen.rpartition(":")

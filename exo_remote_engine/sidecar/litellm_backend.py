@@ -302,8 +302,11 @@ async def _open_stream(kwargs: dict[str, Any]) -> Any:
     try:
         return await asyncio.shield(opening)
     except asyncio.CancelledError:
-        opening.cancel()  # a provider that has not answered yet: abort the HTTP request now
-        opening.add_done_callback(_close_abandoned)  # one that answered meanwhile: close it
+        # Cancelling LiteLLM while it wraps a response that already arrived leaks that
+        # response's connection; cancelling it while the provider is silent is what aborts the
+        # request. So: close the stream if it arrives soon, else cancel the stalled request.
+        opening.add_done_callback(_close_abandoned)
+        asyncio.get_running_loop().call_later(_ABANDON_GRACE_S, opening.cancel)
         raise
 
 
@@ -318,6 +321,7 @@ def _close_abandoned(opening: asyncio.Future[Any]) -> None:
 
 
 _abandoned: set[asyncio.Future[Any]] = set()
+_ABANDON_GRACE_S = 0.5
 
 
 async def warm_up() -> None:
