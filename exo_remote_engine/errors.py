@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import duration_pb2
@@ -220,6 +221,15 @@ class RemoteError(Exception):
             code = _code_from_int(status.code) or fallback_code
             reason = _REASON_FOR_BARE_CODE.get(code, Reason.INTERNAL) if code else Reason.INTERNAL
         return cls(reason, status.message, retry_after, tuple(violations), metadata)
+
+
+async def abort(context: Any, error: RemoteError, secrets: Iterable[str] = ()) -> NoReturn:
+    """End a server call with ``error``: redacted message as the details, and the same
+    redacted google.rpc.Status (ErrorInfo, RetryInfo, BadRequest) in the trailers."""
+    shown = replace(error, message=redact(error.message, secrets))
+    context.set_trailing_metadata(shown.trailing_metadata())
+    await context.abort(shown.grpc_code, shown.message)
+    raise AssertionError("unreachable")  # context.abort always raises
 
 
 def _code_from_int(value: int) -> grpc.StatusCode | None:

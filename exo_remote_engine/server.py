@@ -27,7 +27,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import grpc
 
-from exo_remote_engine.errors import Reason, RemoteError, redact
+from exo_remote_engine.errors import Reason, RemoteError, abort, redact
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from exo_remote_engine.generated.grpc_health import health_pb2, health_pb2_grpc
@@ -102,17 +102,15 @@ def _rpc_errors(
         except Exception:
             log.exception("request_id=%s unexpected error", request_id)
             error = RemoteError(Reason.INTERNAL, f"internal error (request id {request_id})")
-        message = redact(error.message, self.registry.secrets())
+        secrets = self.registry.secrets()
         log.warning(
             "request_id=%s failed reason=%s code=%s: %s",
             request_id,
             error.reason.value,
             error.grpc_code.name,
-            message,
+            redact(error.message, secrets),
         )
-        context.set_trailing_metadata(error.trailing_metadata())
-        await context.abort(error.grpc_code, message)
-        raise AssertionError("unreachable")  # context.abort always raises
+        await abort(context, error, secrets)
 
     return wrapper
 

@@ -80,6 +80,10 @@ def _error_from_event(event: Mapping[str, Any]) -> RemoteError:
 _cancellations: set[asyncio.Future[None]] = set()
 
 
+def _sse(event: Mapping[str, Any]) -> bytes:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+
+
 class RemoteChatHandler:
     """Serves one chat completion for a remote model through exo's node."""
 
@@ -89,6 +93,9 @@ class RemoteChatHandler:
         self.exo_id = exo_id
         self.request_id = str(uuid.uuid4())
         self.created = int(time.time())
+        from exo import VERSION
+
+        self.fingerprint = f"exo_{VERSION}"
 
     def cancel_upstream(self) -> None:
         """Stop the provider call wherever it runs: here directly, and on the node that
@@ -102,18 +109,19 @@ class RemoteChatHandler:
         _cancellations.add(task)
         task.add_done_callback(_cancellations.discard)
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        from exo import VERSION
-
-        chunk = {
+    def _envelope(self, object_type: str) -> dict[str, Any]:
+        return {
             "id": f"chatcmpl-{self.request_id}",
-            "object": "chat.completion.chunk",
+            "object": object_type,
             "created": self.created,
             "model": self.exo_id,
-            "system_fingerprint": f"exo_{VERSION}",
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            "system_fingerprint": self.fingerprint,
         }
-        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        chunk = self._envelope("chat.completion.chunk")
+        chunk["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        return _sse(chunk)
 
     async def handle(self, request: web.Request, body: Mapping[str, Any]) -> web.StreamResponse:
         from exo.models import build_base_shard
@@ -231,10 +239,8 @@ class RemoteChatHandler:
                 reason = collected.finish_reason or self._fallback_reason(tokens)
                 await response.write(self._chunk({"role": "assistant"} if first else {}, reason))
                 if include_usage and collected.usage is not None:
-                    usage_chunk = json.loads(self._chunk({}).decode()[len("data: ") :])
-                    usage_chunk["choices"] = []
-                    usage_chunk["usage"] = collected.usage
-                    await response.write(f"data: {json.dumps(usage_chunk)}\n\n".encode())
+                    usage_chunk = {**self._envelope("chat.completion.chunk"), "choices": [], "usage": collected.usage}
+                    await response.write(_sse(usage_chunk))
             if not self._from_tinychat(request):
                 await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
@@ -267,8 +273,6 @@ class RemoteChatHandler:
         return "stop" if tokens and tokens[-1] == codec.EOS_ID else "length"
 
     async def _collect(self, queue: asyncio.Queue[tuple[list[int], bool]]) -> web.Response:
-        from exo import VERSION
-
         decoder = codec.StreamDecoder()
         collected = _Collected()
         while True:
@@ -285,11 +289,7 @@ class RemoteChatHandler:
             message["tool_calls"] = [collected.tool_calls[i] for i in sorted(collected.tool_calls)]
             message["content"] = content or None
         body: dict[str, Any] = {
-            "id": f"chatcmpl-{self.request_id}",
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.exo_id,
-            "system_fingerprint": f"exo_{VERSION}",
+            **self._envelope("chat.completion"),
             "choices": [
                 {
                     "index": 0,

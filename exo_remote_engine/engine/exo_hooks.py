@@ -663,8 +663,6 @@ def _install_api_patches() -> None:
         response: web.Response = await original_models(self, request)
         if engine is None:
             return response
-        import json
-
         listing = json.loads(response.body)  # type: ignore[arg-type]
         for item in listing.get("data", []):
             model = engine.catalog.get(item.get("id"))
@@ -689,9 +687,7 @@ def _install_api_patches() -> None:
         view = _view
         if view is None or response.status != 200:
             return response
-        import json as _json
-
-        body = _json.loads(response.body)  # type: ignore[arg-type]
+        body = json.loads(response.body)  # type: ignore[arg-type]
         present = list((body.get("nodes") or {}).keys())
         body["exo_remote"] = {
             "nodes": {

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from exo_remote_engine.errors import Reason, RemoteError
+from exo_remote_engine.errors import Reason, RemoteError, abort
 
 _UNDECODABLE = object()
 
@@ -37,9 +37,9 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
                 return _UNDECODABLE
 
         async def refuse(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            error = RemoteError(Reason.INVALID_REQUEST, f"request bytes do not decode as the request of {method}")
-            context.set_trailing_metadata(error.trailing_metadata())
-            await context.abort(error.grpc_code, error.message)
+            await abort(
+                context, RemoteError(Reason.INVALID_REQUEST, f"request bytes do not decode as {method}'s request")
+            )
 
         kwargs = {"request_deserializer": safe_deserialize, "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
