@@ -3,7 +3,7 @@
 ``exo-remote-sidecar --listen 127.0.0.1:50505 --config config.yaml`` serves
 ``exo.remote.v1.RemoteInferenceService`` and the standard ``grpc.health.v1.Health``.
 The servicer is thin: config lookup and request checks here, streaming in
-:mod:`~exo_remote_engine.sidecar.litellm_backend`, errors in one table
+:mod:`~exo_remote_engine.sidecar.streaming`, errors in one table
 (:mod:`~exo_remote_engine.errors`), auth in an interceptor.
 """
 
@@ -116,14 +116,18 @@ def _rpc_errors(
 
 
 class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
-    def __init__(self, registry: ModelRegistry, policy: Policy, metrics: Metrics) -> None:
-        from exo_remote_engine.sidecar.litellm_backend import LiteLLMBackend
+    def __init__(
+        self, registry: ModelRegistry, policy: Policy, metrics: Metrics, openai_fast_path: bool = True
+    ) -> None:
+        from exo_remote_engine.sidecar.streaming import StreamingBackend
 
         self.registry = registry
         self.config = registry.config
         self.policy = policy
         self.metrics = metrics
-        self.backend = LiteLLMBackend(registry.secrets, num_retries=self.config.num_retries)
+        self.backend = StreamingBackend(
+            registry.secrets, num_retries=self.config.num_retries, openai_fast_path=openai_fast_path
+        )
 
     @_rpc_errors
     async def ListModels(
@@ -227,6 +231,8 @@ class SidecarSettings:
     discovery_ttl_s: float = 60.0
     discovery_timeout_s: float = 5.0
     extra_options: Sequence[tuple[str, Any]] = field(default_factory=tuple)
+    # Read plain OpenAI-compatible deployments directly instead of through LiteLLM.
+    openai_fast_path: bool = field(default_factory=lambda: os.environ.get("EXO_REMOTE_OPENAI_FAST_PATH", "1") != "0")
 
 
 @dataclass
@@ -248,6 +254,7 @@ class RunningSidecar:
         self.health.set("", False)
         self.health.set(SERVICE_NAME, False)
         await self.server.stop(grace_s)
+        await self.servicer.backend.close()
         await self.servicer.registry.stop()
 
 
@@ -279,7 +286,7 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
         )
     else:
         registry = ModelRegistry(config)
-    servicer = RemoteInferenceServicer(registry, policy, metrics)
+    servicer = RemoteInferenceServicer(registry, policy, metrics, settings.openai_fast_path)
     server = grpc.aio.server(
         interceptors=interceptors,
         # A backstop above the policy's own limit, which answers with a retry hint.
@@ -305,7 +312,7 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
         raise ConfigError(f"cannot bind {settings.listen}: address in use or not available") from exc
     if port == 0:
         raise ConfigError(f"cannot bind {settings.listen}: address in use or not available")
-    from exo_remote_engine.sidecar.litellm_backend import warm_up
+    from exo_remote_engine.sidecar.litellm_transport import warm_up
 
     await warm_up()
     metrics_port = None
@@ -385,6 +392,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="an OpenAI-compatible server to list: ollama, llamacpp, vllm, lmstudio or openai (repeatable)",
     )
     parser.add_argument("--refresh-s", type=float, default=60.0, help="discovery refresh period")
+    parser.add_argument(
+        "--openai-fast-path",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("EXO_REMOTE_OPENAI_FAST_PATH", "1") != "0",
+        help="read OpenAI-compatible deployments (openai/ or hosted_vllm/ with an api_base and no "
+        "other litellm_params) directly instead of through LiteLLM (default: on)",
+    )
     return parser.parse_args(argv)
 
 
@@ -426,6 +440,7 @@ def _settings_from_args(args: argparse.Namespace) -> SidecarSettings:
         env_file=args.env_file,
         servers=tuple(servers),
         discovery_ttl_s=args.refresh_s,
+        openai_fast_path=args.openai_fast_path,
     )
 
 

@@ -1,20 +1,41 @@
-"""LiteLLM exceptions to the shared error contract (:mod:`exo_remote_engine.errors`).
+"""Provider failures to the shared error contract (:mod:`exo_remote_engine.errors`).
 
-Mapped by exception class, not status code: LiteLLM reports a refused connection as a
-500 and a stream that died mid-way as a 503. Provider text is never passed through for
-auth failures (OpenAI's 401 echoes part of the key); elsewhere it is redacted.
+Both transports' exceptions go through here. LiteLLM's are mapped by exception class, not
+status code: LiteLLM reports a refused connection as a 500 and a stream that died mid-way
+as a 503. The direct transport's HTTP errors carry the provider's real status. Provider
+text is never passed through for auth failures (OpenAI's 401 echoes part of the key);
+elsewhere it is redacted.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 from litellm import exceptions as lx
 
 from exo_remote_engine.errors import Reason, RemoteError, redact
+
+
+class ProviderStatusError(Exception):
+    """The provider answered with an HTTP error status."""
+
+    def __init__(self, status_code: int, message: str, headers: Mapping[str, str]) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.headers = headers
+
+
+class ProviderConnectionError(Exception):
+    """The provider could not be reached, or its stream broke or made no sense."""
+
+
+class ProviderTimeoutError(Exception):
+    """The provider sent nothing for longer than the deployment's timeout."""
+
 
 # Order matters: subclasses before their bases.
 _BY_CLASS: tuple[tuple[type[BaseException], Reason], ...] = (
@@ -33,6 +54,9 @@ _BY_CLASS: tuple[tuple[type[BaseException], Reason], ...] = (
     (lx.InternalServerError, Reason.PROVIDER_UNAVAILABLE),
     (lx.BadGatewayError, Reason.PROVIDER_UNAVAILABLE),
     (lx.APIError, Reason.PROVIDER_UNAVAILABLE),
+    (ProviderTimeoutError, Reason.PROVIDER_TIMEOUT),
+    (ProviderConnectionError, Reason.PROVIDER_UNAVAILABLE),
+    (ProviderStatusError, Reason.PROVIDER_UNAVAILABLE),  # refined by its status below
 )
 # Only for generic LiteLLM classes that still carry a client-error status.
 _BY_CLIENT_STATUS: dict[int, Reason] = {
@@ -45,6 +69,7 @@ _BY_CLIENT_STATUS: dict[int, Reason] = {
     429: Reason.RATE_LIMITED,
 }
 _UNAMBIGUOUS = frozenset({401, 403, 404, 429})
+_CONTEXT_WORDING = re.compile(r"context[ _](?:length|window)|maximum context|too many tokens", re.IGNORECASE)
 _MAX_PROVIDER_TEXT = 300
 _EXPLAINED_BY_PROVIDER = frozenset({
     Reason.INVALID_REQUEST, Reason.CONTEXT_WINDOW_EXCEEDED, Reason.CONTENT_POLICY, Reason.PROVIDER_NOT_FOUND,
@@ -58,6 +83,8 @@ def classify(exc: BaseException, *, alias: str, provider: str, secrets: Iterable
         return exc
     reason = next((r for cls, r in _BY_CLASS if isinstance(exc, cls)), Reason.INTERNAL)
     status = getattr(exc, "status_code", None)
+    if isinstance(exc, ProviderStatusError):
+        reason = _reason_of_status(exc)
     if status in _BY_CLIENT_STATUS and (
         status in _UNAMBIGUOUS or reason in (Reason.PROVIDER_UNAVAILABLE, Reason.INTERNAL)
     ):
@@ -98,6 +125,18 @@ def classify(exc: BaseException, *, alias: str, provider: str, secrets: Iterable
     return RemoteError(reason, message, retry_after_s=_retry_after(exc), metadata=meta)
 
 
+def _reason_of_status(exc: ProviderStatusError) -> Reason:
+    """A real HTTP status from an OpenAI-compatible server (no LiteLLM reinterpretation)."""
+    status = exc.status_code
+    if status == 408:
+        return Reason.PROVIDER_TIMEOUT
+    if status >= 500 or status < 400:
+        return Reason.PROVIDER_UNAVAILABLE
+    if status == 400 and _CONTEXT_WORDING.search(exc.message):
+        return Reason.CONTEXT_WINDOW_EXCEEDED
+    return _BY_CLIENT_STATUS.get(status, Reason.INVALID_REQUEST)
+
+
 def _provider_text(exc: BaseException, secrets: Iterable[str]) -> str:
     text = str(getattr(exc, "message", "") or exc)
     # LiteLLM prefixes "litellm.BadRequestError: OpenAIException - ..."; keep the provider part.
@@ -112,7 +151,7 @@ def _retry_after(exc: BaseException) -> float | None:
     response = getattr(exc, "response", None)
     if response is not None:
         headers = getattr(response, "headers", None)
-    headers = headers or getattr(exc, "litellm_response_headers", None)
+    headers = headers or getattr(exc, "litellm_response_headers", None) or getattr(exc, "headers", None)
     if not headers:
         return None
     value = headers.get("retry-after-ms")

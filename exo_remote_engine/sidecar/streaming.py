@@ -1,0 +1,251 @@
+"""Streams one completion from a provider and hands merged deltas to a writer.
+
+A transport (:mod:`~exo_remote_engine.sidecar.openai_transport` for OpenAI-compatible
+servers, :mod:`~exo_remote_engine.sidecar.litellm_transport` for everything else) reads the
+provider into a :class:`StreamState`; the writer takes whatever accumulated while its
+previous write was in flight. A slow reader therefore gets fewer, larger deltas and never
+loses one, and gRPC sends fewer messages exactly when it is busiest (its cost is per
+message, not per byte). Retries and fallbacks live here, in one place, for both
+transports. Cancelling the writer closes the upstream HTTP stream at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from exo_remote_engine.errors import Reason, RemoteError
+from exo_remote_engine.generated import remote_inference_pb2 as pb
+from exo_remote_engine.openai_wire import FINISH_REASONS
+from exo_remote_engine.sidecar.config import ModelEntry
+from exo_remote_engine.sidecar.provider_errors import classify
+
+log = logging.getLogger(__name__)
+
+Write = Callable[[pb.GenerateResponse], Awaitable[None]]
+
+
+@dataclass
+class _ToolFragment:
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+class DeltaBuffer:
+    """Text, reasoning and tool-call fragments received but not yet written."""
+
+    __slots__ = ("_reasoning", "_text", "_tools")
+
+    def __init__(self) -> None:
+        self._text: list[str] = []
+        self._reasoning: list[str] = []
+        self._tools: dict[int, _ToolFragment] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._text or self._reasoning or self._tools)
+
+    def add_text(self, text: str) -> None:
+        self._text.append(text)
+
+    def add_reasoning(self, text: str) -> None:
+        self._reasoning.append(text)
+
+    def add_tool(self, index: int, call_id: str | None, name: str | None, args: str | None) -> None:
+        frag = self._tools.get(index)
+        if frag is None:
+            frag = self._tools[index] = _ToolFragment(index)
+        if call_id:
+            frag.id = call_id
+        if name:
+            frag.name = name
+        if args:
+            frag.arguments.append(args)
+
+    def take(self) -> pb.Delta | None:
+        """Everything pending as one merged delta, or None when nothing is pending."""
+        if not self:
+            return None
+        delta = pb.Delta(text="".join(self._text), reasoning_text="".join(self._reasoning))
+        for frag in self._tools.values():
+            delta.tool_calls.append(
+                pb.ToolCallDelta(
+                    index=frag.index,
+                    id=frag.id,
+                    name=frag.name,
+                    arguments_fragment="".join(frag.arguments),
+                )
+            )
+        self._text.clear()
+        self._reasoning.clear()
+        self._tools.clear()
+        return delta
+
+
+class StreamState:
+    """What a transport has read so far: pending deltas plus the stream's end facts."""
+
+    __slots__ = ("buffer", "entry", "finish_reason", "model", "ready", "saw_tool_calls", "started", "usage")
+
+    def __init__(self) -> None:
+        self.buffer = DeltaBuffer()
+        self.ready = asyncio.Event()
+        self.finish_reason: str | None = None
+        self.model = ""
+        self.usage: pb.Usage | None = None
+        self.saw_tool_calls = False
+        self.started = False  # a delta exists: from here on, no retry and no fallback
+        self.entry: ModelEntry | None = None  # the model being (or last) tried
+
+    async def flush(self) -> None:
+        """Wake the writer when something is pending, and let it run.
+
+        Yielding matters: an HTTP reader does not yield while its socket has data
+        buffered, and without it the writer would not run until the provider paused."""
+        if self.buffer:
+            self.started = True
+            self.ready.set()
+            await asyncio.sleep(0)
+
+
+class Transport(Protocol):
+    """Reads one provider stream for ``entry`` into ``state``; raises on failure."""
+
+    async def produce(self, entry: ModelEntry, request: pb.GenerateRequest, state: StreamState) -> None: ...
+
+
+class StreamingBackend:
+    """Serves Generate for a model entry: one transport call per attempt, retries and
+    fallbacks before the first delta, exactly one Finished event at the end."""
+
+    def __init__(
+        self,
+        secrets: Callable[[], Iterable[str]],
+        num_retries: int = 1,
+        retry_base_s: float = 0.25,
+        retry_cap_s: float = 5.0,
+        request_timeout_s: float = 600.0,
+        openai_fast_path: bool = True,
+    ) -> None:
+        from exo_remote_engine.sidecar.litellm_transport import LiteLLMTransport
+        from exo_remote_engine.sidecar.openai_transport import OpenAICompatibleTransport
+
+        self._secrets = secrets
+        self._num_retries = num_retries
+        self._retry_base_s = retry_base_s
+        self._retry_cap_s = retry_cap_s
+        self._litellm = LiteLLMTransport(request_timeout_s)
+        self._direct = OpenAICompatibleTransport(request_timeout_s) if openai_fast_path else None
+
+    def transport_for(self, entry: ModelEntry) -> Transport:
+        """The direct reader when ``entry`` is a plain OpenAI-compatible deployment (it
+        costs a fraction of LiteLLM's CPU per chunk), LiteLLM for everything else."""
+        if self._direct is not None and self._direct.accepts(entry):
+            return self._direct
+        return self._litellm
+
+    async def close(self) -> None:
+        if self._direct is not None:
+            await self._direct.close()
+
+    async def generate(
+        self,
+        entry: ModelEntry,
+        request: pb.GenerateRequest,
+        write: Write,
+        fallbacks: Sequence[ModelEntry] = (),
+    ) -> None:
+        """Stream ``request`` to ``write``: deltas, then exactly one Finished event.
+
+        Before the first delta a failing model is retried (bounded, jittered, honouring
+        Retry-After up to a cap) and then its fallbacks are tried in order; after the first
+        delta nothing is retried, so no text is ever sent twice."""
+        state = StreamState()
+        ready = state.ready
+        producer = asyncio.create_task(self._produce_with_retries([entry, *fallbacks], request, state))
+        try:
+            while not producer.done():
+                await ready.wait()
+                ready.clear()
+                delta = state.buffer.take()
+                if delta is not None:
+                    await write(pb.GenerateResponse(delta=delta))
+            delta = state.buffer.take()
+            if delta is not None:
+                await write(pb.GenerateResponse(delta=delta))
+            exc = producer.exception()
+            if exc is not None:
+                failed = state.entry or entry
+                raise classify(exc, alias=failed.alias, provider=failed.provider, secrets=self._secrets())
+            await write(pb.GenerateResponse(finished=_finished(state.entry or entry, state)))
+        finally:
+            if not producer.done():
+                producer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await producer
+
+    async def _produce_with_retries(
+        self, candidates: Sequence[ModelEntry], request: pb.GenerateRequest, state: StreamState
+    ) -> None:
+        try:
+            for position, entry in enumerate(candidates):
+                transport = self.transport_for(entry)
+                for attempt in range(self._num_retries + 1):
+                    state.entry = entry
+                    try:
+                        await transport.produce(entry, request, state)
+                        return
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        if state.started:
+                            raise  # text already went out: never retry, never fall back
+                        error = classify(exc, alias=entry.alias, provider=entry.provider, secrets=self._secrets())
+                        last_model = position == len(candidates) - 1
+                        if not error.retryable or attempt == self._num_retries:
+                            if last_model:
+                                raise
+                            log.warning(
+                                "request_id=%s model=%s failed (%s); falling back to %s",
+                                request.request_id,
+                                entry.alias,
+                                error.reason.value,
+                                candidates[position + 1].alias,
+                            )
+                            break
+                        delay = random.uniform(0, self._retry_base_s * 2**attempt)
+                        if error.retry_after_s is not None:
+                            delay = max(delay, error.retry_after_s)
+                        log.info(
+                            "request_id=%s model=%s %s; retry %d in %.2fs",
+                            request.request_id,
+                            entry.alias,
+                            error.reason.value,
+                            attempt + 1,
+                            delay,
+                        )
+                        await asyncio.sleep(min(delay, self._retry_cap_s))
+        finally:
+            state.ready.set()
+
+
+def _finished(entry: ModelEntry, state: StreamState) -> pb.Finished:
+    reason = state.finish_reason or ("tool_calls" if state.saw_tool_calls else None)
+    if reason is None:
+        raise RemoteError(
+            Reason.PROVIDER_UNAVAILABLE,
+            f"the provider's stream for model {entry.alias!r} ended without a finish reason",
+        )
+    finished = pb.Finished(
+        finish_reason=FINISH_REASONS.get(reason, pb.FINISH_REASON_STOP),
+        model=state.model or entry.litellm_model,
+    )
+    if state.usage is not None:
+        finished.usage.CopyFrom(state.usage)
+    return finished
