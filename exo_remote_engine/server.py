@@ -39,6 +39,7 @@ from exo_remote_engine.sidecar.discovery import ServerSpec
 from exo_remote_engine.sidecar.metrics import Metrics
 from exo_remote_engine.sidecar.policy import Limits, Policy
 from exo_remote_engine.sidecar.registry import ModelRegistry
+from exo_remote_engine.sidecar.workers import WORKER_ENV, WorkerPool, wait_for_parent_exit
 
 log = logging.getLogger("exo_remote_engine.sidecar")
 
@@ -128,6 +129,13 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         self.backend = StreamingBackend(
             registry.secrets, num_retries=self.config.num_retries, openai_fast_path=openai_fast_path
         )
+        self.worker_ports: Callable[[], Sequence[int]] = tuple  # set when a WorkerPool runs
+
+    @_rpc_errors
+    async def ListWorkers(
+        self, request: pb.ListWorkersRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListWorkersResponse:
+        return pb.ListWorkersResponse(worker_ports=self.worker_ports())
 
     @_rpc_errors
     async def ListModels(
@@ -393,6 +401,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--refresh-s", type=float, default=60.0, help="discovery refresh period")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("EXO_REMOTE_WORKERS", "1")),
+        help="processes serving Generate, each on its own port announced by ListWorkers "
+        "(default 1; use the number of cores for many concurrent streams)",
+    )
+    parser.add_argument(
         "--openai-fast-path",
         action=argparse.BooleanOptionalAction,
         default=os.environ.get("EXO_REMOTE_OPENAI_FAST_PATH", "1") != "0",
@@ -444,8 +459,20 @@ def _settings_from_args(args: argparse.Namespace) -> SidecarSettings:
     )
 
 
-async def _serve(settings: SidecarSettings, grace_s: float) -> None:
+async def _serve(settings: SidecarSettings, grace_s: float, argv: Sequence[str], workers: int) -> None:
+    is_worker = bool(os.environ.get(WORKER_ENV))
+    if is_worker:  # same config, TLS and tokens as the main process, on a port of its own
+        settings.listen = settings.listen.rsplit(":", 1)[0] + ":0"
+        settings.metrics_listen = None
     running = await start_sidecar(settings)
+    pool = WorkerPool(argv, workers - 1) if workers > 1 and not is_worker else None
+    if pool is not None:
+        try:
+            await pool.start()
+        except RuntimeError as exc:
+            await asyncio.gather(pool.stop(0), running.stop(0))
+            raise ConfigError(str(exc)) from None
+        running.servicer.worker_ports = pool.ports
     models = ", ".join(m.alias for m in running.config.models)
     log.info("listening on %s (models: %s)", settings.listen.rsplit(":", 1)[0] + f":{running.port}", models)
     print(f"exo-remote-sidecar listening on port {running.port}", flush=True)
@@ -453,23 +480,33 @@ async def _serve(settings: SidecarSettings, grace_s: float) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if is_worker:
+        orphaned = asyncio.create_task(wait_for_parent_exit())
+        orphaned.add_done_callback(lambda _: stop.set())
     await stop.wait()
     log.info("shutting down: draining %d live streams for up to %.0fs", running.servicer.policy.active_streams, grace_s)
-    await running.stop(grace_s=grace_s)
+    if pool is not None:
+        await asyncio.gather(pool.stop(grace_s), running.stop(grace_s=grace_s))
+    else:
+        await running.stop(grace_s=grace_s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse_args(argv)
+    worker = os.environ.get(WORKER_ENV)
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s{f'[worker {worker}]' if worker else ''} %(message)s",
         stream=sys.stderr,
     )
     # LiteLLM logs request params at debug level; keep its loggers quiet whatever we run at.
     for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm", "httpx", "openai"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        asyncio.run(_serve(_settings_from_args(args), args.grace_s))
+        if args.workers < 1:
+            raise ConfigError("--workers must be at least 1")
+        asyncio.run(_serve(_settings_from_args(args), args.grace_s, argv, args.workers))
     except ConfigError as exc:
         print(f"exo-remote-sidecar: configuration error: {exc}", file=sys.stderr)
         return 2

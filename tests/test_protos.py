@@ -247,7 +247,10 @@ def test_service_descriptor_under_the_newest_runtime() -> None:
     assert service.full_name == SERVICE
     assert pb.DESCRIPTOR.package == "exo.remote.v1"
     methods = {m.name: m for m in service.methods}
-    assert set(methods) == {"ListModels", "Generate"}
+    assert set(methods) == {"ListModels", "Generate", "ListWorkers"}
+    list_workers = methods["ListWorkers"]
+    assert list_workers.output_type.full_name == "exo.remote.v1.ListWorkersResponse"
+    assert (list_workers.client_streaming, list_workers.server_streaming) == (False, False)
     list_models, generate = methods["ListModels"], methods["Generate"]
     assert list_models.input_type.full_name == "exo.remote.v1.ListModelsRequest"
     assert list_models.output_type.full_name == "exo.remote.v1.ListModelsResponse"
@@ -279,6 +282,7 @@ def test_generated_stub_uses_the_right_call_shapes() -> None:
     assert channel.calls == {
         f"/{SERVICE}/ListModels": "unary_unary",
         f"/{SERVICE}/Generate": "unary_stream",
+        f"/{SERVICE}/ListWorkers": "unary_unary",
     }
 
 

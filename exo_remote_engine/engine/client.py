@@ -2,9 +2,11 @@
 
 :class:`SidecarTarget` says where the sidecar is and how to prove who we are (token,
 TLS), read from environment variables so exo's own argv stays untouched.
-:class:`SidecarClient` owns one lazily created grpc.aio channel per event loop, retries
-a Generate call only until its first event arrives (never after: that would duplicate
-text), and turns every failure into the one error type, :class:`RemoteError`.
+:class:`SidecarClient` owns lazily created grpc.aio channels per event loop (the sidecar's
+port, plus one per worker process that ``ListWorkers`` names, over which Generate calls
+are spread round-robin), retries a Generate call only until its first event arrives (never
+after: that would duplicate text), and turns every failure into the one error type,
+:class:`RemoteError`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +36,7 @@ from exo_remote_engine.generated.grpc_health import health_pb2, health_pb2_grpc
 
 DEFAULT_SIDECAR = "127.0.0.1:50505"
 SERVICE_NAME = "exo.remote.v1.RemoteInferenceService"
+WORKERS_REFRESH_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -119,10 +123,12 @@ class SidecarTarget:
             return grpc.secure_channel(self.address, self.tls.credentials(), self.channel_options())
         return grpc.insecure_channel(self.address, self.channel_options())
 
-    def aio_channel(self) -> grpc.aio.Channel:
+    def aio_channel(self, port: int | None = None) -> grpc.aio.Channel:
+        """A channel to the sidecar, or to one of its workers' ``port`` on the same host."""
+        address = self.address if port is None else f"{self.address.rsplit(':', 1)[0]}:{port}"
         if self.tls:
-            return grpc.aio.secure_channel(self.address, self.tls.credentials(), self.channel_options())
-        return grpc.aio.insecure_channel(self.address, self.channel_options())
+            return grpc.aio.secure_channel(address, self.tls.credentials(), self.channel_options())
+        return grpc.aio.insecure_channel(address, self.channel_options())
 
 
 def _path(value: str | None) -> Path | None:
@@ -156,6 +162,10 @@ class SidecarClient:
         self.target = target
         self._channel: grpc.aio.Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._workers: dict[int, grpc.aio.Channel] = {}  # worker port -> channel
+        self._workers_due = 0.0  # when to ask ListWorkers again
+        self._refreshing: asyncio.Future[None] | None = None
+        self._turn = 0
 
     def _stub(self) -> pb_grpc.RemoteInferenceServiceStub:
         return pb_grpc.RemoteInferenceServiceStub(self._ensure_channel())
@@ -165,11 +175,56 @@ class SidecarClient:
         if self._channel is None or self._loop is not loop:
             self._channel = self.target.aio_channel()
             self._loop = loop
+            self._workers = {}  # channels belong to the loop that made them
+            self._workers_due = 0.0
+            self._refreshing = None
         return self._channel
 
     async def close(self) -> None:
-        channel, self._channel = self._channel, None
-        if channel is not None and self._loop is asyncio.get_running_loop():
+        channels = [self._channel, *self._workers.values()]
+        self._channel, self._workers = None, {}
+        if self._loop is asyncio.get_running_loop():
+            for channel in channels:
+                if channel is not None:
+                    await channel.close(grace=None)
+
+    async def _generate_channel(self) -> tuple[grpc.aio.Channel, int | None]:
+        """The next channel in the rotation over the sidecar and its workers."""
+        main = self._ensure_channel()
+        if self._refreshing is None and time.monotonic() >= self._workers_due:
+            self._workers_due = time.monotonic() + WORKERS_REFRESH_S
+            self._refreshing = asyncio.ensure_future(self._refresh_workers(main))
+            self._refreshing.add_done_callback(self._refreshed)
+        if self._refreshing is not None:
+            await asyncio.shield(self._refreshing)  # calls starting together all see the workers
+        rotation: list[tuple[grpc.aio.Channel, int | None]] = [(main, None)]
+        rotation.extend((channel, port) for port, channel in self._workers.items())
+        self._turn += 1
+        return rotation[self._turn % len(rotation)]
+
+    def _refreshed(self, task: asyncio.Future[None]) -> None:
+        self._refreshing = None
+        if not task.cancelled() and task.exception() is not None:
+            self._workers_due = 0.0
+
+    async def _refresh_workers(self, main: grpc.aio.Channel) -> None:
+        try:
+            response: pb.ListWorkersResponse = await pb_grpc.RemoteInferenceServiceStub(main).ListWorkers(
+                pb.ListWorkersRequest(), timeout=2.0, metadata=self.target.metadata()
+            )
+            ports = set(response.worker_ports)
+        except grpc.RpcError:
+            ports = set()  # an older sidecar, or one busy right now: use the main port alone
+        for port in set(self._workers) - ports:
+            await self._workers.pop(port).close(grace=None)
+        for port in ports - set(self._workers):
+            self._workers[port] = self.target.aio_channel(port)
+
+    async def _drop_worker(self, port: int) -> None:
+        """A worker went away: stop using it and ask for the current list next time."""
+        channel = self._workers.pop(port, None)
+        self._workers_due = 0.0
+        if channel is not None:
             await channel.close(grace=None)
 
     async def health(self, timeout_s: float = 2.0) -> bool:
@@ -197,6 +252,7 @@ class SidecarClient:
         policy = self.target.retry
         call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse] | None = None
         first: pb.GenerateResponse | None = None
+        worker_port: int | None = None
         retrying = AsyncRetrying(
             # Provider errors were already retried by the sidecar (one place for that);
             # here only the sidecar itself being away or full is worth another try.
@@ -210,12 +266,18 @@ class SidecarClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    call = self._stub().Generate(
+                    channel, worker_port = await self._generate_channel()
+                    call = pb_grpc.RemoteInferenceServiceStub(channel).Generate(
                         request,
                         timeout=self.target.deadline_s,
                         metadata=self.target.metadata(request.request_id),
                     )
-                    first = await self._first_event(call)
+                    try:
+                        first = await self._first_event(call)
+                    except RemoteError as exc:
+                        if worker_port is not None and exc.reason is Reason.SIDECAR_UNAVAILABLE:
+                            await self._drop_worker(worker_port)
+                        raise
             if first is None:
                 return
             yield first
@@ -224,7 +286,10 @@ class SidecarClient:
                 try:
                     event = await call.read()
                 except grpc.RpcError as exc:
-                    raise _error_from(exc) from None
+                    error = _error_from(exc)
+                    if worker_port is not None and error.reason is Reason.SIDECAR_UNAVAILABLE:
+                        await self._drop_worker(worker_port)
+                    raise error from None
                 if event is grpc.aio.EOF:
                     break
                 yield event  # type: ignore[misc]

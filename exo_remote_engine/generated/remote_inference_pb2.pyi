@@ -56,6 +56,16 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_TOOL_CALLS: FinishReason
 FINISH_REASON_CONTENT_FILTER: FinishReason
 
+class ListWorkersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListWorkersResponse(_message.Message):
+    __slots__ = ("worker_ports",)
+    WORKER_PORTS_FIELD_NUMBER: _ClassVar[int]
+    worker_ports: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, worker_ports: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class ListModelsRequest(_message.Message):
     __slots__ = ("refresh",)
     REFRESH_FIELD_NUMBER: _ClassVar[int]

@@ -47,6 +47,11 @@ class RemoteInferenceServiceStub(object):
                 request_serializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.ListWorkers = channel.unary_unary(
+                '/exo.remote.v1.RemoteInferenceService/ListWorkers',
+                request_serializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
 
 
 class RemoteInferenceServiceServicer(object):
@@ -71,6 +76,16 @@ class RemoteInferenceServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWorkers(self, request, context):
+        """ListWorkers names the other processes of this sidecar that serve Generate, so a
+        client can spread streams over every core of the key-holding machine. Each worker
+        holds its own port exclusively (no SO_REUSEPORT) and asks for the same TLS and
+        tokens; ListModels and Health are answered here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RemoteInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -83,6 +98,11 @@ def add_RemoteInferenceServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.GenerateRequest.FromString,
                     response_serializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.ListWorkersRequest.FromString,
+                    response_serializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.ListWorkersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -142,6 +162,33 @@ class RemoteInferenceService(object):
             '/exo.remote.v1.RemoteInferenceService/Generate',
             exo__remote__engine_dot_generated_dot_remote__inference__pb2.GenerateRequest.SerializeToString,
             exo__remote__engine_dot_generated_dot_remote__inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exo.remote.v1.RemoteInferenceService/ListWorkers',
+            exo__remote__engine_dot_generated_dot_remote__inference__pb2.ListWorkersRequest.SerializeToString,
+            exo__remote__engine_dot_generated_dot_remote__inference__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,
