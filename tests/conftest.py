@@ -6,7 +6,7 @@ import os
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,25 @@ from exo_remote_engine.sidecar.config import load_config
 from tests.support.openai_upstream import OpenAIUpstream
 
 PLANTED_KEY = "sk-planted-0123456789abcdefPLANTEDKEY"
+# The sidecar's two ways of reading an OpenAI-compatible upstream (EXO_REMOTE_OPENAI_FAST_PATH).
+TRANSPORTS = ("direct", "litellm")
+FAST_PATH_ENV = "EXO_REMOTE_OPENAI_FAST_PATH"
+
+
+def use_transport(monkeypatch: pytest.MonkeyPatch, transport: str) -> str:
+    """Point every sidecar started afterwards (in-process, or a subprocess, which inherits
+    os.environ) at ``transport``: "direct" (aiohttp reader) or "litellm"."""
+    assert transport in TRANSPORTS, transport
+    monkeypatch.setenv(FAST_PATH_ENV, "1" if transport == "direct" else "0")
+    return transport
+
+
+def assert_served_by(headers: Mapping[str, str], transport: str) -> None:
+    """The upstream saw ``transport``'s HTTP client: aiohttp for the direct reader, the
+    OpenAI SDK (httpx) under LiteLLM. ``headers`` are a recorded request's (lower-cased)."""
+    agent = headers.get("user-agent", "")
+    served = "direct" if "aiohttp" in agent else "litellm"
+    assert served == transport, f"expected the {transport} transport, the upstream saw user-agent {agent!r}"
 
 
 def write_proxy_config(path: Path, upstream_url: str, aliases: Iterable[str]) -> Path:

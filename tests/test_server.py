@@ -18,11 +18,20 @@ from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.openai_wire import chat_body_to_request
 from exo_remote_engine.server import SidecarSettings, start_sidecar
-from tests.conftest import PLANTED_KEY, write_proxy_config
+from exo_remote_engine.sidecar.litellm_transport import LiteLLMTransport
+from exo_remote_engine.sidecar.openai_transport import OpenAICompatibleTransport
+from tests.conftest import PLANTED_KEY, TRANSPORTS, assert_served_by, use_transport, write_proxy_config
 from tests.support.openai_upstream import OpenAIUpstream, Scenario, ToolCallSpec
 from tests.support.processes import start_sidecar_process
 
 NO_RETRY = RetryPolicy(attempts=1)
+
+
+@pytest.fixture(autouse=True, params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both transports. Autouse, so it is set up before the sidecar
+    fixtures (which read the environment when they start a sidecar)."""
+    return use_transport(monkeypatch, request.param)
 
 
 def _request(model: str, text: str = "Hello", **params: Any) -> pb.GenerateRequest:
@@ -39,7 +48,7 @@ def _client(address: str, **kwargs: Any) -> SidecarClient:
 
 
 async def test_text_arrives_complete_and_in_order_with_upstream_finish_and_usage(
-    upstream: OpenAIUpstream, sidecar_for: Any
+    upstream: OpenAIUpstream, sidecar_for: Any, transport: str
 ) -> None:
     chunks = [f"w{i} " for i in range(300)] + ["日本語 👨‍👩‍👧 done"]
     upstream.scenarios["steady"] = Scenario(
@@ -55,6 +64,10 @@ async def test_text_arrives_complete_and_in_order_with_upstream_finish_and_usage
     assert (finished.usage.prompt_tokens, finished.usage.completion_tokens) == (42, 301)
     assert finished.usage.cached_prompt_tokens == 7
     assert finished.model == "steady"
+    # The parametrization really switched transports: the backend's choice, and the client the upstream saw.
+    chosen = sidecar.servicer.backend.transport_for(sidecar.config.get("steady"))
+    assert type(chosen) is {"direct": OpenAICompatibleTransport, "litellm": LiteLLMTransport}[transport]
+    assert_served_by(upstream.requests_for("steady")[0].headers, transport)
 
 
 async def test_tool_call_fragments_reassemble_into_valid_json(
@@ -240,7 +253,9 @@ async def test_plaintext_off_loopback_is_refused_without_insecure() -> None:
         await start_sidecar(SidecarSettings(listen="0.0.0.0:0"))
 
 
-async def test_debug_logging_sidecar_process_never_logs_the_key(upstream: OpenAIUpstream, tmp_path: Path) -> None:
+async def test_debug_logging_sidecar_process_never_logs_the_key(
+    upstream: OpenAIUpstream, tmp_path: Path, transport: str
+) -> None:
     upstream.scenarios["leaky"] = Scenario(status=401, error_message=f"Incorrect API key provided: {PLANTED_KEY}")
     upstream.scenarios["fine"] = Scenario(chunks=["ok"])
     config = write_proxy_config(tmp_path / "c.yaml", upstream.url, ["leaky", "fine"])
@@ -256,6 +271,7 @@ async def test_debug_logging_sidecar_process_never_logs_the_key(upstream: OpenAI
         await client.close()
     finally:
         await asyncio.to_thread(sidecar.stop)
+    assert_served_by(upstream.requests_for("fine")[0].headers, transport)  # the subprocess inherited the choice
     text = log.read_text()
     assert "request_id=test-leaky failed reason=PROVIDER_AUTH_FAILED" in text, "the log is real and at debug"
     assert PLANTED_KEY not in text and "PLANTEDKEY" not in text
