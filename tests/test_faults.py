@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ from exo_remote_engine.errors import STATUS_DETAILS_KEY, Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config import load_config
-from tests.conftest import PLANTED_KEY
+from tests.conftest import FAST_PATH_ENV, PLANTED_KEY, TRANSPORTS, assert_served_by, use_transport
 from tests.support.harness import (
     EXCEPTION_REPR,
     KEY_ENV,
@@ -55,6 +56,13 @@ StartSidecar = Callable[..., Awaitable[RunningSidecar]]
 TIMINGS: dict[str, tuple[float | None, float | None]] = {}
 
 
+@pytest.fixture(autouse=True, params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every fault on both transports. Autouse, so it is set up before ``start`` and before
+    any sidecar process (which inherits os.environ) is spawned."""
+    return use_transport(monkeypatch, request.param)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _print_timings() -> Iterator[None]:
     yield
@@ -65,6 +73,7 @@ def _print_timings() -> Iterator[None]:
 
 
 def _timing(fault: str, error_s: float | None, closed_s: float | None) -> None:
+    fault = f"{'direct' if os.environ.get(FAST_PATH_ENV) != '0' else 'litellm'}: {fault}"
     TIMINGS[fault] = (error_s, closed_s)
     for value in (error_s, closed_s):
         assert value is None or value < FAULT_BUDGET_S, f"{fault}: {value:.3f}s after the fault"
@@ -153,6 +162,7 @@ async def test_provider_status_ends_promptly_in_its_documented_status(
     retry_after: str | None,
     reason: Reason,
     code: grpc.StatusCode,
+    transport: str,
 ) -> None:
     upstream.scenarios["bad"] = Scenario(status=status, retry_after=retry_after, error_message=LEAKY)
     sidecar = await start(upstream, "bad")
@@ -163,6 +173,7 @@ async def test_provider_status_ends_promptly_in_its_documented_status(
     assert (error.reason, error.grpc_code) == (reason, code), error
     assert error.retry_after_s == (float(retry_after) if retry_after else None), "RetryInfo only with Retry-After"
     assert record.outcome == "error"
+    assert_served_by(upstream.requests_for("bad")[0].headers, transport)
     sent = upstream.requests_for("bad")[0].headers.get("authorization")
     assert sent == f"Bearer {PLANTED_KEY}", "the key is really planted: the provider received it"
     _timing(
@@ -373,7 +384,7 @@ async def test_client_cancel_closes_the_upstream_and_frees_the_stream(
 
 @pytest.mark.timeout(120)
 async def test_sidecar_sigkill_mid_stream_then_restart_on_the_same_port(
-    upstream: OpenAIUpstream, tmp_path: Path
+    upstream: OpenAIUpstream, tmp_path: Path, transport: str
 ) -> None:
     chunks = [f"k{i} " for i in range(2000)]
     upstream.scenarios["long"] = Scenario(chunks=chunks, interval_s=0.01)
@@ -420,6 +431,8 @@ async def test_sidecar_sigkill_mid_stream_then_restart_on_the_same_port(
         events = [event async for event in client.generate(chat_request("short"))]
         assert "".join(e.delta.text for e in events[:-1]) == "back again"
         assert events[-1].HasField("finished")
+        for request in upstream.requests:  # both processes inherited the transport choice
+            assert_served_by(request.headers, transport)
         await client.close()
     finally:
         await client.close()

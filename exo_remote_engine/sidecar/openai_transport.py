@@ -94,7 +94,7 @@ class OpenAICompatibleTransport:
                 route.url, data=json.dumps(body).encode(), headers=dict(route.headers), timeout=timeout
             ) as response:
                 if response.status >= 400:
-                    raw = await response.content.read(_MAX_ERROR_BODY)
+                    raw = await _read_error_body(response.content)
                     headers = {k.lower(): v for k, v in response.headers.items()}
                     raise ProviderStatusError(response.status, _error_message(raw), headers)
                 try:
@@ -109,8 +109,9 @@ class OpenAICompatibleTransport:
 
 
 async def _read_events(content: aiohttp.StreamReader, state: StreamState) -> None:
-    """Parse SSE ``data:`` events into ``state`` until ``[DONE]`` or the end of the body;
-    every event already received is absorbed before the writer is woken once."""
+    """Parse SSE ``data:`` events into ``state`` until ``[DONE]`` or the end of the body.
+    After the first token, every event already received is absorbed before the writer is
+    woken once: a burst becomes one delta, not one gRPC message per event."""
     pending = b""
     data: list[bytes] = []
     done = False
@@ -126,6 +127,8 @@ async def _read_events(content: aiohttp.StreamReader, state: StreamState) -> Non
                 data.clear()
                 if done:
                     break
+                if not state.started and state.buffer:
+                    await state.flush()  # the first token goes out before the rest is parsed
         await state.flush()
         if done:
             break
@@ -192,6 +195,19 @@ def _absorb(chunk: dict[str, Any], state: StreamState) -> None:
     model = chunk.get("model")
     if model:
         state.model = model
+
+
+async def _read_error_body(content: aiohttp.StreamReader) -> bytes:
+    """The whole error body up to a cap (``read(n)`` alone stops at what is buffered)."""
+    parts: list[bytes] = []
+    size = 0
+    while size < _MAX_ERROR_BODY:
+        part = await content.read(_MAX_ERROR_BODY - size)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)
 
 
 def _error_message(raw: bytes) -> str:
