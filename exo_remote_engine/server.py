@@ -491,6 +491,18 @@ async def _serve(settings: SidecarSettings, grace_s: float, argv: Sequence[str],
         await running.stop(grace_s=grace_s)
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (the sidecar extra brings it): it roughly halves the event
+    loop's share of each streamed chunk. ``EXO_REMOTE_UVLOOP=0`` keeps asyncio's loop."""
+    if os.environ.get("EXO_REMOTE_UVLOOP", "1") == "0":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse_args(argv)
@@ -506,7 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.workers < 1:
             raise ConfigError("--workers must be at least 1")
-        asyncio.run(_serve(_settings_from_args(args), args.grace_s, argv, args.workers))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(_serve(_settings_from_args(args), args.grace_s, argv, args.workers))
     except ConfigError as exc:
         print(f"exo-remote-sidecar: configuration error: {exc}", file=sys.stderr)
         return 2

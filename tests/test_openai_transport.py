@@ -28,7 +28,7 @@ from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.openai_wire import chat_body_to_request
 from exo_remote_engine.sidecar.config import ModelEntry, embedded_entry, load_config
-from exo_remote_engine.sidecar.openai_transport import OpenAICompatibleTransport
+from exo_remote_engine.sidecar.openai_transport import OpenAICompatibleTransport, _proxy_for
 from exo_remote_engine.sidecar.provider_errors import (
     ProviderConnectionError,
     ProviderStatusError,
@@ -342,6 +342,24 @@ def test_route_authorization_from_api_key_else_the_provider_env(monkeypatch: pyt
     monkeypatch.delenv("HOSTED_VLLM_API_KEY")
     assert "Authorization" not in transport.route(entry(base)).headers
     assert "Authorization" not in transport.route(vllm).headers
+
+
+def test_route_proxy_from_the_environment_with_no_proxy_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like LiteLLM's httpx client: HTTP(S)_PROXY applies unless NO_PROXY names the host."""
+    transport = OpenAICompatibleTransport()
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://user:pw@proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "vllm.internal")
+    _proxy_for.cache_clear()
+    try:
+        hosted = transport.route(entry("https://api.example.com/v1"))
+        assert hosted.proxy == "http://user:pw@proxy.internal:3128"
+        assert "pw" not in repr(hosted)
+        assert transport.route(entry("https://vllm.internal/v1")).proxy is None
+        assert transport.route(entry("http://127.0.0.1:1/v1")).proxy is None  # no HTTP_PROXY set
+    finally:
+        _proxy_for.cache_clear()
 
 
 def test_route_merges_extra_headers_and_prefers_stream_timeout() -> None:

@@ -67,6 +67,7 @@ class StreamRecorder:
     node: str
     started: float = field(default_factory=time.perf_counter)
     last: float | None = None
+    _gap: Any = None  # this model's inter-delta histogram, looked up once per stream
 
     def delta_written(self) -> None:
         if prom is None:
@@ -74,8 +75,9 @@ class StreamRecorder:
         now = time.perf_counter()
         if self.last is None:
             self.metrics.ttft.labels(self.model, self.node).observe(now - self.started)
+            self._gap = self.metrics.gap.labels(self.model)
         else:
-            self.metrics.gap.labels(self.model).observe(now - self.last)
+            self._gap.observe(now - self.last)
         self.last = now
 
     def finished(self, code: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:

@@ -13,8 +13,11 @@ the same table as LiteLLM's.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +47,7 @@ class Route:
     model: str
     timeout_s: float
     headers: Mapping[str, str] = field(repr=False)
+    proxy: str | None = field(default=None, repr=False)  # may carry credentials
 
 
 class OpenAICompatibleTransport:
@@ -68,15 +72,15 @@ class OpenAICompatibleTransport:
             headers["Authorization"] = f"Bearer {key}"
         headers.update({str(k): str(v) for k, v in (params.get("extra_headers") or {}).items()})
         timeout = params.get("stream_timeout") or params.get("timeout") or self._default_timeout_s
-        return Route(f"{str(params['api_base']).rstrip('/')}/chat/completions", model, float(timeout), headers)
+        url = f"{str(params['api_base']).rstrip('/')}/chat/completions"
+        return Route(url, model, float(timeout), headers, _proxy_for(url))
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            # No connection cap (the sidecar's policy bounds concurrency); proxies from the
-            # environment are honoured, as LiteLLM's httpx client does.
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), trust_env=True
-            )
+            # No connection cap (the sidecar's policy bounds concurrency). Proxies from the
+            # environment are honoured per route (see _proxy_for), not by aiohttp's
+            # trust_env, which costs two thread-pool hops on every request.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300))
         return self._session
 
     async def close(self) -> None:
@@ -91,7 +95,11 @@ class OpenAICompatibleTransport:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=route.timeout_s, sock_read=route.timeout_s)
         try:
             async with self._client().post(
-                route.url, data=json.dumps(body).encode(), headers=dict(route.headers), timeout=timeout
+                route.url,
+                data=json.dumps(body).encode(),
+                headers=dict(route.headers),
+                timeout=timeout,
+                proxy=route.proxy,
             ) as response:
                 if response.status >= 400:
                     raw = await _read_error_body(response.content)
@@ -106,6 +114,16 @@ class OpenAICompatibleTransport:
             raise ProviderTimeoutError(f"no data for {route.timeout_s:g}s") from exc
         except aiohttp.ClientError as exc:
             raise ProviderConnectionError(f"connection to the provider failed ({type(exc).__name__})") from exc
+
+
+@functools.lru_cache(maxsize=256)
+def _proxy_for(url: str) -> str | None:
+    """The HTTP(S)_PROXY that applies to ``url`` (NO_PROXY honoured), as LiteLLM's httpx
+    client would use it; looked up once per URL."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.hostname and urllib.request.proxy_bypass(parsed.hostname):
+        return None
+    return urllib.request.getproxies().get(parsed.scheme)
 
 
 async def _read_events(content: aiohttp.StreamReader, state: StreamState) -> None:
