@@ -20,6 +20,8 @@ from exo_remote_engine.sidecar.streaming import StreamState
 
 
 class LiteLLMTransport:
+    writes_inline = False
+
     def __init__(self, request_timeout_s: float = 600.0) -> None:
         self._timeout = request_timeout_s
 

@@ -51,6 +51,8 @@ class Route:
 
 
 class OpenAICompatibleTransport:
+    writes_inline = True
+
     def __init__(self, request_timeout_s: float = 600.0) -> None:
         self._default_timeout_s = request_timeout_s
         self._session: aiohttp.ClientSession | None = None

@@ -71,9 +71,14 @@ _BY_CLIENT_STATUS: dict[int, Reason] = {
 _UNAMBIGUOUS = frozenset({401, 403, 404, 429})
 _CONTEXT_WORDING = re.compile(r"context[ _](?:length|window)|maximum context|too many tokens", re.IGNORECASE)
 _MAX_PROVIDER_TEXT = 300
-_EXPLAINED_BY_PROVIDER = frozenset({
-    Reason.INVALID_REQUEST, Reason.CONTEXT_WINDOW_EXCEEDED, Reason.CONTENT_POLICY, Reason.PROVIDER_NOT_FOUND,
-})
+_EXPLAINED_BY_PROVIDER = frozenset(
+    {
+        Reason.INVALID_REQUEST,
+        Reason.CONTEXT_WINDOW_EXCEEDED,
+        Reason.CONTENT_POLICY,
+        Reason.PROVIDER_NOT_FOUND,
+    }
+)
 _PYTHON_REPR = re.compile(r"<[A-Za-z_][\w.]*(?:Error|Exception)\b[^>]*>")
 
 

@@ -91,9 +91,20 @@ class DeltaBuffer:
 class StreamState:
     """What a transport has read so far: pending deltas plus the stream's end facts."""
 
-    __slots__ = ("buffer", "entry", "finish_reason", "model", "ready", "saw_tool_calls", "started", "usage")
+    __slots__ = (
+        "_write",
+        "buffer",
+        "entry",
+        "finish_reason",
+        "model",
+        "ready",
+        "saw_tool_calls",
+        "started",
+        "usage",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, write: Write | None = None) -> None:
+        self._write = write  # set: flush() writes itself; None: a separate writer task does
         self.buffer = DeltaBuffer()
         self.ready = asyncio.Event()
         self.finish_reason: str | None = None
@@ -104,18 +115,39 @@ class StreamState:
         self.entry: ModelEntry | None = None  # the model being (or last) tried
 
     async def flush(self) -> None:
-        """Wake the writer when something is pending, and let it run.
+        """Hand over what is pending: write it now, or wake the writer task and let it run.
 
-        Yielding matters: an HTTP reader does not yield while its socket has data
-        buffered, and without it the writer would not run until the provider paused."""
-        if self.buffer:
-            self.started = True
+        Yielding matters in the second case: an HTTP reader does not yield while its
+        socket has data buffered, and without it the writer would not run until the
+        provider paused."""
+        if not self.buffer:
+            return
+        self.started = True
+        if self._write is not None:
+            delta = self.buffer.take()
+            try:
+                await self._write(pb.GenerateResponse(delta=delta))
+            except Exception as exc:
+                raise _WriteFailed from exc  # ours, not the provider's: never classified as one
+        else:
             self.ready.set()
             await asyncio.sleep(0)
 
 
+class _WriteFailed(Exception):
+    """Writing to our own client failed; the cause is re-raised as it was."""
+
+
 class Transport(Protocol):
-    """Reads one provider stream for ``entry`` into ``state``; raises on failure."""
+    """Reads one provider stream for ``entry`` into ``state``; raises on failure.
+
+    ``writes_inline``: the transport may await the write itself, because whatever arrives
+    meanwhile waits in the socket and comes back as one block (so a slow reader still gets
+    fewer, larger deltas). One task per stream instead of two is a large share of the
+    per-token cost. LiteLLM yields chunk by chunk, so it gets a separate writer task that
+    merges what accumulated during a write."""
+
+    writes_inline: bool
 
     async def produce(self, entry: ModelEntry, request: pb.GenerateRequest, state: StreamState) -> None: ...
 
@@ -166,9 +198,22 @@ class StreamingBackend:
         Before the first delta a failing model is retried (bounded, jittered, honouring
         Retry-After up to a cap) and then its fallbacks are tried in order; after the first
         delta nothing is retried, so no text is ever sent twice."""
+        candidates = [entry, *fallbacks]
+        if all(self.transport_for(c).writes_inline for c in candidates):
+            state = StreamState(write)
+            try:
+                await self._produce_with_retries(candidates, request, state)
+            except _WriteFailed as exc:
+                assert exc.__cause__ is not None
+                raise exc.__cause__ from None
+            except Exception as exc:
+                failed = state.entry or entry
+                raise classify(exc, alias=failed.alias, provider=failed.provider, secrets=self._secrets()) from None
+            await write(pb.GenerateResponse(finished=_finished(state.entry or entry, state)))
+            return
         state = StreamState()
         ready = state.ready
-        producer = asyncio.create_task(self._produce_with_retries([entry, *fallbacks], request, state))
+        producer = asyncio.create_task(self._produce_with_retries(candidates, request, state))
         try:
             while not producer.done():
                 await ready.wait()
@@ -179,10 +224,10 @@ class StreamingBackend:
             delta = state.buffer.take()
             if delta is not None:
                 await write(pb.GenerateResponse(delta=delta))
-            exc = producer.exception()
-            if exc is not None:
+            failure = producer.exception()
+            if failure is not None:
                 failed = state.entry or entry
-                raise classify(exc, alias=failed.alias, provider=failed.provider, secrets=self._secrets())
+                raise classify(failure, alias=failed.alias, provider=failed.provider, secrets=self._secrets())
             await write(pb.GenerateResponse(finished=_finished(state.entry or entry, state)))
         finally:
             if not producer.done():
