@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The comparative benchmark suite, one command (issue #7):
+#   bash scripts/bench.sh [--quick] [--rows raw,litellm,proxy,sidecar,sidecar-litellm,exo]
+#                         [--streams 1,32,128] [--rate 50] [--seconds 10] [--sidecar-workers N]
+#                         [--out bench-results/suite.json]
+# Builds .venv (and, with EXO_SRC set, .venvs/exo-pins with classic exo for the exo row) via
+# scripts/bootstrap.sh, builds .venvs/litellm-proxy for the proxy row, then runs
+# benchmarks/suite.py: a markdown table and targets on stdout, JSON in bench-results/.
+# Everything talks to 127.0.0.1 only. Re-runs skip environments that are up to date.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+export LITELLM_LOCAL_MODEL_COST_MAP=True
+export LITELLM_TELEMETRY=False
+
+# The exo row needs the pinned environment with classic exo in it; without EXO_SRC it is
+# skipped, so the pinned environment is not built just for this.
+if [ -n "${EXO_SRC:-}" ]; then
+  BOOTSTRAP_PINS=${BOOTSTRAP_PINS:-1} bash scripts/bootstrap.sh
+else
+  BOOTSTRAP_PINS=${BOOTSTRAP_PINS:-0} bash scripts/bootstrap.sh
+fi
+
+# The LiteLLM proxy, in its own environment (its ~115 packages stay out of .venv).
+PY=${PYTHON:-python3}
+VE=.venvs/litellm-proxy
+want=$(sha256sum scripts/litellm-proxy-requirements.txt | cut -c1-16)
+if [ ! -x $VE/bin/litellm ] || [ "$(cat $VE/.stamp 2>/dev/null)" != "$want" ]; then
+  echo "[bench] building $VE with $PY"
+  rm -rf $VE
+  "$PY" -m venv $VE
+  $VE/bin/pip install -q --upgrade pip
+  $VE/bin/pip install -q -r scripts/litellm-proxy-requirements.txt
+  echo "$want" > $VE/.stamp
+fi
+
+exec .venv/bin/python -m benchmarks.suite "$@"
