@@ -651,11 +651,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _run_on_uvloop(coro: Any) -> Any:
+    """Every row's client runs on uvloop, as exo itself does (exo/main.py installs it): the
+    engine's client lives in exo's loop, and the rows stay comparable with each other."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
 def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     try:
-        result = asyncio.run(run(args))
+        result = _run_on_uvloop(run(args))
         result["ok"] = True
     except Exception as exc:
         traceback.print_exc()
