@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from tests.support.processes import stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 PROXY_VENV = REPO / ".venvs" / "litellm-proxy"
@@ -179,16 +180,6 @@ class Skip(Exception):
     """A row that cannot run here, with the reason printed in its place."""
 
 
-def stop_process(process: subprocess.Popen[Any], grace_s: float = 10.0) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-
-
 def start_upstream(workdir: Path) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.upstream"],
@@ -201,7 +192,7 @@ def start_upstream(workdir: Path) -> tuple[subprocess.Popen[str], str]:
     assert process.stdout is not None
     url = process.stdout.readline().strip()
     if not url.startswith("http://127.0.0.1:"):
-        stop_process(process)
+        stop_process(process, grace_s=10.0)
         raise RuntimeError(f"upstream did not start: {(workdir / 'upstream.log').read_text()[-2000:]}")
     return process, url
 
@@ -295,12 +286,12 @@ def start_proxy(workdir: Path, config: Path) -> Serving:
         except OSError:
             time.sleep(0.2)
     else:
-        stop_process(process)
+        stop_process(process, grace_s=10.0)
         raise RuntimeError("the LiteLLM proxy did not come up within 120 s")
     return Serving(
         target=url,
         pids={"server": process.pid},
-        stops=[lambda: stop_process(process)],
+        stops=[lambda: stop_process(process, grace_s=10.0)],
         startup_s=time.monotonic() - started,
         flags=args[1:],
     )
@@ -740,7 +731,7 @@ def upstream_process(workdir: Path) -> Iterator[tuple[str, int]]:
     try:
         yield url, process.pid
     finally:
-        stop_process(process)
+        stop_process(process, grace_s=10.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _stop(process: subprocess.Popen[Any], grace_s: float = 5.0) -> None:
+def stop_process(process: subprocess.Popen[Any], grace_s: float = 5.0) -> None:
+    """SIGINT (a clean drain), then SIGKILL after ``grace_s``."""
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
         try:
@@ -60,7 +61,7 @@ class SidecarProcess:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        _stop(self.process)
+        stop_process(self.process)
 
 
 def start_sidecar_process(
@@ -90,7 +91,7 @@ def start_sidecar_process(
             return SidecarProcess(process, int(match.group(1)), log)
         if not line and process.poll() is not None:
             break
-    _stop(process)
+    stop_process(process)
     raise RuntimeError(f"sidecar did not start:\n{log.read_text()[-3000:]}")
 
 
@@ -113,7 +114,7 @@ class ExoNode:
             return json.loads(response.read())
 
     def stop(self) -> None:
-        _stop(self.process)
+        stop_process(self.process)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
