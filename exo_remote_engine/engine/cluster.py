@@ -136,6 +136,17 @@ class ClusterView:
             ring.extend((n, 0.0) for n in sorted(set(nodes) - set(candidates)))
         return ring
 
+    def nodes_not_yet_announced(self, present: Iterable[str]) -> list[str]:
+        """Nodes in the topology that have not announced yet but are still within the
+        grace a starting node gets: what they serve is not known *yet*."""
+        now = self.clock()
+        waiting = []
+        for node_id in present:
+            first = self.first_seen.setdefault(node_id, now)
+            if node_id not in self.peers and node_id != self.self_id and now - first <= ADDON_GRACE_S:
+                waiting.append(node_id)
+        return sorted(waiting)
+
     def nodes_without_addon(self, present: Iterable[str]) -> list[str]:
         """Nodes seen for a while that never announced the add-on."""
         now = self.clock()

@@ -29,6 +29,8 @@ modules. Local engines are left exactly as exo has them: each patch only acts fo
 | Node.process_prompt and shard methods   | tell the ring its model; relay prompts to the serving node   |
 | Node.start / __init__ / update_peers    | announce this node; learn peers; forget peers that left      |
 | AsyncCallbackSystem.trigger_all         | exo bug: callbacks share one token list, duplicating tokens  |
+| Node.broadcast_result                   | exo bug: one task per token, so peers (relays) may get them  |
+|                                         | out of order; now in order, batched while one is in flight   |
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ def install(argv: list[str] | None = None, environ: os._Environ[str] | dict[str,
     _install_cluster_patches()
     _install_api_patches()
     _install_callback_fix()
+    _install_ordered_broadcast()
     if not remote_node:
         _install_local_device_fallback()
         return False
@@ -650,6 +653,19 @@ def _install_api_patches() -> None:
         from exo.models import model_cards
 
         if model in model_cards:
+            card_repos = model_cards[model].get("repo", {})
+            waiting = view.nodes_not_yet_announced(self.node.topology.nodes) if view is not None else []
+            if ENGINE_CLASS_NAME not in card_repos and waiting:
+                # A local model, and a peer that may serve it has joined but not said so yet:
+                # exo would answer "unsupported model" although a retry in a moment succeeds.
+                return error_response(
+                    RemoteError(
+                        Reason.MODEL_NOT_READY,
+                        f"model {model!r} runs on local-engine peers; {', '.join(waiting)} joined the "
+                        "cluster but has not announced what it serves yet, retry in a few seconds",
+                        retry_after_s=2.0,
+                    )
+                )
             return await original_post(self, request)  # type: ignore[no-any-return]
         served = ", ".join(engine.catalog.models) or "none (is the sidecar running?)"
         return error_response(
@@ -705,7 +721,37 @@ def _install_api_patches() -> None:
     ChatGPTAPI.handle_get_topology = handle_get_topology
 
 
-# --- exo bug fix ----------------------------------------------------------------------
+# --- exo bug fixes --------------------------------------------------------------------
+def _install_ordered_broadcast() -> None:
+    """exo broadcasts each token of a request from its own task (``create_task`` per
+    token), so two unary SendResult calls can reach a peer in either order; a node relaying
+    a remote model would then rebuild a garbled stream. One sender per request keeps them
+    in order, and tokens produced while a send is in flight go out together next."""
+    from exo.orchestration.node import Node
+
+    original: Callable[..., Any] = Node.broadcast_result
+    outbox: dict[str, tuple[list[int], bool]] = {}
+    sending: set[str] = set()
+
+    async def broadcast_result(self: Any, request_id: str, result: Any, is_finished: bool) -> None:
+        if not isinstance(result, list):  # not tokens (exo's image models): as exo does it
+            await original(self, request_id, result, is_finished)
+            return
+        tokens, finished = outbox.get(request_id, ([], False))
+        outbox[request_id] = (tokens + result, finished or is_finished)
+        if request_id in sending:
+            return  # the running sender takes these next, after what it is sending now
+        sending.add(request_id)
+        try:
+            while request_id in outbox:
+                batch, done = outbox.pop(request_id)
+                await original(self, request_id, batch, done)
+        finally:
+            sending.discard(request_id)
+
+    Node.broadcast_result = broadcast_result
+
+
 def _install_callback_fix() -> None:
     from exo.helpers import AsyncCallbackSystem
 
