@@ -40,7 +40,7 @@ from exo_remote_engine.sidecar.discovery import ServerSpec
 from exo_remote_engine.sidecar.metrics import Metrics
 from exo_remote_engine.sidecar.policy import Limits, Policy
 from exo_remote_engine.sidecar.registry import ModelRegistry
-from exo_remote_engine.sidecar.workers import WORKER_ENV, WorkerPool, wait_for_parent_exit
+from exo_remote_engine.sidecar.workers import READY_LINE, WORKER_ENV, WorkerPool, wait_for_parent_exit
 
 log = logging.getLogger("exo_remote_engine.sidecar")
 
@@ -223,6 +223,10 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
                 self.metrics.active.dec()
 
 
+def _fast_path_from_env() -> bool:
+    return os.environ.get("EXO_REMOTE_OPENAI_FAST_PATH", "1") != "0"
+
+
 @dataclass
 class SidecarSettings:
     listen: str = DEFAULT_LISTEN
@@ -241,7 +245,7 @@ class SidecarSettings:
     discovery_timeout_s: float = 5.0
     extra_options: Sequence[tuple[str, Any]] = field(default_factory=tuple)
     # Read plain OpenAI-compatible deployments directly instead of through LiteLLM.
-    openai_fast_path: bool = field(default_factory=lambda: os.environ.get("EXO_REMOTE_OPENAI_FAST_PATH", "1") != "0")
+    openai_fast_path: bool = field(default_factory=_fast_path_from_env)
 
 
 @dataclass
@@ -411,7 +415,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--openai-fast-path",
         action=argparse.BooleanOptionalAction,
-        default=os.environ.get("EXO_REMOTE_OPENAI_FAST_PATH", "1") != "0",
+        default=_fast_path_from_env(),
         help="read OpenAI-compatible deployments (openai/ or hosted_vllm/ with an api_base and no "
         "other litellm_params) directly instead of through LiteLLM (default: on)",
     )
@@ -482,7 +486,7 @@ async def _serve(settings: SidecarSettings, grace_s: float, argv: Sequence[str],
     gc.freeze()
     models = ", ".join(m.alias for m in running.config.models)
     log.info("listening on %s (models: %s)", settings.listen.rsplit(":", 1)[0] + f":{running.port}", models)
-    print(f"exo-remote-sidecar listening on port {running.port}", flush=True)
+    print(READY_LINE.format(port=running.port), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

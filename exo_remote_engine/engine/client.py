@@ -220,8 +220,10 @@ class SidecarClient:
         for port in ports - set(self._workers):
             self._workers[port] = self.target.aio_channel(port)
 
-    async def _drop_worker(self, port: int) -> None:
+    async def _drop_worker_if_gone(self, error: RemoteError, port: int | None) -> None:
         """A worker went away: stop using it and ask for the current list next time."""
+        if port is None or error.reason is not Reason.SIDECAR_UNAVAILABLE:
+            return
         channel = self._workers.pop(port, None)
         self._workers_due = 0.0
         if channel is not None:
@@ -275,8 +277,7 @@ class SidecarClient:
                     try:
                         first = await self._first_event(call)
                     except RemoteError as exc:
-                        if worker_port is not None and exc.reason is Reason.SIDECAR_UNAVAILABLE:
-                            await self._drop_worker(worker_port)
+                        await self._drop_worker_if_gone(exc, worker_port)
                         raise
             if first is None:
                 return
@@ -287,8 +288,7 @@ class SidecarClient:
                     event = await call.read()
                 except grpc.RpcError as exc:
                     error = _error_from(exc)
-                    if worker_port is not None and error.reason is Reason.SIDECAR_UNAVAILABLE:
-                        await self._drop_worker(worker_port)
+                    await self._drop_worker_if_gone(error, worker_port)
                     raise error from None
                 if event is grpc.aio.EOF:
                     break

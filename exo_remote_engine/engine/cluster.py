@@ -136,23 +136,20 @@ class ClusterView:
             ring.extend((n, 0.0) for n in sorted(set(nodes) - set(candidates)))
         return ring
 
+    def _silent_for(self, present: Iterable[str]) -> dict[str, float]:
+        """Nodes in the topology that never announced: how long each has been seen."""
+        now = self.clock()
+        return {
+            node_id: now - self.first_seen.setdefault(node_id, now)
+            for node_id in present
+            if node_id not in self.peers and node_id != self.self_id
+        }
+
     def nodes_not_yet_announced(self, present: Iterable[str]) -> list[str]:
         """Nodes in the topology that have not announced yet but are still within the
         grace a starting node gets: what they serve is not known *yet*."""
-        now = self.clock()
-        waiting = []
-        for node_id in present:
-            first = self.first_seen.setdefault(node_id, now)
-            if node_id not in self.peers and node_id != self.self_id and now - first <= ADDON_GRACE_S:
-                waiting.append(node_id)
-        return sorted(waiting)
+        return sorted(n for n, age in self._silent_for(present).items() if age <= ADDON_GRACE_S)
 
     def nodes_without_addon(self, present: Iterable[str]) -> list[str]:
         """Nodes seen for a while that never announced the add-on."""
-        now = self.clock()
-        missing = []
-        for node_id in present:
-            first = self.first_seen.setdefault(node_id, now)
-            if node_id not in self.peers and node_id != self.self_id and now - first > ADDON_GRACE_S:
-                missing.append(node_id)
-        return sorted(missing)
+        return sorted(n for n, age in self._silent_for(present).items() if age > ADDON_GRACE_S)

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 log = logging.getLogger(__name__)
 
 WORKER_ENV = "EXO_REMOTE_SIDECAR_WORKER"  # set in a worker's environment; its value is its index
-_READY = re.compile(rb"exo-remote-sidecar listening on port (\d+)")
+READY_LINE = "exo-remote-sidecar listening on port {port}"  # the sidecar's first stdout line
+_READY = re.compile(re.escape(READY_LINE.split("{", 1)[0]).encode() + rb"(\d+)")
 _START_TIMEOUT_S = 60.0
 _RESTART_DELAY_S = 1.0
 
