@@ -244,8 +244,10 @@ def _finite_json(value: Any) -> bool:
 
 
 
-def request_to_litellm_kwargs(request: pb.GenerateRequest) -> dict[str, Any]:
-    """LiteLLM ``acompletion`` keyword arguments for a GenerateRequest (minus the model)."""
+def chat_completion_body(request: pb.GenerateRequest) -> dict[str, Any]:
+    """The OpenAI chat-completions request body for a GenerateRequest, minus ``model`` and
+    the stream options: the direct transport posts it as JSON, and LiteLLM's ``acompletion``
+    takes the same names as keyword arguments, so both transports send one body."""
     kwargs: dict[str, Any] = {"messages": [_message_to_openai(m) for m in request.messages]}
     if request.tools:
         kwargs["tools"] = [

@@ -256,8 +256,9 @@ class SidecarClient:
         first: pb.GenerateResponse | None = None
         worker_port: int | None = None
         retrying = AsyncRetrying(
-            # Provider errors were already retried by the sidecar (one place for that);
-            # here only the sidecar itself being away or full is worth another try.
+            # Provider errors were already retried by the sidecar (sidecar/streaming.py, with
+            # model fallbacks); here only the sidecar itself being away or full is worth
+            # another try. Two loops for two failure classes, neither retries the other's.
             retry=retry_if_exception(
                 lambda e: isinstance(e, RemoteError) and e.reason in (Reason.SIDECAR_UNAVAILABLE, Reason.OVERLOADED)
             ),

@@ -14,7 +14,7 @@ from typing import Any
 import litellm
 
 from exo_remote_engine.generated import remote_inference_pb2 as pb
-from exo_remote_engine.openai_wire import request_to_litellm_kwargs
+from exo_remote_engine.openai_wire import chat_completion_body
 from exo_remote_engine.sidecar.config import EMBEDDED_PROVIDER, ModelEntry
 from exo_remote_engine.sidecar.streaming import StreamState
 
@@ -39,7 +39,7 @@ class LiteLLMTransport:
                     await aclose()
 
     def call_kwargs(self, entry: ModelEntry, request: pb.GenerateRequest) -> dict[str, Any]:
-        kwargs = request_to_litellm_kwargs(request)
+        kwargs = chat_completion_body(request)
         kwargs["timeout"] = self._timeout  # a config's litellm_params.timeout overrides it
         kwargs.update(entry.params)
         kwargs.update(

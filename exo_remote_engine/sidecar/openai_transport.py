@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 
 from exo_remote_engine.generated import remote_inference_pb2 as pb
-from exo_remote_engine.openai_wire import request_to_litellm_kwargs
+from exo_remote_engine.openai_wire import chat_completion_body
 from exo_remote_engine.sidecar.config import ModelEntry
 from exo_remote_engine.sidecar.provider_errors import (
     ProviderConnectionError,
@@ -92,7 +92,7 @@ class OpenAICompatibleTransport:
 
     async def produce(self, entry: ModelEntry, request: pb.GenerateRequest, state: StreamState) -> None:
         route = self.route(entry)
-        body = request_to_litellm_kwargs(request)
+        body = chat_completion_body(request)
         body.update(model=route.model, stream=True, stream_options={"include_usage": True})
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=route.timeout_s, sock_read=route.timeout_s)
         try:
