@@ -31,7 +31,7 @@ import grpc
 from exo_remote_engine.errors import Reason, RemoteError, abort, redact
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
-from exo_remote_engine.generated.grpc_health import health_pb2, health_pb2_grpc
+from exo_remote_engine.health_proto import health_pb2, health_pb2_grpc
 from exo_remote_engine.openai_wire import validate_request
 from exo_remote_engine.sidecar.auth import ServerTLS, TokenAuthInterceptor
 from exo_remote_engine.sidecar.config import ConfigError, SidecarConfig, load_config

@@ -9,4 +9,4 @@ export LITELLM_LOCAL_MODEL_COST_MAP=True
 export EXO_REMOTE_PINS_PYTHON="$PWD/.venvs/exo-pins/bin/python"
 echo "[test] ruff"; .venv/bin/ruff check .
 echo "[test] mypy"; .venv/bin/mypy exo_remote_engine
-echo "[test] pytest"; .venv/bin/python -m pytest "$@"
+echo "[test] pytest"; .venv/bin/python -m pytest -rs "$@"  # -rs: every skip with its reason

@@ -411,3 +411,68 @@ def test_no_field_can_carry_a_key_base_url_or_provider_config() -> None:
     assert len(fields) > 40
     bad = {f.full_name: _violations(f) for f in fields if _violations(f)}
     assert bad == {}, f"fields that could carry credentials or provider config: {bad}"
+
+
+# --- the compiled-in health service beside the standard grpc_health package -------------
+
+STANDARD_HEALTH_PB2 = '''
+from google.protobuf import descriptor_pool
+from google.protobuf.internal import builder
+DESCRIPTOR = descriptor_pool.Default().AddSerializedFile({serialized!r})
+builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
+builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "grpc_health.v1.health_pb2", globals())
+'''
+
+HEALTH_BESIDE_STANDARD = r"""
+import sys
+OURS = "exo_remote_engine.generated.grpc_health.health_pb2"
+if sys.argv[1] == "standard-first":
+    import grpc_health.v1.health_pb2 as standard
+    from exo_remote_engine.engine.client import health_pb2
+else:
+    from exo_remote_engine.engine.client import health_pb2
+    import grpc_health.v1.health_pb2 as standard
+assert health_pb2 is standard, health_pb2
+assert OURS not in sys.modules, "our copy was loaded beside the standard one"
+try:  # what importing our copy directly does beside the standard one
+    __import__(OURS)
+except TypeError as exc:
+    print("collision:", exc)
+"""
+
+
+@pytest.fixture
+def standard_grpc_health(tmp_path: Path) -> Path:
+    """A stand-in for the grpcio-health-checking package (``grpc_health.v1``): the same
+    messages as ours, under the file name the real package registers."""
+    from google.protobuf import descriptor_pb2
+
+    proto = descriptor_pb2.FileDescriptorProto()
+    health_pb2.DESCRIPTOR.CopyToProto(proto)
+    proto.name = "grpc_health/v1/health.proto"
+    package = tmp_path / "grpc_health" / "v1"
+    package.mkdir(parents=True)
+    (tmp_path / "grpc_health" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "health_pb2.py").write_text(STANDARD_HEALTH_PB2.format(serialized=proto.SerializeToString()))
+    ours_grpc = (GENERATED / "grpc_health" / "health_pb2_grpc.py").read_text()
+    standard_grpc = ours_grpc.replace(
+        "from exo_remote_engine.generated.grpc_health import health_pb2", "from grpc_health.v1 import health_pb2"
+    )
+    assert standard_grpc != ours_grpc
+    (package / "health_pb2_grpc.py").write_text(standard_grpc)
+    return tmp_path
+
+
+@pytest.mark.parametrize("order", ["standard-first", "ours-first"])
+def test_the_standard_grpc_health_package_is_used_when_present_and_never_collides(
+    standard_grpc_health: Path, order: str
+) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(standard_grpc_health), str(REPO)])}
+    result = subprocess.run(
+        [sys.executable, "-c", HEALTH_BESIDE_STANDARD, order],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Loading both copies would fail: the reason exo_remote_engine.health_proto exists.
+    assert "duplicate symbol 'grpc.health.v1." in result.stdout or "Conflict register" in result.stdout, result.stdout

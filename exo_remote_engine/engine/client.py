@@ -32,7 +32,7 @@ from tenacity import (
 from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
-from exo_remote_engine.generated.grpc_health import health_pb2, health_pb2_grpc
+from exo_remote_engine.health_proto import health_pb2, health_pb2_grpc
 
 DEFAULT_SIDECAR = "127.0.0.1:50505"
 SERVICE_NAME = "exo.remote.v1.RemoteInferenceService"
