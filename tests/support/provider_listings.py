@@ -63,6 +63,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
@@ -455,6 +456,7 @@ class ListingServer:
         self.page_size = page_size
         self.mode = "ok"
         self.hits = 0  # listing requests (first pages and follow-ups)
+        self.first_hit_at: float | None = None  # time.monotonic() of the first one
         self._port = port
         self._runner: web.AppRunner | None = None
         self._release = asyncio.Event()
@@ -526,6 +528,8 @@ class ListingServer:
     async def _gate(self, request: web.Request) -> web.Response | None:
         """Auth and failure modes; None means: answer normally."""
         self.hits += 1
+        if self.first_hit_at is None:
+            self.first_hit_at = time.monotonic()
         if self.mode == "hang":
             await self._release.wait()  # until the server stops: longer than any test timeout
             return web.Response(status=503)
