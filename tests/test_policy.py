@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from exo_remote_engine.engine.client import RetryPolicy, SidecarClient, SidecarTarget
+from exo_remote_engine.engine.client import SidecarClient
 from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
@@ -21,18 +21,10 @@ from exo_remote_engine.server import SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config import load_config
 from exo_remote_engine.sidecar.policy import Limits
 from tests.conftest import PLANTED_KEY, write_proxy_config
+from tests.support.harness import chat_request, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 
 SLOW = Scenario(chunks=[f"s{i} " for i in range(400)], interval_s=0.02)
-
-
-def _request(model: str, **extra: Any) -> pb.GenerateRequest:
-    body = {"messages": [{"role": "user", "content": "hi"}], **extra}
-    return chat_body_to_request(body, request_id=f"p-{model}", model=model)
-
-
-def _client(address: str, token: str | None = None) -> SidecarClient:
-    return SidecarClient(SidecarTarget(address=address, token=token, retry=RetryPolicy(attempts=1)))
 
 
 async def _error_of(client: SidecarClient, request: pb.GenerateRequest) -> RemoteError:
@@ -44,13 +36,13 @@ async def _error_of(client: SidecarClient, request: pb.GenerateRequest) -> Remot
 
 async def test_oversized_requests_are_refused_with_the_field(upstream: OpenAIUpstream, sidecar_for: Any) -> None:
     sidecar = await sidecar_for(upstream, "m", limits=Limits(max_messages=3, max_tools=1, max_image_bytes=10))
-    client = _client(sidecar.address)
+    client = sidecar_client(sidecar.address)
     many = {"messages": [{"role": "user", "content": str(i)} for i in range(4)]}
     error = await _error_of(client, chat_body_to_request(many, request_id="x", model="m"))
     assert error.reason is Reason.REQUEST_TOO_LARGE and error.http_status == 413
     assert error.violations[0].field == "messages"
     tools = [{"type": "function", "function": {"name": f"t{i}"}} for i in range(2)]
-    error = await _error_of(client, _request("m", tools=tools))
+    error = await _error_of(client, chat_request("m", tools=tools))
     assert error.violations[0].field == "tools"
     image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 40}}]
     error = await _error_of(
@@ -63,7 +55,7 @@ async def test_oversized_requests_are_refused_with_the_field(upstream: OpenAIUps
 async def test_a_call_without_deadline_is_refused(upstream: OpenAIUpstream, sidecar_for: Any) -> None:
     sidecar = await sidecar_for(upstream, "m")
     async with grpc.aio.insecure_channel(sidecar.address) as channel:
-        call = pb_grpc.RemoteInferenceServiceStub(channel).Generate(_request("m"))
+        call = pb_grpc.RemoteInferenceServiceStub(channel).Generate(chat_request("m"))
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             async for _ in call:
                 pass
@@ -75,7 +67,7 @@ async def test_sidecar_caps_deadlines_and_closes_the_upstream(upstream: OpenAIUp
     upstream.scenarios["slow"] = SLOW
     sidecar = await sidecar_for(upstream, "slow", limits=Limits(max_deadline_s=0.5))
     started = time.monotonic()
-    error = await _error_of(_client(sidecar.address), _request("slow"))
+    error = await _error_of(sidecar_client(sidecar.address), chat_request("slow"))
     assert error.reason is Reason.DEADLINE_EXCEEDED and time.monotonic() - started < 1.5
     record = await upstream.wait_closed("slow", timeout=2)
     assert record.client_disconnected and record.ended_at - started < 1.5
@@ -86,11 +78,11 @@ async def test_concurrency_limit_answers_overloaded_with_a_retry_hint(
 ) -> None:
     upstream.scenarios["slow"] = SLOW
     sidecar = await sidecar_for(upstream, "slow", limits=Limits(max_concurrent_streams=2))
-    client = _client(sidecar.address)
-    streams = [client.generate(_request("slow")) for _ in range(2)]
+    client = sidecar_client(sidecar.address)
+    streams = [client.generate(chat_request("slow")) for _ in range(2)]
     for stream in streams:
         await stream.__anext__()  # both hold a slot
-    error = await _error_of(client, _request("slow"))
+    error = await _error_of(client, chat_request("slow"))
     assert error.reason is Reason.OVERLOADED and error.grpc_code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error.retry_after_s == 1.0
     for stream in streams:
@@ -115,49 +107,75 @@ async def test_per_node_models_and_concurrency(
         load_config(config),
     )
     try:
-        node_a, node_b = _client(sidecar.address, "token-a"), _client(sidecar.address, "token-b")
-        error = await _error_of(node_a, _request("slow"))
+        node_a = sidecar_client(sidecar.address, token="token-a")
+        node_b = sidecar_client(sidecar.address, token="token-b")
+        error = await _error_of(node_a, chat_request("slow"))
         assert error.reason is Reason.PERMISSION_DENIED and "node-a" in error.message
-        assert [e async for e in node_a.generate(_request("open-model"))][-1].HasField("finished")
-        held = node_b.generate(_request("slow"))
+        assert [e async for e in node_a.generate(chat_request("open-model"))][-1].HasField("finished")
+        held = node_b.generate(chat_request("slow"))
         await held.__anext__()
-        error = await _error_of(node_b, _request("slow"))
+        error = await _error_of(node_b, chat_request("slow"))
         assert error.reason is Reason.OVERLOADED and "node-b" in error.message
         await held.aclose()  # type: ignore[attr-defined]
     finally:
         await sidecar.stop(grace_s=None)
 
 
-async def test_graceful_drain_under_50_live_streams(upstream: OpenAIUpstream, sidecar_for: Any) -> None:
-    upstream.scenarios["drain"] = Scenario(chunks=[f"d{i} " for i in range(60)], interval_s=0.02)
-    sidecar = await sidecar_for(upstream, "drain")
-    client = _client(sidecar.address)
+@pytest.mark.timeout(60)
+async def test_graceful_drain_finishes_what_fits_the_grace_and_cancels_the_rest_when_it_ends(
+    upstream: OpenAIUpstream, sidecar_for: Any
+) -> None:
+    """50 live streams and a 6 s grace: the 25 that need about 3 s all finish; the 25 that
+    need a minute are cancelled when the grace runs out, not at once, and their upstream
+    connections close. An abort (a grace of 0) fails the first half; no grace limit, the
+    second; cancelling at once, the timing (a lower bound: a busy box only makes it later)."""
+    grace_s, streams = 6.0, 25
+    upstream.scenarios["short"] = Scenario(chunks=[f"s{i} " for i in range(150)], interval_s=0.02)
+    upstream.scenarios["long"] = Scenario(chunks=[f"l{i} " for i in range(1200)], interval_s=0.05)
+    sidecar = await sidecar_for(upstream, "short", "long")
+    client = sidecar_client(sidecar.address)
+    live: list[str] = []
+    all_live = asyncio.Event()
 
-    async def run() -> str:
+    async def run(model: str, n: int) -> tuple[str, float]:
         try:
-            async for event in client.generate(_request("drain")):
+            async for event in client.generate(chat_request(model, request_id=f"{model}-{n}")):
+                if len(live) < 2 * streams and f"{model}-{n}" not in live:
+                    live.append(f"{model}-{n}")
+                    if len(live) == 2 * streams:
+                        all_live.set()
                 if event.HasField("finished"):
-                    return "finished"
-            return "ended"
+                    return "finished", time.monotonic()
+            return "ended", time.monotonic()
         except RemoteError as exc:
-            return exc.reason.value
+            return exc.reason.value, time.monotonic()
 
-    tasks = [asyncio.create_task(run()) for _ in range(50)]
-    await asyncio.sleep(0.3)
-    started = time.monotonic()
-    await sidecar.stop(grace_s=0.5)  # shorter than the 1.2 s the streams need
-    outcomes = await asyncio.wait_for(asyncio.gather(*tasks), timeout=5)
-    assert time.monotonic() - started < 3
-    assert set(outcomes) <= {"finished", "CANCELLED", "SIDECAR_UNAVAILABLE"}, outcomes
+    short = [asyncio.create_task(run("short", n)) for n in range(streams)]
+    long = [asyncio.create_task(run("long", n)) for n in range(streams)]
+    await asyncio.wait_for(all_live.wait(), timeout=20)  # every stream has its first delta
+    draining = time.monotonic()
+    await sidecar.stop(grace_s=grace_s)
+    short_ends = await asyncio.wait_for(asyncio.gather(*short), timeout=30)
+    long_ends = await asyncio.wait_for(asyncio.gather(*long), timeout=30)
+
+    assert [outcome for outcome, _ in short_ends] == ["finished"] * streams, short_ends
+    assert any(at > draining for _, at in short_ends), "some short stream was still live when the drain began"
+    assert {outcome for outcome, _ in long_ends} <= {"CANCELLED", "SIDECAR_UNAVAILABLE"}, long_ends
+    waited = [at - draining for _, at in long_ends]
+    assert min(waited) >= grace_s / 2, f"cancelled {min(waited):.2f}s into a {grace_s:g}s grace: not a drain"
+    assert max(waited) < grace_s + 15, f"the grace ended at {grace_s:g}s; streams ran {max(waited):.1f}s"
+    for _ in range(streams):
+        record = await upstream.wait_closed("long", timeout=15)
+        assert record.client_disconnected and record.chunks_written < 1200, record
     assert not await client.health(timeout_s=1), "health no longer SERVING"
 
 
 async def test_metrics_are_on_their_own_port_without_secrets(upstream: OpenAIUpstream, sidecar_for: Any) -> None:
     upstream.scenarios["bad"] = Scenario(status=401, error_message=f"bad key {PLANTED_KEY}")
     sidecar = await sidecar_for(upstream, "good", "bad", metrics_listen="127.0.0.1:0")
-    client = _client(sidecar.address)
-    [_ async for _ in client.generate(_request("good"))]
-    await _error_of(client, _request("bad"))
+    client = sidecar_client(sidecar.address)
+    [_ async for _ in client.generate(chat_request("good"))]
+    await _error_of(client, chat_request("bad"))
     assert sidecar.metrics_port and sidecar.metrics_port != sidecar.port
     with urllib.request.urlopen(f"http://127.0.0.1:{sidecar.metrics_port}/metrics", timeout=5) as response:
         text = response.read().decode()
@@ -181,13 +199,13 @@ async def test_retries_then_fallback_before_the_first_delta_only(
         + "litellm_settings:\n  num_retries: 2\n  fallbacks: [{flaky: [backup]}, {cut: [backup]}]\n"
     )
     sidecar = await start_sidecar(SidecarSettings(listen="127.0.0.1:0"), load_config(config))
-    client = _client(sidecar.address)
+    client = sidecar_client(sidecar.address)
     try:
-        events = [e async for e in client.generate(_request("flaky"))]
+        events = [e async for e in client.generate(chat_request("flaky"))]
         assert "".join(e.delta.text for e in events) == "from backup"
         assert events[-1].finished.model == "backup", "the resolved model is the fallback"
         assert len(upstream.requests_for("flaky")) == 3, "one call and two retries, then the fallback"
-        error = await _error_of(client, _request("cut"))
+        error = await _error_of(client, chat_request("cut"))
         assert error.reason is Reason.PROVIDER_UNAVAILABLE, "after the first delta: no retry, no fallback"
         assert len(upstream.requests_for("cut")) == 1
         assert len(upstream.requests_for("backup")) == 1
