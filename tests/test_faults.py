@@ -36,6 +36,7 @@ from tests.conftest import FAST_PATH_ENV, PLANTED_KEY, TRANSPORTS, assert_served
 from tests.support.harness import (
     EXCEPTION_REPR,
     KEY_ENV,
+    PROVIDER_STATUSES,
     assert_no_key,
     chat_request,
     error_surface,
@@ -143,17 +144,7 @@ def _retry_info(trailers: Any) -> error_details_pb2.RetryInfo | None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize(
-    ("status", "retry_after", "reason", "code"),
-    [
-        (401, None, Reason.PROVIDER_AUTH_FAILED, grpc.StatusCode.FAILED_PRECONDITION),
-        (404, None, Reason.PROVIDER_NOT_FOUND, grpc.StatusCode.NOT_FOUND),
-        (429, "7", Reason.RATE_LIMITED, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (429, None, Reason.RATE_LIMITED, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (500, None, Reason.PROVIDER_UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
-        (503, None, Reason.PROVIDER_UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
-    ],
-)
+@pytest.mark.parametrize(("status", "retry_after", "reason", "code"), PROVIDER_STATUSES)
 async def test_provider_status_ends_promptly_in_its_documented_status(
     upstream: OpenAIUpstream,
     start: StartSidecar,
@@ -310,7 +301,10 @@ async def test_drop_after_first_delta_is_never_retried_with_default_retries(
     text, error, _ = await _drain(sidecar_client(sidecar.address, retry=RetryPolicy()), chat_request("drop"))
     assert error is not None and error.reason is Reason.PROVIDER_UNAVAILABLE
     assert text == "".join(chunks[:5])
-    await asyncio.sleep(0.3)  # room for a (wrong) retry to reach the upstream
+    # Both retry loops run before an error reaches the client, so a wrong retry has already
+    # reached the upstream; the wait is a wide margin for one fired late, in the background.
+    await _closed(upstream, "drop")
+    await asyncio.sleep(1.0)
     assert len(upstream.requests_for("drop")) == 1, "a stream that produced text must not be retried"
 
 

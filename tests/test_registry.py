@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from exo_remote_engine.engine.client import RetryPolicy, SidecarClient, SidecarTarget
 from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
-from exo_remote_engine.openai_wire import chat_body_to_request
 from exo_remote_engine.server import SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.discovery import PROVIDERS
 from exo_remote_engine.sidecar.registry import read_env_file
 from tests.conftest import PLANTED_KEY
+from tests.support.harness import chat_request, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 
 REFRESH_S = 1.0
@@ -46,7 +45,7 @@ async def test_a_key_added_while_running_makes_models_ready(tmp_path: Path) -> N
         sidecar = await start_sidecar(
             SidecarSettings(listen="127.0.0.1:0", discover=True, env_file=env_file, discovery_ttl_s=REFRESH_S)
         )
-        client = SidecarClient(SidecarTarget(address=sidecar.address, retry=RetryPolicy(attempts=1)))
+        client = sidecar_client(sidecar.address)
         try:
             before = {m.alias: m for m in (await client.list_models()).models}
             assert before["embedded-echo"].ready
@@ -54,9 +53,7 @@ async def test_a_key_added_while_running_makes_models_ready(tmp_path: Path) -> N
             assert unready and all(not m.ready for m in unready)
             assert {m.not_ready_reason for m in unready} == {"set OPENAI_API_KEY on the sidecar"}
             with pytest.raises(RemoteError) as caught:
-                request = chat_body_to_request(
-                    {"messages": [{"role": "user", "content": "x"}]}, request_id="u", model=unready[0].alias
-                )
+                request = chat_request(unready[0].alias, "x", request_id="u")
                 [_ async for _ in client.generate(request)]
             assert caught.value.reason is Reason.MODEL_NOT_READY
             assert "set OPENAI_API_KEY on the sidecar" in caught.value.message
@@ -73,9 +70,7 @@ async def test_a_key_added_while_running_makes_models_ready(tmp_path: Path) -> N
             assert found is not None and found.ready, "ready within one refresh period"
             assert found.source == pb.MODEL_SOURCE_DISCOVERED
             assert time.monotonic() - added < REFRESH_S * 3 + 2
-            request = chat_body_to_request(
-                {"messages": [{"role": "user", "content": "x"}]}, request_id="d", model="openai/gpt-test-mini"
-            )
+            request = chat_request("openai/gpt-test-mini", "x", request_id="d")
             text = "".join([e.delta.text async for e in client.generate(request)])
             assert text == "found me"
             sent = upstream.requests_for("gpt-test-mini")[-1]
@@ -101,7 +96,7 @@ async def test_configured_alias_wins_and_config_default_is_kept(
             )
         )
         sidecar = await start_sidecar(SidecarSettings(listen="127.0.0.1:0", config_path=config, discover=True))
-        client = SidecarClient(SidecarTarget(address=sidecar.address))
+        client = sidecar_client(sidecar.address)
         try:
             listing = await client.list_models(refresh=True)
             aliases = [m.alias for m in listing.models]

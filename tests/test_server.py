@@ -13,18 +13,16 @@ from typing import Any
 import grpc
 import pytest
 
-from exo_remote_engine.engine.client import RetryPolicy, SidecarClient, SidecarTarget
+from exo_remote_engine.engine.client import SidecarClient
 from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
-from exo_remote_engine.openai_wire import chat_body_to_request
 from exo_remote_engine.server import SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.litellm_transport import LiteLLMTransport
 from exo_remote_engine.sidecar.openai_transport import OpenAICompatibleTransport
 from tests.conftest import PLANTED_KEY, TRANSPORTS, assert_served_by, use_transport, write_proxy_config
+from tests.support.harness import PROVIDER_STATUSES, chat_request, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario, ToolCallSpec
 from tests.support.processes import start_sidecar_process
-
-NO_RETRY = RetryPolicy(attempts=1)
 
 
 @pytest.fixture(autouse=True, params=TRANSPORTS)
@@ -34,17 +32,8 @@ def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     return use_transport(monkeypatch, request.param)
 
 
-def _request(model: str, text: str = "Hello", **params: Any) -> pb.GenerateRequest:
-    body = {"messages": [{"role": "user", "content": text}], **params}
-    return chat_body_to_request(body, request_id=f"test-{model}", model=model)
-
-
 async def _collect(client: SidecarClient, request: pb.GenerateRequest) -> list[pb.GenerateResponse]:
     return [event async for event in client.generate(request)]
-
-
-def _client(address: str, **kwargs: Any) -> SidecarClient:
-    return SidecarClient(SidecarTarget(address=address, retry=NO_RETRY, **kwargs))
 
 
 async def test_text_arrives_complete_and_in_order_with_upstream_finish_and_usage(
@@ -55,7 +44,7 @@ async def test_text_arrives_complete_and_in_order_with_upstream_finish_and_usage
         chunks=chunks, finish_reason="length", usage=(42, 301), cached_tokens=7, interval_s=0.001
     )
     sidecar = await sidecar_for(upstream, "steady")
-    events = await _collect(_client(sidecar.address), _request("steady"))
+    events = await _collect(sidecar_client(sidecar.address), chat_request("steady"))
     assert all(e.HasField("delta") for e in events[:-1])
     assert events[-1].HasField("finished"), "exactly one final event, and it is last"
     assert "".join(e.delta.text for e in events[:-1]) == "".join(chunks)
@@ -80,11 +69,11 @@ async def test_tool_call_fragments_reassemble_into_valid_json(
     upstream.scenarios["tools"] = Scenario(chunks=["Checking."], tool_calls=calls, finish_reason="tool_calls")
     sidecar = await sidecar_for(upstream, "tools")
     tools = [{"type": "function", "function": {"name": c.name, "parameters": {"type": "object"}}} for c in calls]
-    request = _request(
+    request = chat_request(
         "tools", "Weather?", tools=tools, tool_choice="auto", max_tokens=64, temperature=0.0,
         stop=["END"], top_p=0.5, seed=11,
     )
-    events = await _collect(_client(sidecar.address), request)
+    events = await _collect(sidecar_client(sidecar.address), request)
     assembled: dict[int, dict[str, str]] = {}
     for event in events:
         for frag in event.delta.tool_calls:
@@ -108,25 +97,13 @@ async def test_tool_call_fragments_reassemble_into_valid_json(
 
 async def test_unset_sampling_is_not_sent_upstream(upstream: OpenAIUpstream, sidecar_for: Any) -> None:
     sidecar = await sidecar_for(upstream, "plain")
-    await _collect(_client(sidecar.address), _request("plain"))
+    await _collect(sidecar_client(sidecar.address), chat_request("plain"))
     sent = upstream.requests_for("plain")[0].body
     assert sent is not None
     assert not {"temperature", "top_p", "max_tokens", "stop", "seed"} & set(sent)
 
 
-@pytest.mark.parametrize(
-    ("status", "retry_after", "reason", "code"),
-    [
-        (401, None, Reason.PROVIDER_AUTH_FAILED, grpc.StatusCode.FAILED_PRECONDITION),
-        (403, None, Reason.PROVIDER_AUTH_FAILED, grpc.StatusCode.FAILED_PRECONDITION),
-        (404, None, Reason.PROVIDER_NOT_FOUND, grpc.StatusCode.NOT_FOUND),
-        (400, None, Reason.INVALID_REQUEST, grpc.StatusCode.INVALID_ARGUMENT),
-        (429, "7", Reason.RATE_LIMITED, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (429, None, Reason.RATE_LIMITED, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (500, None, Reason.PROVIDER_UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
-        (503, None, Reason.PROVIDER_UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
-    ],
-)
+@pytest.mark.parametrize(("status", "retry_after", "reason", "code"), PROVIDER_STATUSES)
 async def test_provider_errors_map_to_statuses_without_leaking_the_key(
     upstream: OpenAIUpstream,
     sidecar_for: Any,
@@ -144,7 +121,7 @@ async def test_provider_errors_map_to_statuses_without_leaking_the_key(
     )
     sidecar = await sidecar_for(upstream, "bad")
     with pytest.raises(RemoteError) as caught:
-        await _collect(_client(sidecar.address), _request("bad"))
+        await _collect(sidecar_client(sidecar.address), chat_request("bad"))
     error = caught.value
     assert error.reason is reason and error.grpc_code is code
     assert error.retry_after_s == (7.0 if retry_after else None)
@@ -158,7 +135,7 @@ async def test_unknown_model_is_not_found_and_names_the_served_models(
 ) -> None:
     sidecar = await sidecar_for(upstream, "known")
     with pytest.raises(RemoteError) as caught:
-        await _collect(_client(sidecar.address), _request("nope"))
+        await _collect(sidecar_client(sidecar.address), chat_request("nope"))
     assert caught.value.reason is Reason.MODEL_NOT_FOUND
     assert caught.value.grpc_code is grpc.StatusCode.NOT_FOUND
     assert "known" in caught.value.message
@@ -169,8 +146,8 @@ async def test_client_cancel_closes_the_upstream_connection_within_1s(
 ) -> None:
     upstream.scenarios["slow"] = Scenario(chunks=[f"t{i} " for i in range(1000)], interval_s=0.02)
     sidecar = await sidecar_for(upstream, "slow")
-    client = _client(sidecar.address)
-    stream = client.generate(_request("slow"))
+    client = sidecar_client(sidecar.address)
+    stream = client.generate(chat_request("slow"))
     received = 0
     async for event in stream:
         received += len(event.delta.text)
@@ -192,7 +169,7 @@ async def test_slow_reader_gets_merged_deltas_and_loses_nothing(upstream: OpenAI
     sidecar = await sidecar_for(upstream, "burst")
     text: list[str] = []
     deltas = 0
-    async for event in _client(sidecar.address).generate(_request("burst")):
+    async for event in sidecar_client(sidecar.address).generate(chat_request("burst")):
         if event.HasField("delta"):
             deltas += 1
             text.append(event.delta.text)
@@ -210,7 +187,7 @@ async def test_mid_stream_drop_ends_with_an_error_after_the_text_that_arrived(
     sidecar = await sidecar_for(upstream, "drop")
     received = ""
     with pytest.raises(RemoteError) as caught:
-        async for event in _client(sidecar.address).generate(_request("drop")):
+        async for event in sidecar_client(sidecar.address).generate(chat_request("drop")):
             received += event.delta.text
     assert caught.value.reason is Reason.PROVIDER_UNAVAILABLE
     assert received == "part " * 4
@@ -219,11 +196,11 @@ async def test_mid_stream_drop_ends_with_an_error_after_the_text_that_arrived(
 async def test_embedded_default_serves_offline_with_no_config() -> None:
     sidecar = await start_sidecar(SidecarSettings(listen="127.0.0.1:0"))
     try:
-        client = _client(sidecar.address)
+        client = sidecar_client(sidecar.address)
         listing = await client.list_models()
         assert listing.default_model == "embedded-echo"
         assert [m.ready for m in listing.models] == [True]
-        events = await _collect(client, _request("embedded-echo", "Ping 🏓"))
+        events = await _collect(client, chat_request("embedded-echo", "Ping 🏓"))
         assert "Ping 🏓" in "".join(e.delta.text for e in events)
         assert events[-1].finished.finish_reason == pb.FINISH_REASON_STOP
         assert await client.health()
@@ -235,11 +212,11 @@ async def test_token_auth_refuses_missing_and_wrong_tokens(upstream: OpenAIUpstr
     sidecar = await sidecar_for(upstream, "m", tokens=["right-token"])
     for token in (None, "wrong-token"):
         with pytest.raises(RemoteError) as caught:
-            await _client(sidecar.address, token=token).list_models()
+            await sidecar_client(sidecar.address, token=token).list_models()
         assert caught.value.reason is Reason.UNAUTHENTICATED
-    listing = await _client(sidecar.address, token="right-token").list_models()
+    listing = await sidecar_client(sidecar.address, token="right-token").list_models()
     assert [m.alias for m in listing.models] == ["m"]
-    assert await _client(sidecar.address).health(), "health stays open for probes"
+    assert await sidecar_client(sidecar.address).health(), "health stays open for probes"
 
 
 async def test_second_process_cannot_bind_the_same_port(upstream: OpenAIUpstream, sidecar_for: Any) -> None:
@@ -264,14 +241,14 @@ async def test_debug_logging_sidecar_process_never_logs_the_key(
         start_sidecar_process, config, log, {"TEST_UPSTREAM_KEY": PLANTED_KEY}, "127.0.0.1:0", ["--log-level", "debug"]
     )
     try:
-        client = _client(sidecar.address)
+        client = sidecar_client(sidecar.address)
         with pytest.raises(RemoteError):
-            await _collect(client, _request("leaky"))
-        await _collect(client, _request("fine"))
+            await _collect(client, chat_request("leaky"))
+        await _collect(client, chat_request("fine"))
         await client.close()
     finally:
         await asyncio.to_thread(sidecar.stop)
     assert_served_by(upstream.requests_for("fine")[0].headers, transport)  # the subprocess inherited the choice
     text = log.read_text()
-    assert "request_id=test-leaky failed reason=PROVIDER_AUTH_FAILED" in text, "the log is real and at debug"
+    assert "request_id=t-leaky failed reason=PROVIDER_AUTH_FAILED" in text, "the log is real and at debug"
     assert PLANTED_KEY not in text and "PLANTEDKEY" not in text

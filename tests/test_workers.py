@@ -25,6 +25,7 @@ from exo_remote_engine.engine.client import SidecarClient, SidecarTarget
 from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
+from tests.support.harness import chat_request
 from tests.support.processes import SidecarProcess, start_sidecar_process
 
 TOKEN = "worker-test-token-0123456789"
@@ -53,16 +54,9 @@ def shared_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar
     process.stop()
 
 
-def _request(i: int) -> pb.GenerateRequest:
-    return pb.GenerateRequest(
-        request_id=f"w-{i}",
-        model="embedded-echo",
-        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart(text=f"hello {i}")])],
-    )
-
-
 async def _text(client: SidecarClient, i: int) -> str:
-    return "".join([e.delta.text async for e in client.generate(_request(i)) if e.HasField("delta")])
+    request = chat_request("embedded-echo", f"hello {i}", request_id=f"w-{i}")
+    return "".join([e.delta.text async for e in client.generate(request) if e.HasField("delta")])
 
 
 def _worker_ports(sidecar: SidecarProcess, token: str | None = TOKEN) -> list[int]:

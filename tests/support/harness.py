@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from exo_remote_engine.engine.client import RetryPolicy, SidecarClient, SidecarTarget
-from exo_remote_engine.errors import RemoteError
+from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from exo_remote_engine.openai_wire import chat_body_to_request
@@ -51,6 +51,20 @@ DOCUMENTED_CODES = frozenset(
         grpc.StatusCode.PERMISSION_DENIED,
         grpc.StatusCode.INTERNAL,
     }
+)
+
+
+# Each provider HTTP status (with its Retry-After) and what a client sees: one table for
+# the end-to-end and the fault tests. Columns: status, Retry-After, reason, gRPC code.
+PROVIDER_STATUSES: tuple[tuple[int, str | None, Reason, grpc.StatusCode], ...] = (
+    (401, None, Reason.PROVIDER_AUTH_FAILED, grpc.StatusCode.FAILED_PRECONDITION),
+    (403, None, Reason.PROVIDER_AUTH_FAILED, grpc.StatusCode.FAILED_PRECONDITION),
+    (404, None, Reason.PROVIDER_NOT_FOUND, grpc.StatusCode.NOT_FOUND),
+    (400, None, Reason.INVALID_REQUEST, grpc.StatusCode.INVALID_ARGUMENT),
+    (429, "7", Reason.RATE_LIMITED, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (429, None, Reason.RATE_LIMITED, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (500, None, Reason.PROVIDER_UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
+    (503, None, Reason.PROVIDER_UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
 )
 
 
