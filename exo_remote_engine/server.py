@@ -188,7 +188,7 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
             else:
                 usage.CopyFrom(response.finished.usage)
 
-        code = "OK"
+        code, failure = "OK", ""
         log.info("request_id=%s model=%s node=%s start", request.request_id, entry.alias, node)
         try:
             with self.policy.stream_slot(node), self._active():
@@ -203,14 +203,16 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
             code = "DEADLINE_EXCEEDED"
             raise RemoteError(Reason.DEADLINE_EXCEEDED, f"deadline of {deadline_s:.1f}s exceeded") from None
         except RemoteError as exc:
-            code = exc.grpc_code.name
+            code, failure = exc.grpc_code.name, f" {exc.reason.value}: {exc.message}"  # redacted already
             raise
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
         finally:
             recorder.finished(code, usage.prompt_tokens, usage.completion_tokens)
-            log.info("request_id=%s model=%s node=%s end code=%s", request.request_id, entry.alias, node, code)
+            log.info(
+                "request_id=%s model=%s node=%s end code=%s%s", request.request_id, entry.alias, node, code, failure
+            )
 
     @contextlib.contextmanager
     def _active(self) -> Iterator[None]:
