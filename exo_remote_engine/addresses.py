@@ -25,7 +25,7 @@ def grpc_address(text: str, *, flag: str = "--sidecar") -> str:
     address = text.strip()
     if not address:
         raise AddressError(f"{flag}: empty address; expected host:port, e.g. 127.0.0.1:{DEFAULT_PORT}")
-    if address.startswith(_GRPC_TARGET_PREFIXES) and "://" not in address:
+    if address.startswith(_GRPC_TARGET_PREFIXES):
         return address
     if "://" in address:
         parts = urllib.parse.urlsplit(address)
