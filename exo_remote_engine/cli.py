@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TextIO
 
+from exo_remote_engine.addresses import AddressError, grpc_address
+from exo_remote_engine.connection_hints import sidecar_hint
 from exo_remote_engine.engine.client import SidecarClient, SidecarTarget
 from exo_remote_engine.errors import RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
@@ -71,10 +76,37 @@ async def _models(target: SidecarTarget, refresh: bool) -> int:
     return 0
 
 
+SPINNER = "|/-\\"
+SPINNER_PERIOD_S = 0.1
+
+
+async def _show_waiting(stream: TextIO, model: list[str]) -> None:
+    """A one-line spinner on a terminal until cancelled (at the first token); the caller
+    clears the line. ``model`` is read each frame: it is known once the sidecar said it."""
+    started = time.monotonic()
+    for frame in itertools.cycle(SPINNER):
+        what = f"{model[0]}'s" if model else "the"
+        stream.write(f"\r{frame} waiting for {what} first token... {time.monotonic() - started:.1f}s")
+        stream.flush()
+        await asyncio.sleep(SPINNER_PERIOD_S)
+
+
 async def _chat(target: SidecarTarget, args: argparse.Namespace) -> int:
     client = SidecarClient(target)
+    known_model: list[str] = [args.model] if args.model else []
+    waiting = asyncio.create_task(_show_waiting(sys.stderr, known_model)) if sys.stderr.isatty() else None
+
+    def stop_waiting() -> None:
+        nonlocal waiting
+        if waiting is not None:
+            waiting.cancel()
+            waiting = None
+            sys.stderr.write("\r\x1b[K")  # erase the spinner's line
+            sys.stderr.flush()
+
     try:
         model = args.model or (await client.list_models()).default_model
+        known_model[:] = [model]
         body: dict[str, object] = {"messages": [{"role": "user", "content": args.prompt}]}
         if args.system:
             body["messages"] = [{"role": "system", "content": args.system}, *body["messages"]]  # type: ignore[misc]
@@ -84,6 +116,7 @@ async def _chat(target: SidecarTarget, args: argparse.Namespace) -> int:
             body["temperature"] = args.temperature
         request = chat_body_to_request(body, request_id=str(uuid.uuid4()), model=model)
         async for event in client.generate(request):
+            stop_waiting()
             if event.HasField("delta"):
                 sys.stdout.write(event.delta.text)
                 sys.stdout.flush()
@@ -96,32 +129,88 @@ async def _chat(target: SidecarTarget, args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
     finally:
+        stop_waiting()
         await client.close()
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="exo-remote", description=__doc__.splitlines()[0])
-    parser.add_argument("--sidecar", help="host:port (default: EXO_REMOTE_SIDECAR or 127.0.0.1:50505)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    models = sub.add_parser("models", help="list the sidecar's models")
-    models.add_argument("--refresh", action="store_true", help="ask the sidecar to rediscover first")
-    chat = sub.add_parser("chat", help="stream one reply")
-    chat.add_argument("prompt")
-    chat.add_argument("--model", help="alias (default: the sidecar's default model)")
-    chat.add_argument("--system")
-    chat.add_argument("--max-tokens", type=int)
-    chat.add_argument("--temperature", type=float)
-    topology = sub.add_parser("topology", help="draw an exo cluster's nodes and their sidecars")
-    topology.add_argument("--api", default=DEFAULT_API, help=f"exo's API (default: {DEFAULT_API})")
+ENVIRONMENT = """\
+environment (the same variables the exo side reads):
+  EXO_REMOTE_SIDECAR        sidecar host[:port] when --sidecar is not given (default: 127.0.0.1:50505)
+  EXO_REMOTE_TOKEN          bearer token the sidecar expects (default: none)
+  EXO_REMOTE_TOKEN_FILE     file holding that token, instead of EXO_REMOTE_TOKEN
+  EXO_REMOTE_TLS_CA         CA file that signed the sidecar's certificate; set it for a TLS sidecar
+  EXO_REMOTE_TLS_CERT, EXO_REMOTE_TLS_KEY
+                            client certificate and key, for a sidecar that requires mTLS
+  EXO_REMOTE_TLS_SERVER_NAME
+                            name to check the sidecar's certificate against, if not its host
+  EXO_REMOTE_DEADLINE_S     deadline of one chat call in seconds (default: 900)
+"""
+
+
+def sidecar_flag(text: str) -> str:
+    """argparse type for ``--sidecar``: host[:port], the port defaulting to 50505."""
+    try:
+        return grpc_address(text)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--sidecar ")) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """exo-remote's flags; ``--sidecar`` is accepted before or after the command."""
+    sidecar_help = "sidecar host[:port]; no port means 50505 (default: EXO_REMOTE_SIDECAR, else 127.0.0.1:50505)"
+    parser = argparse.ArgumentParser(
+        prog="exo-remote",
+        description="Check an exo-remote sidecar without exo: list its models, stream a reply,\n"
+        "or draw an exo cluster's nodes with their sidecars.",
+        epilog=ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--sidecar", type=sidecar_flag, help=sidecar_help)
+    # The same flag after the command; SUPPRESS keeps a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--sidecar", type=sidecar_flag, default=argparse.SUPPRESS, help=sidecar_help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{models,chat,topology}")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            parents=[common],
+            epilog=ENVIRONMENT,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    models = command("models", "list the sidecar's models, ready ones first")
+    models.add_argument(
+        "--refresh", action="store_true", help="ask the sidecar to rediscover its models first (default: off)"
+    )
+    chat = command("chat", "stream one reply to stdout; finish reason and usage go to stderr")
+    chat.add_argument("prompt", help="the user message")
+    chat.add_argument("--model", help="model alias (default: the sidecar's default model)")
+    chat.add_argument("--system", help="a system message sent before the prompt (default: none)")
+    chat.add_argument("--max-tokens", type=int, help="cap on the reply's tokens (default: the provider's)")
+    chat.add_argument("--temperature", type=float, help="sampling temperature (default: the provider's)")
+    topology = command("topology", "draw an exo cluster's nodes and ask each remote node's sidecar directly")
+    topology.add_argument("--api", default=DEFAULT_API, help=f"exo's HTTP API (default: {DEFAULT_API})")
     topology.add_argument(
         "--timeout", type=positive_seconds, default=3.0, help="seconds for each HTTP or sidecar call (default: 3)"
     )
-    topology.add_argument("--ascii", action="store_true", help="plain ASCII boxes")
+    topology.add_argument("--ascii", action="store_true", help="plain ASCII boxes (default: off)")
     topology.add_argument("--width", type=int, help="columns (default: the terminal's, else 100)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    target = SidecarTarget.from_env()
-    if args.sidecar:
+    try:
+        target = SidecarTarget.from_env()
+    except (AddressError, OSError) as exc:
+        print(f"exo-remote: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "sidecar", None):
         target = replace(target, address=args.sidecar)
     try:
         if args.command == "topology":
@@ -132,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_chat(target, args))
     except RemoteError as exc:
         print(f"exo-remote: {exc.reason.value}: {exc}", file=sys.stderr)
+        hint = sidecar_hint(exc, target)
+        if hint:
+            print(f"exo-remote: {hint}", file=sys.stderr)
         return 1
 
 

@@ -28,6 +28,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import grpc
 
+from exo_remote_engine.addresses import AddressError, grpc_address
 from exo_remote_engine.errors import Reason, RemoteError, abort, redact
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
@@ -188,7 +189,7 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
             else:
                 usage.CopyFrom(response.finished.usage)
 
-        code = "OK"
+        code, failure = "OK", ""
         log.info("request_id=%s model=%s node=%s start", request.request_id, entry.alias, node)
         try:
             with self.policy.stream_slot(node), self._active():
@@ -203,14 +204,16 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
             code = "DEADLINE_EXCEEDED"
             raise RemoteError(Reason.DEADLINE_EXCEEDED, f"deadline of {deadline_s:.1f}s exceeded") from None
         except RemoteError as exc:
-            code = exc.grpc_code.name
+            code, failure = exc.grpc_code.name, f" {exc.reason.value}: {exc.message}"  # redacted already
             raise
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
         finally:
             recorder.finished(code, usage.prompt_tokens, usage.completion_tokens)
-            log.info("request_id=%s model=%s node=%s end code=%s", request.request_id, entry.alias, node, code)
+            log.info(
+                "request_id=%s model=%s node=%s end code=%s%s", request.request_id, entry.alias, node, code, failure
+            )
 
     @contextlib.contextmanager
     def _active(self) -> Iterator[None]:
@@ -356,70 +359,98 @@ def _bind(server: grpc.aio.Server, settings: SidecarSettings) -> int:
         return server.add_insecure_port(settings.listen)
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """exo-remote-sidecar's flags; each says its default and the variable that sets it."""
+    env = os.environ.get
     parser = argparse.ArgumentParser(
         prog="exo-remote-sidecar",
         description="Serve external LLMs to exo nodes over gRPC. Provider keys live here only.",
     )
-    parser.add_argument("--listen", default=os.environ.get("EXO_REMOTE_LISTEN", DEFAULT_LISTEN))
+    parser.add_argument(
+        "--listen",
+        default=env("EXO_REMOTE_LISTEN", DEFAULT_LISTEN),
+        help=f"host[:port] to serve gRPC on; no port means 50505 (env EXO_REMOTE_LISTEN; default: {DEFAULT_LISTEN})",
+    )
     parser.add_argument(
         "--config",
         type=Path,
-        default=os.environ.get("EXO_REMOTE_CONFIG") or None,
-        help="LiteLLM proxy config.yaml or JSON alias map; none = the embedded offline model",
+        default=env("EXO_REMOTE_CONFIG") or None,
+        help="LiteLLM proxy config.yaml or JSON alias map (env EXO_REMOTE_CONFIG; "
+        "default: none, which serves the embedded offline model)",
     )
-    parser.add_argument("--log-level", default=os.environ.get("EXO_REMOTE_LOG_LEVEL", "info"))
+    parser.add_argument(
+        "--log-level",
+        default=env("EXO_REMOTE_LOG_LEVEL", "info"),
+        help="debug, info, warning or error (env EXO_REMOTE_LOG_LEVEL; default: info)",
+    )
     parser.add_argument(
         "--token-file",
         type=Path,
-        default=os.environ.get("EXO_REMOTE_TOKEN_FILE") or None,
-        help="file with one accepted bearer token per line (or env EXO_REMOTE_TOKEN)",
+        default=env("EXO_REMOTE_TOKEN_FILE") or None,
+        help="file with one accepted bearer token per line, optionally 'node-name token' "
+        "(env EXO_REMOTE_TOKEN_FILE, or one token in EXO_REMOTE_TOKEN; default: no token required)",
     )
-    parser.add_argument("--tls-cert", type=Path)
-    parser.add_argument("--tls-key", type=Path)
-    parser.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")
-    parser.add_argument("--insecure", action="store_true", help="allow plaintext off loopback")
+    parser.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for TLS (default: none, plaintext)")
+    parser.add_argument("--tls-key", type=Path, help="private key (PEM) of --tls-cert (default: none)")
+    parser.add_argument(
+        "--tls-client-ca", type=Path, help="require client certificates signed by this CA, mTLS (default: none)"
+    )
+    parser.add_argument(
+        "--insecure", action="store_true", help="allow plaintext on a non-loopback address (default: off)"
+    )
     parser.add_argument(
         "--metrics-listen",
-        default=os.environ.get("EXO_REMOTE_METRICS_LISTEN") or None,
-        help="host:port for Prometheus metrics (a separate port; off by default)",
+        default=env("EXO_REMOTE_METRICS_LISTEN") or None,
+        help="host:port for Prometheus metrics, a separate port (env EXO_REMOTE_METRICS_LISTEN; default: off)",
     )
-    parser.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, how long live streams may finish")
+    parser.add_argument(
+        "--grace-s", type=float, default=30.0, help="on SIGTERM, how long live streams may finish (default: 30)"
+    )
     parser.add_argument(
         "--discover",
         action=argparse.BooleanOptionalAction,
-        default=os.environ.get("EXO_REMOTE_DISCOVER", "1") != "0",
-        help="find the models the sidecar's keys and servers make available (default: on)",
+        default=env("EXO_REMOTE_DISCOVER", "1") != "0",
+        help="find the models the sidecar's keys and servers make available (env EXO_REMOTE_DISCOVER=0 "
+        "turns it off; default: on)",
     )
     parser.add_argument(
         "--env-file",
         type=Path,
-        default=os.environ.get("EXO_REMOTE_ENV_FILE") or None,
-        help="KEY=value file re-read at every discovery refresh (add keys without a restart)",
+        default=env("EXO_REMOTE_ENV_FILE") or None,
+        help="KEY=value file re-read at every discovery refresh, to add keys without a restart "
+        "(env EXO_REMOTE_ENV_FILE; default: none)",
     )
     parser.add_argument(
         "--server",
         action="append",
         default=[],
         metavar="KIND=URL",
-        help="an OpenAI-compatible server to list: ollama, llamacpp, vllm, lmstudio or openai (repeatable)",
+        help="an OpenAI-compatible server to list: ollama, llamacpp, vllm, lmstudio or openai; repeatable "
+        "(env EXO_REMOTE_SERVERS, comma-separated; default: none, plus Ollama's local address if it answers)",
     )
-    parser.add_argument("--refresh-s", type=float, default=60.0, help="discovery refresh period")
+    parser.add_argument(
+        "--refresh-s", type=float, default=60.0, help="discovery refresh period in seconds (default: 60)"
+    )
     parser.add_argument(
         "--workers",
         type=int,
-        default=int(os.environ.get("EXO_REMOTE_WORKERS", "1")),
-        help="processes serving Generate, each on its own port announced by ListWorkers "
-        "(default 1; use the number of cores for many concurrent streams)",
+        default=int(env("EXO_REMOTE_WORKERS", "1")),
+        help="processes serving Generate, each on its own port announced by ListWorkers; use the number "
+        "of cores for many concurrent streams (env EXO_REMOTE_WORKERS; default: 1)",
     )
     parser.add_argument(
         "--openai-fast-path",
         action=argparse.BooleanOptionalAction,
         default=_fast_path_from_env(),
         help="read OpenAI-compatible deployments (openai/ or hosted_vllm/ with an api_base and no "
-        "other litellm_params) directly instead of through LiteLLM (default: on)",
+        "other litellm_params) directly instead of through LiteLLM (env EXO_REMOTE_OPENAI_FAST_PATH=0 "
+        "turns it off; default: on)",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _settings_from_args(args: argparse.Namespace) -> SidecarSettings:
@@ -449,8 +480,12 @@ def _settings_from_args(args: argparse.Namespace) -> SidecarSettings:
             servers.append(ServerSpec(kind.strip(), url.strip()))
         except ValueError as exc:
             raise ConfigError(f"--server {spec!r}: {exc}") from exc
+    try:
+        listen = grpc_address(args.listen, flag="--listen")
+    except AddressError as exc:
+        raise ConfigError(str(exc)) from None
     return SidecarSettings(
-        listen=args.listen,
+        listen=listen,
         config_path=args.config,
         named_tokens=named,
         tls=tls,

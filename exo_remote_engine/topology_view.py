@@ -8,11 +8,13 @@ models. :func:`render_topology` is pure, so it can be tested without a network.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import ipaddress
 import json
 import shutil
 import socket
 import sys
+import textwrap
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,6 +22,7 @@ from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TextIO, TypeVar
 
+from exo_remote_engine.connection_hints import not_exo_api_hint, sidecar_hint
 from exo_remote_engine.engine.client import SidecarClient, SidecarTarget
 from exo_remote_engine.errors import Reason, RemoteError
 
@@ -78,6 +81,11 @@ def fetch_topology(api: str, timeout_s: float) -> dict[str, Any]:
             body = response.read(MAX_BODY_BYTES + 1)
     except urllib.error.HTTPError as exc:
         raise TopologyError(f"{url} answered HTTP {exc.code} {exc.reason}") from None
+    except http.client.HTTPException as exc:  # not HTTP/1.x at all: a sidecar's gRPC or TLS port?
+        first_line = exc.args[0] if exc.args and isinstance(exc.args[0], str | bytes) else b""
+        if isinstance(exc, http.client.RemoteDisconnected):
+            first_line = b""
+        raise TopologyError(not_exo_api_hint(first_line, api_base(api))) from None
     except urllib.error.URLError as exc:
         raise TopologyError(f"cannot reach exo at {url}: {exc.reason}") from None
     except (TimeoutError, OSError) as exc:
@@ -97,9 +105,11 @@ async def _bounded(awaitable: Awaitable[T], timeout_s: float) -> T:
     return await asyncio.wait_for(awaitable, timeout_s)
 
 
-def _short_error(exc: BaseException, timeout_s: float) -> str:
+def _short_error(exc: BaseException, timeout_s: float, hint: str | None = None) -> str:
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return f"no answer in {timeout_s:g} s"
+    if hint:
+        return hint
     text = str(exc)
     lowered = text.lower()
     if "connection refused" in lowered:
@@ -113,7 +123,8 @@ def _short_error(exc: BaseException, timeout_s: float) -> str:
 
 async def probe_sidecar(address: str, base: SidecarTarget, timeout_s: float) -> SidecarInfo:
     """Health and ListModels of one sidecar, each bounded by ``timeout_s``; never raises."""
-    client = SidecarClient(replace(base, address=address))
+    target = replace(base, address=address)
+    client = SidecarClient(target)
     try:
         health, models = await asyncio.gather(
             _bounded(client.health(timeout_s=timeout_s), timeout_s + 0.5),
@@ -132,6 +143,10 @@ async def probe_sidecar(address: str, base: SidecarTarget, timeout_s: float) -> 
             ready=tuple(m.alias for m in models.models if m.ready),
             not_ready=sum(1 for m in models.models if not m.ready),
         )
+    # TLS expected, token missing...: may try a TLS handshake, so off the event loop.
+    hint = None
+    if isinstance(models, RemoteError):
+        hint = await asyncio.to_thread(sidecar_hint, models, target, short=True)
     answered = isinstance(models, RemoteError) and models.reason not in (
         Reason.SIDECAR_UNAVAILABLE,
         Reason.DEADLINE_EXCEEDED,
@@ -141,9 +156,9 @@ async def probe_sidecar(address: str, base: SidecarTarget, timeout_s: float) -> 
         return SidecarInfo(
             address=address,
             status=SERVING if health is True else NOT_SERVING,
-            models_error=_short_error(models, timeout_s),
+            models_error=_short_error(models, timeout_s, hint),
         )
-    return SidecarInfo(address=address, status=UNREACHABLE, detail=_short_error(models, timeout_s))
+    return SidecarInfo(address=address, status=UNREACHABLE, detail=_short_error(models, timeout_s, hint))
 
 
 def _is_loopback(host: str) -> bool:
@@ -249,6 +264,11 @@ def _fit(text: str, width: int, g: _Glyphs) -> str:
     return text[: width - len(g.ellipsis)] + g.ellipsis
 
 
+def _wrap(text: str, width: int, g: _Glyphs, max_lines: int = 3) -> list[str]:
+    """A reason on up to ``max_lines`` lines: what to fix must not be cut off."""
+    return textwrap.wrap(text, max(width, 12), max_lines=max_lines, placeholder=g.ellipsis) or [""]
+
+
 def _list_fit(prefix: str, names: list[str], width: int, g: _Glyphs) -> str:
     """``prefix a, b, +3 more`` with as many names as fit in ``width``."""
     for k in range(len(names), 0, -1):
@@ -321,10 +341,10 @@ def _remote_lines(node: Mapping[str, Any], address: str, info: SidecarInfo | Non
     exo_says = f"exo says: {chip}" if chip else "exo says nothing about its models"
     if info is None or status in (UNREACHABLE, NOT_PROBED):
         why = info.detail if info and info.detail else "sidecar not probed"
-        lines.append(f"sidecar {status}: {_clean(why)}" if info else why)
+        lines += _wrap(f"sidecar {status}: {_clean(why)}" if info else why, width, g)
         lines.append(exo_says)
     elif info.models_error is not None:
-        lines.append(f"models: ? ({_clean(info.models_error)})")
+        lines += _wrap(f"models: ? ({_clean(info.models_error)})", width, g)
         lines.append(f"sidecar {status}")
     else:
         names = [_clean(a) for a in info.ready]

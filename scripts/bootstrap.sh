@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Creates the project's virtual environments from the repo's own files, idempotently.
 #   .venv            Python 3.11+: the package with the sidecar and test extras (LiteLLM, buf, ...)
-#   .venvs/exo-pins  Python 3.12: classic exo's pins (grpcio 1.70.0, protobuf 5.28.1, numpy 2.0.0)
-#                    plus the base (engine-side) install only; with EXO_SRC set, also classic exo.
+#   .venvs/exo-pins  Python 3.12: classic exo's requirements (scripts/exo-requirements.txt: grpcio
+#                    1.70.0, protobuf 5.28.1, numpy 2.0.0, ...) plus the base (engine-side) install
+#                    only; with EXO_SRC set, also classic exo.
 # Re-runs are cheap: each environment is rebuilt only when pyproject.toml or EXO_SRC changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,27 +32,34 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.stamp 2>/dev/null)" != "$want" ]
   echo "$want" > .venv/.stamp
 fi
 
-# 2. Classic exo's pinned environment: proves the engine side installs there without LiteLLM.
+# 2. Classic exo's environment, built the way a user has it: exo's own requirements first,
+#    then exactly the README's `pip install .`, with no constraints file. If that install
+#    changed any of exo's pins, the bootstrap stops: the declared dependencies are wrong.
 [ "${BOOTSTRAP_PINS:-1}" = "1" ] || exit 0
-EXO_PINS="aiohttp==3.10.11 aiohttp_cors==0.7.0 aiofiles==24.1.0 grpcio==1.70.0 protobuf==5.28.1 numpy==2.0.0 pillow==10.4.0 psutil==6.0.0 pydantic==2.9.2 rich==13.7.1 scapy==2.6.1 tqdm==4.66.4 transformers==4.46.3 uvloop==0.21.0 Jinja2==3.1.4 requests==2.32.3 opencv-python-headless"
+EXO_REQS=scripts/exo-requirements.txt
 VE=.venvs/exo-pins
-want=$(stamp_of scripts/exo-pins.txt)
+want=$(stamp_of $EXO_REQS)
 if [ ! -x $VE/bin/python ] || [ "$(cat $VE/.stamp 2>/dev/null)" != "$want" ]; then
-  echo "[bootstrap] building $VE with $PY_EXO"
+  echo "[bootstrap] building $VE with $PY_EXO (classic exo's requirements, then pip install .)"
   rm -rf $VE
   "$PY_EXO" -m venv $VE
   $VE/bin/pip install -q --upgrade pip
-  # The base install must not pull LiteLLM and must keep exo's pins as they are.
-  $VE/bin/pip install -q -c scripts/exo-pins.txt "$ROOT"
+  $VE/bin/pip install -q -r $EXO_REQS
+  $VE/bin/pip install -q .
+  drift=$($VE/bin/pip install --dry-run --no-deps -r $EXO_REQS 2>/dev/null | grep '^Would install' || true)
+  if [ -n "$drift" ]; then
+    echo "[bootstrap] 'pip install .' changed classic exo's pins; to restore them: $drift" >&2
+    exit 1
+  fi
   echo "$want" > $VE/.stamp
 fi
 # tinygrad (exo's git pin, released as 0.10.1) is there for stock local-engine nodes, which
-# import it on Linux; the tests show a remote node runs with it blocked.
+# import it on Linux; the tests show a remote node runs with it blocked. The OpenAI SDK is a
+# test client. Both are constrained to exo's pins (test tooling, not the user's install).
 EXO_STAMP="${EXO_SRC:-} tinygrad==0.10.1"
 if [ -n "${EXO_SRC:-}" ] && [ "$(cat $VE/.exo-stamp 2>/dev/null)" != "$EXO_STAMP" ]; then
   echo "[bootstrap] installing classic exo from $EXO_SRC into $VE"
-  # shellcheck disable=SC2086
-  $VE/bin/pip install -q -c scripts/exo-pins.txt $EXO_PINS openai tinygrad==0.10.1
+  $VE/bin/pip install -q -c $EXO_REQS openai tinygrad==0.10.1
   $VE/bin/pip install -q --no-deps "$EXO_SRC"
   echo "$EXO_STAMP" > $VE/.exo-stamp
 fi

@@ -5,6 +5,7 @@ the official openai SDK. Skipped with the reason when EXO_SRC is not set."""
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import subprocess
 import time
@@ -216,6 +217,25 @@ def test_client_disconnect_cancels_the_upstream(stack: dict[str, Any]) -> None:
     record = upstream.wait_closed_sync("slow-model", timeout=10)
     assert record.client_disconnected and record.chunks_written < 2000
     assert record.ended_at - closed_at < 3.0
+
+
+def test_non_streamed_client_disconnect_cancels_the_upstream_within_1s(stack: dict[str, Any]) -> None:
+    """A client that gives up on a non-streamed reply (nothing is written until the end, so
+    no failed write reveals it) must not leave the provider generating for nobody."""
+    node: ExoNode = stack["node"]
+    upstream: OpenAIUpstream = stack["upstream"]
+    connection = http.client.HTTPConnection("127.0.0.1", node.api_port, timeout=2)
+    body = json.dumps({"model": "slow-model", "messages": [{"role": "user", "content": "go"}]})
+    connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    with pytest.raises(TimeoutError):
+        connection.getresponse()  # the reply would take 40 s; this client gives up after 2
+    closed_at = time.monotonic()
+    connection.close()
+    record = upstream.wait_closed_sync("slow-model", timeout=10)
+    assert record.client_disconnected and record.chunks_written < 2000, record
+    latency = record.ended_at - closed_at
+    print(f"non-streamed disconnect -> upstream cancelled after {latency * 1000:.0f} ms")
+    assert latency < 1.0, f"the upstream kept generating {latency:.2f}s after the client left"
 
 
 def test_no_connection_leaves_loopback_and_no_hugging_face(stack: dict[str, Any]) -> None:

@@ -46,7 +46,7 @@ from tests.support.harness import (
     write_config,
 )
 from tests.support.openai_upstream import OpenAIUpstream, Scenario, StreamRecord
-from tests.support.processes import start_sidecar_process
+from tests.support.processes import free_port, start_sidecar_process
 
 FAULT_BUDGET_S = 1.0
 NO_SIDECAR_RETRIES = "  num_retries: 0\n"
@@ -371,6 +371,27 @@ async def test_client_cancel_closes_the_upstream_and_frees_the_stream(
     assert wanted in metrics_text_of(sidecar)
     assert time.monotonic() - cancelled_at < FAULT_BUDGET_S + 0.2
     _no_key_anywhere(caplog, sidecar)
+
+
+@pytest.mark.timeout(30)
+async def test_provider_down_names_the_address_and_the_cause_to_the_client_and_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """"the provider is unavailable" alone cannot tell a stopped server from a wrong address."""
+    monkeypatch.setenv(KEY_ENV, PLANTED_KEY)
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    config = write_config(tmp_path / "down.yaml", f"http://{dead}", ["tiny"], NO_SIDECAR_RETRIES)
+    sidecar = await start_sidecar(SidecarSettings(listen="127.0.0.1:0"), load_config(config))
+    try:
+        text, error, _ = await _drain(sidecar_client(sidecar.address), chat_request("tiny"))
+        assert text == "" and error is not None and error.reason is Reason.PROVIDER_UNAVAILABLE, error
+        assert error.message.startswith("the provider is unavailable (model 'tiny', provider openai"), error.message
+        assert error.message.endswith(f": connection refused to {dead}"), error.message
+        ends = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and " end code=" in r.getMessage()]
+        assert any(f"connection refused to {dead}" in line for line in ends), ends
+        _no_key_anywhere(caplog, sidecar, *error_surface(error))
+    finally:
+        await sidecar.stop(grace_s=None)
 
 
 # ----------------------------------------------------------------------- the sidecar dies

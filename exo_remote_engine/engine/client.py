@@ -29,12 +29,13 @@ from tenacity import (
     stop_after_delay,
 )
 
+from exo_remote_engine.addresses import DEFAULT_PORT, grpc_address
 from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from exo_remote_engine.health_proto import health_pb2, health_pb2_grpc
 
-DEFAULT_SIDECAR = "127.0.0.1:50505"
+DEFAULT_SIDECAR = f"127.0.0.1:{DEFAULT_PORT}"
 SERVICE_NAME = "exo.remote.v1.RemoteInferenceService"
 WORKERS_REFRESH_S = 30.0
 
@@ -76,7 +77,8 @@ class SidecarTarget:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SidecarTarget:
-        """EXO_REMOTE_SIDECAR, EXO_REMOTE_TOKEN(_FILE), EXO_REMOTE_TLS_CA/CERT/KEY."""
+        """EXO_REMOTE_SIDECAR, EXO_REMOTE_TOKEN(_FILE), EXO_REMOTE_TLS_CA/CERT/KEY. A sidecar
+        address without a port means port 50505; raises AddressError (a ValueError) for a URL."""
         env = os.environ if environ is None else environ
         token = env.get("EXO_REMOTE_TOKEN") or None
         token_file = env.get("EXO_REMOTE_TOKEN_FILE")
@@ -91,7 +93,7 @@ class SidecarTarget:
                 server_name=env.get("EXO_REMOTE_TLS_SERVER_NAME") or None,
             )
         return cls(
-            address=env.get("EXO_REMOTE_SIDECAR", DEFAULT_SIDECAR),
+            address=grpc_address(env.get("EXO_REMOTE_SIDECAR") or DEFAULT_SIDECAR, flag="EXO_REMOTE_SIDECAR"),
             token=token,
             tls=tls,
             deadline_s=float(env.get("EXO_REMOTE_DEADLINE_S", "900")),

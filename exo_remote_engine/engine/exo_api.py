@@ -78,6 +78,17 @@ def _error_from_event(event: Mapping[str, Any]) -> RemoteError:
 
 
 _cancellations: set[asyncio.Future[None]] = set()
+# How often a waiting handler checks that its client is still connected.
+DISCONNECT_POLL_S = 0.1
+
+
+async def _client_gone(request: web.Request) -> None:
+    """Returns once the client's connection is closed (aiohttp clears the transport then)."""
+    while True:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
 
 
 def _sse(event: Mapping[str, Any]) -> bytes:
@@ -154,17 +165,19 @@ class RemoteChatHandler:
         include_usage = bool(isinstance(options, Mapping) and options.get("include_usage"))
         queue: asyncio.Queue[tuple[list[int], bool]] = self.api.token_queues[self.request_id]
         finished_cleanly = False
+        # exo's aiohttp does not cancel a handler whose client went away, and a non-streamed
+        # reply writes nothing until the end: watch the connection, or the provider keeps
+        # generating (and billing) for nobody.
+        serving = asyncio.ensure_future(self._serve(request, shard, prompt, stream, include_usage, queue))
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
-            await asyncio.wait_for(
-                asyncio.shield(
-                    asyncio.create_task(self.api.node.process_prompt(shard, prompt, request_id=self.request_id))
-                ),
-                timeout=self.api.response_timeout,
-            )
-            if stream:
-                response = await self._stream(request, queue, include_usage)
-            else:
-                response = await self._collect(queue)
+            await asyncio.wait((serving, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not serving.done():
+                serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+                return web.Response(status=499)  # nobody reads it
+            response = serving.result()
             finished_cleanly = True
             return response
         except TimeoutError:
@@ -172,9 +185,32 @@ class RemoteChatHandler:
         except RuntimeError as exc:  # the node that serves the model is not reachable
             return error_response(RemoteError(Reason.SIDECAR_UNAVAILABLE, str(exc)))
         finally:
+            gone.cancel()
+            if not serving.done():
+                serving.cancel()
             self.api.token_queues.pop(self.request_id, None)
             if not finished_cleanly:
                 self.cancel_upstream()
+
+    async def _serve(
+        self,
+        request: web.Request,
+        shard: Any,
+        prompt: str | list[int],
+        stream: bool,
+        include_usage: bool,
+        queue: asyncio.Queue[tuple[list[int], bool]],
+    ) -> web.StreamResponse:
+        """Run the prompt through exo's node and answer from its token queue."""
+        await asyncio.wait_for(
+            asyncio.shield(
+                asyncio.create_task(self.api.node.process_prompt(shard, prompt, request_id=self.request_id))
+            ),
+            timeout=self.api.response_timeout,
+        )
+        if stream:
+            return await self._stream(request, queue, include_usage)
+        return await self._collect(queue)
 
     async def _next(self, queue: asyncio.Queue[tuple[list[int], bool]]) -> tuple[list[int], bool]:
         return await asyncio.wait_for(queue.get(), timeout=self.api.response_timeout)

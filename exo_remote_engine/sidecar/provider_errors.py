@@ -4,13 +4,18 @@ Both transports' exceptions go through here. LiteLLM's are mapped by exception c
 status code: LiteLLM reports a refused connection as a 500 and a stream that died mid-way
 as a 503. The direct transport's HTTP errors carry the provider's real status. Provider
 text is never passed through for auth failures (OpenAI's 401 echoes part of the key);
-elsewhere it is redacted.
+elsewhere it is redacted. An outage names where and why ("connection refused to
+127.0.0.1:18089"), read from the exception chain both transports keep, so an operator can
+tell a dead server from a wrong address without the sidecar's debug log.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+import socket
+import ssl
+import urllib.parse
+from collections.abc import Iterable, Iterator, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -124,10 +129,81 @@ def classify(exc: BaseException, *, alias: str, provider: str, secrets: Iterable
         Reason.PROVIDER_TIMEOUT: "the provider timed out",
         Reason.PROVIDER_UNAVAILABLE: "the provider is unavailable",
     }[reason]
+    if reason in (Reason.PROVIDER_UNAVAILABLE, Reason.PROVIDER_TIMEOUT) and not detail:
+        detail = redact(connection_failure(exc) or "", secrets)
     message = f"{summary} (model {alias!r}, provider {provider}{http})"
     if detail:
         message = f"{message}: {detail}"
     return RemoteError(reason, message, retry_after_s=_retry_after(exc), metadata=meta)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception behind it (LiteLLM wraps the OpenAI SDK's, which wraps
+    httpx's, which wraps aiohttp's or httpcore's, which wraps the OSError)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [current.__cause__, current.__context__, getattr(current, "os_error", None)]
+
+
+def _address(chain: list[BaseException]) -> str | None:
+    """host:port the transport dialled: aiohttp says it; httpx and the OpenAI SDK carry the
+    request (LiteLLM's own exceptions carry placeholder requests, so they are not asked)."""
+    for exc in chain:
+        host, port = getattr(exc, "host", None), getattr(exc, "port", None)
+        if isinstance(host, str) and host and isinstance(port, int):
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    for exc in chain:
+        if type(exc).__module__.split(".")[0] not in ("httpx", "openai", "httpcore"):
+            continue
+        try:
+            url = str(exc.request.url)  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):
+            continue
+        parts = urllib.parse.urlsplit(url)
+        if parts.hostname:
+            host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+            return f"{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    return None
+
+
+# The network errors worth naming, most specific first: (class, phrase, preposition).
+_NETWORK_CAUSES: tuple[tuple[type[BaseException], str, str], ...] = (
+    (ConnectionRefusedError, "connection refused", "to"),
+    (socket.gaierror, "cannot resolve the host name", "of"),
+    (ConnectionResetError, "connection reset", "by"),
+    (ssl.SSLError, "TLS handshake failed", "with"),
+)
+# Exceptions (by class name, to need neither aiohttp nor httpx here) of a response cut short.
+_CUT_SHORT = frozenset({"ServerDisconnectedError", "RemoteProtocolError", "ClientPayloadError"})
+
+
+def connection_failure(exc: BaseException) -> str | None:
+    """Why and where a connection failed, e.g. "connection refused to 127.0.0.1:18089";
+    ``None`` when the chain holds no network error."""
+    chain = list(_chain(exc))
+    address = _address(chain)
+
+    def at(phrase: str, preposition: str) -> str:
+        return f"{phrase} {preposition} {address}" if address else phrase
+
+    # aiohttp's connector errors are OSErrors themselves: look for the specific cause first.
+    for cls, phrase, preposition in _NETWORK_CAUSES:
+        if any(isinstance(cause, cls) for cause in chain):
+            return at(phrase, preposition)
+    if any(type(cause).__name__ in _CUT_SHORT for cause in chain):
+        return at("connection closed mid-response", "by")
+    if address and any(isinstance(cause, TimeoutError) for cause in chain):
+        return at("no answer", "from")
+    for cause in chain:
+        if isinstance(cause, OSError) and cause.strerror and type(cause).__module__ == "builtins":
+            return f"{at('cannot connect', 'to')}: {cause.strerror.lower()}"
+    return None
 
 
 def _reason_of_status(exc: ProviderStatusError) -> Reason:

@@ -263,10 +263,11 @@ class StreamingBackend:
                             if last_model:
                                 raise
                             log.warning(
-                                "request_id=%s model=%s failed (%s); falling back to %s",
+                                "request_id=%s model=%s failed (%s: %s); falling back to %s",
                                 request.request_id,
                                 entry.alias,
                                 error.reason.value,
+                                error.message,
                                 candidates[position + 1].alias,
                             )
                             break
@@ -274,10 +275,11 @@ class StreamingBackend:
                         if error.retry_after_s is not None:
                             delay = max(delay, error.retry_after_s)
                         log.info(
-                            "request_id=%s model=%s %s; retry %d in %.2fs",
+                            "request_id=%s model=%s %s (%s); retry %d in %.2fs",
                             request.request_id,
                             entry.alias,
                             error.reason.value,
+                            error.message,
                             attempt + 1,
                             delay,
                         )
