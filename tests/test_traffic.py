@@ -5,83 +5,33 @@ and cooldowns are checked by moving it, never by sleeping."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from exo_remote_engine.engine.client import SidecarClient
-from exo_remote_engine.errors import Reason, RemoteError
-from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
-from exo_remote_engine.sidecar.config import load_config
-from tests.support.harness import chat_request, sidecar_client
+from exo_remote_engine.errors import Reason
+from tests.support.harness import sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
-
-KEY_ENV = "TEST_UPSTREAM_KEY"
-MINUTE_START = 1_800_000_000.0 - (1_800_000_000.0 % 60)  # a clock reading on a minute boundary
-
-
-class FakeClock:
-    """Wall-clock seconds that move only when a test says so."""
-
-    def __init__(self, now: float = MINUTE_START + 10) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def deployment(alias: str, model: str, url: str, **params: object) -> str:
-    lines = [
-        f"  - model_name: {alias}",
-        "    litellm_params:",
-        f"      model: openai/{model}",
-        f"      api_base: {url}/v1",
-        f"      api_key: os.environ/{KEY_ENV}",
-        *(f"      {k}: {v}" for k, v in params.items()),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-StartSidecar = Callable[..., Awaitable[RunningSidecar]]
+from tests.support.traffic import (
+    KEY_ENV,
+    MINUTE_START,
+    FakeClock,
+    Sidecars,
+    complete,
+    deployment,
+    outcome,
+    served_counts,
+)
 
 
 @pytest.fixture
-async def start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[StartSidecar]:
+async def sidecars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Sidecars]:
     monkeypatch.setenv(KEY_ENV, "sk-upstream-test-key-000000")
-    running: list[RunningSidecar] = []
-
-    async def _start(text: str, clock: FakeClock, **settings: object) -> RunningSidecar:
-        path = tmp_path / f"config{len(running)}.yaml"
-        path.write_text(text)
-        sidecar = await start_sidecar(
-            SidecarSettings(listen="127.0.0.1:0", clock=clock, state_dir=tmp_path / "state", **settings),  # type: ignore[arg-type]
-            load_config(path),
-        )
-        running.append(sidecar)
-        return sidecar
-
-    yield _start
-    for sidecar in running:
-        await sidecar.stop(grace_s=None)
-
-
-async def complete(client: SidecarClient, model: str, text: str = "hi") -> str:
-    return "".join([e.delta.text async for e in client.generate(chat_request(model, text))])
-
-
-async def outcome(client: SidecarClient, model: str) -> RemoteError | None:
-    try:
-        await complete(client, model)
-    except RemoteError as exc:
-        return exc
-    return None
-
-
-def served_counts(upstream: OpenAIUpstream) -> collections.Counter[str]:
-    return collections.Counter(r.model for r in upstream.requests if r.model)
+    started = Sidecars(tmp_path)
+    yield started
+    await started.stop()
 
 
 GROUP = ("m-a", "m-b", "m-c")
@@ -92,7 +42,7 @@ GROUP = ("m-a", "m-b", "m-c")
     "strategy", ["simple-shuffle", "least-busy", "latency-based-routing", "usage-based-routing-v2"]
 )
 async def test_a_group_of_three_spreads_300_requests_per_strategy(
-    upstream: OpenAIUpstream, start: StartSidecar, strategy: str
+    upstream: OpenAIUpstream, sidecars: Sidecars, strategy: str
 ) -> None:
     url = upstream.url
     weights = {"m-a": 1, "m-b": 1, "m-c": 2}
@@ -104,7 +54,7 @@ async def test_a_group_of_three_spreads_300_requests_per_strategy(
         upstream.default = Scenario(chunks=["x"] * 5, interval_s=0.01)
     if strategy == "latency-based-routing":  # m-c answers 50 ms late
         upstream.scenarios["m-c"] = Scenario(stall_before_first_byte_s=0.05)
-    sidecar = await start(text, FakeClock())
+    sidecar = await sidecars.start(text, FakeClock())
     client = sidecar_client(sidecar.address)
     try:
         if strategy == "least-busy":
@@ -129,7 +79,7 @@ async def test_a_group_of_three_spreads_300_requests_per_strategy(
 
 
 async def test_a_failing_deployment_cools_down_and_traffic_moves_within_one_request(
-    upstream: OpenAIUpstream, start: StartSidecar
+    upstream: OpenAIUpstream, sidecars: Sidecars
 ) -> None:
     upstream.scenarios["m-a"] = Scenario(status=500)
     url = upstream.url
@@ -137,7 +87,7 @@ async def test_a_failing_deployment_cools_down_and_traffic_moves_within_one_requ
     text += deployment("g", "m-c", url, weight=1)
     text += "router_settings:\n  allowed_fails: 0\n  cooldown_time: 30\n"
     clock = FakeClock()
-    sidecar = await start(text, clock)
+    sidecar = await sidecars.start(text, clock)
     client = sidecar_client(sidecar.address)
     try:
         replies = [await complete(client, "g", f"r{i}") for i in range(30)]
@@ -155,7 +105,7 @@ async def test_a_failing_deployment_cools_down_and_traffic_moves_within_one_requ
 
 @pytest.mark.parametrize("where", ["deployment", "node"])
 async def test_rpm_3_admits_exactly_3_of_7_per_minute_window(
-    upstream: OpenAIUpstream, start: StartSidecar, where: str
+    upstream: OpenAIUpstream, sidecars: Sidecars, where: str
 ) -> None:
     text = "model_list:\n" + deployment("solo", "m-a", upstream.url, **({"rpm": 3} if where == "deployment" else {}))
     tokens = {}
@@ -163,7 +113,7 @@ async def test_rpm_3_admits_exactly_3_of_7_per_minute_window(
         text += "exo_remote_settings:\n  nodes:\n    n1: {rpm: 3}\n"
         tokens = {"n1": "token-of-node-one-0001"}
     clock = FakeClock(MINUTE_START + 10)
-    sidecar = await start(text, clock, named_tokens=tokens)
+    sidecar = await sidecars.start(text, clock, named_tokens=tokens)
     client = sidecar_client(sidecar.address, token=tokens.get("n1"))
     try:
         for window in range(2):
@@ -179,13 +129,13 @@ async def test_rpm_3_admits_exactly_3_of_7_per_minute_window(
         await client.close()
 
 
-async def test_tpm_counts_the_tokens_the_provider_reports(upstream: OpenAIUpstream, start: StartSidecar) -> None:
+async def test_tpm_counts_the_tokens_the_provider_reports(upstream: OpenAIUpstream, sidecars: Sidecars) -> None:
     # Four short chunks, but the provider reports 51 tokens per request.
     upstream.default = Scenario(chunks=["a", "b", "c", "d"], usage=(11, 40))
     text = "model_list:\n" + deployment("solo", "m-a", upstream.url)
     text += "exo_remote_settings:\n  nodes:\n    n1: {tpm: 100}\n"
     clock = FakeClock()
-    sidecar = await start(text, clock, named_tokens={"n1": "token-of-node-one-0001"})
+    sidecar = await sidecars.start(text, clock, named_tokens={"n1": "token-of-node-one-0001"})
     client = sidecar_client(sidecar.address, token="token-of-node-one-0001")
     try:
         assert await outcome(client, "solo") is None  # 51 tokens
@@ -201,11 +151,11 @@ async def test_tpm_counts_the_tokens_the_provider_reports(upstream: OpenAIUpstre
 
 
 async def test_every_deployment_at_its_rpm_is_rate_limited_until_the_minute_ends(
-    upstream: OpenAIUpstream, start: StartSidecar
+    upstream: OpenAIUpstream, sidecars: Sidecars
 ) -> None:
     text = "model_list:\n" + deployment("g", "m-a", upstream.url, rpm=1) + deployment("g", "m-b", upstream.url, rpm=2)
     clock = FakeClock(MINUTE_START + 45)
-    sidecar = await start(text, clock)
+    sidecar = await sidecars.start(text, clock)
     client = sidecar_client(sidecar.address)
     try:
         assert [await outcome(client, "g") for _ in range(3)] == [None, None, None]
@@ -261,11 +211,11 @@ general_settings:
 
 
 async def test_a_litellm_docs_config_starts_behaves_and_names_what_it_ignores(
-    upstream: OpenAIUpstream, start: StartSidecar, caplog: pytest.LogCaptureFixture
+    upstream: OpenAIUpstream, sidecars: Sidecars, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="exo_remote_engine.sidecar")
     clock = FakeClock(MINUTE_START + 1)
-    sidecar = await start(LITELLM_DOCS_CONFIG.format(url=upstream.url), clock)
+    sidecar = await sidecars.start(LITELLM_DOCS_CONFIG.format(url=upstream.url), clock)
     warnings = [r.getMessage() for r in caplog.records if "does nothing with" in r.getMessage()]
     assert len(warnings) == 1, "one warning"
     for key in (
