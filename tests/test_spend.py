@@ -13,9 +13,10 @@ from pathlib import Path
 import litellm
 import pytest
 
+from exo_remote_engine.cli import main, render_models, render_usage
 from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.sidecar.spend import DB_NAME
-from tests.support.harness import chat_request, sidecar_client
+from tests.support.harness import chat_request, metrics_text_of, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import start_sidecar_process
 from tests.support.traffic import KEY_ENV, FakeClock, Sidecars, complete, deployment, outcome
@@ -70,6 +71,14 @@ async def test_a_budget_stops_the_node_at_the_next_request_after_crossing(
         listed = await client.list_models()
         assert listed.budget.node == "n1" and listed.budget.remaining_usd == 0
         assert math.isclose(listed.budget.spent_usd, 4 * per_request, rel_tol=1e-9)
+        assert "budget of node n1: $0.000000 left" in render_models(listed)
+        metrics = metrics_text_of(sidecar)
+        assert 'exo_remote_limit_hits_total{limit="budget",node="n1"} 1.0' in metrics
+        spend_line = next(line for line in metrics.splitlines() if line.startswith("exo_remote_spend_usd_total{"))
+        assert math.isclose(float(spend_line.split()[-1]), 4 * per_request, rel_tol=1e-9)
+        table = render_usage(tmp_path / "state", "n1", "1d", now=clock.now)
+        assert "n1    mini   4         4,000          40" in table, table
+        assert render_usage(tmp_path / "state", "n2", None).count("\n") == 1, "header and total only"
         clock.now += day_left  # a new day: a new budget
         assert await outcome(client, "mini") is None
         listed = await client.list_models()
@@ -79,7 +88,7 @@ async def test_a_budget_stops_the_node_at_the_next_request_after_crossing(
 
 
 async def test_prices_override_and_unknown_prices_stay_unknown(
-    upstream: OpenAIUpstream, sidecars: Sidecars, tmp_path: Path
+    upstream: OpenAIUpstream, sidecars: Sidecars, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     upstream.default = Scenario(chunks=["ok"], usage=(100, 20))
     text = "model_list:\n" + deployment("mapped", "gpt-4o-mini", upstream.url)
@@ -94,6 +103,11 @@ async def test_prices_override_and_unknown_prices_stay_unknown(
     finally:
         await client.close()
     costs = {r["alias"]: r["cost_usd"] for r in rows(tmp_path / "state")}
+    assert main(["usage", "--state-dir", str(tmp_path / "state")]) == 0
+    printed = capsys.readouterr().out
+    unknown_row = next(line for line in printed.splitlines() if "  unknown  " in line)
+    assert unknown_row.endswith("unknown") and "0.000000" not in unknown_row, printed
+    assert "1 requests used models without a known price" in printed
     assert math.isclose(costs["mapped"], map_cost("gpt-4o-mini", 100, 20), rel_tol=1e-9)
     assert math.isclose(costs["priced"], 100 * 0.001 + 20 * 0.002, rel_tol=1e-9)
     assert costs["unknown"] is None, "an unknown price is NULL, never 0"
