@@ -616,8 +616,9 @@ async def _serve(settings: SidecarSettings, grace_s: float, argv: Sequence[str],
     if is_worker:  # same config, TLS and tokens as the main process, on a port of its own
         settings.listen = settings.listen.rsplit(":", 1)[0] + ":0"
         settings.metrics_listen = None
+    if workers > 1 and not is_worker:
+        _check_single_process(load_config(settings.config_path), workers)
     running = await start_sidecar(settings)
-    _check_single_process(running.config, workers)
     pool = WorkerPool(argv, workers - 1) if workers > 1 and not is_worker else None
     if pool is not None:
         try:

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from exo_remote_engine.errors import Reason
+from exo_remote_engine.sidecar.config import ConfigError
 from tests.support.harness import sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.traffic import (
@@ -248,3 +252,24 @@ async def test_a_litellm_docs_config_starts_behaves_and_names_what_it_ignores(
         assert served_counts(upstream)["m-c"] == 2
     finally:
         await client.close()
+
+
+def test_limits_with_several_worker_processes_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "w.yaml"
+    config.write_text("model_list:\n" + deployment("a", "m-a", "http://127.0.0.1:9", rpm=3))
+    done = subprocess.run(
+        [sys.executable, "-m", "exo_remote_engine.server", "--no-discover", "--config", str(config), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, KEY_ENV: "sk-upstream-test-key-000000"},
+    )
+    assert done.returncode == 2
+    assert "counted per process" in done.stderr and "--workers 1" in done.stderr
+
+
+async def test_a_budget_without_accounting_is_refused(upstream: OpenAIUpstream, sidecars: Sidecars) -> None:
+    text = "model_list:\n" + deployment("a", "m-a", upstream.url)
+    text += "exo_remote_settings:\n  nodes:\n    n1: {max_budget: 1}\n"
+    with pytest.raises(ConfigError, match="budgets need accounting"):
+        await sidecars.start(text, FakeClock(), accounting=False)
