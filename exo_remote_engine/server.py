@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -277,7 +278,10 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
                 "completed",
             )
             if ledger is not None:
-                await ledger.record(charge)
+                try:
+                    await ledger.record(charge)
+                except sqlite3.Error as exc:  # the reply is not lost for it; the operator is told
+                    log.error("request_id=%s spend not recorded in %s: %s", request.request_id, ledger.path, exc)
             await context.write(response)
 
         code = "OK"
@@ -409,7 +413,13 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
     budgeted = sorted(n for n, q in config.node_quotas.items() if q.max_budget is not None)
     if budgeted and not settings.accounting:
         raise ConfigError(f"max_budget is set for node {budgeted[0]!r}: budgets need accounting (drop --no-accounting)")
-    ledger = Ledger.open(settings.state_dir or default_state_dir()) if settings.accounting else None
+    ledger = None
+    if settings.accounting:
+        state_dir = settings.state_dir or default_state_dir()
+        try:
+            ledger = Ledger.open(state_dir)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"--state-dir {state_dir}: cannot open the spend ledger: {exc}") from None
     if settings.discover:
         registry = ModelRegistry.with_discovery(
             config,

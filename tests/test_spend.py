@@ -15,6 +15,7 @@ import pytest
 
 from exo_remote_engine.cli import main, render_models, render_usage
 from exo_remote_engine.errors import Reason, RemoteError
+from exo_remote_engine.sidecar.config import ConfigError
 from exo_remote_engine.sidecar.spend import DB_NAME
 from tests.support.harness import chat_request, metrics_text_of, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
@@ -194,3 +195,12 @@ async def test_sigkill_mid_load_then_restart_keeps_every_finished_request(
     after = rows(state)
     assert {r["request_id"] for r in after} >= recorded and len(after) == len(recorded) + 1
     assert math.isclose(sum(r["cost_usd"] for r in after), len(after) * map_cost("gpt-4o-mini", 11, 20), rel_tol=1e-9)
+
+
+async def test_a_state_dir_that_cannot_hold_the_ledger_stops_startup(
+    upstream: OpenAIUpstream, sidecars: Sidecars, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="cannot open the spend ledger"):
+        await sidecars.start("model_list:\n" + deployment("a", "m-a", upstream.url), FakeClock(), state_dir=blocker)

@@ -49,10 +49,8 @@ class Sidecars:
     async def start(self, text: str, clock: FakeClock, **settings: object) -> RunningSidecar:
         path = self.tmp_path / f"config{len(self.running)}.yaml"
         path.write_text(text)
-        sidecar = await start_sidecar(
-            SidecarSettings(listen="127.0.0.1:0", clock=clock, state_dir=self.tmp_path / "state", **settings),  # type: ignore[arg-type]
-            load_config(path),
-        )
+        fields: dict[str, object] = {"listen": "127.0.0.1:0", "clock": clock, "state_dir": self.tmp_path / "state"}
+        sidecar = await start_sidecar(SidecarSettings(**{**fields, **settings}), load_config(path))  # type: ignore[arg-type]
         self.running.append(sidecar)
         return sidecar
 
