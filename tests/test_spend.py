@@ -204,3 +204,16 @@ async def test_a_state_dir_that_cannot_hold_the_ledger_stops_startup(
     blocker.write_text("")
     with pytest.raises(ConfigError, match="cannot open the spend ledger"):
         await sidecars.start("model_list:\n" + deployment("a", "m-a", upstream.url), FakeClock(), state_dir=blocker)
+
+
+def test_budget_exceeded_crosses_the_wire_as_itself() -> None:
+    error = RemoteError(Reason.BUDGET_EXCEEDED, "node 'n1' has spent its budget", retry_after_s=3600)
+    back = RemoteError.from_status(error.grpc_code, error.message, error.trailing_metadata())
+    assert (back.reason, back.retry_after_s, back.http_status) == (Reason.BUDGET_EXCEEDED, 3600, 429)
+    assert back.to_openai_error()["error"] == {
+        "message": "node 'n1' has spent its budget",
+        "type": "insufficient_quota",
+        "code": "budget_exceeded",
+        "param": None,
+    }
+    assert not back.retryable, "waiting seconds does not refill a budget"
