@@ -251,6 +251,8 @@ def start_sidecar(workdir: Path, config: Path, name: str, args: list[str]) -> Se
     from tests.support.processes import start_sidecar_process
 
     started = time.monotonic()
+    if _has_flag("--state-dir"):  # the spend ledger of a benchmark run stays in its workdir
+        args = [*args, "--state-dir", str(workdir / f"{name}-state")]
     sidecar = start_sidecar_process(config, workdir / f"{name}.log", env=child_env(), extra_args=args)
     return Serving(
         target=sidecar.address,

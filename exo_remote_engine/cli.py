@@ -1,9 +1,11 @@
 """``exo-remote``: check a sidecar without exo.
 
-``exo-remote models`` prints the sidecar's models as a table; ``exo-remote chat "Hi"``
-streams a reply to stdout and the finish reason and usage to stderr; ``exo-remote topology``
-draws an exo cluster's nodes from its API, asking each remote node's sidecar directly. The
-sidecar address, token and TLS files come from the same environment variables the exo side reads.
+``exo-remote models`` prints the sidecar's models as a table (and the asking node's budget);
+``exo-remote chat "Hi"`` streams a reply to stdout and the finish reason and usage to stderr;
+``exo-remote topology`` draws an exo cluster's nodes from its API, asking each remote node's
+sidecar directly; ``exo-remote usage`` prints spend, tokens and requests per node and model
+from the sidecar's ledger. The sidecar address, token and TLS files come from the same
+environment variables the exo side reads.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import sqlite3
 import sys
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TextIO
 
 from exo_remote_engine.addresses import AddressError, grpc_address
@@ -58,12 +62,56 @@ def render_models(response: pb.ListModelsResponse) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.append(f"({len(rows) - 1} ready; * default model; ? unknown)")
+    if response.HasField("budget"):
+        b = response.budget
+        resets = f", resets in {_span(b.resets_in_seconds)}" if b.HasField("resets_in_seconds") else ""
+        lines.append(
+            f"budget of node {b.node}: ${b.remaining_usd:.6f} left of ${b.max_usd:g} (spent ${b.spent_usd:.6f}{resets})"
+        )
     if waiting:
         lines.append("")
         lines.append("not ready:")
         for reason, aliases in waiting.items():
             shown = ", ".join(aliases[:4]) + (f", ... ({len(aliases)} models)" if len(aliases) > 4 else "")
             lines.append(f"  {reason}: {shown}")
+    return "\n".join(lines)
+
+
+def _span(seconds: float) -> str:
+    minutes, _ = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h" if days else f"{hours}h {minutes}m"
+
+
+def render_usage(state_dir: Path, node: str | None, since: str | None, now: float | None = None) -> str:
+    """Spend, tokens and requests per node and model, read from the ledger file itself:
+    operators run this on the sidecar host, and it works while the sidecar is down."""
+    from exo_remote_engine.sidecar.config import duration_seconds
+    from exo_remote_engine.sidecar.spend import Ledger
+
+    start = (now or time.time()) - duration_seconds(since) if since else 0.0
+    ledger = Ledger.open(state_dir, readonly=True)
+    try:
+        found = ledger.usage(start, node)
+    finally:
+        ledger.close()
+    header = ("NODE", "MODEL", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "SPEND USD")
+    rows = [header]
+    unpriced = 0
+    for r in found:
+        if r.unpriced_requests == r.requests:
+            spend = "unknown"  # never shown as 0: nothing says those requests were free
+        else:
+            spend = f"{r.cost_usd:.6f}" + (f" (+{r.unpriced_requests} unpriced)" if r.unpriced_requests else "")
+        unpriced += r.unpriced_requests
+        rows.append((r.node, r.alias, f"{r.requests:,}", f"{r.prompt_tokens:,}", f"{r.completion_tokens:,}", spend))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    total = sum(r.cost_usd for r in found)
+    lines.append(f"(total ${total:.6f} since {'the start' if not since else since + ' ago'}; {ledger.path})")
+    if unpriced:
+        lines.append(f"{unpriced} requests used models without a known price: their cost is not in these sums")
     return "\n".join(lines)
 
 
@@ -170,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The same flag after the command; SUPPRESS keeps a value given before it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--sidecar", type=sidecar_flag, default=argparse.SUPPRESS, help=sidecar_help)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{models,chat,topology}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{models,chat,usage,topology}")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         return sub.add_parser(
@@ -192,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system message sent before the prompt (default: none)")
     chat.add_argument("--max-tokens", type=int, help="cap on the reply's tokens (default: the provider's)")
     chat.add_argument("--temperature", type=float, help="sampling temperature (default: the provider's)")
+    usage = command("usage", "spend, tokens and requests per node and model, read on the sidecar host")
+    usage.add_argument("--node", help="only this node (default: every node)")
+    usage.add_argument("--since", help="only the last DURATION, e.g. 24h, 7d, 1mo (default: everything)")
+    usage.add_argument(
+        "--state-dir",
+        type=Path,
+        help="the sidecar's --state-dir (default: EXO_REMOTE_STATE_DIR, else $XDG_DATA_HOME/exo-remote-engine)",
+    )
     topology = command("topology", "draw an exo cluster's nodes and ask each remote node's sidecar directly")
     topology.add_argument("--api", default=DEFAULT_API, help=f"exo's HTTP API (default: {DEFAULT_API})")
     topology.add_argument(
@@ -205,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "usage":
+        from exo_remote_engine.sidecar.spend import default_state_dir
+
+        try:
+            print(render_usage(args.state_dir or default_state_dir(), args.node, args.since))
+        except (OSError, ValueError, sqlite3.Error) as exc:
+            print(f"exo-remote: usage: {exc}", file=sys.stderr)
+            return 1
+        return 0
     try:
         target = SidecarTarget.from_env()
     except (AddressError, OSError) as exc:

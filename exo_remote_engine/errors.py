@@ -36,6 +36,7 @@ class Reason(StrEnum):
     PROVIDER_AUTH_FAILED = "PROVIDER_AUTH_FAILED"
     PROVIDER_NOT_FOUND = "PROVIDER_NOT_FOUND"
     RATE_LIMITED = "RATE_LIMITED"
+    BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
     OVERLOADED = "OVERLOADED"
     PROVIDER_UNAVAILABLE = "PROVIDER_UNAVAILABLE"
     PROVIDER_TIMEOUT = "PROVIDER_TIMEOUT"
@@ -67,6 +68,9 @@ _TABLE: dict[Reason, _Kind] = {
     Reason.PROVIDER_AUTH_FAILED: _Kind(grpc.StatusCode.FAILED_PRECONDITION, 502, False, "provider_auth_error"),
     Reason.PROVIDER_NOT_FOUND: _Kind(grpc.StatusCode.NOT_FOUND, 404, False, "not_found_error"),
     Reason.RATE_LIMITED: _Kind(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, True, "rate_limit_error"),
+    # A node's spend budget is used up: OpenAI's own "quota" error (429
+    # insufficient_quota); not retryable, since waiting seconds does not help.
+    Reason.BUDGET_EXCEEDED: _Kind(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, False, "insufficient_quota"),
     Reason.OVERLOADED: _Kind(grpc.StatusCode.RESOURCE_EXHAUSTED, 503, True, "overloaded_error"),
     Reason.PROVIDER_UNAVAILABLE: _Kind(grpc.StatusCode.UNAVAILABLE, 502, True, "api_error"),
     Reason.PROVIDER_TIMEOUT: _Kind(grpc.StatusCode.UNAVAILABLE, 504, True, "timeout_error"),

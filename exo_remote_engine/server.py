@@ -18,7 +18,9 @@ import ipaddress
 import logging
 import os
 import signal
+import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +37,16 @@ from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from exo_remote_engine.health_proto import health_pb2, health_pb2_grpc
 from exo_remote_engine.openai_wire import validate_request
 from exo_remote_engine.sidecar.auth import ServerTLS, TokenAuthInterceptor
-from exo_remote_engine.sidecar.config import ConfigError, SidecarConfig, load_config
+from exo_remote_engine.sidecar.budgets import Budgets
+from exo_remote_engine.sidecar.config import MASTER_KEY_NODE, ConfigError, ModelEntry, SidecarConfig, load_config
 from exo_remote_engine.sidecar.decoding import DecodeGuardInterceptor
 from exo_remote_engine.sidecar.discovery import ServerSpec
+from exo_remote_engine.sidecar.limits import Clock, UsageWindows
 from exo_remote_engine.sidecar.metrics import Metrics
 from exo_remote_engine.sidecar.policy import Limits, Policy
 from exo_remote_engine.sidecar.registry import ModelRegistry
+from exo_remote_engine.sidecar.routing import Router
+from exo_remote_engine.sidecar.spend import Charge, Ledger, default_state_dir, estimate_tokens
 from exo_remote_engine.sidecar.workers import READY_LINE, WORKER_ENV, WorkerPool, wait_for_parent_exit
 
 log = logging.getLogger("exo_remote_engine.sidecar")
@@ -120,7 +126,13 @@ def _rpc_errors(
 
 class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
     def __init__(
-        self, registry: ModelRegistry, policy: Policy, metrics: Metrics, openai_fast_path: bool = True
+        self,
+        registry: ModelRegistry,
+        policy: Policy,
+        metrics: Metrics,
+        openai_fast_path: bool = True,
+        clock: Clock = time.time,
+        ledger: Ledger | None = None,
     ) -> None:
         from exo_remote_engine.sidecar.streaming import StreamingBackend
 
@@ -128,8 +140,16 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         self.config = registry.config
         self.policy = policy
         self.metrics = metrics
+        self.clock = clock
+        self.windows = UsageWindows(clock)
+        self.ledger = ledger
+        self.budgets = Budgets(self.config.node_quotas, ledger, clock) if ledger is not None else None
         self.backend = StreamingBackend(
-            registry.secrets, num_retries=self.config.num_retries, openai_fast_path=openai_fast_path
+            registry.secrets,
+            num_retries=self.config.num_retries,
+            openai_fast_path=openai_fast_path,
+            router=Router(self.config.router, self.windows),
+            groups=self.config.deployments,
         )
         self.worker_ports: Callable[[], Sequence[int]] = tuple  # set when a WorkerPool runs
 
@@ -160,7 +180,59 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
                 if value is not None:
                     setattr(model, name, value)
             response.models.append(model)
+        if self.budgets is not None:
+            node = self.policy.identify(context.invocation_metadata(), context.auth_context())
+            status = self.budgets.status(node)
+            if status is not None:
+                response.budget.node = node
+                response.budget.max_usd = status.max_usd
+                response.budget.spent_usd = status.spent_usd
+                response.budget.remaining_usd = status.remaining_usd
+                if status.resets_in_s is not None:
+                    response.budget.resets_in_seconds = status.resets_in_s
         return response
+
+    def _admit(self, node: str) -> None:
+        """Budget and per-node rpm/tpm, before any provider is called."""
+        try:
+            if self.budgets is not None:
+                self.budgets.check(node)
+            quota = self.config.node_quotas.get(node)
+            if quota is not None and (quota.rpm is not None or quota.tpm is not None):
+                self.windows.admit(f"node:{node}", quota.rpm, quota.tpm, f"node {node!r}")
+        except RemoteError as exc:
+            self.metrics.limit_hit(node, exc.metadata.get("limit", "budget"))
+            raise
+
+    def _charge(
+        self,
+        request: pb.GenerateRequest,
+        node: str,
+        entry: ModelEntry,
+        usage: pb.Usage | None,
+        chars: int,
+        outcome: str,
+    ) -> Charge:
+        """Count a request's tokens and cost against the node; the ledger row to write.
+        Without provider usage, tokens are estimated from what was produced."""
+        estimated = usage is None or (usage.prompt_tokens == 0 and usage.completion_tokens == 0)
+        prompt = estimate_tokens(request.ByteSize()) if estimated or usage is None else usage.prompt_tokens
+        completion = estimate_tokens(chars) if estimated or usage is None else usage.completion_tokens
+        charge = Charge.of(
+            request_id=request.request_id,
+            ended_at=self.clock(),
+            node=node,
+            entry=entry,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            estimated=estimated,
+            outcome=outcome,
+        )
+        self.windows.add_tokens(f"node:{node}", prompt + completion)
+        self.metrics.charged(entry.alias, node, charge.cost_usd)
+        if self.budgets is not None:
+            self.budgets.add(node, charge.cost_usd)
+        return charge
 
     @_rpc_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -179,15 +251,39 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         validate_request(request)
         node = self.policy.identify(context.invocation_metadata(), context.auth_context())
         deadline_s = self.policy.check_request(request, node, context.time_remaining())
+        self._admit(node)
         recorder = self.metrics.stream(entry.alias, node)
         usage = pb.Usage()
+        served = [entry]  # the deployment of the last attempt
+        produced = [0, 0]  # characters written, charged (0/1)
+        ledger = self.ledger
 
         async def write(response: pb.GenerateResponse) -> None:
-            await context.write(response)
             if response.HasField("delta"):
+                await context.write(response)
                 recorder.delta_written()
-            else:
-                usage.CopyFrom(response.finished.usage)
+                delta = response.delta
+                produced[0] += len(delta.text) + len(delta.reasoning_text)
+                for call in delta.tool_calls:
+                    produced[0] += len(call.arguments_fragment)
+                return
+            usage.CopyFrom(response.finished.usage)
+            # Charged (and committed) before the client learns the request finished.
+            produced[1] = 1
+            charge = self._charge(
+                request,
+                node,
+                served[0],
+                usage if response.finished.HasField("usage") else None,
+                produced[0],
+                "completed",
+            )
+            if ledger is not None:
+                try:
+                    await ledger.record(charge)
+                except sqlite3.Error as exc:  # the reply is not lost for it; the operator is told
+                    log.error("request_id=%s spend not recorded in %s: %s", request.request_id, ledger.path, exc)
+            await context.write(response)
 
         code, failure = "OK", ""
         log.info("request_id=%s model=%s node=%s start", request.request_id, entry.alias, node)
@@ -199,17 +295,26 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
                         for alias in self.config.fallbacks.get(entry.alias, ())
                         if (f := await self.registry.lookup(alias)) is not None and f.ready
                     ]
-                    await self.backend.generate(entry, request, write, fallbacks)
+                    await self.backend.generate(
+                        entry, request, write, fallbacks, functools.partial(served.__setitem__, 0)
+                    )
         except TimeoutError:
             code = "DEADLINE_EXCEEDED"
             raise RemoteError(Reason.DEADLINE_EXCEEDED, f"deadline of {deadline_s:.1f}s exceeded") from None
         except RemoteError as exc:
             code, failure = exc.grpc_code.name, f" {exc.reason.value}: {exc.message}"  # redacted already
+            if "limit" in exc.metadata:
+                self.metrics.limit_hit(node, exc.metadata["limit"])
             raise
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
         finally:
+            if not produced[1] and produced[0]:  # cut short after output began: charge what was produced
+                outcome = "cancelled" if code in ("CANCELLED", "DEADLINE_EXCEEDED") else "failed"
+                charge = self._charge(request, node, served[0], None, produced[0], outcome)
+                if ledger is not None:
+                    ledger.record_soon(charge)
             recorder.finished(code, usage.prompt_tokens, usage.completion_tokens)
             log.info(
                 "request_id=%s model=%s node=%s end code=%s%s", request.request_id, entry.alias, node, code, failure
@@ -249,6 +354,10 @@ class SidecarSettings:
     extra_options: Sequence[tuple[str, Any]] = field(default_factory=tuple)
     # Read plain OpenAI-compatible deployments directly instead of through LiteLLM.
     openai_fast_path: bool = field(default_factory=_fast_path_from_env)
+    # Spend accounting: the SQLite ledger's directory (None: the user's data dir), or off.
+    state_dir: Path | None = None
+    accounting: bool = True
+    clock: Clock = time.time  # limits, budgets and ledger times; tests inject their own
 
 
 @dataclass
@@ -272,6 +381,8 @@ class RunningSidecar:
         await self.server.stop(grace_s)
         await self.servicer.backend.close()
         await self.servicer.registry.stop()
+        if self.servicer.ledger is not None:
+            self.servicer.ledger.close()
 
 
 def _is_loopback(listen: str) -> bool:
@@ -287,11 +398,31 @@ def _is_loopback(listen: str) -> bool:
 async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None = None) -> RunningSidecar:
     """Build, bind and start the server; returns once it accepts calls."""
     config = config or load_config(settings.config_path)
-    tokens = [*settings.tokens, *settings.named_tokens.values()]
+    if config.not_acted_on:
+        log.warning(
+            "%s: the sidecar does nothing with these config keys: %s",
+            config.path,
+            ", ".join(config.not_acted_on),
+        )
+    named_tokens = dict(settings.named_tokens)
+    if config.master_key is not None:
+        # LiteLLM's master key: here an accepted bearer token, naming node "master-key".
+        named_tokens.setdefault(MASTER_KEY_NODE, config.master_key)
+    tokens = [*settings.tokens, *named_tokens.values()]
     interceptors: list[grpc.aio.ServerInterceptor] = [TokenAuthInterceptor(tokens)] if tokens else []
     interceptors.append(DecodeGuardInterceptor())
-    policy = Policy.build(settings.limits, config.node_policies, settings.named_tokens)
+    policy = Policy.build(settings.limits, config.node_policies, named_tokens)
     metrics = Metrics()
+    budgeted = sorted(n for n, q in config.node_quotas.items() if q.max_budget is not None)
+    if budgeted and not settings.accounting:
+        raise ConfigError(f"max_budget is set for node {budgeted[0]!r}: budgets need accounting (drop --no-accounting)")
+    ledger = None
+    if settings.accounting:
+        state_dir = settings.state_dir or default_state_dir()
+        try:
+            ledger = Ledger.open(state_dir)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"--state-dir {state_dir}: cannot open the spend ledger: {exc}") from None
     if settings.discover:
         registry = ModelRegistry.with_discovery(
             config,
@@ -302,7 +433,7 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
         )
     else:
         registry = ModelRegistry(config)
-    servicer = RemoteInferenceServicer(registry, policy, metrics, settings.openai_fast_path)
+    servicer = RemoteInferenceServicer(registry, policy, metrics, settings.openai_fast_path, settings.clock, ledger)
     server = grpc.aio.server(
         interceptors=interceptors,
         # A backstop above the policy's own limit, which answers with a retry hint.
@@ -446,6 +577,18 @@ def build_parser() -> argparse.ArgumentParser:
         "other litellm_params) directly instead of through LiteLLM (env EXO_REMOTE_OPENAI_FAST_PATH=0 "
         "turns it off; default: on)",
     )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=os.environ.get("EXO_REMOTE_STATE_DIR") or None,
+        help="where the spend ledger (SQLite) lives (default: $XDG_DATA_HOME/exo-remote-engine)",
+    )
+    parser.add_argument(
+        "--accounting",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("EXO_REMOTE_ACCOUNTING", "1") != "0",
+        help="record every request's tokens and cost in the ledger (default: on; budgets need it)",
+    )
     return parser
 
 
@@ -496,7 +639,21 @@ def _settings_from_args(args: argparse.Namespace) -> SidecarSettings:
         servers=tuple(servers),
         discovery_ttl_s=args.refresh_s,
         openai_fast_path=args.openai_fast_path,
+        state_dir=args.state_dir,
+        accounting=args.accounting,
     )
+
+
+def _check_single_process(config: SidecarConfig, workers: int) -> None:
+    """Limits and budgets are counted in one process's memory: refuse to split them."""
+    limited = [e.deployment_name for group in config.groups.values() for e in group if e.rpm or e.tpm]
+    limited += [e.alias for e in config.models if e.rpm or e.tpm]
+    limited += [f"node {n}" for n in config.node_quotas]
+    if workers > 1 and limited:
+        raise ConfigError(
+            f"--workers {workers}: rpm, tpm and budgets are counted per process, and {limited[0]} has one; "
+            "run with --workers 1"
+        )
 
 
 async def _serve(settings: SidecarSettings, grace_s: float, argv: Sequence[str], workers: int) -> None:
@@ -504,6 +661,8 @@ async def _serve(settings: SidecarSettings, grace_s: float, argv: Sequence[str],
     if is_worker:  # same config, TLS and tokens as the main process, on a port of its own
         settings.listen = settings.listen.rsplit(":", 1)[0] + ":0"
         settings.metrics_listen = None
+    if workers > 1 and not is_worker:
+        _check_single_process(load_config(settings.config_path), workers)
     running = await start_sidecar(settings)
     pool = WorkerPool(argv, workers - 1) if workers > 1 and not is_worker else None
     if pool is not None:

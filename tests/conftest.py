@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+# Sidecars started by tests keep their spend ledger here, never in the user's data dir.
+os.environ.setdefault("EXO_REMOTE_STATE_DIR", tempfile.mkdtemp(prefix="exo-remote-test-state-"))
 
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path

@@ -73,12 +73,28 @@ class ListModelsRequest(_message.Message):
     def __init__(self, refresh: bool = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models", "default_model")
+    __slots__ = ("models", "default_model", "budget")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[Model]
     default_model: str
-    def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
+    budget: NodeBudget
+    def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., default_model: _Optional[str] = ..., budget: _Optional[_Union[NodeBudget, _Mapping]] = ...) -> None: ...
+
+class NodeBudget(_message.Message):
+    __slots__ = ("node", "max_usd", "spent_usd", "remaining_usd", "resets_in_seconds")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_USD_FIELD_NUMBER: _ClassVar[int]
+    SPENT_USD_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_USD_FIELD_NUMBER: _ClassVar[int]
+    RESETS_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    max_usd: float
+    spent_usd: float
+    remaining_usd: float
+    resets_in_seconds: float
+    def __init__(self, node: _Optional[str] = ..., max_usd: _Optional[float] = ..., spent_usd: _Optional[float] = ..., remaining_usd: _Optional[float] = ..., resets_in_seconds: _Optional[float] = ...) -> None: ...
 
 class Model(_message.Message):
     __slots__ = ("alias", "provider", "display_name", "ready", "not_ready_reason", "context_window", "max_output_tokens", "supports_tools", "supports_images", "source")

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,27 @@ _ALLOWED_MODEL_INFO = (
     "supports_vision",
     "display_name",
 )
+# model_info keys acted on besides the capabilities above (LiteLLM's names).
+_PRICING_MODEL_INFO = ("id", "base_model", "input_cost_per_token", "output_cost_per_token", "mode")
+# litellm_params that configure LiteLLM's Router, not the provider call: taken out of the
+# params sent to the provider. The first three are acted on; the rest are named at startup.
+_ROUTER_PARAMS_ACTED = ("rpm", "tpm", "weight")
+_ROUTER_PARAMS_IGNORED = ("order", "max_parallel_requests", "region_name", "tags")
+_PRICE_PARAMS = ("input_cost_per_token", "output_cost_per_token")
+# Top-level sections and the keys in them the sidecar acts on; anything else is named in
+# one startup warning (SidecarConfig.not_acted_on).
+_TOP_LEVEL = ("model_list", "router_settings", "litellm_settings", "general_settings", "exo_remote_settings")
+_ROUTER_SETTINGS_ACTED = ("routing_strategy", "allowed_fails", "cooldown_time", "num_retries", "fallbacks")
+_LITELLM_SETTINGS_ACTED = ("num_retries", "fallbacks")
+_GENERAL_SETTINGS_ACTED = ("master_key",)
+ROUTING_STRATEGIES = (
+    "simple-shuffle",
+    "least-busy",
+    "latency-based-routing",
+    "usage-based-routing",
+    "usage-based-routing-v2",
+)
+MASTER_KEY_NODE = "master-key"
 
 
 class ConfigError(ValueError):
@@ -52,6 +73,43 @@ class ModelEntry:
     max_output_tokens: int | None = None
     supports_tools: bool | None = None
     supports_images: bool | None = None
+    # Deployment-group facts (LiteLLM Router's): which member of its group this is, its
+    # limits and weight, and prices that override LiteLLM's cost map.
+    deployment: str = ""
+    rpm: int | None = None
+    tpm: int | None = None
+    weight: float | None = None
+    base_model: str | None = None
+    input_cost_per_token: float | None = None
+    output_cost_per_token: float | None = None
+
+    @property
+    def deployment_name(self) -> str:
+        return self.deployment or self.alias
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """LiteLLM's ``router_settings`` the sidecar acts on (LiteLLM's defaults)."""
+
+    routing_strategy: str = "simple-shuffle"
+    allowed_fails: int = 3
+    cooldown_time_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class NodeQuota:
+    """Per-node traffic and spend limits: ``exo_remote_settings.nodes.<name>``'s ``rpm``,
+    ``tpm``, ``max_budget`` (USD) and ``budget_duration`` (LiteLLM's key fields)."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_budget: float | None = None
+    budget_duration: str | None = None
+
+    @property
+    def budget_duration_s(self) -> float | None:
+        return duration_seconds(self.budget_duration) if self.budget_duration else None
 
 
 @dataclass(frozen=True)
@@ -63,9 +121,20 @@ class SidecarConfig:
     node_policies: Mapping[str, NodePolicy] = field(default_factory=dict)
     fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     num_retries: int = 1
+    # alias -> every deployment of that model_name (models holds the first of each).
+    groups: Mapping[str, tuple[ModelEntry, ...]] = field(default_factory=dict)
+    router: RouterSettings = field(default_factory=RouterSettings)
+    node_quotas: Mapping[str, NodeQuota] = field(default_factory=dict)
+    master_key: str | None = field(default=None, repr=False)
+    not_acted_on: tuple[str, ...] = ()
 
     def get(self, alias: str) -> ModelEntry | None:
         return next((m for m in self.models if m.alias == alias), None)
+
+    def deployments(self, entry: ModelEntry) -> tuple[ModelEntry, ...]:
+        """The deployment group ``entry`` heads (itself alone when it is not grouped)."""
+        group = self.groups.get(entry.alias) if entry.source == "config" else None
+        return group if group else (entry,)
 
 
 def embedded_entry() -> ModelEntry:
@@ -97,9 +166,15 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         raise ConfigError(f"{path}: cannot read config file: not UTF-8 text (byte {exc.start})") from exc
     raw = _parse(path, text)
     secrets: set[str] = set()
+    ignored: list[str] = []
+    master_key: str | None = None
+    router = RouterSettings()
     if isinstance(raw, Mapping) and "model_list" in raw:
-        entries = _from_proxy_config(path, raw, env, secrets)
+        entries = _from_proxy_config(path, raw, env, secrets, ignored)
         settings = raw.get("exo_remote_settings") or {}
+        ignored[:0] = _not_acted_on_sections(path, raw)
+        router = _router_settings(path, raw)
+        master_key = _master_key(path, raw, env, secrets)
     elif isinstance(raw, Mapping):
         alias_map = raw.get("models", raw)
         entries = _from_alias_map(path, alias_map, env, secrets)
@@ -113,15 +188,112 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     default = str(settings.get("default_model") or entries[0].alias)
     if default not in {e.alias for e in entries}:
         raise ConfigError(f"{path}: default_model {default!r} is not a configured alias")
+    groups: dict[str, list[ModelEntry]] = {}
+    for entry in entries:
+        groups.setdefault(entry.alias, []).append(entry)
     return SidecarConfig(
-        tuple(entries),
+        tuple(group[0] for group in groups.values()),
         default,
         frozenset(secrets),
         path,
         _node_policies(path, settings),
-        _fallbacks(path, raw, settings, {e.alias for e in entries}),
+        _fallbacks(path, raw, settings, set(groups)),
         _num_retries(path, raw, settings),
+        {alias: tuple(group) for alias, group in groups.items() if len(group) > 1},
+        router,
+        _node_quotas(path, settings),
+        master_key,
+        tuple(ignored),
     )
+
+
+def _not_acted_on_sections(path: Path, raw: Mapping[str, Any]) -> list[str]:
+    """Top-level keys and keys of LiteLLM's settings sections the sidecar does nothing with."""
+    found = [str(k) for k in raw if k not in _TOP_LEVEL]
+    for section, acted in (
+        ("router_settings", _ROUTER_SETTINGS_ACTED),
+        ("litellm_settings", _LITELLM_SETTINGS_ACTED),
+        ("general_settings", _GENERAL_SETTINGS_ACTED),
+    ):
+        block = raw.get(section)
+        if block is None:
+            continue
+        if not isinstance(block, Mapping):
+            raise ConfigError(f"{path}: {section} must be a mapping")
+        found.extend(f"{section}.{k}" for k in block if k not in acted)
+    return found
+
+
+def _router_settings(path: Path, raw: Mapping[str, Any]) -> RouterSettings:
+    block = raw.get("router_settings") or {}
+    defaults = RouterSettings()
+    strategy = block.get("routing_strategy", defaults.routing_strategy)
+    if strategy not in ROUTING_STRATEGIES:
+        raise ConfigError(
+            f"{path}: router_settings.routing_strategy {strategy!r} is not supported here; "
+            f"use one of {', '.join(ROUTING_STRATEGIES)}"
+        )
+    fails = block.get("allowed_fails", defaults.allowed_fails)
+    if not isinstance(fails, int) or isinstance(fails, bool) or fails < 0:
+        raise ConfigError(f"{path}: router_settings.allowed_fails must be a non-negative integer")
+    cooldown = block.get("cooldown_time", defaults.cooldown_time_s)
+    if not _is_number(cooldown) or cooldown < 0:
+        raise ConfigError(f"{path}: router_settings.cooldown_time must be a non-negative number of seconds")
+    return RouterSettings(str(strategy), fails, float(cooldown))
+
+
+def _master_key(path: Path, raw: Mapping[str, Any], env: Mapping[str, str], secrets: set[str]) -> str | None:
+    """``general_settings.master_key``: an accepted bearer token (see README), never ignored."""
+    block = raw.get("general_settings") or {}
+    value = block.get("master_key")
+    if value is None:
+        return None
+    key = _resolve(value, env, f"{path}: general_settings", "master_key", secrets)
+    if not isinstance(key, str) or not key.strip():
+        raise ConfigError(f"{path}: general_settings.master_key must be a non-empty string")
+    return key
+
+
+def _node_quotas(path: Path, settings: Mapping[str, Any]) -> dict[str, NodeQuota]:
+    """The ``rpm``/``tpm``/``max_budget``/``budget_duration`` keys of each node's rules."""
+    quotas: dict[str, NodeQuota] = {}
+    nodes = settings.get("nodes") or {}
+    for name, rules in nodes.items() if isinstance(nodes, Mapping) else ():
+        if not isinstance(rules, Mapping):
+            continue  # _node_policies reports it
+        where = f"{path}: exo_remote_settings.nodes.{name}"
+        rpm, tpm, budget, duration = (rules.get(k) for k in ("rpm", "tpm", "max_budget", "budget_duration"))
+        for key, value in (("rpm", rpm), ("tpm", tpm)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{where}: {key} must be a positive integer")
+        if budget is not None and (not _is_number(budget) or budget < 0):
+            raise ConfigError(f"{where}: max_budget must be a non-negative number (USD)")
+        if duration is not None:
+            if budget is None:
+                raise ConfigError(f"{where}: budget_duration needs max_budget")
+            try:
+                duration_seconds(duration)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: budget_duration: {exc}") from None
+        if any(v is not None for v in (rpm, tpm, budget)):
+            quotas[str(name)] = NodeQuota(rpm, tpm, float(budget) if budget is not None else None, duration)
+    return quotas
+
+
+_DURATION = re.compile(r"^(\d+)(s|m|h|d|w|mo)$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 30 * 86400}
+
+
+def duration_seconds(text: Any) -> float:
+    """LiteLLM's duration strings: ``30s``, ``30m``, ``24h``, ``7d``, ``2w``, ``1mo`` (30 days)."""
+    match = _DURATION.match(str(text).strip()) if isinstance(text, str) else None
+    if match is None or int(match.group(1)) == 0:
+        raise ValueError(f"{text!r} is not a duration like 30s, 30m, 24h, 7d, 1mo")
+    return float(int(match.group(1)) * _UNIT_S[match.group(2)])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _fallbacks(
@@ -225,7 +397,7 @@ def _reject_duplicate_keys(path: Path) -> Any:
 
 
 def _from_proxy_config(
-    path: Path, raw: Mapping[str, Any], env: Mapping[str, str], secrets: set[str]
+    path: Path, raw: Mapping[str, Any], env: Mapping[str, str], secrets: set[str], ignored: list[str]
 ) -> list[ModelEntry]:
     model_list = raw.get("model_list")
     if not isinstance(model_list, list):
@@ -244,9 +416,61 @@ def _from_proxy_config(
         info = item.get("model_info") or {}
         if not isinstance(info, Mapping):
             raise ConfigError(f"{where}: model_info must be a mapping")
-        entries.append(_entry(where, alias, resolved, info))
-    _check_unique(path, entries)
-    return entries
+        ignored.extend(f"model_list[{i}].{k}" for k in item if k not in ("model_name", "litellm_params", "model_info"))
+        ignored.extend(
+            f"model_list[{i}].model_info.{k}"
+            for k in info
+            if k not in _ALLOWED_MODEL_INFO and k not in _PRICING_MODEL_INFO
+        )
+        ignored.extend(f"model_list[{i}].litellm_params.{k}" for k in _ROUTER_PARAMS_IGNORED if k in resolved)
+        entries.append(_deployment(where, alias, resolved, info))
+    return _name_deployments(path, entries)
+
+
+def _name_deployments(path: Path, entries: list[ModelEntry]) -> list[ModelEntry]:
+    """Members of a group without ``model_info.id`` are named ``alias#1``, ``alias#2``, ..."""
+    sizes = {alias: sum(e.alias == alias for e in entries) for alias in {e.alias for e in entries}}
+    counts: dict[str, int] = {}
+    named: list[ModelEntry] = []
+    for entry in entries:
+        counts[entry.alias] = counts.get(entry.alias, 0) + 1
+        if sizes[entry.alias] > 1 and not entry.deployment:
+            entry = replace(entry, deployment=f"{entry.alias}#{counts[entry.alias]}")
+        named.append(entry)
+    names = [e.deployment_name for e in named]
+    duplicated = sorted({n for n in names if names.count(n) > 1 and n in {e.deployment for e in named}})
+    if duplicated:
+        raise ConfigError(f"{path}: model_info.id {duplicated[0]!r} names two deployments")
+    return named
+
+
+def _deployment(where: str, alias: str, params: dict[str, Any], info: Mapping[str, Any]) -> ModelEntry:
+    """One model_list item: router keys (rpm, tpm, weight, ...) and prices come out of the
+    params that go to the provider."""
+    router = {k: params.pop(k) for k in (*_ROUTER_PARAMS_ACTED, *_ROUTER_PARAMS_IGNORED) if k in params}
+    prices = {k: params.pop(k) for k in _PRICE_PARAMS if k in params}
+    prices.update({k: info[k] for k in _PRICE_PARAMS if k in info})  # model_info wins
+    for key in ("rpm", "tpm"):
+        value = router.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{where}: litellm_params.{key} must be a positive integer")
+    weight = router.get("weight")
+    if weight is not None and (not _is_number(weight) or weight <= 0):
+        raise ConfigError(f"{where}: litellm_params.weight must be a positive number")
+    for key, value in prices.items():
+        if not _is_number(value) or value < 0:
+            raise ConfigError(f"{where}: {key} must be a non-negative number (USD per token)")
+    base_model = info.get("base_model")
+    return replace(
+        _entry(where, alias, params, info),
+        deployment=str(info.get("id") or ""),
+        rpm=router.get("rpm"),
+        tpm=router.get("tpm"),
+        weight=float(weight) if weight is not None else None,
+        base_model=str(base_model) if base_model else None,
+        input_cost_per_token=_float_or_none(prices.get("input_cost_per_token")),
+        output_cost_per_token=_float_or_none(prices.get("output_cost_per_token")),
+    )
 
 
 def _from_alias_map(path: Path, alias_map: Any, env: Mapping[str, str], secrets: set[str]) -> list[ModelEntry]:
@@ -331,10 +555,14 @@ def _check_unique(path: Path, entries: list[ModelEntry]) -> None:
     for e in entries:
         if e.alias in seen:
             raise ConfigError(
-                f"{path}: duplicate alias {e.alias!r} (load-balanced deployment groups are "
-                "not supported; give each deployment its own model_name)"
+                f"{path}: duplicate alias {e.alias!r} (a deployment group needs the "
+                "config.yaml form: several model_list entries with one model_name)"
             )
         seen.add(e.alias)
+
+
+def _float_or_none(value: Any) -> float | None:
+    return float(value) if _is_number(value) else None
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -47,6 +47,24 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.spend = prom.Counter(
+            "exo_remote_spend_usd",
+            "Cost of finished requests in USD (known prices only)",
+            labels,
+            registry=self.registry,
+        )
+        self.unpriced = prom.Counter(
+            "exo_remote_unpriced_requests",
+            "Requests whose price is unknown (no cost counted)",
+            labels,
+            registry=self.registry,
+        )
+        self.limit_hits = prom.Counter(
+            "exo_remote_limit_hits",
+            "Requests refused by a limit: rpm, tpm, deployment (every deployment at its limit) or budget",
+            ("node", "limit"),
+            registry=self.registry,
+        )
         self.active = prom.Gauge("exo_remote_active_streams", "Streams in flight", registry=self.registry)
 
     def serve(self, host: str, port: int) -> int:
@@ -55,6 +73,18 @@ class Metrics:
             raise RuntimeError("prometheus_client is not installed (pip install 'exo-remote-engine[sidecar]')")
         server, _thread = prom.start_http_server(port, addr=host, registry=self.registry)
         return int(server.server_port)
+
+    def charged(self, model: str, node: str, cost_usd: float | None) -> None:
+        if prom is None:
+            return
+        if cost_usd is None:
+            self.unpriced.labels(model, node).inc()
+        elif cost_usd:
+            self.spend.labels(model, node).inc(cost_usd)
+
+    def limit_hit(self, node: str, limit: str) -> None:
+        if prom is not None:
+            self.limit_hits.labels(node, limit).inc()
 
     def stream(self, model: str, node: str) -> StreamRecorder:
         return StreamRecorder(self, model, node)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -24,6 +25,9 @@ from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.openai_wire import FINISH_REASONS
 from exo_remote_engine.sidecar.config import ModelEntry
 from exo_remote_engine.sidecar.provider_errors import classify
+from exo_remote_engine.sidecar.routing import Router
+
+OnAttempt = Callable[[ModelEntry], None]
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +168,15 @@ class StreamingBackend:
         retry_cap_s: float = 5.0,
         request_timeout_s: float = 600.0,
         openai_fast_path: bool = True,
+        router: Router | None = None,
+        groups: Callable[[ModelEntry], Sequence[ModelEntry]] = lambda entry: (entry,),
     ) -> None:
         from exo_remote_engine.sidecar.litellm_transport import LiteLLMTransport
         from exo_remote_engine.sidecar.openai_transport import OpenAICompatibleTransport
 
         self._secrets = secrets
+        self._router = router
+        self._groups = groups
         self._num_retries = num_retries
         self._retry_base_s = retry_base_s
         self._retry_cap_s = retry_cap_s
@@ -192,17 +200,20 @@ class StreamingBackend:
         request: pb.GenerateRequest,
         write: Write,
         fallbacks: Sequence[ModelEntry] = (),
+        on_attempt: OnAttempt | None = None,
     ) -> None:
         """Stream ``request`` to ``write``: deltas, then exactly one Finished event.
 
-        Before the first delta a failing model is retried (bounded, jittered, honouring
-        Retry-After up to a cap) and then its fallbacks are tried in order; after the first
-        delta nothing is retried, so no text is ever sent twice."""
-        candidates = [entry, *fallbacks]
-        if all(self.transport_for(c).writes_inline for c in candidates):
+        ``entry`` and ``fallbacks`` name deployment groups (usually of one). Before the
+        first delta a failing deployment is retried, on another member of its group when
+        there is one (at once) or itself (bounded, jittered, honouring Retry-After up to a
+        cap); then the fallbacks are tried in order. After the first delta nothing is
+        retried, so no text is ever sent twice. ``on_attempt`` hears of each deployment tried."""
+        candidates = [self._groups(e) for e in (entry, *fallbacks)]
+        if all(self.transport_for(c).writes_inline for group in candidates for c in group):
             state = StreamState(write)
             try:
-                await self._produce_with_retries(candidates, request, state)
+                await self._produce_with_retries(candidates, request, state, on_attempt)
             except _WriteFailed as exc:
                 assert exc.__cause__ is not None
                 raise exc.__cause__ from None
@@ -213,7 +224,7 @@ class StreamingBackend:
             return
         state = StreamState()
         ready = state.ready
-        producer = asyncio.create_task(self._produce_with_retries(candidates, request, state))
+        producer = asyncio.create_task(self._produce_with_retries(candidates, request, state, on_attempt))
         try:
             while not producer.done():
                 await ready.wait()
@@ -236,7 +247,11 @@ class StreamingBackend:
                     await producer
 
     async def _produce_with_retries(
-        self, candidates: Sequence[ModelEntry], request: pb.GenerateRequest, state: StreamState
+        self,
+        candidates: Sequence[Sequence[ModelEntry]],
+        request: pb.GenerateRequest,
+        state: StreamState,
+        on_attempt: OnAttempt | None,
     ) -> None:
         # Two retry loops on purpose: this one handles *provider* failures (429, 5xx, a
         # dropped connection: classified here, where the provider's answer is seen), falls
@@ -245,32 +260,56 @@ class StreamingBackend:
         # (unreachable, overloaded) and never retries a provider error, so a failure class
         # is retried in exactly one place. Hand-written because of the fallback step.
         try:
-            for position, entry in enumerate(candidates):
-                transport = self.transport_for(entry)
+            for position, group in enumerate(candidates):
+                last_model = position == len(candidates) - 1
+                tried: set[str] = set()
                 for attempt in range(self._num_retries + 1):
-                    state.entry = entry
                     try:
-                        await transport.produce(entry, request, state)
+                        entry = self._router.pick(group, tried) if self._router is not None else group[0]
+                    except RemoteError as unavailable:  # every deployment is limited or cooling down
+                        if last_model:
+                            raise
+                        log.warning(
+                            "request_id=%s model=%s %s; falling back to %s",
+                            request.request_id,
+                            group[0].alias,
+                            unavailable.reason.value,
+                            candidates[position + 1][0].alias,
+                        )
+                        break
+                    state.entry = entry
+                    if on_attempt is not None:
+                        on_attempt(entry)
+                    try:
+                        await self._produce_once(entry, group, request, state)
                         return
                     except asyncio.CancelledError:
                         raise
                     except Exception as exc:
                         if state.started:
                             raise  # text already went out: never retry, never fall back
+                        tried.add(entry.deployment_name)
                         error = classify(exc, alias=entry.alias, provider=entry.provider, secrets=self._secrets())
-                        last_model = position == len(candidates) - 1
                         if not error.retryable or attempt == self._num_retries:
                             if last_model:
                                 raise
                             log.warning(
                                 "request_id=%s model=%s failed (%s: %s); falling back to %s",
                                 request.request_id,
-                                entry.alias,
+                                entry.deployment_name,
                                 error.reason.value,
                                 error.message,
-                                candidates[position + 1].alias,
+                                candidates[position + 1][0].alias,
                             )
                             break
+                        if len(tried) < len(group):
+                            log.info(
+                                "request_id=%s deployment=%s %s; trying another deployment",
+                                request.request_id,
+                                entry.deployment_name,
+                                error.reason.value,
+                            )
+                            continue  # another member of the group: no reason to wait
                         delay = random.uniform(0, self._retry_base_s * 2**attempt)
                         if error.retry_after_s is not None:
                             delay = max(delay, error.retry_after_s)
@@ -286,6 +325,31 @@ class StreamingBackend:
                         await asyncio.sleep(min(delay, self._retry_cap_s))
         finally:
             state.ready.set()
+
+    async def _produce_once(
+        self, entry: ModelEntry, group: Sequence[ModelEntry], request: pb.GenerateRequest, state: StreamState
+    ) -> None:
+        """One transport call, reported to the router (in flight, latency, tokens, failures)."""
+        router = self._router
+        if router is None:
+            await self.transport_for(entry).produce(entry, request, state)
+            return
+        router.started(entry)
+        began = time.monotonic()
+        try:
+            await self.transport_for(entry).produce(entry, request, state)
+        except Exception as exc:
+            if state.started:
+                router.ended(entry)
+            else:
+                router.failed(entry, getattr(exc, "status_code", None), len(group))
+            raise
+        except BaseException:
+            router.ended(entry)
+            raise
+        usage = state.usage
+        tokens = usage.prompt_tokens + usage.completion_tokens if usage is not None else 0
+        router.succeeded(entry, time.monotonic() - began, tokens)
 
 
 def _finished(entry: ModelEntry, state: StreamState) -> pb.Finished:
