@@ -464,3 +464,42 @@ def test_discovered_models_appear_in_exo_without_restart(tmp_path: Path, monkeyp
         finally:
             node.stop()
             sidecar.stop()
+
+
+PLAN_CHECK = """
+import json, sys
+from exo_remote_engine.engine import exo_hooks
+report = {}
+for remote in (True, False):
+    plan = exo_hooks.build_plan(remote_node=remote)
+    missing = plan.missing()
+    before = [(p.target.describe(), id(p.target.resolve()), dict(p.target.resolve()) if p.dict_key else None)
+              for p in plan.patches]
+    plan.apply()
+    applied = len(plan.applied)
+    plan.revert()
+    after = [(p.target.describe(), id(p.target.resolve()), dict(p.target.resolve()) if p.dict_key else None)
+             for p in plan.patches]
+    report["remote" if remote else "local"] = {
+        "missing": missing, "patches": len(plan.patches), "applied": applied, "restored": before == after}
+print(json.dumps(report))
+"""
+
+
+def test_the_hook_plan_fits_real_exo_and_reverts_exactly(tmp_path: Path) -> None:
+    """The fakes of tests/test_exo_hooks.py are only as good as this: real exo has every
+    target, parameter and attribute the plan needs, and a revert leaves it as shipped."""
+    result = subprocess.run(
+        [str(PINS_VENV / "bin" / "python"), "-c", PLAN_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for role, found in report.items():
+        assert found["missing"] == [], (role, found)
+        assert found["applied"] == found["patches"] > 20, (role, found)
+        assert found["restored"] is True, role

@@ -22,14 +22,14 @@ def get_inference_engine(original: Any, inference_engine_name: str, shard_downlo
     """``remote`` is the process's one shared remote engine; other names are exo's."""
     if inference_engine_name == ENGINE_NAME:
         return shared_engine(shard_downloader)
-    return original(inference_engine_name, shard_downloader)
+    return original(inference_engine_name=inference_engine_name, shard_downloader=shard_downloader)
 
 
 async def resolve_tokenizer(original: Any, repo_id: Any) -> Any:
     """A remote model's pseudo repository gets the remote tokenizer, never a download."""
     if isinstance(repo_id, str) and repo_id.startswith(REPO_PREFIX):
         return shared_engine().tokenizer
-    return await original(repo_id)
+    return await original(repo_id=repo_id)
 
 
 # Every add-on node builds remote models' prompts (the API node may relay them).

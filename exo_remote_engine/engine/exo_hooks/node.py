@@ -122,7 +122,7 @@ async def process_prompt(
             await peers.until_peer(self, reply_to)
         # exo's default inference_state is a shared mutable {}: never hand it one to mutate.
         return await original(
-            self, base_shard, prompt, request_id=request_id, inference_state=inference_state or {}
+            self, base_shard=base_shard, prompt=prompt, request_id=request_id, inference_state=inference_state or {}
         )
     finally:
         current_model.reset(token)
@@ -133,14 +133,14 @@ async def _relay(node: Any, target: str, base_shard: Any, prompt: str, request_i
     peer = next((p for p in node.peers if p.id() == target), None)
     if peer is None:
         raise RuntimeError(f"model {model!r} is served by node {target!r}, not reachable")
-    shard = node.get_current_shard(base_shard, 0)
+    shard = node.get_current_shard(base_shard=base_shard, index=0)
     try:
         if not await peer.is_connected():
             await asyncio.wait_for(peer.connect(), timeout=RELAY_CONNECT_S)
         # exo's inference_state cannot carry the asking node (its serializer fails on plain
         # values off macOS): a note goes ahead of the prompt.
-        await peer.send_opaque_status(request_id, peers.reply_note(request_id, node.id))
-        await peer.send_prompt(shard, prompt, request_id=request_id, inference_state=state)
+        await peer.send_opaque_status(request_id=request_id, status=peers.reply_note(request_id, node.id))
+        await peer.send_prompt(shard=shard, prompt=prompt, request_id=request_id, inference_state=state)
     except Exception as exc:
         raise RuntimeError(
             f"model {model!r} is served by node {target!r}, which is not reachable now ({type(exc).__name__})"
@@ -195,7 +195,11 @@ NEEDS = [
         Target("exo.networking.grpc.grpc_peer_handle", "send_prompt", owner="GRPCPeerHandle"),
         params=("shard", "prompt", "request_id", "inference_state"),
     ),
-    Needs(Target("exo.networking.grpc.grpc_peer_handle", "send_opaque_status", owner="GRPCPeerHandle")),
+    Needs(
+        Target("exo.networking.grpc.grpc_peer_handle", "send_opaque_status", owner="GRPCPeerHandle"),
+        params=("request_id", "status"),
+    ),
+    Needs(_node("get_current_shard"), params=("base_shard", "index")),
     Needs(Target("exo.networking.grpc.grpc_peer_handle", "is_connected", owner="GRPCPeerHandle")),
     Needs(Target("exo.networking.grpc.grpc_peer_handle", "connect", owner="GRPCPeerHandle")),
 ]

@@ -23,7 +23,7 @@ RING = "exo.topology.ring_memory_weighted_partitioning_strategy"
 def partition(original: Any, self: Any, topology: Any) -> list[Any]:
     view = STATE.view
     if view is None:
-        return list(original(self, topology))
+        return list(original(self, topology=topology))
     from exo.topology.partitioning_strategy import Partition
 
     partitions, start = [], 0.0

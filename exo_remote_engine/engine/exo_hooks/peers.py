@@ -41,7 +41,7 @@ def reply_note(request_id: str | None, node_id: str) -> str:
 
 
 async def announce_once(node: Any) -> None:
-    await node.broadcast_opaque_status("", announcement(node))
+    await node.broadcast_opaque_status(request_id="", status=announcement(node))
     view = STATE.view
     if view is None:
         return
