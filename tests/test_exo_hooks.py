@@ -591,3 +591,43 @@ def test_remote_label_round_trip_and_legacy_label() -> None:
     assert remote_sidecar("Linux box", "CPU") is None
     view = ClusterView("a")
     assert view.is_remote("n", REMOTE_NODE_LABEL) and not view.is_remote("n", "Linux box")
+
+
+async def test_node_start_announces_this_node_to_its_peers(exo: dict[str, types.ModuleType], engine: Any) -> None:
+    exo_hooks.install(list(REMOTE_ARGV), {})
+    remote = _node(exo, "r", engine)
+    peer = fake_exo.GRPCPeerHandle("d")
+    remote.peers = [peer]
+    await remote.start()
+    assert remote.calls[0] == ("start", (0,), {}), "exo's own start ran"
+    try:
+        for _ in range(100):
+            if peer.sent:
+                break
+            await asyncio.sleep(0.05)
+        kind, (_request_id, status), _ = peer.sent[0]
+        said = json.loads(status)
+        assert (kind, said["type"], said["node_id"], said["sidecar"]) == ("status", "exo_remote_node", "r", SIDECAR)
+        assert said["models"] == {"echo-model": "echo-model", "gpt-4o-mini": "gpt-4o-mini"}, "ready ones only"
+    finally:
+        for task in STATE.background:
+            task.cancel()
+        await asyncio.gather(*STATE.background, return_exceptions=True)
+
+
+def test_peers_announcements_become_model_cards(exo: dict[str, types.ModuleType], engine: Any) -> None:
+    models = exo["exo.models"]
+    exo_hooks.install(["exo", "--inference-engine", "dummy"], {})
+    local = _node(exo, "d", fake_exo.DummyInferenceEngine())
+    assert STATE.view is not None
+    announced = ClusterView.announcement("r", "RemoteLLMInferenceEngine", {"gpt-4o-mini": "gpt-4o-mini"}, SIDECAR)
+    peers.on_status(local, announced)
+    card = models.model_cards["gpt-4o-mini"]
+    assert card["layers"] == 1 and card["repo"]["DummyInferenceEngine"] == repo_for("gpt-4o-mini"), "any API relays it"
+    # on a remote node, a local model its peers serve gets a repo of the remote class too
+    exo_hooks.uninstall()
+    assert "gpt-4o-mini" not in models.model_cards, "uninstall removes the cards it added"
+    exo_hooks.install(list(REMOTE_ARGV), {})
+    remote = _node(exo, "r", engine)
+    peers.on_status(remote, ClusterView.announcement("d", "DummyInferenceEngine", {}, None))
+    assert models.model_cards["llama-3.2-1b"]["repo"]["RemoteLLMInferenceEngine"] == "dummy"
