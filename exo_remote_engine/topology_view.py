@@ -1,7 +1,7 @@
 """``exo-remote topology``: an exo cluster's nodes as boxes, remote nodes with their sidecar's state.
 
 exo's ``GET /v1/topology`` is fetched with urllib (the engine side stays light); every remote
-node (``model`` = ``Remote LLM via host:port``) has its sidecar asked directly for health and
+node (``model`` = ``remote LLM``, ``chip`` = ``sidecar host:port: ...``) has its sidecar asked directly for health and
 models. :func:`render_topology` is pure, so it can be tested without a network.
 """
 
@@ -24,10 +24,10 @@ from typing import Any, TextIO, TypeVar
 
 from exo_remote_engine.connection_hints import not_exo_api_hint, sidecar_hint
 from exo_remote_engine.engine.client import SidecarClient, SidecarTarget
+from exo_remote_engine.engine.cluster import remote_sidecar
 from exo_remote_engine.errors import Reason, RemoteError
 
 DEFAULT_API = "http://127.0.0.1:52415"
-REMOTE_PREFIX = "Remote LLM via "
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
 SERVING = "SERVING"
@@ -203,10 +203,8 @@ def _address_host(address: str) -> str:
 
 def remote_address(node: Mapping[str, Any]) -> str | None:
     """The sidecar address of a remote node, ``None`` for a local one."""
-    model = node.get("model")
-    if isinstance(model, str) and model.startswith(REMOTE_PREFIX):
-        return model[len(REMOTE_PREFIX) :].strip()
-    return None
+    found = remote_sidecar(node.get("model"), node.get("chip") or "")
+    return found[0] if found else None
 
 
 async def collect_sidecars(
@@ -337,7 +335,8 @@ def _without_device(text: str) -> str:
 def _remote_lines(node: Mapping[str, Any], address: str, info: SidecarInfo | None, g: _Glyphs, width: int) -> list[str]:
     status = info.status if info else NOT_PROBED
     lines = [f"REMOTE  sidecar {_clean(address) or '?'}  {g.up if status == SERVING else g.down}"]
-    chip = _clean(node.get("chip") or "").removeprefix("remote: ")
+    found = remote_sidecar(node.get("model"), node.get("chip") or "")
+    chip = _clean(found[1] if found else node.get("chip") or "")
     exo_says = f"exo says: {chip}" if chip else "exo says nothing about its models"
     if info is None or status in (UNREACHABLE, NOT_PROBED):
         why = info.detail if info and info.detail else "sidecar not probed"

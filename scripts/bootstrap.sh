@@ -63,6 +63,17 @@ if [ -n "${EXO_SRC:-}" ] && [ "$(cat $VE/.exo-stamp 2>/dev/null)" != "$EXO_STAMP
   $VE/bin/pip install -q --no-deps "$EXO_SRC"
   echo "$EXO_STAMP" > $VE/.exo-stamp
 fi
+# The tinychat tests drive exo's web UI in Debian's Chromium (Playwright with executable_path;
+# never a browser download). Installed only where exo runs, and only when missing.
+if [ -n "${EXO_SRC:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    echo "[bootstrap] installing chromium (apt) for the tinychat tests"
+    apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+      || echo "[bootstrap] chromium could not be installed: the tinychat tests will be skipped"
+  else
+    echo "[bootstrap] chromium missing (install Debian's chromium package): the tinychat tests will be skipped"
+  fi
+fi
 # Always refresh this project's own code in the pinned environment (a wheel install, so the
 # .pth/.start startup files land in site-packages exactly as users get them).
 $VE/bin/pip install -q --no-deps --force-reinstall "$ROOT" 2>&1 | grep -v "^WARNING: Location" || true

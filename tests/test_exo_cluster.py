@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -148,6 +149,9 @@ def test_remote_and_dummy_nodes_serve_both_models_from_both_apis(cluster: Cluste
         assert status == 200, reply
         assert reply["choices"][0]["message"]["content"] == DUMMY_REPLY
         assert reply["choices"][0]["finish_reason"] == "stop"
+    # tinychat on the dummy node shows the relayed remote model ready at once
+    relayed = local.get_json("/initial_models")["echo-model"]
+    assert relayed["loading"] is False and relayed["downloaded"] is True, relayed
     # No layer of the local model ever ran on the remote node.
     assert "which this node does not serve" not in remote.log_text()
     assert "Traceback" not in remote.log_text() and "Traceback" not in local.log_text()
@@ -169,10 +173,11 @@ def test_two_sidecars_and_a_dummy_every_model_from_every_node(cluster: Cluster) 
         status, reply = _chat_when_announced(node, "dummy")
         assert status == 200 and reply["choices"][0]["message"]["content"] == DUMMY_REPLY, reply
     described = _wait_topology(nodes[2], 3)["nodes"]
-    assert described["r1"]["model"] == f"Remote LLM via {cluster.sidecars['s1'].address}"
-    assert described["r2"]["model"] == f"Remote LLM via {cluster.sidecars['s2'].address}"
+    assert described["r1"]["model"] == described["r2"]["model"] == "remote LLM"
+    assert described["r1"]["chip"].startswith(f"sidecar {cluster.sidecars['s1'].address}: ")
+    assert described["r2"]["chip"].startswith(f"sidecar {cluster.sidecars['s2'].address}: ")
     assert "echo-model" in described["r1"]["chip"] and "other-model" in described["r2"]["chip"]
-    assert not described["d"]["model"].startswith("Remote LLM")
+    assert described["d"]["model"] != "remote LLM"
     assert all(d["memory"] >= 1024 for d in described.values()), "no node shows 0GB"
 
 
@@ -267,12 +272,13 @@ def test_tui_of_a_mixed_cluster_shows_remote_nodes(cluster: Cluster) -> None:
             screen = subprocess.run(
                 ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True, check=True
             ).stdout
-            if "Remote LLM via" in screen and "[1.00-1.00]" in screen:
+            if re.search(r"remote LLM \d+GB", screen) and "[1.00-1.00]" in screen:
                 break
         (cluster.workdir / "tui.txt").write_text(screen)
+        print(f"TUI capture: {cluster.workdir / 'tui.txt'}")
         # exo's TUI draws on a 100-column canvas and clips long labels: the remote node's
-        # description starts its label, and both nodes sit on the ring.
-        assert "Remote LLM via" in screen, screen
+        # whole label (name and memory) fits, and both nodes sit on the ring.
+        assert re.search(r"remote LLM \d+GB", screen), screen
         assert "Exo Cluster (2 nodes)" in screen
         assert remote.process.poll() is None
     finally:

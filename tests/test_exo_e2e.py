@@ -182,14 +182,58 @@ def test_models_and_topology_show_the_remote_side(stack: dict[str, Any]) -> None
     models = {m["id"]: m for m in node.get_json("/v1/models")["data"]}
     assert models["echo-model"]["ready"] is True
     assert models["echo-model"]["provider"] == "openai"
-    assert "remote-gpt-4o-mini" in models and "gpt-4o-mini" not in models, "no id may start with gpt-"
+    assert models["gpt-4o-mini"]["ready"] is True, "served under the sidecar's own id"
+    assert not any(m.startswith("remote-") for m in models)
     assert models["llama-3.2-1b"]["owned_by"] == "exo", "local cards are listed as exo lists them"
     topology = node.get_json("/v1/topology")
     description = topology["nodes"]["r"]
-    assert description["model"] == f"Remote LLM via {stack['sidecar'].address}"
+    assert description["model"] == "remote LLM", "short enough for exo's TUI"
+    assert description["chip"].startswith(f"sidecar {stack['sidecar'].address}: ")
     assert "models ready" in description["chip"]
     initial = node.get_json("/initial_models")
     assert "echo-model" in initial and initial["echo-model"]["name"]
+
+
+def test_gpt_ids_are_served_under_their_own_id_and_unknown_ones_are_404(stack: dict[str, Any]) -> None:
+    node: ExoNode = stack["node"]
+    upstream: OpenAIUpstream = stack["upstream"]
+    reply = _client(node).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert reply.model == "gpt-4o-mini" and reply.choices[0].message.content == "echo: hi"
+    assert upstream.requests_for("gpt-4o-mini")[-1].body["model"] == "gpt-4o-mini"
+    streamed = _client(node).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "again"}], stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "echo: again"
+    asked_before = {alias: len(upstream.requests_for(alias)) for alias in ALIASES}
+    for unknown in ("gpt-4o", "gpt-unknown-model"):
+        with pytest.raises(openai.NotFoundError) as not_found:
+            _client(node).chat.completions.create(model=unknown, messages=[{"role": "user", "content": "x"}])
+        message = str(not_found.value)
+        assert f"unknown model '{unknown}'" in message and "gpt-4o-mini" in message, message
+    assert {alias: len(upstream.requests_for(alias)) for alias in ALIASES} == asked_before, "no default model asked"
+
+
+def test_tinychat_endpoints_tell_the_truth_about_remote_models(stack: dict[str, Any]) -> None:
+    node: ExoNode = stack["node"]
+    initial = node.get_json("/initial_models")
+    for alias in ALIASES:
+        entry = initial[alias]
+        assert entry["loading"] is False and entry["downloaded"] is True, (alias, entry)
+        assert entry["download_percentage"] == "remote" and entry["name"], "neither downloadable nor deletable"
+    request = urllib.request.Request(
+        f"{node.api}/download", json.dumps({"model": "echo-model"}).encode(), {"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    assert caught.value.code == 400
+    error = json.loads(caught.value.read())["error"]
+    assert "remote model" in error and "Nothing to download" in error, error
+    request = urllib.request.Request(f"{node.api}/models/gpt-4o-mini", method="DELETE")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    assert caught.value.code == 400
+    detail = json.loads(caught.value.read())["detail"]
+    assert stack["sidecar"].address in detail and "Nothing to delete" in detail, detail
 
 
 def test_unknown_model_and_provider_errors_are_clear(stack: dict[str, Any]) -> None:
@@ -244,7 +288,7 @@ def test_no_connection_leaves_loopback_and_no_hugging_face(stack: dict[str, Any]
         events = [e[len("data: ") :] for e in response.read().decode().split("\n\n") if e.strip()]
     assert events[-1] == "[DONE]"
     pool = {k: v for e in events[:-1] for k, v in json.loads(e).items()}
-    assert set(pool) == {"remote-gpt-4o-mini" if a == "gpt-4o-mini" else a for a in ALIASES}
+    assert set(pool) == set(ALIASES)
     assert all(entry["downloaded"] for entry in pool.values()), "tinychat shows ready remote models"
     _client(node).chat.completions.create(model="echo-model", messages=[{"role": "user", "content": "x"}])
     remote_addresses = {
@@ -413,6 +457,16 @@ def test_discovered_models_appear_in_exo_without_restart(tmp_path: Path, monkeyp
                 )
             assert caught.value.status_code == 503
             assert "set OPENAI_API_KEY on the sidecar" in str(caught.value), "the reason, not a substitution"
+            assert unready[0]["id"] not in node.get_json("/initial_models"), "not downloadable: not in tinychat"
+            download = urllib.request.Request(
+                f"{node.api}/download",
+                json.dumps({"model": unready[0]["id"]}).encode(),
+                {"Content-Type": "application/json"},
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(download, timeout=10)
+            assert refused.value.code == 400
+            assert "set OPENAI_API_KEY on the sidecar" in json.loads(refused.value.read())["error"]
 
             env_file.write_text(f"OPENAI_API_BASE={upstream.url}/v1\nOPENAI_API_KEY={PLANTED_KEY}\n")
             deadline = time.monotonic() + 30
@@ -430,3 +484,42 @@ def test_discovered_models_appear_in_exo_without_restart(tmp_path: Path, monkeyp
         finally:
             node.stop()
             sidecar.stop()
+
+
+PLAN_CHECK = """
+import json, sys
+from exo_remote_engine.engine import exo_hooks
+report = {}
+for remote in (True, False):
+    plan = exo_hooks.build_plan(remote_node=remote)
+    missing = plan.missing()
+    before = [(p.target.describe(), id(p.target.resolve()), dict(p.target.resolve()) if p.dict_key else None)
+              for p in plan.patches]
+    plan.apply()
+    applied = len(plan.applied)
+    plan.revert()
+    after = [(p.target.describe(), id(p.target.resolve()), dict(p.target.resolve()) if p.dict_key else None)
+             for p in plan.patches]
+    report["remote" if remote else "local"] = {
+        "missing": missing, "patches": len(plan.patches), "applied": applied, "restored": before == after}
+print(json.dumps(report))
+"""
+
+
+def test_the_hook_plan_fits_real_exo_and_reverts_exactly(tmp_path: Path) -> None:
+    """The fakes of tests/test_exo_hooks.py are only as good as this: real exo has every
+    target, parameter and attribute the plan needs, and a revert leaves it as shipped."""
+    result = subprocess.run(
+        [str(PINS_VENV / "bin" / "python"), "-c", PLAN_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for role, found in report.items():
+        assert found["missing"] == [], (role, found)
+        assert found["applied"] == found["patches"] > 20, (role, found)
+        assert found["restored"] is True, role

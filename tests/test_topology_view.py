@@ -27,7 +27,9 @@ API = "http://127.0.0.1:52415"
 
 
 def _remote(address: str, chip: str = "remote: 1/1 models ready (x)") -> dict[str, Any]:
-    return {"model": f"Remote LLM via {address}", "chip": chip, "memory": 24105, "flops": {"fp16": 0.0}}
+    """A remote node as the add-on describes it: ``remote LLM``, its sidecar in ``chip``."""
+    models = chip.removeprefix("remote: ")
+    return {"model": "remote LLM", "chip": f"sidecar {address}: {models}", "memory": 24105, "flops": {"fp16": 0.0}}
 
 
 MIXED: dict[str, Any] = {

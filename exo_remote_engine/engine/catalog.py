@@ -1,9 +1,9 @@
 """Which remote models this node offers, under which exo model ids.
 
-exo silently replaces any model id starting with ``gpt-`` by its default model, so such
-aliases get a ``remote-`` prefix as their exo id. The catalog is the one place that maps
-exo ids to sidecar aliases and keeps the sidecar's metadata (ready flag, reason,
-context window, tool and image support) for exo's model list.
+A remote model's exo id is its sidecar alias, exactly (``gpt-4o-mini`` too: exo's own
+handler would replace any ``gpt-*`` id by its default model, but the add-on's handler
+serves remote models before exo's rule applies). The catalog keeps the sidecar's metadata
+(ready flag, reason, context window, tool and image support) for exo's model list.
 """
 
 from __future__ import annotations
@@ -33,11 +33,6 @@ _PROVIDER_NAMES = {
 }
 
 
-def card_id_for(alias: str) -> str:
-    """The exo model id for a sidecar alias (never starting with ``gpt-``)."""
-    return f"remote-{alias}" if alias.startswith("gpt-") else alias
-
-
 def repo_for(alias: str) -> str:
     """The pseudo repository exo's model card names; resolve_tokenizer recognises it."""
     return REPO_PREFIX + alias
@@ -56,13 +51,13 @@ def _titled(alias: str) -> str:
 
 @dataclass
 class RemoteCatalog:
-    models: dict[str, pb.Model] = field(default_factory=dict)  # exo id -> model
+    models: dict[str, pb.Model] = field(default_factory=dict)  # exo id (= alias) -> model
     default_id: str | None = None
     fetched_at: float = 0.0
 
     def update(self, response: pb.ListModelsResponse) -> None:
-        self.models = {card_id_for(m.alias): m for m in response.models}
-        self.default_id = card_id_for(response.default_model) if response.default_model else None
+        self.models = {m.alias: m for m in response.models}
+        self.default_id = response.default_model or None
         if self.default_id not in self.models:
             ready = [k for k, m in self.models.items() if m.ready]
             self.default_id = ready[0] if ready else None
@@ -70,9 +65,7 @@ class RemoteCatalog:
 
     def alias(self, exo_id: str) -> str:
         model = self.models.get(exo_id)
-        if model is not None:
-            return model.alias
-        return exo_id[len("remote-") :] if exo_id.startswith("remote-gpt-") else exo_id
+        return model.alias if model is not None else exo_id
 
     def get(self, exo_id: str) -> pb.Model | None:
         return self.models.get(exo_id)

@@ -23,7 +23,12 @@ from typing import Any
 
 ANNOUNCE_TYPE = "exo_remote_node"
 CANCEL_TYPE = "exo_remote_cancel"
-REMOTE_DESCRIPTION_PREFIX = "Remote LLM via "
+# How a remote node describes itself in exo's topology (DeviceCapabilities): a label short
+# enough for exo's TUI (it clips at its 100-column canvas), the sidecar in ``chip``, where
+# exo shows a device's detail. Nodes of earlier versions said "Remote LLM via host:port".
+REMOTE_NODE_LABEL = "remote LLM"
+_LEGACY_LABEL_PREFIX = "Remote LLM via "
+_CHIP_PREFIX = "sidecar "
 ADDON_GRACE_S = 10.0
 STALE_S = 6.0  # three missed announcements: the node is gone
 
@@ -115,7 +120,9 @@ class ClusterView:
         peer = self.peers.get(node_id)
         if peer is not None and peer.engine_class == "RemoteLLMInferenceEngine":
             return True
-        return bool(description and description.startswith(REMOTE_DESCRIPTION_PREFIX))
+        return bool(description) and (
+            description == REMOTE_NODE_LABEL or str(description).startswith(_LEGACY_LABEL_PREFIX)
+        )
 
     def ring(self, model_id: str | None, nodes: Mapping[str, Any]) -> list[tuple[str, float]]:
         """(node id, fraction) pairs in ring order for ``model_id`` over ``nodes``
@@ -153,3 +160,22 @@ class ClusterView:
     def nodes_without_addon(self, present: Iterable[str]) -> list[str]:
         """Nodes seen for a while that never announced the add-on."""
         return sorted(n for n, age in self._silent_for(present).items() if age > ADDON_GRACE_S)
+
+
+def remote_chip(sidecar: str, ready: list[str], total: int) -> str:
+    """The ``chip`` text of a remote node: its sidecar and the models it has ready."""
+    listed = ", ".join(ready[:4]) + (", ..." if len(ready) > 4 else "")
+    return f"{_CHIP_PREFIX}{sidecar}: {len(ready)}/{total} models ready ({listed})"
+
+
+def remote_sidecar(model: object, chip: object) -> tuple[str, str] | None:
+    """(sidecar address, what the chip says of its models) of a node's topology entry,
+    or None when the node is not a remote one."""
+    if not isinstance(model, str) or not isinstance(chip, str):
+        return None
+    if model.startswith(_LEGACY_LABEL_PREFIX):
+        return model[len(_LEGACY_LABEL_PREFIX) :].strip(), chip.removeprefix("remote: ")
+    if model == REMOTE_NODE_LABEL and chip.startswith(_CHIP_PREFIX):
+        address, _, models = chip[len(_CHIP_PREFIX) :].partition(": ")
+        return address.strip(), models
+    return None
