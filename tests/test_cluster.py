@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from exo_remote_engine.engine.cluster import ADDON_GRACE_S, REMOTE_DESCRIPTION_PREFIX, STALE_S, ClusterView
+from exo_remote_engine.engine.cluster import ADDON_GRACE_S, REMOTE_NODE_LABEL, STALE_S, ClusterView
 
 REMOTE = "RemoteLLMInferenceEngine"
 
@@ -103,7 +103,7 @@ def test_a_local_models_ring_is_every_local_node_weighted_by_memory() -> None:
         "tie": Caps("laptop", 16),
         "zero": Caps("phone", 0),  # counted as 1, never a division by zero
         "r1": Caps("server", 8),  # announced the add-on's remote engine
-        "r2": Caps(REMOTE_DESCRIPTION_PREFIX + "s:2", 64),  # described as remote, not yet announced
+        "r2": Caps(REMOTE_NODE_LABEL, 64),  # described as remote, not yet announced
     }
     ring = view.ring("llama-3.2-1b", nodes)
     assert [n for n, _ in ring] == ["big", "tie", "mid", "zero"]  # memory, then id, descending
@@ -115,11 +115,11 @@ def test_a_local_models_ring_is_every_local_node_weighted_by_memory() -> None:
 def test_without_a_model_remote_nodes_join_the_picture_with_no_layers() -> None:
     view = ClusterView("l1", clock=Clock())
     announce(view, "r1", {"remote-gpt": "gpt"}, peers=["l1"])
-    nodes = {"l1": Caps("laptop", 8), "r1": Caps("server", 8), "r0": Caps(REMOTE_DESCRIPTION_PREFIX + "s", 8)}
+    nodes = {"l1": Caps("laptop", 8), "r1": Caps("server", 8), "r0": Caps(REMOTE_NODE_LABEL, 8)}
     assert view.ring(None, nodes) == [("l1", 1.0), ("r0", 0.0), ("r1", 0.0)]
 
 
 def test_a_remote_only_cluster_keeps_exos_ring() -> None:
     view = ClusterView("r1", clock=Clock())
-    nodes = {"r1": Caps(REMOTE_DESCRIPTION_PREFIX + "a", 8), "r2": Caps(REMOTE_DESCRIPTION_PREFIX + "b", 24)}
+    nodes = {"r1": Caps(REMOTE_NODE_LABEL, 8), "r2": Caps(REMOTE_NODE_LABEL, 24)}
     assert view.ring("llama-3.2-1b", nodes) == [("r2", 0.75), ("r1", 0.25)]
