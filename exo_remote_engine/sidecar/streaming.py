@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +23,9 @@ from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.openai_wire import FINISH_REASONS
 from exo_remote_engine.sidecar.config import ModelEntry
 from exo_remote_engine.sidecar.provider_errors import classify
+from exo_remote_engine.sidecar.safe_logging import safe_logger
 
-log = logging.getLogger(__name__)
+log = safe_logger(__name__)
 
 Write = Callable[[pb.GenerateResponse], Awaitable[None]]
 
