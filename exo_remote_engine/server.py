@@ -49,6 +49,7 @@ log = safe_logger("exo_remote_engine.sidecar")
 SERVICE_NAME = "exo.remote.v1.RemoteInferenceService"
 DEFAULT_LISTEN = "127.0.0.1:50505"
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+RECEIVE_WINDOW_BYTES = 1024 * 1024
 
 T = TypeVar("T")
 _SOURCES = {
@@ -322,6 +323,11 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
         # policy's stream limits, unauthenticated health calls the access interceptor's.
         options=[
             ("grpc.so_reuseport", 0),  # a second process must not share (and skim) our port
+            # A fixed receive window per stream: what a caller can push before the access
+            # interceptor refuses it is this much, not a window that BDP probing grew to
+            # many MiB (30 MiB refused bodies then still cost 12-100 MiB of RSS).
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
             ("grpc.max_receive_message_length", max(MAX_MESSAGE_BYTES, settings.limits.max_request_bytes + 1024)),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # Reasoning models can think for minutes before the first token: let clients
@@ -508,6 +514,7 @@ async def _serve(settings: SidecarSettings, grace_s: float, argv: Sequence[str],
         settings.listen = settings.listen.rsplit(":", 1)[0] + ":0"
         settings.metrics_listen = None
     running = await start_sidecar(settings)
+    protect_handlers()  # again: LiteLLM, imported by now, brings handlers of its own
     pool = WorkerPool(argv, workers - 1) if workers > 1 and not is_worker else None
     if pool is not None:
         try:

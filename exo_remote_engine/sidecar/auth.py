@@ -123,14 +123,10 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 return _OVERSIZED
             return deserialize(data) if deserialize is not None else data
 
-        async def refuse_oversized(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            await abort(
-                context,
-                RemoteError(
-                    Reason.REQUEST_TOO_LARGE,
-                    f"request too large: an unauthenticated health request may be {MAX_ANONYMOUS_REQUEST_BYTES} bytes",
-                ),
-            )
+        too_large = RemoteError(
+            Reason.REQUEST_TOO_LARGE,
+            f"request too large: an unauthenticated health request may be {MAX_ANONYMOUS_REQUEST_BYTES} bytes",
+        )
 
         kwargs = {"request_deserializer": bounded, "response_serializer": handler.response_serializer}
         if not watch:
@@ -138,7 +134,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
             async def bounded_check(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 if request is _OVERSIZED:
-                    await refuse_oversized(context)
+                    return _answer(context, too_large)
                 if (full := self._over_budget(watch=False)) is not None:
                     await abort(context, full)
                 with self._held(watch=False):
@@ -151,7 +147,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
         async def bounded_watch(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             if request is _OVERSIZED:
-                await refuse_oversized(context)
+                _answer(context, too_large)
+                return
             if (full := self._over_budget(watch=True)) is not None:
                 await abort(context, full)
             with self._held(watch=True):
@@ -178,6 +175,15 @@ async def _for_at_most(responses: AsyncIterator[Any], seconds: float) -> AsyncIt
         aclose = getattr(responses, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+def _answer(context: grpc.aio.ServicerContext[Any, Any], error: RemoteError) -> None:
+    """End the call with ``error`` by returning, not raising: an exception's traceback
+    would keep grpc's frame, and with it the oversized request bytes, alive until the
+    next cyclic garbage collection (seen: +30 MiB RSS per refused 30 MiB probe)."""
+    context.set_trailing_metadata(error.trailing_metadata())
+    context.set_code(error.grpc_code)
+    context.set_details(error.message)
 
 
 def refusal(error: RemoteError) -> grpc.RpcMethodHandler:

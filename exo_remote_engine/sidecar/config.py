@@ -8,10 +8,13 @@ out of every ``repr``; :attr:`SidecarConfig.secrets` feeds the redactor.
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
 import os
 import re
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,14 @@ _ALLOWED_MODEL_INFO = (
     "supports_vision",
     "display_name",
 )
+# Every key exo_remote_settings and a node's rules may hold: anything else is a typo that
+# would otherwise silently mean "no rule" (an unrestricted node).
+_SETTINGS_KEYS = ("default_model", "nodes", "fallbacks", "num_retries")
+_NODE_RULE_KEYS = ("allowed_models", "max_concurrent_streams", "rpm", "tpm", "max_budget", "budget_duration")
+_MODEL_INFO_TOKEN_COUNTS = ("max_input_tokens", "max_tokens", "max_output_tokens")
+_MODEL_INFO_FLAGS = ("supports_function_calling", "supports_vision")
+_TIMEOUT_PARAMS = ("timeout", "stream_timeout")
+_DURATION = re.compile(r"[1-9][0-9]*(s|m|h|d|w|mo)")
 
 
 class ConfigError(ValueError):
@@ -103,13 +114,14 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     elif isinstance(raw, Mapping):
         alias_map = raw.get("models", raw)
         entries = _from_alias_map(path, alias_map, env, secrets)
-        settings = raw.get("exo_remote_settings") or {} if "models" in raw else {}
+        settings = raw.get("exo_remote_settings") or {}  # wrapped or beside the aliases
     else:
         raise ConfigError(f"{path}: expected a mapping with model_list or model aliases")
     if not entries:
         raise ConfigError(f"{path}: no models configured")
     if not isinstance(settings, Mapping):
         raise ConfigError(f"{path}: exo_remote_settings must be a mapping")
+    _reject_unknown_keys(f"{path}: exo_remote_settings", settings, _SETTINGS_KEYS)
     default = str(settings.get("default_model") or entries[0].alias)
     if default not in {e.alias for e in entries}:
         raise ConfigError(f"{path}: default_model {default!r} is not a configured alias")
@@ -175,6 +187,8 @@ def _node_policies(path: Path, settings: Mapping[str, Any]) -> dict[str, NodePol
         where = f"{path}: exo_remote_settings.nodes.{name}"
         if not isinstance(rules, Mapping):
             raise ConfigError(f"{where}: must be a mapping")
+        _reject_unknown_keys(where, rules, _NODE_RULE_KEYS)
+        _check_spend_rules(where, rules)
         allowed = rules.get("allowed_models") or []
         limit = rules.get("max_concurrent_streams")
         if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
@@ -183,6 +197,29 @@ def _node_policies(path: Path, settings: Mapping[str, Any]) -> dict[str, NodePol
             raise ConfigError(f"{where}: max_concurrent_streams must be a positive integer")
         policies[str(name)] = NodePolicy(tuple(allowed), limit)
     return policies
+
+
+def _reject_unknown_keys(where: str, mapping: Mapping[str, Any], valid: Collection[str]) -> None:
+    for key in mapping:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+            raise ConfigError(f"{where}: unknown key {key!r}; {hint}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_spend_rules(where: str, rules: Mapping[str, Any]) -> None:
+    """Rate and budget rules of a node: validated here, whoever enforces them."""
+    for key in ("rpm", "tpm", "max_budget"):
+        value = rules.get(key)
+        if value is not None and (not _is_number(value) or not math.isfinite(value) or value < 0):
+            raise ConfigError(f"{where}: {key} must be a finite number, 0 or more (got {value!r})")
+    duration = rules.get("budget_duration")
+    if duration is not None and not (isinstance(duration, str) and _DURATION.fullmatch(duration)):
+        raise ConfigError(f"{where}: budget_duration must be a duration such as 30s, 15m, 1h, 30d, 1w or 1mo")
 
 
 def _parse(path: Path, text: str) -> Any:
@@ -293,6 +330,8 @@ def _resolve(value: Any, env: Mapping[str, str], where: str, key: str, secrets: 
 def _entry(where: str, alias: str, params: dict[str, Any], info: Mapping[str, Any]) -> ModelEntry:
     if not alias.strip():
         raise ConfigError(f"{where}: empty alias")
+    _check_params(where, params)
+    _check_model_info(where, info)
     model = params.pop("model")
     provider = provider_of(model, params.get("api_base"), where)
     return ModelEntry(
@@ -306,6 +345,41 @@ def _entry(where: str, alias: str, params: dict[str, Any], info: Mapping[str, An
         supports_tools=_bool_or_none(info.get("supports_function_calling")),
         supports_images=_bool_or_none(info.get("supports_vision")),
     )
+
+
+def _check_params(where: str, params: Mapping[str, Any]) -> None:
+    """Where the sidecar sends requests and how long it waits: http(s) only, and numbers
+    that mean something (YAML's .inf and .nan are floats too)."""
+    api_base = params.get("api_base")
+    if api_base is not None:
+        parsed = urllib.parse.urlsplit(str(api_base))
+        if parsed.scheme.lower() not in ("http", "https") or not parsed.hostname:
+            # Never echo the value: it may carry credentials.
+            raise ConfigError(f"{where}: api_base must be an http:// or https:// URL with a host")
+    for key in _TIMEOUT_PARAMS:
+        value = params.get(key)
+        if value is not None and (not _is_number(value) or not math.isfinite(value) or value <= 0):
+            raise ConfigError(f"{where}: litellm_params.{key} must be a positive number of seconds (got {value!r})")
+    for key, value in params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: litellm_params.{key} must be a finite number")
+
+
+def _check_model_info(where: str, info: Mapping[str, Any]) -> None:
+    for key, value in info.items():
+        if _is_number(value) and (not math.isfinite(value) or value < 0):
+            raise ConfigError(f"{where}: model_info.{key} must be a finite number, 0 or more (got {value!r})")
+    for key in _MODEL_INFO_TOKEN_COUNTS:
+        value = info.get(key)
+        if value is not None and not (_is_number(value) and value == int(value) and value >= 1):
+            raise ConfigError(f"{where}: model_info.{key} must be a positive whole number of tokens (got {value!r})")
+    for key in _MODEL_INFO_FLAGS:
+        value = info.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{where}: model_info.{key} must be true or false (got {value!r})")
+    name = info.get("display_name")
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"{where}: model_info.display_name must be text")
 
 
 def provider_of(model: str, api_base: Any, where: str) -> str:

@@ -82,9 +82,12 @@ def safe_logger(name: str) -> logging.Logger:
     return logger
 
 
-def protect_handlers(logger: logging.Logger | None = None) -> None:
-    """Attach the filter to ``logger``'s (default: the root's) handlers, so records of
-    every library logging in the sidecar's process are one bounded line too."""
-    for handler in (logger or logging.getLogger()).handlers:
-        if _FILTER not in handler.filters:
-            handler.addFilter(_FILTER)
+def protect_handlers() -> None:
+    """Attach the filter to every handler of the process's loggers (the root's, and those
+    a library such as LiteLLM set up for itself), so all their records are one bounded
+    line too. Call again after importing a library that adds handlers."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if _FILTER not in handler.filters:
+                handler.addFilter(_FILTER)
