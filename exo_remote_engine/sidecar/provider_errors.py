@@ -96,6 +96,10 @@ def classify(exc: BaseException, *, alias: str, provider: str, secrets: Iterable
         # LiteLLM wraps some provider 4xx in a generic APIError, and some 401s (those
         # without OpenAI's wording) in BadRequestError; the status says what happened.
         reason = _BY_CLIENT_STATUS[status]
+    if reason is Reason.PROVIDER_UNAVAILABLE and _timed_out(exc):
+        # LiteLLM reports a read timeout mid-stream (stream_timeout) as a 500: a
+        # MidStreamFallbackError around an APIConnectionError around httpx.ReadTimeout.
+        reason, status = Reason.PROVIDER_TIMEOUT, None
     http = f" (HTTP {status})" if isinstance(status, int) else ""
     meta = {"model": alias, "provider": provider}
     if reason is Reason.PROVIDER_AUTH_FAILED:
@@ -128,6 +132,20 @@ def classify(exc: BaseException, *, alias: str, provider: str, secrets: Iterable
     if detail:
         message = f"{message}: {detail}"
     return RemoteError(reason, message, retry_after_s=_retry_after(exc), metadata=meta)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a timeout is among the causes of ``exc`` (a few links deep at most)."""
+    import httpx
+
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, TimeoutError | httpx.TimeoutException | lx.Timeout):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _reason_of_status(exc: ProviderStatusError) -> Reason:
