@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-MAX_ARG_CHARS = 256
+MAX_ARG_CHARS = 1024  # room for a redacted provider message; a request id rarely needs 40
 MAX_MESSAGE_CHARS = 8192
 MAX_TRACEBACK_CHARS = 32768
 
