@@ -41,7 +41,8 @@ def _tokens(model: pb.Model, name: str) -> str:
 
 
 def render_models(response: pb.ListModelsResponse) -> str:
-    """Ready models as a table; the others grouped under what would make them ready."""
+    """The sidecar's warnings, ready models as a table, and the others grouped under what
+    would make them ready."""
     header = ("MODEL", "PROVIDER", "CONTEXT", "MAX OUT", "TOOLS", "IMAGES")
     rows = [header]
     waiting: dict[str, list[str]] = {}
@@ -60,7 +61,9 @@ def render_models(response: pb.ListModelsResponse) -> str:
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    # The sidecar's own warnings first (e.g. it serves anyone without authentication).
+    lines = [f"WARNING: {warning}" for warning in response.warnings]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.append(f"({len(rows) - 1} ready; * default model; ? unknown)")
     if response.HasField("budget"):
         b = response.budget

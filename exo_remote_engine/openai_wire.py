@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -214,12 +215,16 @@ def validate_request(request: pb.GenerateRequest) -> None:
     for i, tool in enumerate(request.tools):
         if not tool.name:
             raise _invalid(f"tools[{i}].name", "is required")
+        where = f"tools[{i}].parameters_json_schema"
         try:
             schema = json.loads(tool.parameters_json_schema or "{}")
+        except RecursionError:
+            raise _invalid(where, f"is nested deeper than {MAX_SCHEMA_DEPTH} levels") from None
         except ValueError:
-            raise _invalid(f"tools[{i}].parameters_json_schema", "is not valid JSON") from None
-        if not isinstance(schema, dict) or not _finite_json(schema):
-            raise _invalid(f"tools[{i}].parameters_json_schema", "must be a JSON object of finite numbers")
+            raise _invalid(where, "is not valid JSON") from None
+        if not isinstance(schema, dict):
+            raise _invalid(where, "must be a JSON object")
+        _check_json_tree(schema, where)
     s = request.sampling
     for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         if s.HasField(key) and not math.isfinite(getattr(s, key)):
@@ -231,17 +236,40 @@ def validate_request(request: pb.GenerateRequest) -> None:
             raise _invalid(f"messages[{i}].role", "is not a known role")
         if message.tool_calls and message.role != pb.ROLE_ASSISTANT:
             raise _invalid(f"messages[{i}].tool_calls", "only assistant messages carry tool calls")
+        for j, part in enumerate(message.content):
+            _check_image(part, f"messages[{i}].content[{j}]")
 
 
-def _finite_json(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(_finite_json(v) for v in value.values())
-    if isinstance(value, list):
-        return all(_finite_json(v) for v in value)
-    return True
+# JSON Schemas of real tools nest a handful of levels; the limit only has to be far below
+# Python's recursion limit, which every later consumer (LiteLLM, json.dumps) runs into.
+MAX_SCHEMA_DEPTH = 64
+_IMAGE_SCHEMES = ("http://", "https://", "data:")
+_MIME_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,63}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,63}")
 
+
+def _check_json_tree(value: Any, where: str) -> None:
+    """Depth at most MAX_SCHEMA_DEPTH and finite numbers only; iterative, so a hostile
+    document can never raise RecursionError here."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            raise _invalid(where, "must be a JSON object of finite numbers")
+        if isinstance(node, dict | list):
+            if depth > MAX_SCHEMA_DEPTH:
+                raise _invalid(where, f"is nested deeper than {MAX_SCHEMA_DEPTH} levels")
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
+
+
+def _check_image(part: pb.ContentPart, where: str) -> None:
+    """Images the provider fetches must be http(s) (or inline data): a provider, or
+    LiteLLM on its behalf, must never be sent to read ``file://`` or another scheme."""
+    which = part.WhichOneof("part")
+    if which == "image_url" and not part.image_url.url.lower().startswith(_IMAGE_SCHEMES):
+        raise _invalid(f"{where}.image_url.url", "must be an http(s) URL or a data URL")
+    if which == "image_data" and part.image_data.mime_type and not _MIME_TYPE.fullmatch(part.image_data.mime_type):
+        raise _invalid(f"{where}.image_data.mime_type", "must be a media type such as image/png")
 
 
 def chat_completion_body(request: pb.GenerateRequest) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from exo_remote_engine.health_proto import health_pb2, health_pb2_grpc
 from exo_remote_engine.openai_wire import validate_request
-from exo_remote_engine.sidecar.auth import ServerTLS, TokenAuthInterceptor
+from exo_remote_engine.sidecar.auth import AccessInterceptor, ServerTLS
 from exo_remote_engine.sidecar.budgets import Budgets
 from exo_remote_engine.sidecar.config import MASTER_KEY_NODE, ConfigError, ModelEntry, SidecarConfig, load_config
 from exo_remote_engine.sidecar.decoding import DecodeGuardInterceptor
@@ -46,14 +46,17 @@ from exo_remote_engine.sidecar.metrics import Metrics
 from exo_remote_engine.sidecar.policy import Limits, Policy
 from exo_remote_engine.sidecar.registry import ModelRegistry
 from exo_remote_engine.sidecar.routing import Router
+from exo_remote_engine.sidecar.safe_logging import printable, protect_handlers, safe_logger
 from exo_remote_engine.sidecar.spend import Charge, Ledger, default_state_dir, estimate_tokens
+from exo_remote_engine.sidecar.token_file import load_token_file, token_from_env
 from exo_remote_engine.sidecar.workers import READY_LINE, WORKER_ENV, WorkerPool, wait_for_parent_exit
 
-log = logging.getLogger("exo_remote_engine.sidecar")
+log = safe_logger("exo_remote_engine.sidecar")
 
 SERVICE_NAME = "exo.remote.v1.RemoteInferenceService"
 DEFAULT_LISTEN = "127.0.0.1:50505"
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+RECEIVE_WINDOW_BYTES = 1024 * 1024
 
 T = TypeVar("T")
 _SOURCES = {
@@ -110,7 +113,7 @@ def _rpc_errors(
             raise
         except Exception:
             log.exception("request_id=%s unexpected error", request_id)
-            error = RemoteError(Reason.INTERNAL, f"internal error (request id {request_id})")
+            error = RemoteError(Reason.INTERNAL, f"internal error (request id {printable(request_id)})")
         secrets = self.registry.secrets()
         log.warning(
             "request_id=%s failed reason=%s code=%s: %s",
@@ -152,6 +155,7 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
             groups=self.config.deployments,
         )
         self.worker_ports: Callable[[], Sequence[int]] = tuple  # set when a WorkerPool runs
+        self.warnings: tuple[str, ...] = ()  # what every caller should know, e.g. anonymous access
 
     @_rpc_errors
     async def ListWorkers(
@@ -163,8 +167,11 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListModelsResponse:
-        models = await self.registry.models(refresh=request.refresh)
-        response = pb.ListModelsResponse(default_model=self.registry.default(models))
+        node = self.policy.identify(context.invocation_metadata(), context.auth_context())
+        # A node sees only what it may use: names of other models are not its business.
+        models = [m for m in await self.registry.models(refresh=request.refresh) if self.policy.may_use(node, m.alias)]
+        response = pb.ListModelsResponse(default_model=self.registry.default(models) if models else "")
+        response.warnings.extend(self.warnings)
         for found in models:
             entry = found.entry
             model = pb.Model(
@@ -236,12 +243,14 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
 
     @_rpc_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        node = self.policy.identify(context.invocation_metadata(), context.auth_context())
         found = await self.registry.lookup(request.model)
         if found is None:
-            known = ", ".join(m.alias for m in await self.registry.models() if m.ready)
+            usable = [m.alias for m in await self.registry.models() if m.ready and self.policy.may_use(node, m.alias)]
+            known = ", ".join(usable)
             raise RemoteError(
                 Reason.MODEL_NOT_FOUND,
-                f"unknown model {request.model!r}; this sidecar serves: {known or 'nothing ready'}",
+                f"unknown model {printable(request.model)!r}; this sidecar serves: {known or 'nothing ready'}",
             )
         if not found.ready:
             raise RemoteError(Reason.MODEL_NOT_READY, f"model {request.model!r} is not ready: {found.not_ready_reason}")
@@ -249,7 +258,6 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         if not request.messages:
             raise RemoteError(Reason.INVALID_REQUEST, "request has no messages")
         validate_request(request)
-        node = self.policy.identify(context.invocation_metadata(), context.auth_context())
         deadline_s = self.policy.check_request(request, node, context.time_remaining())
         self._admit(node)
         recorder = self.metrics.stream(entry.alias, node)
@@ -342,7 +350,8 @@ class SidecarSettings:
     tokens: Sequence[str] = ()
     named_tokens: Mapping[str, str] = field(default_factory=dict, repr=False)  # node name -> token
     tls: ServerTLS | None = None
-    allow_insecure: bool = False
+    allow_insecure: bool = False  # plaintext off loopback
+    allow_anonymous: bool = False  # no client authentication off loopback
     limits: Limits = field(default_factory=Limits)
     metrics_listen: str | None = None
     # Discovery of provider model lists (off for embedded/programmatic use, on for the CLI).
@@ -409,8 +418,14 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
         # LiteLLM's master key: here an accepted bearer token, naming node "master-key".
         named_tokens.setdefault(MASTER_KEY_NODE, config.master_key)
     tokens = [*settings.tokens, *named_tokens.values()]
-    interceptors: list[grpc.aio.ServerInterceptor] = [TokenAuthInterceptor(tokens)] if tokens else []
-    interceptors.append(DecodeGuardInterceptor())
+    access = AccessInterceptor(
+        tokens,
+        client_certificates=settings.tls is not None and settings.tls.client_ca_file is not None,
+        limits=settings.limits,
+    )
+    warnings = _exposure_warnings(settings, access.requires_authentication)
+    # Access first: it decides before any request byte is decoded.
+    interceptors: list[grpc.aio.ServerInterceptor] = [access, DecodeGuardInterceptor()]
     policy = Policy.build(settings.limits, config.node_policies, named_tokens)
     metrics = Metrics()
     budgeted = sorted(n for n, q in config.node_quotas.items() if q.max_budget is not None)
@@ -434,12 +449,19 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
     else:
         registry = ModelRegistry(config)
     servicer = RemoteInferenceServicer(registry, policy, metrics, settings.openai_fast_path, settings.clock, ledger)
+    servicer.warnings = warnings
     server = grpc.aio.server(
         interceptors=interceptors,
-        # A backstop above the policy's own limit, which answers with a retry hint.
-        maximum_concurrent_rpcs=settings.limits.max_concurrent_streams + 64,
+        # No grpc-wide maximum_concurrent_rpcs: anonymous callers could fill it and lock
+        # every node out. Each class of caller has its own budget instead: Generate the
+        # policy's stream limits, unauthenticated health calls the access interceptor's.
         options=[
             ("grpc.so_reuseport", 0),  # a second process must not share (and skim) our port
+            # A fixed receive window per stream: what a caller can push before the access
+            # interceptor refuses it is this much, not a window that BDP probing grew to
+            # many MiB (30 MiB refused bodies then still cost 12-100 MiB of RSS).
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
             ("grpc.max_receive_message_length", max(MAX_MESSAGE_BYTES, settings.limits.max_request_bytes + 1024)),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # Reasoning models can think for minutes before the first token: let clients
@@ -473,21 +495,44 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
     return RunningSidecar(server, port, health, config, servicer, metrics_port)
 
 
-def _bind(server: grpc.aio.Server, settings: SidecarSettings) -> int:
-    if settings.tls is not None:
-        return server.add_secure_port(settings.listen, settings.tls.credentials())
-    else:
-        if not _is_loopback(settings.listen) and not settings.allow_insecure:
+def _exposure_warnings(settings: SidecarSettings, authenticates: bool) -> tuple[str, ...]:
+    """Refuse to expose the keys off loopback without what protects them, unless the
+    operator said so explicitly; then warn here and return what every client is told.
+
+    Two separate questions: can the network read the traffic (TLS, else ``--insecure``),
+    and must a caller prove who it is (a token or a client certificate, else
+    ``--allow-anonymous``). Server-only TLS without tokens answers the first, not the second."""
+    if _is_loopback(settings.listen):
+        return ()
+    if settings.tls is None:
+        if not settings.allow_insecure:
             raise ConfigError(
                 f"refusing to listen in plaintext on {settings.listen}: use TLS, a loopback address, or --insecure"
             )
-        if not _is_loopback(settings.listen):
-            log.warning(
-                "WARNING: serving provider credentials in PLAINTEXT on %s; anyone on the "
-                "network can read requests and replies",
-                settings.listen,
-            )
-        return server.add_insecure_port(settings.listen)
+        log.warning(
+            "WARNING: serving provider credentials in PLAINTEXT on %s; anyone on the "
+            "network can read requests and replies",
+            settings.listen,
+        )
+    if authenticates:
+        return ()
+    if not settings.allow_anonymous:
+        raise ConfigError(
+            f"refusing to serve anyone who can reach {settings.listen} without client authentication: "
+            "give --token-file (or EXO_REMOTE_TOKEN) or --tls-client-ca, or say --allow-anonymous"
+        )
+    warning = (
+        f"this sidecar serves ANYONE who can reach {settings.listen} without authentication "
+        "(--allow-anonymous): every caller can use its provider keys"
+    )
+    log.warning("WARNING: %s", warning)
+    return (warning,)
+
+
+def _bind(server: grpc.aio.Server, settings: SidecarSettings) -> int:
+    if settings.tls is not None:
+        return server.add_secure_port(settings.listen, settings.tls.credentials())
+    return server.add_insecure_port(settings.listen)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -518,8 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-file",
         type=Path,
         default=env("EXO_REMOTE_TOKEN_FILE") or None,
-        help="file with one accepted bearer token per line, optionally 'node-name token' "
-        "(env EXO_REMOTE_TOKEN_FILE, or one token in EXO_REMOTE_TOKEN; default: no token required)",
+        help="file of 'name token' lines, one per node, '#' comments allowed (env EXO_REMOTE_TOKEN_FILE, "
+        "or one token in EXO_REMOTE_TOKEN; default: none, which off loopback needs --tls-client-ca or "
+        "--allow-anonymous)",
     )
     parser.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for TLS (default: none, plaintext)")
     parser.add_argument("--tls-key", type=Path, help="private key (PEM) of --tls-cert (default: none)")
@@ -528,6 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--insecure", action="store_true", help="allow plaintext on a non-loopback address (default: off)"
+    )
+    parser.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        help="off loopback, serve callers without a token or client certificate "
+        "(warned at start and to clients; default: off)",
     )
     parser.add_argument(
         "--metrics-listen",
@@ -599,16 +651,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _settings_from_args(args: argparse.Namespace) -> SidecarSettings:
     named: dict[str, str] = {}
     if args.token_file:
-        try:
-            lines = args.token_file.read_text().splitlines()
-        except OSError as exc:
-            raise ConfigError(f"{args.token_file}: cannot read token file: {exc.strerror}") from exc
-        # One token per line, optionally preceded by the node name it identifies.
-        for i, line in enumerate(t.split() for t in lines if t.strip() and not t.startswith("#")):
-            name, token = (line[0], line[1]) if len(line) == 2 else (f"token-{i + 1}", line[0])
-            named[name] = token
+        named = load_token_file(args.token_file)
     elif os.environ.get("EXO_REMOTE_TOKEN"):
-        named["token-1"] = os.environ["EXO_REMOTE_TOKEN"]
+        named = token_from_env(os.environ["EXO_REMOTE_TOKEN"])
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -633,6 +678,7 @@ def _settings_from_args(args: argparse.Namespace) -> SidecarSettings:
         named_tokens=named,
         tls=tls,
         allow_insecure=args.insecure,
+        allow_anonymous=args.allow_anonymous,
         metrics_listen=args.metrics_listen,
         discover=args.discover,
         env_file=args.env_file,
@@ -664,6 +710,7 @@ async def _serve(settings: SidecarSettings, grace_s: float, argv: Sequence[str],
     if workers > 1 and not is_worker:
         _check_single_process(load_config(settings.config_path), workers)
     running = await start_sidecar(settings)
+    protect_handlers()  # again: LiteLLM, imported by now, brings handlers of its own
     pool = WorkerPool(argv, workers - 1) if workers > 1 and not is_worker else None
     if pool is not None:
         try:
@@ -718,6 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s %(name)s{f'[worker {worker}]' if worker else ''} %(message)s",
         stream=sys.stderr,
     )
+    protect_handlers()  # every record in this process is one bounded line
     # LiteLLM logs request params at debug level; keep its loggers quiet whatever we run at.
     for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm", "httpx", "openai"):
         logging.getLogger(name).setLevel(logging.WARNING)

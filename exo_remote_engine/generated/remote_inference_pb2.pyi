@@ -73,14 +73,16 @@ class ListModelsRequest(_message.Message):
     def __init__(self, refresh: bool = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models", "default_model", "budget")
+    __slots__ = ("models", "default_model", "budget", "warnings")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[Model]
     default_model: str
     budget: NodeBudget
-    def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., default_model: _Optional[str] = ..., budget: _Optional[_Union[NodeBudget, _Mapping]] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., default_model: _Optional[str] = ..., budget: _Optional[_Union[NodeBudget, _Mapping]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeBudget(_message.Message):
     __slots__ = ("node", "max_usd", "spent_usd", "remaining_usd", "resets_in_seconds")

@@ -61,7 +61,7 @@ class RemoteInferenceServiceServicer(object):
     """
 
     def ListModels(self, request, context):
-        """ListModels returns every model the sidecar knows, ready or not.
+        """ListModels returns every model the sidecar knows that the caller may use, ready or not.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

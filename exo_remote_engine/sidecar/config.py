@@ -8,10 +8,13 @@ out of every ``repr``; :attr:`SidecarConfig.secrets` feeds the redactor.
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
 import os
 import re
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,13 @@ ROUTING_STRATEGIES = (
     "usage-based-routing-v2",
 )
 MASTER_KEY_NODE = "master-key"
+# Every key exo_remote_settings and a node's rules may hold: anything else is a typo that
+# would otherwise silently mean "no rule" (an unrestricted node).
+_SETTINGS_KEYS = ("default_model", "nodes", "fallbacks", "num_retries")
+_NODE_RULE_KEYS = ("allowed_models", "max_concurrent_streams", "rpm", "tpm", "max_budget", "budget_duration")
+_MODEL_INFO_TOKEN_COUNTS = ("max_input_tokens", "max_tokens", "max_output_tokens")
+_MODEL_INFO_FLAGS = ("supports_function_calling", "supports_vision")
+_TIMEOUT_PARAMS = ("timeout", "stream_timeout")
 
 
 class ConfigError(ValueError):
@@ -178,13 +188,14 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     elif isinstance(raw, Mapping):
         alias_map = raw.get("models", raw)
         entries = _from_alias_map(path, alias_map, env, secrets)
-        settings = raw.get("exo_remote_settings") or {} if "models" in raw else {}
+        settings = raw.get("exo_remote_settings") or {}  # wrapped or beside the aliases
     else:
         raise ConfigError(f"{path}: expected a mapping with model_list or model aliases")
     if not entries:
         raise ConfigError(f"{path}: no models configured")
     if not isinstance(settings, Mapping):
         raise ConfigError(f"{path}: exo_remote_settings must be a mapping")
+    _reject_unknown_keys(f"{path}: exo_remote_settings", settings, _SETTINGS_KEYS)
     default = str(settings.get("default_model") or entries[0].alias)
     if default not in {e.alias for e in entries}:
         raise ConfigError(f"{path}: default_model {default!r} is not a configured alias")
@@ -266,7 +277,7 @@ def _node_quotas(path: Path, settings: Mapping[str, Any]) -> dict[str, NodeQuota
         for key, value in (("rpm", rpm), ("tpm", tpm)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{where}: {key} must be a positive integer")
-        if budget is not None and (not _is_number(budget) or budget < 0):
+        if budget is not None and (not _is_number(budget) or not math.isfinite(budget) or budget < 0):
             raise ConfigError(f"{where}: max_budget must be a non-negative number (USD)")
         if duration is not None:
             if budget is None:
@@ -347,6 +358,7 @@ def _node_policies(path: Path, settings: Mapping[str, Any]) -> dict[str, NodePol
         where = f"{path}: exo_remote_settings.nodes.{name}"
         if not isinstance(rules, Mapping):
             raise ConfigError(f"{where}: must be a mapping")
+        _reject_unknown_keys(where, rules, _NODE_RULE_KEYS)
         allowed = rules.get("allowed_models") or []
         limit = rules.get("max_concurrent_streams")
         if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
@@ -355,6 +367,14 @@ def _node_policies(path: Path, settings: Mapping[str, Any]) -> dict[str, NodePol
             raise ConfigError(f"{where}: max_concurrent_streams must be a positive integer")
         policies[str(name)] = NodePolicy(tuple(allowed), limit)
     return policies
+
+
+def _reject_unknown_keys(where: str, mapping: Mapping[str, Any], valid: Collection[str]) -> None:
+    for key in mapping:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+            raise ConfigError(f"{where}: unknown key {key!r}; {hint}")
 
 
 def _parse(path: Path, text: str) -> Any:
@@ -448,8 +468,8 @@ def _deployment(where: str, alias: str, params: dict[str, Any], info: Mapping[st
     """One model_list item: router keys (rpm, tpm, weight, ...) and prices come out of the
     params that go to the provider."""
     router = {k: params.pop(k) for k in (*_ROUTER_PARAMS_ACTED, *_ROUTER_PARAMS_IGNORED) if k in params}
-    prices = {k: params.pop(k) for k in _PRICE_PARAMS if k in params}
-    prices.update({k: info[k] for k in _PRICE_PARAMS if k in info})  # model_info wins
+    prices = {k: ("litellm_params", params.pop(k)) for k in _PRICE_PARAMS if k in params}
+    prices.update({k: ("model_info", info[k]) for k in _PRICE_PARAMS if k in info})  # model_info wins
     for key in ("rpm", "tpm"):
         value = router.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -457,9 +477,9 @@ def _deployment(where: str, alias: str, params: dict[str, Any], info: Mapping[st
     weight = router.get("weight")
     if weight is not None and (not _is_number(weight) or weight <= 0):
         raise ConfigError(f"{where}: litellm_params.weight must be a positive number")
-    for key, value in prices.items():
-        if not _is_number(value) or value < 0:
-            raise ConfigError(f"{where}: {key} must be a non-negative number (USD per token)")
+    for key, (section, value) in prices.items():
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{where}: {section}.{key} must be a finite number, 0 or more (USD per token)")
     base_model = info.get("base_model")
     return replace(
         _entry(where, alias, params, info),
@@ -468,8 +488,8 @@ def _deployment(where: str, alias: str, params: dict[str, Any], info: Mapping[st
         tpm=router.get("tpm"),
         weight=float(weight) if weight is not None else None,
         base_model=str(base_model) if base_model else None,
-        input_cost_per_token=_float_or_none(prices.get("input_cost_per_token")),
-        output_cost_per_token=_float_or_none(prices.get("output_cost_per_token")),
+        input_cost_per_token=_float_or_none(prices.get("input_cost_per_token", ("", None))[1]),
+        output_cost_per_token=_float_or_none(prices.get("output_cost_per_token", ("", None))[1]),
     )
 
 
@@ -517,6 +537,8 @@ def _resolve(value: Any, env: Mapping[str, str], where: str, key: str, secrets: 
 def _entry(where: str, alias: str, params: dict[str, Any], info: Mapping[str, Any]) -> ModelEntry:
     if not alias.strip():
         raise ConfigError(f"{where}: empty alias")
+    _check_params(where, params)
+    _check_model_info(where, info)
     model = params.pop("model")
     provider = provider_of(model, params.get("api_base"), where)
     return ModelEntry(
@@ -530,6 +552,41 @@ def _entry(where: str, alias: str, params: dict[str, Any], info: Mapping[str, An
         supports_tools=_bool_or_none(info.get("supports_function_calling")),
         supports_images=_bool_or_none(info.get("supports_vision")),
     )
+
+
+def _check_params(where: str, params: Mapping[str, Any]) -> None:
+    """Where the sidecar sends requests and how long it waits: http(s) only, and numbers
+    that mean something (YAML's .inf and .nan are floats too)."""
+    api_base = params.get("api_base")
+    if api_base is not None:
+        parsed = urllib.parse.urlsplit(str(api_base))
+        if parsed.scheme.lower() not in ("http", "https") or not parsed.hostname:
+            # Never echo the value: it may carry credentials.
+            raise ConfigError(f"{where}: api_base must be an http:// or https:// URL with a host")
+    for key in _TIMEOUT_PARAMS:
+        value = params.get(key)
+        if value is not None and (not _is_number(value) or not math.isfinite(value) or value <= 0):
+            raise ConfigError(f"{where}: litellm_params.{key} must be a positive number of seconds (got {value!r})")
+    for key, value in params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: litellm_params.{key} must be a finite number")
+
+
+def _check_model_info(where: str, info: Mapping[str, Any]) -> None:
+    for key, value in info.items():
+        if _is_number(value) and (not math.isfinite(value) or value < 0):
+            raise ConfigError(f"{where}: model_info.{key} must be a finite number, 0 or more (got {value!r})")
+    for key in _MODEL_INFO_TOKEN_COUNTS:
+        value = info.get(key)
+        if value is not None and not (_is_number(value) and value == int(value) and value >= 1):
+            raise ConfigError(f"{where}: model_info.{key} must be a positive whole number of tokens (got {value!r})")
+    for key in _MODEL_INFO_FLAGS:
+        value = info.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{where}: model_info.{key} must be true or false (got {value!r})")
+    name = info.get("display_name")
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"{where}: model_info.display_name must be text")
 
 
 def provider_of(model: str, api_base: Any, where: str) -> str:

@@ -42,6 +42,12 @@ class LiteLLMTransport:
         kwargs = chat_completion_body(request)
         kwargs["timeout"] = self._timeout  # a config's litellm_params.timeout overrides it
         kwargs.update(entry.params)
+        # LiteLLM's Router reads stream_timeout, acompletion does not: for a stream it is
+        # the timeout (httpx applies it to every read, so it bounds a stall mid-stream too),
+        # as on the direct reader.
+        stream_timeout = kwargs.pop("stream_timeout", None)
+        if stream_timeout is not None:
+            kwargs["timeout"] = stream_timeout
         kwargs.update(
             model=entry.litellm_model,
             stream=True,

@@ -23,6 +23,8 @@ ANONYMOUS = "anonymous"
 
 @dataclass(frozen=True)
 class Limits:
+    """What one call, one node and all anonymous callers together may ask of the sidecar."""
+
     max_request_bytes: int = 16 * 1024 * 1024
     max_messages: int = 2048
     max_tools: int = 128
@@ -30,6 +32,11 @@ class Limits:
     require_deadline: bool = True
     max_deadline_s: float = 3600.0
     max_concurrent_streams: int = 256
+    # Health answers callers without credentials (probes ask before they have any); these
+    # bound what all such callers together can hold, so they never starve a node.
+    max_anonymous_health_calls: int = 32
+    max_anonymous_watches: int = 8
+    max_anonymous_watch_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,11 @@ class Policy:
             return self.token_names.get(_digest(header[7:]), ANONYMOUS)
         return ANONYMOUS
 
+    def may_use(self, node: str, alias: str) -> bool:
+        """Whether ``node``'s rules let it use ``alias`` (a node without rules may use all)."""
+        policy = self.nodes.get(node)
+        return policy is None or policy.allows(alias)
+
     def check_request(self, request: pb.GenerateRequest, node: str, time_remaining: float | None) -> float:
         """Validate ``request`` for ``node``; returns the deadline (s) the call may use."""
         limits = self.limits
@@ -85,8 +97,7 @@ class Policy:
                         f"messages[{i}].content[{j}]",
                         f"image of {len(part.image_data.data)} bytes exceeds {limits.max_image_bytes}",
                     )
-        policy = self.nodes.get(node)
-        if policy is not None and not policy.allows(request.model):
+        if not self.may_use(node, request.model):
             raise RemoteError(Reason.PERMISSION_DENIED, f"node {node!r} may not use model {request.model!r}")
         if time_remaining is None:
             if limits.require_deadline:

@@ -101,6 +101,10 @@ def classify(exc: BaseException, *, alias: str, provider: str, secrets: Iterable
         # LiteLLM wraps some provider 4xx in a generic APIError, and some 401s (those
         # without OpenAI's wording) in BadRequestError; the status says what happened.
         reason = _BY_CLIENT_STATUS[status]
+    if reason is Reason.PROVIDER_UNAVAILABLE and _timed_out(exc):
+        # LiteLLM reports a read timeout mid-stream (stream_timeout) as a 500: a
+        # MidStreamFallbackError around an APIConnectionError around httpx.ReadTimeout.
+        reason, status = Reason.PROVIDER_TIMEOUT, None
     http = f" (HTTP {status})" if isinstance(status, int) else ""
     meta = {"model": alias, "provider": provider}
     if reason is Reason.PROVIDER_AUTH_FAILED:
@@ -204,6 +208,13 @@ def connection_failure(exc: BaseException) -> str | None:
         if isinstance(cause, OSError) and cause.strerror and type(cause).__module__ == "builtins":
             return f"{at('cannot connect', 'to')}: {cause.strerror.lower()}"
     return None
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a timeout is among the causes of ``exc``."""
+    import httpx
+
+    return any(isinstance(cause, TimeoutError | httpx.TimeoutException | lx.Timeout) for cause in _chain(exc))
 
 
 def _reason_of_status(exc: ProviderStatusError) -> Reason:

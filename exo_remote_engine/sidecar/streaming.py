@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -26,10 +25,11 @@ from exo_remote_engine.openai_wire import FINISH_REASONS
 from exo_remote_engine.sidecar.config import ModelEntry
 from exo_remote_engine.sidecar.provider_errors import classify
 from exo_remote_engine.sidecar.routing import Router
+from exo_remote_engine.sidecar.safe_logging import safe_logger
 
 OnAttempt = Callable[[ModelEntry], None]
 
-log = logging.getLogger(__name__)
+log = safe_logger(__name__)
 
 Write = Callable[[pb.GenerateResponse], Awaitable[None]]
 
