@@ -53,6 +53,8 @@ def render_models(response: pb.ListModelsResponse) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.append(f"({len(rows) - 1} ready; * default model; ? unknown)")
+    # The echo stands in for a model; say so where a newcomer looks first.
+    lines += [f"{m.alias}: {m.display_name}" for m in response.models if m.provider == "embedded" and m.display_name]
     if waiting:
         lines.append("")
         lines.append("not ready:")

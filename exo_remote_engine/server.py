@@ -37,6 +37,15 @@ from exo_remote_engine.sidecar.auth import ServerTLS, TokenAuthInterceptor
 from exo_remote_engine.sidecar.config import ConfigError, SidecarConfig, load_config
 from exo_remote_engine.sidecar.decoding import DecodeGuardInterceptor
 from exo_remote_engine.sidecar.discovery import ServerSpec
+from exo_remote_engine.sidecar.embedded_model import (
+    LOCAL_EXTRA_HINT,
+    EmbeddedModelServer,
+    EmbeddedModelSettings,
+    config_for,
+    entry_from_env,
+    local_model_available,
+    runtime_available,
+)
 from exo_remote_engine.sidecar.metrics import Metrics
 from exo_remote_engine.sidecar.policy import Limits, Policy
 from exo_remote_engine.sidecar.registry import ModelRegistry
@@ -246,6 +255,9 @@ class SidecarSettings:
     extra_options: Sequence[tuple[str, Any]] = field(default_factory=tuple)
     # Read plain OpenAI-compatible deployments directly instead of through LiteLLM.
     openai_fast_path: bool = field(default_factory=_fast_path_from_env)
+    # With no config: the real embedded model (llama.cpp, the [local] extra) when set, else
+    # the echo. Off for programmatic use, on for the CLI when the extra is installed.
+    embedded_model: EmbeddedModelSettings | None = None
 
 
 @dataclass
@@ -256,6 +268,7 @@ class RunningSidecar:
     config: SidecarConfig
     servicer: RemoteInferenceServicer
     metrics_port: int | None = None
+    embedded: EmbeddedModelServer | None = None  # the local model's process, stopped with us
 
     @property
     def address(self) -> str:
@@ -269,6 +282,8 @@ class RunningSidecar:
         await self.server.stop(grace_s)
         await self.servicer.backend.close()
         await self.servicer.registry.stop()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
 
 
 def _is_loopback(listen: str) -> bool:
@@ -282,8 +297,47 @@ def _is_loopback(listen: str) -> bool:
 
 
 async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None = None) -> RunningSidecar:
-    """Build, bind and start the server; returns once it accepts calls."""
+    """Build, bind and start the server; returns once it accepts calls (and, for the
+    embedded model, once the model answers)."""
+    embedded: EmbeddedModelServer | None = None
+    _check_plaintext(settings)  # before loading a model for nothing
+    if config is None and settings.config_path is None:
+        config, embedded = await _embedded_default(settings)
     config = config or load_config(settings.config_path)
+    try:
+        running = await _start(settings, config)
+    except BaseException:
+        if embedded is not None:
+            embedded.stop()
+        raise
+    running.embedded = embedded
+    return running
+
+
+async def _embedded_default(settings: SidecarSettings) -> tuple[SidecarConfig, EmbeddedModelServer | None]:
+    """The no-config default: a worker shares its main process's model; else the real
+    embedded model when asked for, else the echo (saying how to get the real one)."""
+    shared = entry_from_env() if os.environ.get(WORKER_ENV) else None
+    if shared is not None:
+        return config_for(shared), None
+    if settings.embedded_model is None:
+        if not local_model_available():
+            log.warning(
+                "no config: serving embedded-echo, which repeats your last message and is not a language "
+                "model; for a real offline model (Gemma 3 270M on llama.cpp): %s",
+                LOCAL_EXTRA_HINT,
+            )
+        return load_config(None), None
+    server = EmbeddedModelServer(settings.embedded_model)
+    try:
+        await server.start()
+    except BaseException:
+        server.stop()
+        raise
+    return config_for(server.entry()), server
+
+
+async def _start(settings: SidecarSettings, config: SidecarConfig) -> RunningSidecar:
     tokens = [*settings.tokens, *settings.named_tokens.values()]
     interceptors: list[grpc.aio.ServerInterceptor] = [TokenAuthInterceptor(tokens)] if tokens else []
     interceptors.append(DecodeGuardInterceptor())
@@ -339,14 +393,18 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
     return RunningSidecar(server, port, health, config, servicer, metrics_port)
 
 
+def _check_plaintext(settings: SidecarSettings) -> None:
+    if settings.tls is None and not _is_loopback(settings.listen) and not settings.allow_insecure:
+        raise ConfigError(
+            f"refusing to listen in plaintext on {settings.listen}: use TLS, a loopback address, or --insecure"
+        )
+
+
 def _bind(server: grpc.aio.Server, settings: SidecarSettings) -> int:
     if settings.tls is not None:
         return server.add_secure_port(settings.listen, settings.tls.credentials())
     else:
-        if not _is_loopback(settings.listen) and not settings.allow_insecure:
-            raise ConfigError(
-                f"refusing to listen in plaintext on {settings.listen}: use TLS, a loopback address, or --insecure"
-            )
+        _check_plaintext(settings)
         if not _is_loopback(settings.listen):
             log.warning(
                 "WARNING: serving provider credentials in PLAINTEXT on %s; anyone on the "
@@ -366,7 +424,47 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--config",
         type=Path,
         default=os.environ.get("EXO_REMOTE_CONFIG") or None,
-        help="LiteLLM proxy config.yaml or JSON alias map; none = the embedded offline model",
+        help="LiteLLM proxy config.yaml or JSON alias map (default: none, i.e. the embedded offline model)",
+    )
+    embedded = parser.add_argument_group(
+        "embedded model (no --config)",
+        "With the [local] extra, a sidecar without a config serves Gemma 3 270M (or --embedded-model) with "
+        "llama.cpp on 127.0.0.1; without it, embedded-echo, which only repeats the prompt.",
+    )
+    embedded.add_argument(
+        "--embedded-model",
+        type=Path,
+        default=os.environ.get("EXO_REMOTE_EMBEDDED_MODEL") or None,
+        metavar="PATH",
+        help="your own GGUF file to serve instead of the packaged Gemma 3 270M; nothing is downloaded "
+        "(default: the packaged model; env EXO_REMOTE_EMBEDDED_MODEL)",
+    )
+    embedded.add_argument(
+        "--embedded-threads",
+        type=int,
+        default=int(os.environ.get("EXO_REMOTE_EMBEDDED_THREADS", "1")),
+        help="CPU threads for llama.cpp (default: %(default)s; more than one thread on a busy small "
+        "machine slows generation down; env EXO_REMOTE_EMBEDDED_THREADS)",
+    )
+    embedded.add_argument(
+        "--embedded-ctx",
+        type=int,
+        default=int(os.environ.get("EXO_REMOTE_EMBEDDED_CTX", "4096")),
+        help="context window of one request, in tokens (default: %(default)s; env EXO_REMOTE_EMBEDDED_CTX)",
+    )
+    embedded.add_argument(
+        "--embedded-parallel",
+        type=int,
+        default=int(os.environ.get("EXO_REMOTE_EMBEDDED_PARALLEL", "2")),
+        help="requests generated at the same time (llama.cpp slots, sharing the threads); more requests "
+        "wait in llama.cpp's queue until a slot frees (default: %(default)s; env EXO_REMOTE_EMBEDDED_PARALLEL)",
+    )
+    embedded.add_argument(
+        "--embedded-echo",
+        action="store_true",
+        default=os.environ.get("EXO_REMOTE_EMBEDDED_ECHO", "0") == "1",
+        help="serve embedded-echo even when the [local] extra is installed (no model loaded; "
+        "env EXO_REMOTE_EMBEDDED_ECHO=1)",
     )
     parser.add_argument("--log-level", default=os.environ.get("EXO_REMOTE_LOG_LEVEL", "info"))
     parser.add_argument(
@@ -461,7 +559,27 @@ def _settings_from_args(args: argparse.Namespace) -> SidecarSettings:
         servers=tuple(servers),
         discovery_ttl_s=args.refresh_s,
         openai_fast_path=args.openai_fast_path,
+        embedded_model=_embedded_from_args(args),
     )
+
+
+def _embedded_from_args(args: argparse.Namespace) -> EmbeddedModelSettings | None:
+    """The real embedded model unless a config is given, the echo is asked for, or the
+    [local] extra is missing (then the echo, unless a model file was asked for)."""
+    if args.config is not None or args.embedded_echo:
+        return None
+    settings = EmbeddedModelSettings(
+        threads=args.embedded_threads,
+        ctx=args.embedded_ctx,
+        parallel=args.embedded_parallel,
+        model_path=args.embedded_model.expanduser() if args.embedded_model else None,
+    )
+    settings.check()
+    if settings.model_path is not None and not runtime_available():
+        raise ConfigError(f"--embedded-model needs llama.cpp (xllamacpp): {LOCAL_EXTRA_HINT}")
+    if settings.model_path is None and not local_model_available():
+        return None
+    return settings
 
 
 async def _serve(settings: SidecarSettings, grace_s: float, argv: Sequence[str], workers: int) -> None:
@@ -470,7 +588,8 @@ async def _serve(settings: SidecarSettings, grace_s: float, argv: Sequence[str],
         settings.listen = settings.listen.rsplit(":", 1)[0] + ":0"
         settings.metrics_listen = None
     running = await start_sidecar(settings)
-    pool = WorkerPool(argv, workers - 1) if workers > 1 and not is_worker else None
+    extra_env = running.embedded.endpoint_env() if running.embedded is not None else {}
+    pool = WorkerPool(argv, workers - 1, extra_env) if workers > 1 and not is_worker else None
     if pool is not None:
         try:
             await pool.start()
