@@ -38,6 +38,7 @@ from exo_remote_engine.sidecar.config import ConfigError, SidecarConfig, load_co
 from exo_remote_engine.sidecar.decoding import DecodeGuardInterceptor
 from exo_remote_engine.sidecar.discovery import ServerSpec
 from exo_remote_engine.sidecar.embedded_model import (
+    LISTED_PROVIDER,
     LOCAL_EXTRA_HINT,
     EmbeddedModelServer,
     EmbeddedModelSettings,
@@ -155,9 +156,11 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         response = pb.ListModelsResponse(default_model=self.registry.default(models))
         for found in models:
             entry = found.entry
+            # The embedded model is reached as an OpenAI-compatible server; say what it is.
+            is_local = entry.source == "embedded" and entry.provider != "embedded"
             model = pb.Model(
                 alias=entry.alias,
-                provider=entry.provider,
+                provider=LISTED_PROVIDER if is_local else entry.provider,
                 display_name=entry.display_name or entry.alias,
                 ready=found.ready,
                 not_ready_reason=found.not_ready_reason,

