@@ -10,8 +10,9 @@ shared machine hits both alike:
   ``openai/<alias>`` with its ``api_base`` and key (exactly the deployment the embedded
   default registers), read with the engine's gRPC client.
 
-Per path and concurrency (1 and 4 streams): decode tokens/s (completion tokens over the
-time from first to last token, summed over streams) and time to first token (median).
+Per path and concurrency (1 and 4 streams): tokens/s as a client sees it (completion
+tokens of a round's streams over its wall time; median of rounds, min-max shown) and time
+to first token (median over streams).
 Also: how long a cancelled stream keeps its llama.cpp slot (``/slots``), and the RSS of a
 sidecar started with no config (the embedded default) plus its model process.
 Targets: through the sidecar within 5% of direct on tokens/s and within 2 ms on TTFT.
@@ -48,6 +49,14 @@ class Stream:
     ttft_s: float
     decode_s: float
     tokens: int
+
+
+@dataclass
+class Round:
+    """Concurrent streams started together; ``wall_s`` until the last one ended."""
+
+    streams: list[Stream]
+    wall_s: float
 
 
 def log(message: str) -> None:
@@ -97,11 +106,24 @@ async def sidecar_stream(client: SidecarClient, alias: str, max_tokens: int, n: 
     return Stream(first - started, last - first, tokens)
 
 
-def summarize(rounds: list[list[Stream]]) -> dict[str, float]:
-    """Per round: summed decode rate of its streams; then the median over rounds."""
-    rates = [sum(s.tokens / s.decode_s for s in streams if s.decode_s > 0) for streams in rounds]
-    ttfts = [s.ttft_s for streams in rounds for s in streams]
-    return {"tokens_per_s": statistics.median(rates), "ttft_ms": statistics.median(ttfts) * 1000}
+def summarize(rounds: list[Round]) -> dict[str, float]:
+    """Per round: the client's throughput (all completion tokens over the round's wall time,
+    first token latency included); then medians over rounds."""
+    rates = [sum(s.tokens for s in r.streams) / r.wall_s for r in rounds]
+    ttfts = [s.ttft_s for r in rounds for s in r.streams]
+    return {
+        "tokens_per_s": statistics.median(rates),
+        "tokens_per_s_min": min(rates),
+        "tokens_per_s_max": max(rates),
+        "ttft_ms": statistics.median(ttfts) * 1000,
+        "rounds": len(rounds),
+    }
+
+
+async def timed(streams: list[Any]) -> Round:
+    started = time.perf_counter()
+    done = list(await asyncio.gather(*streams))
+    return Round(done, time.perf_counter() - started)
 
 
 def start_sidecar_process(args: list[str], env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen[str], str]:
@@ -182,18 +204,17 @@ async def measure(server: EmbeddedModelServer, address: str, rounds: int, max_to
         await direct_stream(session, server, 4)  # warm both paths (connections, prompt cache)
         await sidecar_stream(client, server.alias, 4, 0)
         for concurrency in (1, 4):
-            direct: list[list[Stream]] = []
-            through: list[list[Stream]] = []
+            direct: list[Round] = []
+            through: list[Round] = []
             for r in range(rounds):
-                streams = [direct_stream(session, server, max_tokens) for _ in range(concurrency)]
-                direct.append(list(await asyncio.gather(*streams)))
-                through.append(
-                    list(
-                        await asyncio.gather(
-                            *(sidecar_stream(client, server.alias, max_tokens, i) for i in range(concurrency))
-                        )
-                    )
-                )
+                # Alternate which path goes first (ABBA), so a drift in the box's load hits both.
+                for path in ("direct", "sidecar") if r % 2 == 0 else ("sidecar", "direct"):
+                    if path == "direct":
+                        streams = [direct_stream(session, server, max_tokens) for _ in range(concurrency)]
+                        direct.append(await timed(streams))
+                    else:
+                        streams = [sidecar_stream(client, server.alias, max_tokens, i) for i in range(concurrency)]
+                        through.append(await timed(streams))
                 log(f"{concurrency} stream(s), round {r + 1}/{rounds} done")
             results[f"{concurrency}_streams"] = {"direct": summarize(direct), "sidecar": summarize(through)}
         results["cancel_slot_release_s"] = await slot_release_s(client, session, server)
@@ -203,7 +224,7 @@ async def measure(server: EmbeddedModelServer, address: str, rounds: int, max_to
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per concurrency (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds per concurrency (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per stream (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
@@ -235,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _rate(summary: dict[str, float]) -> str:
+    return f"{summary['tokens_per_s']:.1f} ({summary['tokens_per_s_min']:.1f}-{summary['tokens_per_s_max']:.1f})"
+
+
 def render(results: dict[str, Any], max_tokens: int) -> str:
     lines = [
         f"| streams | direct tokens/s | sidecar tokens/s | ratio | direct TTFT ms | sidecar TTFT ms | added ms |"
@@ -244,7 +269,7 @@ def render(results: dict[str, Any], max_tokens: int) -> str:
     for n in (1, 4):
         d, s = results[f"{n}_streams"]["direct"], results[f"{n}_streams"]["sidecar"]
         lines.append(
-            f"| {n} | {d['tokens_per_s']:.1f} | {s['tokens_per_s']:.1f} | {s['tokens_per_s'] / d['tokens_per_s']:.3f}"
+            f"| {n} | {_rate(d)} | {_rate(s)} | {s['tokens_per_s'] / d['tokens_per_s']:.3f}"
             f" | {d['ttft_ms']:.1f} | {s['ttft_ms']:.1f} | {s['ttft_ms'] - d['ttft_ms']:+.1f} |"
         )
     rss = results["rss"]

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import importlib
 import ipaddress
 import logging
 import os
@@ -57,6 +58,7 @@ log = logging.getLogger("exo_remote_engine.sidecar")
 SERVICE_NAME = "exo.remote.v1.RemoteInferenceService"
 DEFAULT_LISTEN = "127.0.0.1:50505"
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+_LITELLM_TRANSPORT = "exo_remote_engine.sidecar.litellm_transport"
 
 T = TypeVar("T")
 _SOURCES = {
@@ -332,11 +334,15 @@ async def _embedded_default(settings: SidecarSettings) -> tuple[SidecarConfig, E
             )
         return load_config(None), None
     server = EmbeddedModelServer(settings.embedded_model)
+    # LiteLLM's import takes seconds; let it overlap the model's load (its own process).
+    preload = asyncio.create_task(asyncio.to_thread(importlib.import_module, _LITELLM_TRANSPORT))
     try:
         await server.start()
     except BaseException:
         server.stop()
         raise
+    finally:
+        await preload
     return config_for(server.entry()), server
 
 

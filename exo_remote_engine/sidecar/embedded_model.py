@@ -176,10 +176,11 @@ def packaged_gguf_path() -> Path:
 
 
 def _gguf_has_chat_template(path: Path) -> bool:
-    """Whether a GGUF's metadata names a chat template (a cheap scan of its header)."""
+    """Whether a GGUF's metadata names a chat template (a scan of its header, which holds
+    the vocabulary first: up to tens of MB for large vocabularies)."""
     try:
         with path.open("rb") as f:
-            head = f.read(8 * 1024 * 1024)
+            head = f.read(64 * 1024 * 1024)
     except OSError:
         return False
     return b"tokenizer.chat_template" in head
