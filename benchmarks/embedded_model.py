@@ -1,9 +1,8 @@
 """The embedded model through the sidecar against llama.cpp's own server read directly.
 
-``python -m benchmarks.embedded_model [--rounds 3] [--max-tokens 64]`` (needs the
-``[local]`` extra). One llama.cpp server (the product's :class:`EmbeddedModelServer`, 4
-slots, 1 thread) is read two ways, alternately, round after round so that the load of a
-shared machine hits both alike:
+``python -m benchmarks.embedded_model [--rounds 6] [--max-tokens 64]`` (needs the
+``[local]`` extra). One llama.cpp server (the product's :class:`EmbeddedModelServer`, 8
+slots, 1 thread) is read two ways:
 
 * direct: an OpenAI streaming request to its ``/v1/chat/completions``, SSE read here;
 * sidecar: a real ``exo-remote-sidecar`` process whose config names that server as
@@ -12,7 +11,10 @@ shared machine hits both alike:
 
 Per path and concurrency (1 and 4 streams): tokens/s as a client sees it (completion
 tokens of a round's streams over its wall time; median of rounds, min-max shown) and time
-to first token (median over streams).
+to first token (median over streams). Two designs: *alternating* rounds (one path at a
+time, ABBA order: absolute figures, but a busy box moves them by 2x between rounds) and
+*paired* rounds (N direct and N sidecar streams at once, decoded in the same llama.cpp
+batches: the load hits both alike, so the ratio isolates what the sidecar path costs).
 Also: how long a cancelled stream keeps its llama.cpp slot (``/slots``), and the RSS of a
 sidecar started with no config (the embedded default) plus its model process.
 Targets: through the sidecar within 5% of direct on tokens/s and within 2 ms on TTFT.
@@ -71,7 +73,8 @@ async def direct_stream(session: aiohttp.ClientSession, server: EmbeddedModelSer
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    headers = {"Authorization": f"Bearer {server.api_key}"}
+    # The same headers the sidecar's deployment sends (a connection per request).
+    headers = {"Authorization": f"Bearer {server.api_key}", **server.entry().params["extra_headers"]}
     started = time.perf_counter()
     first = last = 0.0
     tokens = 0
@@ -166,7 +169,7 @@ async def slot_release_s(client: SidecarClient, session: aiohttp.ClientSession, 
     await asyncio.sleep(0.2)
     task.cancel()
     cancelled = time.perf_counter()
-    headers = {"Authorization": f"Bearer {server.api_key}"}
+    headers = {"Authorization": f"Bearer {server.api_key}", "Connection": "close"}
     while time.perf_counter() - cancelled < 30:
         async with session.get(f"http://127.0.0.1:{server.port}/slots", headers=headers) as response:
             slots = await response.json()
@@ -216,7 +219,24 @@ async def measure(server: EmbeddedModelServer, address: str, rounds: int, max_to
                         streams = [sidecar_stream(client, server.alias, max_tokens, i) for i in range(concurrency)]
                         through.append(await timed(streams))
                 log(f"{concurrency} stream(s), round {r + 1}/{rounds} done")
-            results[f"{concurrency}_streams"] = {"direct": summarize(direct), "sidecar": summarize(through)}
+            # Paired: N direct and N sidecar streams at once, decoded in the same llama.cpp
+            # batches, so the box's load hits both identically and only the path differs.
+            paired_direct: list[Round] = []
+            paired_through: list[Round] = []
+            for r in range(rounds):
+                both = await asyncio.gather(
+                    *(direct_stream(session, server, max_tokens) for _ in range(concurrency)),
+                    *(sidecar_stream(client, server.alias, max_tokens, i) for i in range(concurrency)),
+                )
+                for part, into in ((both[:concurrency], paired_direct), (both[concurrency:], paired_through)):
+                    into.append(Round(list(part), max(st.ttft_s + st.decode_s for st in part)))
+                log(f"{concurrency} + {concurrency} paired stream(s), round {r + 1}/{rounds} done")
+            results[f"{concurrency}_streams"] = {
+                "direct": summarize(direct),
+                "sidecar": summarize(through),
+                "paired_direct": summarize(paired_direct),
+                "paired_sidecar": summarize(paired_through),
+            }
         results["cancel_slot_release_s"] = await slot_release_s(client, session, server)
     await client.close()
     return results
@@ -234,11 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     with tempfile.TemporaryDirectory(prefix="embedded-bench-") as tmp:
         workdir = Path(tmp)
-        server = EmbeddedModelServer(EmbeddedModelSettings(threads=1, ctx=1024, parallel=4))
+        # 8 slots: the paired rounds run 4 direct + 4 sidecar streams at once.
+        server = EmbeddedModelServer(EmbeddedModelSettings(threads=1, ctx=1024, parallel=8))
         asyncio.run(server.start())
         try:
             config = workdir / "aliases.json"
-            spec = {"model": f"openai/{server.alias}", "api_base": server.base_url, "api_key": "${BENCH_KEY}"}
+            # Exactly the deployment the embedded default registers (its params), key from the env.
+            spec = {"model": f"openai/{server.alias}", **server.entry().params, "api_key": "${BENCH_KEY}"}
             config.write_text(json.dumps({server.alias: spec}))
             sidecar, address = start_sidecar_process(
                 ["--config", str(config)], {**env, "BENCH_KEY": server.api_key}, workdir / "sidecar.log"
@@ -262,16 +284,17 @@ def _rate(summary: dict[str, float]) -> str:
 
 def render(results: dict[str, Any], max_tokens: int) -> str:
     lines = [
-        f"| streams | direct tokens/s | sidecar tokens/s | ratio | direct TTFT ms | sidecar TTFT ms | added ms |"
-        f"  ({max_tokens} tokens per stream)",
-        "|---|---|---|---|---|---|---|",
+        f"{max_tokens} tokens per stream",
+        "| streams | design | direct tok/s | sidecar tok/s | ratio | direct TTFT ms | sidecar TTFT ms | added ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for n in (1, 4):
-        d, s = results[f"{n}_streams"]["direct"], results[f"{n}_streams"]["sidecar"]
-        lines.append(
-            f"| {n} | {_rate(d)} | {_rate(s)} | {s['tokens_per_s'] / d['tokens_per_s']:.3f}"
-            f" | {d['ttft_ms']:.1f} | {s['ttft_ms']:.1f} | {s['ttft_ms'] - d['ttft_ms']:+.1f} |"
-        )
+        for kind, prefix in (("alternating", ""), ("paired", "paired_")):
+            d, s = results[f"{n}_streams"][f"{prefix}direct"], results[f"{n}_streams"][f"{prefix}sidecar"]
+            lines.append(
+                f"| {n} | {kind} | {_rate(d)} | {_rate(s)} | {s['tokens_per_s'] / d['tokens_per_s']:.3f}"
+                f" | {d['ttft_ms']:.1f} | {s['ttft_ms']:.1f} | {s['ttft_ms'] - d['ttft_ms']:+.1f} |"
+            )
     rss = results["rss"]
     lines.append(
         f"cancelled stream's slot free after {results['cancel_slot_release_s'] * 1000:.0f} ms; "

@@ -163,6 +163,7 @@ def packaged_gguf_path() -> Path:
             with contextlib.suppress(FileExistsError):  # wrong sha256: rebuild below
                 path = Path(pkg.assemble(target))
         if path is None:
+            log.info("embedded model: assembling %s from the installed package (once; 253 MB)...", target)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             try:
@@ -339,7 +340,7 @@ class EmbeddedModelServer:
         started = time.monotonic()
         model = self.settings.model_path
         if model is None:
-            log.info("embedded model: checking the model file (assembling it once from the installed package)...")
+            log.info("embedded model: checking the packaged model file...")
             model = await asyncio.to_thread(packaged_gguf_path)
             log.info("embedded model: model file %s ready (%.1f s)", model.name, time.monotonic() - started)
         own_template = self.settings.model_path is not None and _gguf_has_chat_template(model)
@@ -455,7 +456,9 @@ def embedded_entry_for(alias: str, base_url: str, api_key: str, n_ctx: int) -> M
         alias=alias,
         litellm_model=f"openai/{alias}",
         provider="openai",  # an OpenAI-compatible server: the direct transport reads it
-        params={"api_base": base_url, "api_key": api_key},
+        # llama.cpp drops idle keep-alive connections after 5 s, racing a pooled client's
+        # reuse of them; a loopback connection per request costs nothing measurable.
+        params={"api_base": base_url, "api_key": api_key, "extra_headers": {"Connection": "close"}},
         source="embedded",
         display_name=f"{alias} (embedded, llama.cpp on this machine)",
         context_window=n_ctx,
