@@ -1,6 +1,6 @@
 """The embedded model through the sidecar against llama.cpp's own server read directly.
 
-``python -m benchmarks.embedded_model [--rounds 6] [--max-tokens 64]`` (needs the
+``python -m benchmarks.embedded_model [--rounds 5] [--max-tokens 64]`` (needs the
 ``[local]`` extra). One llama.cpp server (the product's :class:`EmbeddedModelServer`, 8
 slots, 1 thread) is read two ways:
 
@@ -15,6 +15,8 @@ to first token (median over streams). Two designs: *alternating* rounds (one pat
 time, ABBA order: absolute figures, but a busy box moves them by 2x between rounds) and
 *paired* rounds (N direct and N sidecar streams at once, decoded in the same llama.cpp
 batches: the load hits both alike, so the ratio isolates what the sidecar path costs).
+Paired rounds say nothing about TTFT (whichever request reaches llama.cpp second waits a
+batch step), so TTFT is also measured one request at a time, alternating paths.
 Also: how long a cancelled stream keeps its llama.cpp slot (``/slots``), and the RSS of a
 sidecar started with no config (the embedded default) plus its model process.
 Targets: through the sidecar within 5% of direct on tokens/s and within 2 ms on TTFT.
@@ -154,6 +156,23 @@ def stop(process: subprocess.Popen[str]) -> None:
         process.wait(5)
 
 
+async def sequential_ttft(
+    client: SidecarClient, session: aiohttp.ClientSession, server: EmbeddedModelServer, samples: int
+) -> dict[str, float]:
+    """TTFT alone: one request at a time, the paths alternating, the same prompt (llama.cpp
+    reuses its cached prompt, so the first token is one decode step and the path's own delay
+    is not buried under prompt processing). Medians in ms."""
+    direct: list[float] = []
+    through: list[float] = []
+    for i in range(samples):
+        for path in ("direct", "sidecar") if i % 2 == 0 else ("sidecar", "direct"):
+            if path == "direct":
+                direct.append((await direct_stream(session, server, 2)).ttft_s)
+            else:
+                through.append((await sidecar_stream(client, server.alias, 2, i)).ttft_s)
+    return {"direct_ms": statistics.median(direct) * 1000, "sidecar_ms": statistics.median(through) * 1000}
+
+
 async def slot_release_s(client: SidecarClient, session: aiohttp.ClientSession, server: EmbeddedModelServer) -> float:
     """Cancel a long stream after a few tokens; seconds until llama.cpp reports no slot busy."""
     got = asyncio.Event()
@@ -237,6 +256,7 @@ async def measure(server: EmbeddedModelServer, address: str, rounds: int, max_to
                 "paired_direct": summarize(paired_direct),
                 "paired_sidecar": summarize(paired_through),
             }
+        results["ttft_sequential"] = await sequential_ttft(client, session, server, 2 * 10)
         results["cancel_slot_release_s"] = await slot_release_s(client, session, server)
     await client.close()
     return results
@@ -244,7 +264,7 @@ async def measure(server: EmbeddedModelServer, address: str, rounds: int, max_to
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--rounds", type=int, default=6, help="rounds per concurrency (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per concurrency (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per stream (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
@@ -295,6 +315,11 @@ def render(results: dict[str, Any], max_tokens: int) -> str:
                 f"| {n} | {kind} | {_rate(d)} | {_rate(s)} | {s['tokens_per_s'] / d['tokens_per_s']:.3f}"
                 f" | {d['ttft_ms']:.1f} | {s['ttft_ms']:.1f} | {s['ttft_ms'] - d['ttft_ms']:+.1f} |"
             )
+    seq = results["ttft_sequential"]
+    lines.append(
+        f"TTFT one request at a time (prompt cached, median of 20 each): direct {seq['direct_ms']:.1f} ms, "
+        f"sidecar {seq['sidecar_ms']:.1f} ms, added {seq['sidecar_ms'] - seq['direct_ms']:+.1f} ms"
+    )
     rss = results["rss"]
     lines.append(
         f"cancelled stream's slot free after {results['cancel_slot_release_s'] * 1000:.0f} ms; "
