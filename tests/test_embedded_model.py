@@ -317,3 +317,20 @@ def test_bad_embedded_flags_are_refused_before_loading(tmp_path: Path) -> None:
         )
         assert result.returncode == 2, result.stderr
         assert message in result.stderr
+
+
+@needs_local
+@pytest.mark.timeout(90)
+def test_a_file_llama_cpp_cannot_load_stops_the_sidecar_with_its_words(tmp_path: Path) -> None:
+    bogus = tmp_path / "broken.gguf"
+    bogus.write_bytes(b"not a gguf file")
+    result = subprocess.run(
+        [sys.executable, "-m", "exo_remote_engine.server", "--listen", "127.0.0.1:0", "--no-discover",
+         "--embedded-model", str(bogus)],
+        capture_output=True, text=True, timeout=80, cwd=REPO,
+        env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "the embedded model did not start" in result.stderr
+    assert "Failed to init server" in result.stderr, "llama.cpp's own message is shown"
+    assert "listening on port" not in result.stdout

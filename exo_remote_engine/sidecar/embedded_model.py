@@ -263,6 +263,13 @@ def _serve(args: argparse.Namespace) -> int:
     )
     server: Any = xllamacpp.Server(params)
     print(f"READY http://{HOST}:{args.port}/v1 alias={args.alias}", flush=True)
+    if args.quiet_after_start:
+        # llama.cpp logs ~800 bytes per request; a long-lived sidecar keeps only the start-up
+        # output (what explains a failed start), not an ever-growing file.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.close(devnull)
     while not stop.wait(0.5):
         if os.getppid() != parent:  # orphaned without our stdin closing (e.g. not a pipe)
             break
@@ -286,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s)")
     parser.add_argument("--own-template", action="store_true", help="use the GGUF's chat template, not Gemma's")
     parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin reaches EOF")
+    parser.add_argument("--quiet-after-start", action="store_true", help="drop llama.cpp's output once serving")
     return _serve(parser.parse_args(argv))
 
 
@@ -360,7 +368,7 @@ class EmbeddedModelServer:
         fd, log_name = tempfile.mkstemp(prefix="exo-remote-llama-", suffix=".log")
         self._log_path = Path(log_name)
         cmd = [
-            sys.executable, "-m", _CHILD_MODULE, "--watch-stdin",
+            sys.executable, "-m", _CHILD_MODULE, "--watch-stdin", "--quiet-after-start",
             "--port", str(self.port), "--alias", self.alias, "--model", str(model),
             "--n-ctx", str(s.ctx * s.parallel), "--n-parallel", str(s.parallel), "--threads", str(s.threads),
         ]  # fmt: skip
