@@ -407,6 +407,10 @@ class EmbeddedModelServer:
                 next_progress = now + _PROGRESS_EVERY_S
             await asyncio.sleep(0.1)
         self.n_ctx = await asyncio.to_thread(self._slot_context)
+        # Serving: the child writes nothing more (--quiet-after-start), so the start-up log
+        # has done its job; removed now, it cannot outlive a sidecar that gets SIGKILLed.
+        self._log_path.unlink(missing_ok=True)
+        self._log_path = None
         log.info(
             "embedded model: %s ready in %.1f s at %s (context %d tokens per request, pid %d)",
             self.alias, time.monotonic() - started, self.base_url, self.n_ctx, self.process.pid,
