@@ -65,6 +65,8 @@ def render_models(response: pb.ListModelsResponse) -> str:
     lines = [f"WARNING: {warning}" for warning in response.warnings]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.append(f"({len(rows) - 1} ready; * default model; ? unknown)")
+    # The echo stands in for a model; say so where a newcomer looks first.
+    lines += [f"{m.alias}: {m.display_name}" for m in response.models if m.provider == "embedded" and m.display_name]
     if response.HasField("budget"):
         b = response.budget
         resets = f", resets in {_span(b.resets_in_seconds)}" if b.HasField("resets_in_seconds") else ""

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import importlib
 import ipaddress
 import logging
 import os
@@ -41,6 +42,16 @@ from exo_remote_engine.sidecar.budgets import Budgets
 from exo_remote_engine.sidecar.config import MASTER_KEY_NODE, ConfigError, ModelEntry, SidecarConfig, load_config
 from exo_remote_engine.sidecar.decoding import DecodeGuardInterceptor
 from exo_remote_engine.sidecar.discovery import ServerSpec
+from exo_remote_engine.sidecar.embedded_model import (
+    LISTED_PROVIDER,
+    LOCAL_EXTRA_HINT,
+    EmbeddedModelServer,
+    EmbeddedModelSettings,
+    config_for,
+    entry_from_env,
+    local_model_available,
+    runtime_available,
+)
 from exo_remote_engine.sidecar.limits import Clock, UsageWindows
 from exo_remote_engine.sidecar.metrics import Metrics
 from exo_remote_engine.sidecar.policy import Limits, Policy
@@ -57,6 +68,7 @@ SERVICE_NAME = "exo.remote.v1.RemoteInferenceService"
 DEFAULT_LISTEN = "127.0.0.1:50505"
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 RECEIVE_WINDOW_BYTES = 1024 * 1024
+_LITELLM_TRANSPORT = "exo_remote_engine.sidecar.litellm_transport"
 
 T = TypeVar("T")
 _SOURCES = {
@@ -174,9 +186,11 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         response.warnings.extend(self.warnings)
         for found in models:
             entry = found.entry
+            # The embedded model is reached as an OpenAI-compatible server; say what it is.
+            is_local = entry.source == "embedded" and entry.provider != "embedded"
             model = pb.Model(
                 alias=entry.alias,
-                provider=entry.provider,
+                provider=LISTED_PROVIDER if is_local else entry.provider,
                 display_name=entry.display_name or entry.alias,
                 ready=found.ready,
                 not_ready_reason=found.not_ready_reason,
@@ -367,6 +381,9 @@ class SidecarSettings:
     state_dir: Path | None = None
     accounting: bool = True
     clock: Clock = time.time  # limits, budgets and ledger times; tests inject their own
+    # With no config: the real embedded model (llama.cpp, the [local] extra) when set, else
+    # the echo. Off for programmatic use, on for the CLI when the extra is installed.
+    embedded_model: EmbeddedModelSettings | None = None
 
 
 @dataclass
@@ -377,6 +394,7 @@ class RunningSidecar:
     config: SidecarConfig
     servicer: RemoteInferenceServicer
     metrics_port: int | None = None
+    embedded: EmbeddedModelServer | None = None  # the local model's process, stopped with us
 
     @property
     def address(self) -> str:
@@ -392,6 +410,8 @@ class RunningSidecar:
         await self.servicer.registry.stop()
         if self.servicer.ledger is not None:
             self.servicer.ledger.close()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
 
 
 def _is_loopback(listen: str) -> bool:
@@ -405,8 +425,52 @@ def _is_loopback(listen: str) -> bool:
 
 
 async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None = None) -> RunningSidecar:
-    """Build, bind and start the server; returns once it accepts calls."""
+    """Build, bind and start the server; returns once it accepts calls (and, for the
+    embedded model, once the model answers)."""
+    embedded: EmbeddedModelServer | None = None
+    _check_plaintext(settings)  # before loading a model for nothing
+    if config is None and settings.config_path is None:
+        config, embedded = await _embedded_default(settings)
     config = config or load_config(settings.config_path)
+    try:
+        running = await _start(settings, config)
+    except BaseException:
+        if embedded is not None:
+            embedded.stop()
+        raise
+    running.embedded = embedded
+    return running
+
+
+async def _embedded_default(settings: SidecarSettings) -> tuple[SidecarConfig, EmbeddedModelServer | None]:
+    """The no-config default: a worker shares its main process's model; else the real
+    embedded model when asked for, else the echo (saying how to get the real one)."""
+    shared = entry_from_env() if os.environ.get(WORKER_ENV) else None
+    if shared is not None:
+        return config_for(shared), None
+    if settings.embedded_model is None:
+        if not local_model_available():
+            log.warning(
+                "no config: serving embedded-echo, which repeats your last message and is not a language "
+                "model; for a real offline model (Gemma 3 270M on llama.cpp): %s",
+                LOCAL_EXTRA_HINT,
+            )
+        return load_config(None), None
+    server = EmbeddedModelServer(settings.embedded_model)
+    # LiteLLM's import takes seconds; let it overlap the model's load (its own process).
+    preload = asyncio.create_task(asyncio.to_thread(importlib.import_module, _LITELLM_TRANSPORT))
+    try:
+        await server.start()
+    except BaseException:
+        server.stop()
+        raise
+    finally:
+        await preload
+    return config_for(server.entry()), server
+
+
+async def _start(settings: SidecarSettings, config: SidecarConfig) -> RunningSidecar:
+    """The server around a loaded config: access, policy, accounting, registry, bind."""
     if config.not_acted_on:
         log.warning(
             "%s: the sidecar does nothing with these config keys: %s",
@@ -495,6 +559,13 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
     return RunningSidecar(server, port, health, config, servicer, metrics_port)
 
 
+def _check_plaintext(settings: SidecarSettings) -> None:
+    if settings.tls is None and not _is_loopback(settings.listen) and not settings.allow_insecure:
+        raise ConfigError(
+            f"refusing to listen in plaintext on {settings.listen}: use TLS, a loopback address, or --insecure"
+        )
+
+
 def _exposure_warnings(settings: SidecarSettings, authenticates: bool) -> tuple[str, ...]:
     """Refuse to expose the keys off loopback without what protects them, unless the
     operator said so explicitly; then warn here and return what every client is told.
@@ -504,11 +575,8 @@ def _exposure_warnings(settings: SidecarSettings, authenticates: bool) -> tuple[
     ``--allow-anonymous``). Server-only TLS without tokens answers the first, not the second."""
     if _is_loopback(settings.listen):
         return ()
+    _check_plaintext(settings)
     if settings.tls is None:
-        if not settings.allow_insecure:
-            raise ConfigError(
-                f"refusing to listen in plaintext on {settings.listen}: use TLS, a loopback address, or --insecure"
-            )
         log.warning(
             "WARNING: serving provider credentials in PLAINTEXT on %s; anyone on the "
             "network can read requests and replies",
@@ -553,6 +621,49 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("EXO_REMOTE_CONFIG") or None,
         help="LiteLLM proxy config.yaml or JSON alias map (env EXO_REMOTE_CONFIG; "
         "default: none, which serves the embedded offline model)",
+    )
+    embedded = parser.add_argument_group(
+        "embedded model (no --config)",
+        "With the [local] extra, a sidecar without a config serves Gemma 3 270M (or --embedded-model) with "
+        "llama.cpp on 127.0.0.1; without it, embedded-echo, which only repeats the prompt.",
+    )
+    embedded.add_argument(
+        "--embedded-model",
+        type=Path,
+        default=os.environ.get("EXO_REMOTE_EMBEDDED_MODEL") or None,
+        metavar="PATH",
+        help="your own GGUF file to serve instead of the packaged Gemma 3 270M; nothing is downloaded "
+        "(default: the packaged model; env EXO_REMOTE_EMBEDDED_MODEL)",
+    )
+    embedded.add_argument(
+        "--embedded-threads",
+        type=int,
+        default=int(os.environ.get("EXO_REMOTE_EMBEDDED_THREADS", "1")),
+        metavar="N",
+        help="CPU threads for llama.cpp (default: %(default)s; more than one thread on a busy small "
+        "machine slows generation down; env EXO_REMOTE_EMBEDDED_THREADS)",
+    )
+    embedded.add_argument(
+        "--embedded-ctx",
+        type=int,
+        default=int(os.environ.get("EXO_REMOTE_EMBEDDED_CTX", "4096")),
+        metavar="N",
+        help="context window of one request, in tokens (default: %(default)s; env EXO_REMOTE_EMBEDDED_CTX)",
+    )
+    embedded.add_argument(
+        "--embedded-parallel",
+        type=int,
+        default=int(os.environ.get("EXO_REMOTE_EMBEDDED_PARALLEL", "2")),
+        metavar="N",
+        help="requests generated at the same time (llama.cpp slots, sharing the threads); more requests "
+        "wait in llama.cpp's queue until a slot frees (default: %(default)s; env EXO_REMOTE_EMBEDDED_PARALLEL)",
+    )
+    embedded.add_argument(
+        "--embedded-echo",
+        action="store_true",
+        default=os.environ.get("EXO_REMOTE_EMBEDDED_ECHO", "0") == "1",
+        help="serve embedded-echo even when the [local] extra is installed (no model loaded; "
+        "env EXO_REMOTE_EMBEDDED_ECHO=1)",
     )
     parser.add_argument(
         "--log-level",
@@ -687,7 +798,27 @@ def _settings_from_args(args: argparse.Namespace) -> SidecarSettings:
         openai_fast_path=args.openai_fast_path,
         state_dir=args.state_dir,
         accounting=args.accounting,
+        embedded_model=_embedded_from_args(args),
     )
+
+
+def _embedded_from_args(args: argparse.Namespace) -> EmbeddedModelSettings | None:
+    """The real embedded model unless a config is given, the echo is asked for, or the
+    [local] extra is missing (then the echo, unless a model file was asked for)."""
+    if args.config is not None or args.embedded_echo:
+        return None
+    settings = EmbeddedModelSettings(
+        threads=args.embedded_threads,
+        ctx=args.embedded_ctx,
+        parallel=args.embedded_parallel,
+        model_path=args.embedded_model.expanduser() if args.embedded_model else None,
+    )
+    settings.check()
+    if settings.model_path is not None and not runtime_available():
+        raise ConfigError(f"--embedded-model needs llama.cpp (xllamacpp): {LOCAL_EXTRA_HINT}")
+    if settings.model_path is None and not local_model_available():
+        return None
+    return settings
 
 
 def _check_single_process(config: SidecarConfig, workers: int) -> None:
@@ -711,7 +842,8 @@ async def _serve(settings: SidecarSettings, grace_s: float, argv: Sequence[str],
         _check_single_process(load_config(settings.config_path), workers)
     running = await start_sidecar(settings)
     protect_handlers()  # again: LiteLLM, imported by now, brings handlers of its own
-    pool = WorkerPool(argv, workers - 1) if workers > 1 and not is_worker else None
+    extra_env = running.embedded.endpoint_env() if running.embedded is not None else {}
+    pool = WorkerPool(argv, workers - 1, extra_env) if workers > 1 and not is_worker else None
     if pool is not None:
         try:
             await pool.start()

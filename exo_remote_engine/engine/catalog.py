@@ -30,6 +30,7 @@ _PROVIDER_NAMES = {
     "ollama_chat": "Ollama",
     "hosted_vllm": "vLLM",
     "embedded": "Embedded",
+    "llama.cpp": "llama.cpp",
 }
 
 

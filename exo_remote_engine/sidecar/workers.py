@@ -20,7 +20,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,9 @@ class _Worker:
 class WorkerPool:
     """``count`` extra sidecar processes started from the main process's own argv."""
 
-    def __init__(self, argv: Sequence[str], count: int) -> None:
+    def __init__(self, argv: Sequence[str], count: int, extra_env: Mapping[str, str] | None = None) -> None:
         self._argv = [sys.executable, "-m", "exo_remote_engine.server", *argv]
+        self._extra_env = dict(extra_env or {})  # e.g. the embedded model's endpoint, shared
         self._workers = [_Worker(i + 1) for i in range(count)]
         self._stopping = False
         self._supervisors: list[asyncio.Task[None]] = []
@@ -57,7 +58,7 @@ class WorkerPool:
         self._supervisors = [asyncio.create_task(self._supervise(w)) for w in self._workers]
 
     async def _spawn(self, worker: _Worker) -> None:
-        env = {**os.environ, WORKER_ENV: str(worker.index)}
+        env = {**os.environ, **self._extra_env, WORKER_ENV: str(worker.index)}
         process = await asyncio.create_subprocess_exec(
             *self._argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
         )

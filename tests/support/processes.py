@@ -71,19 +71,24 @@ def start_sidecar_process(
     listen: str = "127.0.0.1:0",
     extra_args: list[str] | None = None,
     discover: bool = False,
+    embedded_model: bool = False,
 ) -> SidecarProcess:
     """``exo-remote-sidecar`` in its own process; returns once it listens. Discovery is off
-    unless asked for, so no test ever lists a real provider with a developer's own keys."""
+    unless asked for, so no test ever lists a real provider with a developer's own keys.
+    Without a config it serves the echo unless ``embedded_model`` asks for the real local
+    model (which costs a model load and ~450 MB)."""
     args = [sys.executable, "-m", "exo_remote_engine.server", "--listen", listen, *(extra_args or [])]
     if not discover:
         args.append("--no-discover")
+    if config is None and not embedded_model:
+        args.append("--embedded-echo")
     if config is not None:
         args += ["--config", str(config)]
     full_env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {})}
     out = log.open("w")
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=out, text=True, env=full_env, cwd=REPO)
     assert process.stdout is not None
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + (180 if embedded_model else 60)
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         match = re.match(r"exo-remote-sidecar listening on port (\d+)", line)
