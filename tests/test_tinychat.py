@@ -184,7 +184,8 @@ def test_not_ready_models_are_left_out_and_remote_ones_offer_no_download_or_dele
     assert set(state) == set(READY), f"tinychat lists only models usable now, not {sorted(set(state) - set(READY))}"
     for model_id in READY:
         option = _expand(page, model_id)
-        assert option.get_by_text("Downloaded", exact=True).is_visible()
+        # Rendering lags on a busy box: wait (widely) for the state instead of sampling it once.
+        option.get_by_text("Downloaded", exact=True).wait_for(state="visible", timeout=10_000)
         assert option.locator(".model-download-button").count() == 0
         assert option.locator(".model-delete-button").is_hidden(), "nothing to delete for a remote model"
     body = page.locator(".sidebar").inner_text()
