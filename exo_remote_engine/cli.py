@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import uuid
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from exo_remote_engine.engine.client import SidecarClient, SidecarTarget
 from exo_remote_engine.errors import RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.openai_wire import FINISH_REASON_NAMES, chat_body_to_request
+from exo_remote_engine.redaction import SECRETS, redact
 from exo_remote_engine.topology_view import DEFAULT_API, positive_seconds
 from exo_remote_engine.topology_view import run as run_topology
 
@@ -65,7 +67,7 @@ def render_models(response: pb.ListModelsResponse) -> str:
 async def _models(target: SidecarTarget, refresh: bool) -> int:
     client = SidecarClient(target)
     try:
-        print(render_models(await client.list_models(refresh=refresh)))
+        print(redact(render_models(await client.list_models(refresh=refresh))))
     finally:
         await client.close()
     return 0
@@ -120,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     topology.add_argument("--ascii", action="store_true", help="plain ASCII boxes")
     topology.add_argument("--width", type=int, help="columns (default: the terminal's, else 100)")
     args = parser.parse_args(argv)
+    # The sidecar redacts what it sends; this process redacts against its own keys too
+    # (it often runs where they are) before printing an error or a listing.
+    SECRETS.add_environment(os.environ)
     target = SidecarTarget.from_env()
     if args.sidecar:
         target = replace(target, address=args.sidecar)
@@ -131,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_models(target, args.refresh))
         return asyncio.run(_chat(target, args))
     except RemoteError as exc:
-        print(f"exo-remote: {exc.reason.value}: {exc}", file=sys.stderr)
+        print(f"exo-remote: {exc.reason.value}: {redact(str(exc))}", file=sys.stderr)
         return 1
 
 

@@ -28,11 +28,12 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import grpc
 
-from exo_remote_engine.errors import Reason, RemoteError, abort, redact
+from exo_remote_engine.errors import Reason, RemoteError, abort
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from exo_remote_engine.generated.grpc_health import health_pb2, health_pb2_grpc
 from exo_remote_engine.openai_wire import validate_request
+from exo_remote_engine.redaction import SECRETS, install_log_redaction
 from exo_remote_engine.sidecar.auth import ServerTLS, TokenAuthInterceptor
 from exo_remote_engine.sidecar.config import ConfigError, SidecarConfig, load_config
 from exo_remote_engine.sidecar.decoding import DecodeGuardInterceptor
@@ -47,6 +48,9 @@ log = logging.getLogger("exo_remote_engine.sidecar")
 SERVICE_NAME = "exo.remote.v1.RemoteInferenceService"
 DEFAULT_LISTEN = "127.0.0.1:50505"
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+# How long one write to a client may wait (the client reads nothing) before the stream
+# ends with CLIENT_STALLED; meanwhile the provider is not read (bounded merge buffer).
+DEFAULT_STALL_LIMIT_S = 60.0
 
 T = TypeVar("T")
 _SOURCES = {
@@ -104,22 +108,26 @@ def _rpc_errors(
         except Exception:
             log.exception("request_id=%s unexpected error", request_id)
             error = RemoteError(Reason.INTERNAL, f"internal error (request id {request_id})")
-        secrets = self.registry.secrets()
         log.warning(
             "request_id=%s failed reason=%s code=%s: %s",
             request_id,
             error.reason.value,
             error.grpc_code.name,
-            redact(error.message, secrets),
+            error.message,  # every log record is redacted (install_log_redaction)
         )
-        await abort(context, error, secrets)
+        await abort(context, error)
 
     return wrapper
 
 
 class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
     def __init__(
-        self, registry: ModelRegistry, policy: Policy, metrics: Metrics, openai_fast_path: bool = True
+        self,
+        registry: ModelRegistry,
+        policy: Policy,
+        metrics: Metrics,
+        openai_fast_path: bool = True,
+        stall_limit_s: float = DEFAULT_STALL_LIMIT_S,
     ) -> None:
         from exo_remote_engine.sidecar.streaming import StreamingBackend
 
@@ -127,9 +135,8 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         self.config = registry.config
         self.policy = policy
         self.metrics = metrics
-        self.backend = StreamingBackend(
-            registry.secrets, num_retries=self.config.num_retries, openai_fast_path=openai_fast_path
-        )
+        self.stall_limit_s = stall_limit_s
+        self.backend = StreamingBackend(num_retries=self.config.num_retries, openai_fast_path=openai_fast_path)
         self.worker_ports: Callable[[], Sequence[int]] = tuple  # set when a WorkerPool runs
 
     @_rpc_errors
@@ -182,7 +189,14 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         usage = pb.Usage()
 
         async def write(response: pb.GenerateResponse) -> None:
-            await context.write(response)
+            try:
+                async with asyncio.timeout(self.stall_limit_s):
+                    await context.write(response)
+            except TimeoutError:
+                raise RemoteError(
+                    Reason.CLIENT_STALLED,
+                    f"the client read nothing for {self.stall_limit_s:g}s; the stream was ended",
+                ) from None
             if response.HasField("delta"):
                 recorder.delta_written()
             else:
@@ -246,6 +260,7 @@ class SidecarSettings:
     extra_options: Sequence[tuple[str, Any]] = field(default_factory=tuple)
     # Read plain OpenAI-compatible deployments directly instead of through LiteLLM.
     openai_fast_path: bool = field(default_factory=_fast_path_from_env)
+    stall_limit_s: float = DEFAULT_STALL_LIMIT_S
 
 
 @dataclass
@@ -283,8 +298,10 @@ def _is_loopback(listen: str) -> bool:
 
 async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None = None) -> RunningSidecar:
     """Build, bind and start the server; returns once it accepts calls."""
+    install_log_redaction()
     config = config or load_config(settings.config_path)
     tokens = [*settings.tokens, *settings.named_tokens.values()]
+    SECRETS.add_all(tokens)  # never sent by us, but never to be logged either
     interceptors: list[grpc.aio.ServerInterceptor] = [TokenAuthInterceptor(tokens)] if tokens else []
     interceptors.append(DecodeGuardInterceptor())
     policy = Policy.build(settings.limits, config.node_policies, settings.named_tokens)
@@ -299,7 +316,7 @@ async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None 
         )
     else:
         registry = ModelRegistry(config)
-    servicer = RemoteInferenceServicer(registry, policy, metrics, settings.openai_fast_path)
+    servicer = RemoteInferenceServicer(registry, policy, metrics, settings.openai_fast_path, settings.stall_limit_s)
     server = grpc.aio.server(
         interceptors=interceptors,
         # A backstop above the policy's own limit, which answers with a retry hint.
@@ -406,6 +423,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--refresh-s", type=float, default=60.0, help="discovery refresh period")
     parser.add_argument(
+        "--stall-limit-s",
+        type=float,
+        default=float(os.environ.get("EXO_REMOTE_STALL_LIMIT_S", DEFAULT_STALL_LIMIT_S)),
+        help="end a stream whose client has read nothing for this long (CLIENT_STALLED; default 60)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=int(os.environ.get("EXO_REMOTE_WORKERS", "1")),
@@ -461,6 +484,7 @@ def _settings_from_args(args: argparse.Namespace) -> SidecarSettings:
         servers=tuple(servers),
         discovery_ttl_s=args.refresh_s,
         openai_fast_path=args.openai_fast_path,
+        stall_limit_s=args.stall_limit_s,
     )
 
 
@@ -519,6 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse_args(argv)
     worker = os.environ.get(WORKER_ENV)
+    install_log_redaction()
     logging.basicConfig(
         level=args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s %(name)s{f'[worker {worker}]' if worker else ''} %(message)s",
