@@ -1,6 +1,6 @@
 """A client that stops reading costs the sidecar bounded memory, on both transports.
 
-The upstream is a firehose (valid 4 KiB deltas as fast as they are read). The client
+The upstream is a firehose (valid 16 KiB deltas as fast as they are read). The client
 takes the first delta and then reads nothing for 30 s. The sidecar (its own process)
 must stop reading the provider once its merge buffer is full, so its RSS grows by less
 than 20 MiB; before, the LiteLLM path buffered everything (+72 MiB per 30 s). With a
@@ -27,7 +27,9 @@ STALLED_FOR_S = 30.0
 RSS_BUDGET_MIB = 20.0
 # Two alternating frames: LiteLLM ends a stream after 100 identical chunks.
 FIREHOSE = Scenario(
-    chunks=["go"], flood=delta_frame("x" * 4096, "firehose") + delta_frame("y" * 4096, "firehose"), flood_count=10**7
+    chunks=["go"],
+    flood=delta_frame("x" * 16384, "firehose") + delta_frame("y" * 16384, "firehose"),
+    flood_count=10**7,
 )
 
 
@@ -89,7 +91,7 @@ async def test_stream_stalled_past_the_limit_ends_with_client_stalled(transport:
                 await asyncio.sleep(6.0)  # past the limit: the sidecar gives up on us
                 error: RemoteError | None = None
                 try:
-                    async for _ in call:
+                    while await call.read() is not grpc.aio.EOF:
                         pass
                 except grpc.aio.AioRpcError as exc:
                     error = RemoteError.from_status(exc.code(), exc.details(), exc.trailing_metadata())
