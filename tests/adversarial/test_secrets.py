@@ -22,7 +22,6 @@ import grpc
 import pytest
 
 from exo_remote_engine.errors import Reason
-from exo_remote_engine.redaction import SECRETS
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config import load_config
 from tests.conftest import TRANSPORTS, assert_served_by, use_transport
@@ -172,6 +171,8 @@ async def test_exo_remote_chat_prints_no_secret(sidecar: tuple[RunningSidecar, O
 
 
 def test_fragments_and_key_shapes_are_redacted_but_ids_are_not() -> None:
+    from exo_remote_engine.redaction import SECRETS
+
     secret = "zz.Fr4gm3nt.0f.A.Secret.9x"
     SECRETS.add(secret)
     request_id = "3f1c2b7e-9d4a-4c1e-8f0b-2a6d5e7c9b10"
@@ -187,6 +188,7 @@ def test_fragments_and_key_shapes_are_redacted_but_ids_are_not() -> None:
 
 @pytest.mark.timeout(30)
 async def test_discovery_keys_from_an_env_file_are_registered(tmp_path: Path) -> None:
+    from exo_remote_engine.redaction import SECRETS
     from exo_remote_engine.sidecar.config import SidecarConfig, embedded_entry
     from exo_remote_engine.sidecar.registry import ModelRegistry
     from tests.support.processes import free_port
