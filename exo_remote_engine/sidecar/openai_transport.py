@@ -172,13 +172,12 @@ async def _read_events(content: aiohttp.StreamReader, state: StreamState) -> Non
         if partial:
             block = b"".join((*partial, block))
             partial.clear()
-        lines = block.split(b"\n")
-        tail = lines.pop()
-        partial_size = len(tail)
-        if tail:
-            partial.append(tail)
-        for line in lines:
-            line = line.rstrip(b"\r")
+        # Line by line with find(), not split(): a hostile block of 200,000 lines costs
+        # nothing past the line that breaks a limit.
+        start = 0
+        while (end := block.find(b"\n", start)) >= 0:
+            line = block[start:end].rstrip(b"\r")
+            start = end + 1
             if not line:
                 if data:
                     done = _dispatch(b"\n".join(data), state)
@@ -196,6 +195,10 @@ async def _read_events(content: aiohttp.StreamReader, state: StreamState) -> Non
                 raise ProviderProtocolError(refused)
             if line.startswith(b"data:"):
                 data.append(line[5:].lstrip())
+        tail = block[start:]
+        partial_size = len(tail)
+        if tail:
+            partial.append(tail)
         if event_size + partial_size > MAX_EVENT_BYTES:
             raise ProviderProtocolError(event_too_large(0, event_size + partial_size))
         await state.flush()

@@ -48,27 +48,32 @@ async def complete_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     together), enforcing the limits; linear in the bytes received. The events before a
     refused one are still handed on."""
     pending = bytearray()
-    scanned = 0  # pending[:scanned] holds whole lines of the current, unfinished event
+    scanned = 0  # pending[:scanned] has been searched for line ends already
     lines = 0
     async for chunk in chunks:
         pending += chunk
         complete = 0  # pending[:complete] is whole events
-        position = scanned
+        position = 0  # the end of the last whole line
         refused: str | None = None
+        search_from = scanned
         while refused is None:
-            match = _LINE_END.search(pending, position)
+            match = _LINE_END.search(pending, search_from)
             if match is None:
+                # Nothing before the end ends a line: never search these bytes again (a
+                # trailing "\r" may be the first half of "\r\n": look at it once more).
+                search_from = len(pending) - pending.endswith(b"\r")
                 break
             if match.group() == b"\r" and match.end() == len(pending):
-                break  # maybe the first half of "\r\n": decide when more arrives
-            position = match.end()
+                search_from = match.start()
+                break
+            position = search_from = match.end()
             # The SDK's own rule for the end of an event, on the same bytes.
             if bytes(pending[max(complete, position - 4) : position]).endswith(_EVENT_ENDS):
                 complete, lines = position, 0
             else:
                 lines += 1
                 refused = event_too_large(lines, position - complete)
-        scanned = position
+        scanned = search_from
         refused = refused or event_too_large(lines, len(pending) - complete)
         if complete:
             yield bytes(pending[:complete])
