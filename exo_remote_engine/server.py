@@ -555,6 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.workers < 1:
             raise ConfigError("--workers must be at least 1")
+        if not args.stall_limit_s > 0:
+            raise ConfigError("--stall-limit-s must be a positive number of seconds")
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(_serve(_settings_from_args(args), args.grace_s, argv, args.workers))
     except ConfigError as exc:
