@@ -228,7 +228,8 @@ def install_log_redaction() -> None:
     A ``logging.Filter`` on a logger does not see records propagated from child loggers, and
     one on a handler misses handlers added later (an embedding application's, a test
     runner's); the record factory sees every record once, when it is made. Message, args,
-    traceback and stack are rendered and redacted then."""
+    traceback and stack are rendered and redacted then, and only the redacted text stays
+    on the record."""
     global _installed
     if _installed:
         return
@@ -243,6 +244,8 @@ def install_log_redaction() -> None:
         record.msg, record.args = SECRETS.redact(message), None
         if record.exc_info and not record.exc_text:
             record.exc_text = SECRETS.redact(_exception_formatter.formatException(record.exc_info))
+            # Formatters print exc_text; the raw exception (whose text may hold a key) goes.
+            record.exc_info = None
         if record.stack_info:
             record.stack_info = SECRETS.redact(record.stack_info)
         return record
