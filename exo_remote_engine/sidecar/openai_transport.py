@@ -38,7 +38,7 @@ from exo_remote_engine.sidecar.provider_errors import (
     ProviderTimeoutError,
 )
 from exo_remote_engine.sidecar.streaming import StreamState
-from exo_remote_engine.sidecar.upstream_limits import MAX_EVENT_BYTES, event_too_large
+from exo_remote_engine.sidecar.upstream_limits import MAX_EVENT_BYTES, MAX_EVENT_LINES, event_too_large
 
 # LiteLLM provider -> the environment variable LiteLLM reads its key from.
 _PROVIDER_KEY_ENV: dict[str, str] = {"openai": "OPENAI_API_KEY", "hosted_vllm": "HOSTED_VLLM_API_KEY"}
@@ -190,9 +190,8 @@ async def _read_events(content: aiohttp.StreamReader, state: StreamState) -> Non
                 continue
             event_lines += 1
             event_size += len(line)
-            refused = event_too_large(event_lines, event_size)
-            if refused:
-                raise ProviderProtocolError(refused)
+            if event_lines > MAX_EVENT_LINES or event_size > MAX_EVENT_BYTES:
+                raise ProviderProtocolError(event_too_large(event_lines, event_size))
             if line.startswith(b"data:"):
                 data.append(line[5:].lstrip())
         tail = block[start:]
@@ -241,10 +240,14 @@ def _dispatch(payload: bytes, state: StreamState) -> bool:
     return False
 
 
-def _text_or_none(value: Any, field: str) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
+def _text(value: Any, field: str) -> str:
+    if value.__class__ is str:
+        return value  # type: ignore[no-any-return]
     raise TypeError(f"{field} is a {type(value).__name__}, not a string")
+
+
+def _text_or_none(value: Any, field: str) -> str | None:
+    return None if value is None else _text(value, field)
 
 
 def _absorb(chunk: dict[str, Any], state: StreamState) -> None:
@@ -254,12 +257,12 @@ def _absorb(chunk: dict[str, Any], state: StreamState) -> None:
         choice = choices[0]
         delta = choice.get("delta")
         if delta:
-            content = _text_or_none(delta.get("content"), "content")
+            content = delta.get("content")
             if content:
-                buffer.add_text(content)
-            reasoning = _text_or_none(delta.get("reasoning_content") or delta.get("reasoning"), "reasoning")
+                buffer.add_text(_text(content, "content"))
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if reasoning:
-                buffer.add_reasoning(reasoning)
+                buffer.add_reasoning(_text(reasoning, "reasoning"))
             calls = delta.get("tool_calls")
             if calls:
                 state.saw_tool_calls = True
@@ -284,9 +287,9 @@ def _absorb(chunk: dict[str, Any], state: StreamState) -> None:
             cached_prompt_tokens=int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0),
             reasoning_tokens=int((usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0),
         )
-    model = _text_or_none(chunk.get("model"), "model")
+    model = chunk.get("model")
     if model:
-        state.model = model
+        state.model = _text(model, "model")
 
 
 async def _read_error_body(content: aiohttp.StreamReader) -> bytes:
