@@ -2,7 +2,8 @@
 
 ``python -m benchmarks.hostile_upstream [--stall-s 30] [--rounds 3]`` starts a sidecar
 process per transport (direct reader, LiteLLM) in front of the test upstream
-(``tests/support/openai_upstream.py``, in a thread of this process) and prints:
+(``tests/support/openai_upstream.py``, in a process of its own, so that neither the
+upstream nor this client is what gets measured) and prints:
 
 * added latency: a healthy stream (200 distinct deltas, one every 10 ms) is read alone,
   then again while hostile streams run next to it (200,000 ``data:`` lines without a blank
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +38,7 @@ import grpc
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from exo_remote_engine.openai_wire import chat_body_to_request
 from tests.support.openai_upstream import OpenAIUpstream, Scenario, delta_frame
-from tests.support.processes import SidecarProcess, start_sidecar_process
+from tests.support.processes import REPO, SidecarProcess, start_sidecar_process, stop_process
 
 INTERVAL_S = 0.01
 HEALTHY_CHUNKS = 200
@@ -128,8 +130,37 @@ async def _stalled_reader(sidecar: SidecarProcess, stall_s: float) -> tuple[floa
     return before, peak
 
 
+def _serve_upstream() -> None:
+    """The upstream process: serves SCENARIOS, prints its URL, runs until SIGINT."""
+
+    async def serve() -> None:
+        async with OpenAIUpstream(dict(SCENARIOS)) as upstream:
+            print(upstream.url, flush=True)
+            await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
 @contextmanager
-def _sidecar(upstream: OpenAIUpstream, transport: str, workdir: Path) -> Iterator[SidecarProcess]:
+def _upstream_process() -> Iterator[str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.hostile_upstream", "--serve-upstream"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert process.stdout is not None
+    try:
+        yield process.stdout.readline().strip()
+    finally:
+        stop_process(process)
+
+
+@contextmanager
+def _sidecar(upstream_url: str, transport: str, workdir: Path) -> Iterator[SidecarProcess]:
     config = workdir / f"{transport}.yaml"
     lines = ["model_list:"]
     for alias in SCENARIOS:
@@ -137,7 +168,7 @@ def _sidecar(upstream: OpenAIUpstream, transport: str, workdir: Path) -> Iterato
             f"  - model_name: {alias}",
             "    litellm_params:",
             f"      model: openai/{alias}",
-            f"      api_base: {upstream.url}/v1",
+            f"      api_base: {upstream_url}/v1",
             "      api_key: os.environ/BENCH_UPSTREAM_KEY",
         ]
     config.write_text("\n".join(lines) + "\nexo_remote_settings:\n  num_retries: 0\n")
@@ -153,10 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.hostile_upstream", description=__doc__.splitlines()[0])
     parser.add_argument("--stall-s", type=float, default=30.0, help="how long the stalled client reads nothing")
     parser.add_argument("--rounds", type=int, default=3, help="healthy-vs-hostile rounds per body (worst shown)")
+    parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_upstream:
+        _serve_upstream()
+        return 0
     latency: dict[str, dict[str, tuple[float, float, float, float]]] = {}
     rss: dict[str, tuple[float, float]] = {}
-    with tempfile.TemporaryDirectory() as tmp, OpenAIUpstream.in_thread(dict(SCENARIOS)) as upstream:
+    with tempfile.TemporaryDirectory() as tmp, _upstream_process() as upstream:
         for transport in ("direct", "litellm"):
             with _sidecar(upstream, transport, Path(tmp)) as sidecar:
                 latency[transport] = asyncio.run(_added_latency(sidecar.address, args.rounds))
