@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
 import sqlite3
 import sys
 import time
@@ -28,6 +29,7 @@ from exo_remote_engine.engine.client import SidecarClient, SidecarTarget
 from exo_remote_engine.errors import RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.openai_wire import FINISH_REASON_NAMES, chat_body_to_request
+from exo_remote_engine.redaction import SECRETS, redact
 from exo_remote_engine.topology_view import DEFAULT_API, positive_seconds
 from exo_remote_engine.topology_view import run as run_topology
 
@@ -123,7 +125,7 @@ def render_usage(state_dir: Path, node: str | None, since: str | None, now: floa
 async def _models(target: SidecarTarget, refresh: bool) -> int:
     client = SidecarClient(target)
     try:
-        print(render_models(await client.list_models(refresh=refresh)))
+        print(redact(render_models(await client.list_models(refresh=refresh))))
     finally:
         await client.close()
     return 0
@@ -275,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"exo-remote: usage: {exc}", file=sys.stderr)
             return 1
         return 0
+    # The sidecar redacts what it sends; this process redacts against its own keys too
+    # (it often runs where they are) before printing an error or a listing.
+    SECRETS.add_environment(os.environ)
     try:
         target = SidecarTarget.from_env()
     except (AddressError, OSError) as exc:
@@ -290,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_models(target, args.refresh))
         return asyncio.run(_chat(target, args))
     except RemoteError as exc:
-        print(f"exo-remote: {exc.reason.value}: {exc}", file=sys.stderr)
+        print(f"exo-remote: {exc.reason.value}: {redact(str(exc))}", file=sys.stderr)
         hint = sidecar_hint(exc, target)
         if hint:
             print(f"exo-remote: {hint}", file=sys.stderr)

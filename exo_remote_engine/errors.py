@@ -5,12 +5,12 @@ an HTTP status (what exo's OpenAI-compatible API answers). The same table is rea
 both directions: the sidecar turns a :class:`RemoteError` into a gRPC status with
 google.rpc details in the trailers, and the client turns that status back into the same
 :class:`RemoteError`. Messages are written by us, never copied from a provider verbatim,
-and :func:`redact` scrubs anything that looks like a credential.
+and everything a status carries goes through the process's one redactor
+(:mod:`exo_remote_engine.redaction`) on its way out.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -19,6 +19,8 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from exo_remote_engine.redaction import redact
 
 ERROR_DOMAIN = "exo-remote-engine"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -45,6 +47,7 @@ class Reason(StrEnum):
     PERMISSION_DENIED = "PERMISSION_DENIED"
     SIDECAR_UNAVAILABLE = "SIDECAR_UNAVAILABLE"
     CANCELLED = "CANCELLED"
+    CLIENT_STALLED = "CLIENT_STALLED"
     INTERNAL = "INTERNAL"
 
 
@@ -79,6 +82,9 @@ _TABLE: dict[Reason, _Kind] = {
     Reason.PERMISSION_DENIED: _Kind(grpc.StatusCode.PERMISSION_DENIED, 403, False, "permission_error"),
     Reason.SIDECAR_UNAVAILABLE: _Kind(grpc.StatusCode.UNAVAILABLE, 503, True, "api_error"),
     Reason.CANCELLED: _Kind(grpc.StatusCode.CANCELLED, 499, False, "cancelled"),
+    # The caller stopped reading; the sidecar stopped reading the provider and, after the
+    # stall limit, ended the stream (not the provider's fault, not worth a retry).
+    Reason.CLIENT_STALLED: _Kind(grpc.StatusCode.RESOURCE_EXHAUSTED, 408, False, "timeout_error"),
     Reason.INTERNAL: _Kind(grpc.StatusCode.INTERNAL, 500, False, "api_error"),
 }
 
@@ -94,20 +100,6 @@ _REASON_FOR_BARE_CODE: dict[grpc.StatusCode, Reason] = {
     grpc.StatusCode.CANCELLED: Reason.CANCELLED,
     grpc.StatusCode.FAILED_PRECONDITION: Reason.MODEL_NOT_READY,
 }
-
-_KEYLIKE = re.compile(
-    r"(?i)(sk-[a-z0-9_\-]{4,}|(?:api[_-]?key|token|secret|authorization|bearer)"
-    r"[\"'\s:=]+[^\s\"',}]{4,}|[A-Za-z0-9_\-]{32,})"
-)
-
-
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """Remove known secret values and anything shaped like a credential from ``text``."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "[REDACTED]")
-    return _KEYLIKE.sub("[REDACTED]", text)
-
 
 @dataclass(frozen=True)
 class FieldViolation:
@@ -227,10 +219,21 @@ class RemoteError(Exception):
         return cls(reason, status.message, retry_after, tuple(violations), metadata)
 
 
+def redacted(error: RemoteError, extra: Iterable[str] = ()) -> RemoteError:
+    """``error`` as it may leave the process: message, violations and metadata redacted."""
+    extra = tuple(extra)
+    return replace(
+        error,
+        message=redact(error.message, extra),
+        violations=tuple(FieldViolation(v.field, redact(v.description, extra)) for v in error.violations),
+        metadata={k: redact(v, extra) for k, v in error.metadata.items()},
+    )
+
+
 async def abort(context: Any, error: RemoteError, secrets: Iterable[str] = ()) -> NoReturn:
     """End a server call with ``error``: redacted message as the details, and the same
     redacted google.rpc.Status (ErrorInfo, RetryInfo, BadRequest) in the trailers."""
-    shown = replace(error, message=redact(error.message, secrets))
+    shown = redacted(error, secrets)
     context.set_trailing_metadata(shown.trailing_metadata())
     await context.abort(shown.grpc_code, shown.message)
     raise AssertionError("unreachable")  # context.abort always raises

@@ -32,11 +32,12 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import grpc
 
 from exo_remote_engine.addresses import AddressError, grpc_address
-from exo_remote_engine.errors import Reason, RemoteError, abort, redact
+from exo_remote_engine.errors import Reason, RemoteError, abort
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from exo_remote_engine.health_proto import health_pb2, health_pb2_grpc
 from exo_remote_engine.openai_wire import validate_request
+from exo_remote_engine.redaction import SECRETS, install_log_redaction
 from exo_remote_engine.sidecar.auth import AccessInterceptor, ServerTLS
 from exo_remote_engine.sidecar.budgets import Budgets
 from exo_remote_engine.sidecar.config import MASTER_KEY_NODE, ConfigError, ModelEntry, SidecarConfig, load_config
@@ -69,6 +70,9 @@ DEFAULT_LISTEN = "127.0.0.1:50505"
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 RECEIVE_WINDOW_BYTES = 1024 * 1024
 _LITELLM_TRANSPORT = "exo_remote_engine.sidecar.litellm_transport"
+# How long one write to a client may wait (the client reads nothing) before the stream
+# ends with CLIENT_STALLED; meanwhile the provider is not read (bounded merge buffer).
+DEFAULT_STALL_LIMIT_S = 60.0
 
 T = TypeVar("T")
 _SOURCES = {
@@ -126,15 +130,14 @@ def _rpc_errors(
         except Exception:
             log.exception("request_id=%s unexpected error", request_id)
             error = RemoteError(Reason.INTERNAL, f"internal error (request id {printable(request_id)})")
-        secrets = self.registry.secrets()
         log.warning(
             "request_id=%s failed reason=%s code=%s: %s",
             request_id,
             error.reason.value,
             error.grpc_code.name,
-            redact(error.message, secrets),
+            error.message,  # every log record is redacted (install_log_redaction)
         )
-        await abort(context, error, secrets)
+        await abort(context, error)
 
     return wrapper
 
@@ -148,6 +151,7 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         openai_fast_path: bool = True,
         clock: Clock = time.time,
         ledger: Ledger | None = None,
+        stall_limit_s: float = DEFAULT_STALL_LIMIT_S,
     ) -> None:
         from exo_remote_engine.sidecar.streaming import StreamingBackend
 
@@ -155,12 +159,12 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         self.config = registry.config
         self.policy = policy
         self.metrics = metrics
+        self.stall_limit_s = stall_limit_s
         self.clock = clock
         self.windows = UsageWindows(clock)
         self.ledger = ledger
         self.budgets = Budgets(self.config.node_quotas, ledger, clock) if ledger is not None else None
         self.backend = StreamingBackend(
-            registry.secrets,
             num_retries=self.config.num_retries,
             openai_fast_path=openai_fast_path,
             router=Router(self.config.router, self.windows),
@@ -280,9 +284,16 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         produced = [0, 0]  # characters written, charged (0/1)
         ledger = self.ledger
 
+        stall = _StallWatch(self.stall_limit_s)
+
+        async def send(response: pb.GenerateResponse) -> None:
+            stall.writing_since = stall.loop.time()  # a client that reads nothing is ended later
+            await context.write(response)
+            stall.writing_since = None
+
         async def write(response: pb.GenerateResponse) -> None:
             if response.HasField("delta"):
-                await context.write(response)
+                await send(response)
                 recorder.delta_written()
                 delta = response.delta
                 produced[0] += len(delta.text) + len(delta.reasoning_text)
@@ -305,12 +316,12 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
                     await ledger.record(charge)
                 except sqlite3.Error as exc:  # the reply is not lost for it; the operator is told
                     log.error("request_id=%s spend not recorded in %s: %s", request.request_id, ledger.path, exc)
-            await context.write(response)
+            await send(response)
 
         code, failure = "OK", ""
         log.info("request_id=%s model=%s node=%s start", request.request_id, entry.alias, node)
         try:
-            with self.policy.stream_slot(node), self._active():
+            with self.policy.stream_slot(node), self._active(), stall:
                 async with asyncio.timeout(deadline_s):
                     fallbacks = [
                         f.entry
@@ -329,6 +340,13 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
                 self.metrics.limit_hit(node, exc.metadata["limit"])
             raise
         except asyncio.CancelledError:
+            if stall.fired:  # cancelled by the watch, not by the client or the server
+                stall.uncancel()
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED.name
+                raise RemoteError(
+                    Reason.CLIENT_STALLED,
+                    f"the client read nothing for {self.stall_limit_s:g}s; the stream was ended",
+                ) from None
             code = "CANCELLED"
             raise
         finally:
@@ -351,6 +369,41 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         finally:
             if self.metrics.registry is not None:
                 self.metrics.active.dec()
+
+
+class _StallWatch:
+    """Ends a stream whose client has read nothing for ``limit_s``: a write still waiting
+    after that long cancels the stream's task. One timer per stream, re-armed, because a
+    timeout around every write costs about 4 us each."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self.loop = asyncio.get_running_loop()
+        self.writing_since: float | None = None  # loop time the pending write began
+        self.fired = False
+        self._task: asyncio.Task[Any] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __enter__(self) -> _StallWatch:
+        self._task = asyncio.current_task()
+        self._timer = self.loop.call_later(self.limit_s, self._check)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def uncancel(self) -> None:
+        if self._task is not None:
+            self._task.uncancel()
+
+    def _check(self) -> None:
+        since, now = self.writing_since, self.loop.time()
+        if since is not None and now - since >= self.limit_s and self._task is not None:
+            self.fired = True
+            self._task.cancel()
+            return
+        self._timer = self.loop.call_at((now if since is None else since) + self.limit_s, self._check)
 
 
 def _fast_path_from_env() -> bool:
@@ -384,6 +437,7 @@ class SidecarSettings:
     # With no config: the real embedded model (llama.cpp, the [local] extra) when set, else
     # the echo. Off for programmatic use, on for the CLI when the extra is installed.
     embedded_model: EmbeddedModelSettings | None = None
+    stall_limit_s: float = DEFAULT_STALL_LIMIT_S
 
 
 @dataclass
@@ -427,6 +481,7 @@ def _is_loopback(listen: str) -> bool:
 async def start_sidecar(settings: SidecarSettings, config: SidecarConfig | None = None) -> RunningSidecar:
     """Build, bind and start the server; returns once it accepts calls (and, for the
     embedded model, once the model answers)."""
+    install_log_redaction()
     embedded: EmbeddedModelServer | None = None
     _check_plaintext(settings)  # before loading a model for nothing
     if config is None and settings.config_path is None:
@@ -482,6 +537,7 @@ async def _start(settings: SidecarSettings, config: SidecarConfig) -> RunningSid
         # LiteLLM's master key: here an accepted bearer token, naming node "master-key".
         named_tokens.setdefault(MASTER_KEY_NODE, config.master_key)
     tokens = [*settings.tokens, *named_tokens.values()]
+    SECRETS.add_all(tokens)  # never sent by us, but never to be logged either
     access = AccessInterceptor(
         tokens,
         client_certificates=settings.tls is not None and settings.tls.client_ca_file is not None,
@@ -512,7 +568,15 @@ async def _start(settings: SidecarSettings, config: SidecarConfig) -> RunningSid
         )
     else:
         registry = ModelRegistry(config)
-    servicer = RemoteInferenceServicer(registry, policy, metrics, settings.openai_fast_path, settings.clock, ledger)
+    servicer = RemoteInferenceServicer(
+        registry,
+        policy,
+        metrics,
+        settings.openai_fast_path,
+        clock=settings.clock,
+        ledger=ledger,
+        stall_limit_s=settings.stall_limit_s,
+    )
     servicer.warnings = warnings
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -726,6 +790,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--refresh-s", type=float, default=60.0, help="discovery refresh period in seconds (default: 60)"
     )
     parser.add_argument(
+        "--stall-limit-s",
+        type=float,
+        default=float(os.environ.get("EXO_REMOTE_STALL_LIMIT_S", DEFAULT_STALL_LIMIT_S)),
+        help="end a stream whose client has read nothing for this long (CLIENT_STALLED; default 60)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=int(env("EXO_REMOTE_WORKERS", "1")),
@@ -799,6 +869,7 @@ def _settings_from_args(args: argparse.Namespace) -> SidecarSettings:
         state_dir=args.state_dir,
         accounting=args.accounting,
         embedded_model=_embedded_from_args(args),
+        stall_limit_s=args.stall_limit_s,
     )
 
 
@@ -892,6 +963,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse_args(argv)
     worker = os.environ.get(WORKER_ENV)
+    install_log_redaction()
     logging.basicConfig(
         level=args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s %(name)s{f'[worker {worker}]' if worker else ''} %(message)s",
@@ -904,6 +976,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.workers < 1:
             raise ConfigError("--workers must be at least 1")
+        if not args.stall_limit_s > 0:
+            raise ConfigError("--stall-limit-s must be a positive number of seconds")
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(_serve(_settings_from_args(args), args.grace_s, argv, args.workers))
     except ConfigError as exc:

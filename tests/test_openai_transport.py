@@ -311,7 +311,7 @@ def test_accepts_what_a_proxy_config_file_declares(tmp_path: Path, monkeypatch: 
     config = load_config(write_proxy_config(tmp_path / "c.yaml", "http://127.0.0.1:9", ["a", "b"]))
     transport = OpenAICompatibleTransport()
     assert [transport.accepts(m) for m in config.models] == [True, True]
-    backend = StreamingBackend(lambda: [], openai_fast_path=False)
+    backend = StreamingBackend(openai_fast_path=False)
     assert not isinstance(backend.transport_for(config.models[0]), OpenAICompatibleTransport), "the switch works"
 
 
@@ -788,7 +788,7 @@ async def test_a_bad_event_in_the_same_read_as_text_never_duplicates_text_on_ret
         written.append(response)
 
     async with raw_server(handler) as server:
-        backend = StreamingBackend(lambda: [], num_retries=1, retry_base_s=0.0)
+        backend = StreamingBackend(num_retries=1, retry_base_s=0.0)
         failure: RemoteError | None = None
         try:
             await backend.generate(entry(server.api_base), request(), write)

@@ -3,7 +3,8 @@
 Both formats resolve to :class:`ModelEntry` objects. Everything wrong with a file is
 found at startup and reported as one :class:`ConfigError` naming the file and the entry,
 so the process exits non-zero before it ever listens. Secrets are resolved here and kept
-out of every ``repr``; :attr:`SidecarConfig.secrets` feeds the redactor.
+out of every ``repr``; :attr:`SidecarConfig.secrets` (keys, header values, URL
+credentials) feeds the process's secret registry (:mod:`exo_remote_engine.redaction`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from exo_remote_engine.redaction import url_credentials
 from exo_remote_engine.sidecar.policy import NodePolicy
 
 EMBEDDED_ALIAS = "embedded-echo"
@@ -518,7 +520,14 @@ def _from_alias_map(path: Path, alias_map: Any, env: Mapping[str, str], secrets:
 
 
 def _resolve(value: Any, env: Mapping[str, str], where: str, key: str, secrets: set[str]) -> Any:
-    """Expand ``os.environ/VAR`` and ``${VAR}``; a missing variable is an error, not None."""
+    """Expand ``os.environ/VAR`` and ``${VAR}`` (inside ``extra_headers`` too); a missing
+    variable is an error, not None. Values that will be sent as credentials (secret-named
+    params, every header value, user info in URLs) go into ``secrets``."""
+    if isinstance(value, Mapping):
+        resolved = {k: _resolve(v, env, where, f"{key}.{k}", secrets) for k, v in value.items()}
+        if key == "extra_headers":  # any header may carry a credential, whatever its name
+            secrets.update(v for v in resolved.values() if isinstance(v, str) and v)
+        return resolved
     if not isinstance(value, str):
         return value
     if value.startswith(_ENV_PREFIX):
@@ -537,6 +546,7 @@ def _resolve(value: Any, env: Mapping[str, str], where: str, key: str, secrets: 
         value = _DOLLAR_VAR.sub(sub, value)
     if any(hint in key.lower() for hint in _SECRET_KEY_HINTS) and value:
         secrets.add(value)
+    secrets.update(url_credentials(value))
     return value
 
 

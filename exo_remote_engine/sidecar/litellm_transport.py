@@ -3,6 +3,8 @@
 It is the general path (Anthropic, Gemini, Bedrock, Ollama's native API, the embedded
 model, ...). Plain OpenAI-compatible deployments take the cheaper direct reader in
 :mod:`~exo_remote_engine.sidecar.openai_transport` unless the sidecar is told not to.
+Every HTTP response LiteLLM reads passes the limits of
+:mod:`~exo_remote_engine.sidecar.upstream_limits` first.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.openai_wire import chat_completion_body
 from exo_remote_engine.sidecar.config import EMBEDDED_PROVIDER, ModelEntry
 from exo_remote_engine.sidecar.streaming import StreamState
+from exo_remote_engine.sidecar.upstream_limits import guard_litellm_transports
 
 
 class LiteLLMTransport:
@@ -24,6 +27,7 @@ class LiteLLMTransport:
 
     def __init__(self, request_timeout_s: float = 600.0) -> None:
         self._timeout = request_timeout_s
+        guard_litellm_transports()  # before LiteLLM creates its first HTTP client
 
     async def produce(self, entry: ModelEntry, request: pb.GenerateRequest, state: StreamState) -> None:
         stream = await _open_stream(self.call_kwargs(entry, request))

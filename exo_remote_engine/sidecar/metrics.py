@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from exo_remote_engine.redaction import redact
+
 try:
     import prometheus_client as prom
 except ImportError:  # pragma: no cover - the sidecar extra ships it
@@ -87,7 +89,9 @@ class Metrics:
             self.limit_hits.labels(node, limit).inc()
 
     def stream(self, model: str, node: str) -> StreamRecorder:
-        return StreamRecorder(self, model, node)
+        # Labels are ours (aliases, node names), but an alias may come from a provider's
+        # listing: redacted like everything else that leaves the process.
+        return StreamRecorder(self, redact(model), redact(node))
 
 
 @dataclass

@@ -8,11 +8,14 @@ LiteLLM would send and parses the SSE itself. Only deployments whose ``litellm_p
 are transport settings take it; anything else (custom params, other providers, the
 embedded model) stays on LiteLLM, which remains the reference behaviour. Failures raise
 the exception types of :mod:`~exo_remote_engine.sidecar.provider_errors`, mapped through
-the same table as LiteLLM's.
+the same table as LiteLLM's: an event that is malformed, or over the limits of
+:mod:`~exo_remote_engine.sidecar.upstream_limits`, is PROVIDER_UNAVAILABLE, as LiteLLM
+answers for the same body.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
@@ -26,13 +29,16 @@ import aiohttp
 
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.openai_wire import chat_completion_body
+from exo_remote_engine.redaction import SECRETS
 from exo_remote_engine.sidecar.config import ModelEntry
 from exo_remote_engine.sidecar.provider_errors import (
     ProviderConnectionError,
+    ProviderProtocolError,
     ProviderStatusError,
     ProviderTimeoutError,
 )
 from exo_remote_engine.sidecar.streaming import StreamState
+from exo_remote_engine.sidecar.upstream_limits import MAX_EVENT_BYTES, MAX_EVENT_LINES, event_too_large
 
 # LiteLLM provider -> the environment variable LiteLLM reads its key from.
 _PROVIDER_KEY_ENV: dict[str, str] = {"openai": "OPENAI_API_KEY", "hosted_vllm": "HOSTED_VLLM_API_KEY"}
@@ -71,10 +77,15 @@ class OpenAICompatibleTransport:
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         key = params.get("api_key") or os.environ.get(_PROVIDER_KEY_ENV[entry.provider])
         if key:
+            SECRETS.add(key)  # taken implicitly from the environment, maybe: never echoed
             headers["Authorization"] = f"Bearer {key}"
-        headers.update({str(k): str(v) for k, v in (params.get("extra_headers") or {}).items()})
+        extra = {str(k): str(v) for k, v in (params.get("extra_headers") or {}).items()}
+        SECRETS.add_all(extra.values())
+        headers.update(extra)
         timeout = params.get("stream_timeout") or params.get("timeout") or self._default_timeout_s
-        url = f"{str(params['api_base']).rstrip('/')}/chat/completions"
+        url, basic = _without_userinfo(f"{str(params['api_base']).rstrip('/')}/chat/completions")
+        if basic:  # credentials in api_base win over a key, as httpx (LiteLLM's client) does it
+            headers["Authorization"] = basic
         return Route(url, model, float(timeout), headers, _proxy_for(url))
 
     def _client(self) -> aiohttp.ClientSession:
@@ -118,6 +129,19 @@ class OpenAICompatibleTransport:
             raise ProviderConnectionError(f"connection to the provider failed ({type(exc).__name__})") from exc
 
 
+def _without_userinfo(url: str) -> tuple[str, str | None]:
+    """``url`` without ``user:password@`` and the Basic authorization it stood for
+    (aiohttp refuses a URL with credentials next to an Authorization header)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    host = parts.netloc.rpartition("@")[2]
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), f"Basic {token}"
+
+
 @functools.lru_cache(maxsize=256)
 def _proxy_for(url: str) -> str | None:
     """The HTTP(S)_PROXY that applies to ``url`` (NO_PROXY honoured), as LiteLLM's httpx
@@ -131,28 +155,56 @@ def _proxy_for(url: str) -> str | None:
 async def _read_events(content: aiohttp.StreamReader, state: StreamState) -> None:
     """Parse SSE ``data:`` events into ``state`` until ``[DONE]`` or the end of the body.
     After the first token, every event already received is absorbed before the writer is
-    woken once: a burst becomes one delta, not one gRPC message per event."""
-    pending = b""
+    woken once: a burst becomes one delta, not one gRPC message per event. Linear in the
+    bytes received, and every event within the limits of ``upstream_limits``."""
+    partial: list[bytes] = []  # an unfinished line, in the blocks it arrived in
+    partial_size = 0
     data: list[bytes] = []
+    event_lines = event_size = 0
     done = False
     async for block in content.iter_any():
-        lines = (pending + block).split(b"\n")
-        pending = lines.pop()
-        for line in lines:
-            line = line.rstrip(b"\r")
-            if line.startswith(b"data:"):
-                data.append(line[5:].lstrip())
-            elif not line and data:
-                done = _dispatch(b"\n".join(data), state)
-                data.clear()
+        if b"\n" not in block:
+            partial.append(block)
+            partial_size += len(block)
+            if event_size + partial_size > MAX_EVENT_BYTES:
+                raise ProviderProtocolError(event_too_large(0, event_size + partial_size))
+            continue
+        if partial:
+            block = b"".join((*partial, block))
+            partial.clear()
+        # Line by line with find(), not split(): a hostile block of 200,000 lines costs
+        # nothing past the line that breaks a limit.
+        start = 0
+        while (end := block.find(b"\n", start)) >= 0:
+            line = block[start:end].rstrip(b"\r")
+            start = end + 1
+            if not line:
+                if data:
+                    done = _dispatch(b"\n".join(data), state)
+                    data.clear()
+                event_lines = event_size = 0
                 if done:
                     break
                 if not state.started and state.buffer:
                     await state.flush()  # the first token goes out before the rest is parsed
+                continue
+            event_lines += 1
+            event_size += len(line)
+            if event_lines > MAX_EVENT_LINES or event_size > MAX_EVENT_BYTES:
+                raise ProviderProtocolError(event_too_large(event_lines, event_size))
+            if line.startswith(b"data:"):
+                data.append(line[5:].lstrip())
+        tail = block[start:]
+        partial_size = len(tail)
+        if tail:
+            partial.append(tail)
+        if event_size + partial_size > MAX_EVENT_BYTES:
+            raise ProviderProtocolError(event_too_large(0, event_size + partial_size))
         await state.flush()
         if done:
             break
     if not done:
+        pending = b"".join(partial)
         if pending.startswith(b"data:"):
             data.append(pending[5:].lstrip())
         if data:
@@ -170,17 +222,32 @@ def _dispatch(payload: bytes, state: StreamState) -> bool:
         return True
     try:
         chunk = json.loads(payload)
-    except ValueError:
-        raise ProviderConnectionError("the provider sent a malformed stream event") from None
+    except ValueError as exc:
+        raise ProviderProtocolError(f"the provider sent a malformed stream event (not JSON: {exc})") from None
     if not isinstance(chunk, dict):
-        raise ProviderConnectionError("the provider sent a malformed stream event")
+        raise ProviderProtocolError(f"the provider sent a malformed stream event (a JSON {type(chunk).__name__})")
     error = chunk.get("error")
     if error:
         message = error.get("message") if isinstance(error, dict) else str(error)
         code = error.get("code") if isinstance(error, dict) else None
         raise ProviderStatusError(code if isinstance(code, int) else 500, str(message or "stream error"), {})
-    _absorb(chunk, state)
+    try:
+        _absorb(chunk, state)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+        # A field of the wrong type or shape: the provider's fault, not ours (no INTERNAL).
+        detail = f"{type(exc).__name__}: {exc}"
+        raise ProviderProtocolError(f"the provider sent a malformed stream event ({detail})") from None
     return False
+
+
+def _text(value: Any, field: str) -> str:
+    if value.__class__ is str:
+        return value  # type: ignore[no-any-return]
+    raise TypeError(f"{field} is a {type(value).__name__}, not a string")
+
+
+def _text_or_none(value: Any, field: str) -> str | None:
+    return None if value is None else _text(value, field)
 
 
 def _absorb(chunk: dict[str, Any], state: StreamState) -> None:
@@ -192,18 +259,26 @@ def _absorb(chunk: dict[str, Any], state: StreamState) -> None:
         if delta:
             content = delta.get("content")
             if content:
-                buffer.add_text(content)
+                buffer.add_text(_text(content, "content"))
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if reasoning:
-                buffer.add_reasoning(reasoning)
+                buffer.add_reasoning(_text(reasoning, "reasoning"))
             calls = delta.get("tool_calls")
             if calls:
                 state.saw_tool_calls = True
                 for call in calls:
                     fn = call.get("function") or {}
-                    buffer.add_tool(call.get("index") or 0, call.get("id"), fn.get("name"), fn.get("arguments"))
+                    index = call.get("index") or 0
+                    if not isinstance(index, int):
+                        raise TypeError("tool call index is not an integer")
+                    buffer.add_tool(
+                        index,
+                        _text_or_none(call.get("id"), "tool call id"),
+                        _text_or_none(fn.get("name"), "tool name"),
+                        _text_or_none(fn.get("arguments"), "tool arguments"),
+                    )
         if choice.get("finish_reason"):
-            state.finish_reason = choice["finish_reason"]
+            state.finish_reason = str(choice["finish_reason"])
     usage = chunk.get("usage")
     if usage:
         state.usage = pb.Usage(
@@ -214,7 +289,7 @@ def _absorb(chunk: dict[str, Any], state: StreamState) -> None:
         )
     model = chunk.get("model")
     if model:
-        state.model = model
+        state.model = _text(model, "model")
 
 
 async def _read_error_body(content: aiohttp.StreamReader) -> bytes:

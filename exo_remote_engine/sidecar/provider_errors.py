@@ -4,7 +4,8 @@ Both transports' exceptions go through here. LiteLLM's are mapped by exception c
 status code: LiteLLM reports a refused connection as a 500 and a stream that died mid-way
 as a 503. The direct transport's HTTP errors carry the provider's real status. Provider
 text is never passed through for auth failures (OpenAI's 401 echoes part of the key);
-elsewhere it is redacted. An outage names where and why ("connection refused to
+elsewhere it is redacted by the process's secret registry (``secrets`` adds values to it
+for one call). An outage names where and why ("connection refused to
 127.0.0.1:18089"), read from the exception chain both transports keep, so an operator can
 tell a dead server from a wrong address without the sidecar's debug log.
 """
@@ -21,7 +22,8 @@ from typing import Any
 
 from litellm import exceptions as lx
 
-from exo_remote_engine.errors import Reason, RemoteError, redact
+from exo_remote_engine.errors import Reason, RemoteError
+from exo_remote_engine.redaction import redact
 
 
 class ProviderStatusError(Exception):
@@ -36,6 +38,11 @@ class ProviderStatusError(Exception):
 
 class ProviderConnectionError(Exception):
     """The provider could not be reached, or its stream broke or made no sense."""
+
+
+class ProviderProtocolError(ProviderConnectionError):
+    """The provider's stream broke the protocol: a malformed or oversized event. The
+    same table row as LiteLLM's answer to such a stream (PROVIDER_UNAVAILABLE)."""
 
 
 class ProviderTimeoutError(Exception):
@@ -87,7 +94,7 @@ _EXPLAINED_BY_PROVIDER = frozenset(
 _PYTHON_REPR = re.compile(r"<[A-Za-z_][\w.]*(?:Error|Exception)\b[^>]*>")
 
 
-def classify(exc: BaseException, *, alias: str, provider: str, secrets: Iterable[str]) -> RemoteError:
+def classify(exc: BaseException, *, alias: str, provider: str, secrets: Iterable[str] = ()) -> RemoteError:
     """The RemoteError a client should see for ``exc`` raised while serving ``alias``."""
     if isinstance(exc, RemoteError):
         return exc

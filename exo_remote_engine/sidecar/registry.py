@@ -1,8 +1,11 @@
 """The models the sidecar serves right now: configured aliases, plus discovery when on.
 
 The servicer asks this one object what exists, what is ready, which model an alias
-means, which to recommend, and which secrets to redact; whether discovery runs behind it
-is a deployment choice, not something the servicer knows about.
+means and which to recommend; whether discovery runs behind it is a deployment choice,
+not something the servicer knows about. Every credential a listed model may be called
+with is registered with the process's secret registry here, before it can be sent: the
+config's, the environment's (keys LiteLLM and the direct reader take implicitly) and,
+at each refresh, discovery's (environment and ``--env-file``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from exo_remote_engine.redaction import SECRETS
 from exo_remote_engine.sidecar.config import SidecarConfig
 from exo_remote_engine.sidecar.discovery import (
     DiscoveredModel,
@@ -44,6 +48,8 @@ class ModelRegistry:
         self.config = config
         self.discovery = discovery
         self._static = [DiscoveredModel(entry, ready=True) for entry in config.models]
+        SECRETS.add_all(config.secrets)
+        SECRETS.add_environment(os.environ)
 
     @classmethod
     def with_discovery(
@@ -59,8 +65,13 @@ class ModelRegistry:
         refresh (so a key added there is picked up without a restart)."""
 
         def environ() -> Mapping[str, str]:
-            return {**os.environ, **read_env_file(env_file)} if env_file else os.environ
+            env = {**os.environ, **read_env_file(env_file)} if env_file else os.environ
+            SECRETS.add_environment(env)  # read at every refresh: a key added there is a secret now
+            return env
 
+        for server in servers:
+            SECRETS.add(server.api_key)
+            SECRETS.add_url(server.base_url)
         discovery = ModelDiscovery(
             config_entries=config.models, environ=environ, servers=servers, ttl=ttl_s, timeout=timeout_s
         )
@@ -69,21 +80,20 @@ class ModelRegistry:
     async def models(self, refresh: bool = False) -> list[DiscoveredModel]:
         if self.discovery is None:
             return list(self._static)
-        return await self.discovery.snapshot(refresh=refresh)
+        found = await self.discovery.snapshot(refresh=refresh)
+        SECRETS.add_all(self.discovery.secrets)
+        return found
 
     async def lookup(self, alias: str) -> DiscoveredModel | None:
         if self.discovery is None:
             return next((m for m in self._static if m.alias == alias), None)
         found = await self.discovery.lookup(alias)
+        SECRETS.add_all(self.discovery.secrets)
         return found
 
     def default(self, models: list[DiscoveredModel]) -> str:
         preferred = self.config.default_model if self.config.path is not None else None
         return choose_default(models, preferred) or self.config.default_model
-
-    def secrets(self) -> frozenset[str]:
-        found = self.discovery.secrets if self.discovery is not None else frozenset()
-        return self.config.secrets | found
 
     def start(self) -> None:
         if self.discovery is not None:

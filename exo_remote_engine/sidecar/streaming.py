@@ -5,8 +5,12 @@ servers, :mod:`~exo_remote_engine.sidecar.litellm_transport` for everything else
 provider into a :class:`StreamState`; the writer takes whatever accumulated while its
 previous write was in flight. A slow reader therefore gets fewer, larger deltas and never
 loses one, and gRPC sends fewer messages exactly when it is busiest (its cost is per
-message, not per byte). Retries and fallbacks live here, in one place, for both
-transports. Cancelling the writer closes the upstream HTTP stream at once.
+message, not per byte). The merge buffer is bounded (:data:`MAX_PENDING_CHARS`): past it
+the transport stops reading the provider until the writer has taken it, so a client that
+stops reading holds back the provider (TCP backpressure) instead of filling memory.
+Retries and fallbacks live here, in one place, for both transports, and so does the log
+line naming the cause of a provider failure. Cancelling the writer closes the upstream
+HTTP stream at once.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.openai_wire import FINISH_REASONS
+from exo_remote_engine.redaction import redact
 from exo_remote_engine.sidecar.config import ModelEntry
 from exo_remote_engine.sidecar.provider_errors import classify
 from exo_remote_engine.sidecar.routing import Router
@@ -32,6 +37,9 @@ OnAttempt = Callable[[ModelEntry], None]
 log = safe_logger(__name__)
 
 Write = Callable[[pb.GenerateResponse], Awaitable[None]]
+# Text received but not yet written, beyond which the transport waits for the writer.
+MAX_PENDING_CHARS = 256 * 1024
+_MAX_CAUSE_CHARS = 300
 
 
 @dataclass
@@ -45,21 +53,24 @@ class _ToolFragment:
 class DeltaBuffer:
     """Text, reasoning and tool-call fragments received but not yet written."""
 
-    __slots__ = ("_reasoning", "_text", "_tools")
+    __slots__ = ("_reasoning", "_text", "_tools", "size")
 
     def __init__(self) -> None:
         self._text: list[str] = []
         self._reasoning: list[str] = []
         self._tools: dict[int, _ToolFragment] = {}
+        self.size = 0  # characters pending: what the backpressure bound counts
 
     def __bool__(self) -> bool:
         return bool(self._text or self._reasoning or self._tools)
 
     def add_text(self, text: str) -> None:
         self._text.append(text)
+        self.size += len(text)
 
     def add_reasoning(self, text: str) -> None:
         self._reasoning.append(text)
+        self.size += len(text)
 
     def add_tool(self, index: int, call_id: str | None, name: str | None, args: str | None) -> None:
         frag = self._tools.get(index)
@@ -71,6 +82,7 @@ class DeltaBuffer:
             frag.name = name
         if args:
             frag.arguments.append(args)
+            self.size += len(args)
 
     def take(self) -> pb.Delta | None:
         """Everything pending as one merged delta, or None when nothing is pending."""
@@ -89,6 +101,7 @@ class DeltaBuffer:
         self._text.clear()
         self._reasoning.clear()
         self._tools.clear()
+        self.size = 0
         return delta
 
 
@@ -103,6 +116,7 @@ class StreamState:
         "model",
         "ready",
         "saw_tool_calls",
+        "space",
         "started",
         "usage",
     )
@@ -111,6 +125,7 @@ class StreamState:
         self._write = write  # set: flush() writes itself; None: a separate writer task does
         self.buffer = DeltaBuffer()
         self.ready = asyncio.Event()
+        self.space = asyncio.Event()  # set by the writer task each time it takes the buffer
         self.finish_reason: str | None = None
         self.model = ""
         self.usage: pb.Usage | None = None
@@ -123,7 +138,8 @@ class StreamState:
 
         Yielding matters in the second case: an HTTP reader does not yield while its
         socket has data buffered, and without it the writer would not run until the
-        provider paused."""
+        provider paused. Past :data:`MAX_PENDING_CHARS` it waits until the writer has
+        taken the buffer: the provider is not read meanwhile."""
         if not self.buffer:
             return
         self.started = True
@@ -135,7 +151,11 @@ class StreamState:
                 raise _WriteFailed from exc  # ours, not the provider's: never classified as one
         else:
             self.ready.set()
-            await asyncio.sleep(0)
+            if self.buffer.size >= MAX_PENDING_CHARS:
+                self.space.clear()
+                await self.space.wait()
+            else:
+                await asyncio.sleep(0)
 
 
 class _WriteFailed(Exception):
@@ -162,7 +182,6 @@ class StreamingBackend:
 
     def __init__(
         self,
-        secrets: Callable[[], Iterable[str]],
         num_retries: int = 1,
         retry_base_s: float = 0.25,
         retry_cap_s: float = 5.0,
@@ -174,7 +193,6 @@ class StreamingBackend:
         from exo_remote_engine.sidecar.litellm_transport import LiteLLMTransport
         from exo_remote_engine.sidecar.openai_transport import OpenAICompatibleTransport
 
-        self._secrets = secrets
         self._router = router
         self._groups = groups
         self._num_retries = num_retries
@@ -218,8 +236,7 @@ class StreamingBackend:
                 assert exc.__cause__ is not None
                 raise exc.__cause__ from None
             except Exception as exc:
-                failed = state.entry or entry
-                raise classify(exc, alias=failed.alias, provider=failed.provider, secrets=self._secrets()) from None
+                raise _classified(exc, state.entry or entry, request) from None
             await write(pb.GenerateResponse(finished=_finished(state.entry or entry, state)))
             return
         state = StreamState()
@@ -230,6 +247,7 @@ class StreamingBackend:
                 await ready.wait()
                 ready.clear()
                 delta = state.buffer.take()
+                state.space.set()
                 if delta is not None:
                     await write(pb.GenerateResponse(delta=delta))
             delta = state.buffer.take()
@@ -237,8 +255,7 @@ class StreamingBackend:
                 await write(pb.GenerateResponse(delta=delta))
             failure = producer.exception()
             if failure is not None:
-                failed = state.entry or entry
-                raise classify(failure, alias=failed.alias, provider=failed.provider, secrets=self._secrets())
+                raise _classified(failure, state.entry or entry, request)
             await write(pb.GenerateResponse(finished=_finished(state.entry or entry, state)))
         finally:
             if not producer.done():
@@ -289,7 +306,7 @@ class StreamingBackend:
                         if state.started:
                             raise  # text already went out: never retry, never fall back
                         tried.add(entry.deployment_name)
-                        error = classify(exc, alias=entry.alias, provider=entry.provider, secrets=self._secrets())
+                        error = classify(exc, alias=entry.alias, provider=entry.provider)
                         if not error.retryable or attempt == self._num_retries:
                             if last_model:
                                 raise
@@ -352,6 +369,23 @@ class StreamingBackend:
         router.succeeded(entry, time.monotonic() - began, tokens)
 
 
+def _classified(exc: BaseException, entry: ModelEntry, request: pb.GenerateRequest) -> RemoteError:
+    """The client's error for ``exc``; its cause goes to the log (redacted like every
+    record), since the client's message says what happened but not why."""
+    error = classify(exc, alias=entry.alias, provider=entry.provider)
+    if not isinstance(exc, RemoteError):
+        cause = f"{type(exc).__name__}: {str(exc)[:_MAX_CAUSE_CHARS]}"
+        log.warning(
+            "request_id=%s model=%s provider stream failed (%s), cause: %s",
+            request.request_id,
+            entry.alias,
+            error.reason.value,
+            cause,
+            exc_info=exc if error.reason is Reason.INTERNAL else None,
+        )
+    return error
+
+
 def _finished(entry: ModelEntry, state: StreamState) -> pb.Finished:
     reason = state.finish_reason or ("tool_calls" if state.saw_tool_calls else None)
     if reason is None:
@@ -361,7 +395,7 @@ def _finished(entry: ModelEntry, state: StreamState) -> pb.Finished:
         )
     finished = pb.Finished(
         finish_reason=FINISH_REASONS.get(reason, pb.FINISH_REASON_STOP),
-        model=state.model or entry.litellm_model,
+        model=redact(state.model) if state.model else entry.litellm_model,  # provider-chosen text
     )
     if state.usage is not None:
         finished.usage.CopyFrom(state.usage)

@@ -57,6 +57,7 @@ __all__ = [
     "Scenario",
     "StreamRecord",
     "ToolCallSpec",
+    "delta_frame",
     "main",
 ]
 
@@ -126,6 +127,12 @@ class Scenario:
     drop_after_chunks: int | None = None
     malformed_after_chunks: int | None = None
     model_reported: str | None = None
+    # Raw bytes written ``flood_count`` times right after the first delta, at whatever
+    # pace the client reads (each write waits for the socket to drain): hostile bodies
+    # (``data:`` lines without a blank line, an endless line) or a firehose of valid
+    # frames (:func:`delta_frame`) for backpressure tests. Then the stream ends normally.
+    flood: bytes = b""
+    flood_count: int = 0
 
     @property
     def text(self) -> str:
@@ -241,6 +248,29 @@ def _build_frames(scenario: Scenario, model: str, include_usage: bool, created: 
     if include_usage and not scenario.omit_usage:
         tail += frame(f'"choices":[],"usage":{_dumps(_usage_json(scenario, len(dicts)))}')
     return _Frames(deltas=deltas, tail=tail + _DONE_FRAME)
+
+
+def delta_frame(text: str, model: str = "m") -> bytes:
+    """One valid ``chat.completion.chunk`` SSE frame carrying ``text`` (for floods)."""
+    chunk = {
+        "id": "chatcmpl-flood",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+    }
+    return f"data: {_dumps(chunk)}\n\n".encode()
+
+
+async def _write_flood(response: web.StreamResponse, flood: bytes, count: int) -> None:
+    """``flood`` x ``count`` in ~64 KiB writes; each waits for the socket to drain."""
+    per_write = max(1, 65536 // max(1, len(flood)))
+    block = flood * per_write
+    full, rest = divmod(count, per_write)
+    for _ in range(full):
+        await response.write(block)
+    if rest:
+        await response.write(flood * rest)
 
 
 def _completion_json(scenario: Scenario, model: str, created: int) -> dict[str, Any]:
@@ -655,6 +685,13 @@ class OpenAIUpstream:
                     outcome = "dropped"
                     _abort(request)
                     return response
+                if i == min(1, n) and scenario.flood and scenario.flood_count > 0:
+                    if pending:
+                        await response.write(b"".join(pending))
+                        written += pending_deltas
+                        pending.clear()
+                        pending_deltas = 0
+                    await _write_flood(response, scenario.flood, scenario.flood_count)
                 if i < n:
                     pending.append(frames.deltas[i])
                     pending_deltas += 1
