@@ -727,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=os.environ.get("EXO_REMOTE_EMBEDDED_ECHO", "0") == "1",
         help="serve embedded-echo even when the [local] extra is installed (no model loaded; "
-        "env EXO_REMOTE_EMBEDDED_ECHO=1)",
+        "env EXO_REMOTE_EMBEDDED_ECHO=1; default: off)",
     )
     parser.add_argument(
         "--log-level",
