@@ -11,12 +11,16 @@ os.environ.setdefault("EXO_REMOTE_STATE_DIR", tempfile.mkdtemp(prefix="exo-remot
 
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config import load_config
 from tests.support.openai_upstream import OpenAIUpstream
+
+if TYPE_CHECKING:  # tests.support.traffic imports this module (through the harness)
+    from tests.support.traffic import Sidecars
 
 PLANTED_KEY = "sk-planted-0123456789abcdefPLANTEDKEY"
 # The sidecar's two ways of reading an OpenAI-compatible upstream (EXO_REMOTE_OPENAI_FAST_PATH).
@@ -84,3 +88,14 @@ async def sidecar_for(
     yield start
     for sidecar in running:
         await sidecar.stop(grace_s=None)
+
+
+@pytest.fixture
+async def sidecars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Sidecars]:
+    """Sidecars over deployment groups on a controllable clock (tests/support/traffic.py)."""
+    from tests.support.traffic import KEY_ENV, Sidecars
+
+    monkeypatch.setenv(KEY_ENV, "sk-upstream-test-key-000000")
+    started = Sidecars(tmp_path)
+    yield started
+    await started.stop()

@@ -7,7 +7,6 @@ import asyncio
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import litellm
@@ -23,14 +22,6 @@ from tests.support.processes import start_sidecar_process
 from tests.support.traffic import KEY_ENV, FakeClock, Sidecars, complete, deployment, outcome
 
 NODE_TOKEN = "token-of-node-one-0001"
-
-
-@pytest.fixture
-async def sidecars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Sidecars]:
-    monkeypatch.setenv(KEY_ENV, "sk-upstream-test-key-000000")
-    started = Sidecars(tmp_path)
-    yield started
-    await started.stop()
 
 
 def rows(state_dir: Path, query: str = "SELECT * FROM requests ORDER BY id") -> list[sqlite3.Row]:

@@ -9,7 +9,6 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,15 +27,6 @@ from tests.support.traffic import (
     outcome,
     served_counts,
 )
-
-
-@pytest.fixture
-async def sidecars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Sidecars]:
-    monkeypatch.setenv(KEY_ENV, "sk-upstream-test-key-000000")
-    started = Sidecars(tmp_path)
-    yield started
-    await started.stop()
-
 
 GROUP = ("m-a", "m-b", "m-c")
 
