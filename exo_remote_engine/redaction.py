@@ -222,14 +222,19 @@ _installed = False
 _exception_formatter = logging.Formatter()
 
 
+def _redacted_arg(value: Any) -> Any:
+    # Numbers keep their type so %d and %.2f still format them; everything else is text.
+    return value if isinstance(value, int | float) else SECRETS.redact(str(value))
+
+
 def install_log_redaction() -> None:
     """Redact every log record this process creates, whichever logger, level or handler.
 
     A ``logging.Filter`` on a logger does not see records propagated from child loggers, and
     one on a handler misses handlers added later (an embedding application's, a test
-    runner's); the record factory sees every record once, when it is made. Message, args,
-    traceback and stack are rendered and redacted then, and only the redacted text stays
-    on the record."""
+    runner's); the record factory sees every record once, when it is made. Message, each
+    argument, traceback and stack are redacted then, and only the redacted text stays on
+    the record."""
     global _installed
     if _installed:
         return
@@ -238,10 +243,16 @@ def install_log_redaction() -> None:
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = base(*args, **kwargs)
         try:
-            message = record.getMessage()
+            record.getMessage()
         except Exception:  # a malformed call: let logging report it as it would
             return record
-        record.msg, record.args = SECRETS.redact(message), None
+        # Message and arguments are redacted one by one, not rendered here: the sidecar's
+        # one-line filter (sidecar/safe_logging.py) still bounds each argument on its own.
+        record.msg = SECRETS.redact(str(record.msg))
+        if isinstance(record.args, Mapping):
+            record.args = {k: _redacted_arg(v) for k, v in record.args.items()}
+        elif record.args:
+            record.args = tuple(_redacted_arg(a) for a in record.args)
         if record.exc_info and not record.exc_text:
             record.exc_text = SECRETS.redact(_exception_formatter.formatException(record.exc_info))
             # Formatters print exc_text; the raw exception (whose text may hold a key) goes.
