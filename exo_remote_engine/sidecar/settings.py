@@ -1,7 +1,9 @@
 """The sidecar's settings: one object, built from its flags and ``EXO_REMOTE_*`` variables.
 
-Every variable the sidecar reads is named in :data:`VARIABLES` and read here only, through
-:class:`Environment`, which refuses a name not declared there; README's environment table
+Every variable a user sets for the sidecar is named in
+:data:`~exo_remote_engine.sidecar.variables.VARIABLES` and read through its
+:class:`~exo_remote_engine.sidecar.variables.Environment`, which refuses a name not declared
+there (here, and for the ledger's default directory in ``spend``); README's environment table
 is checked against :data:`VARIABLES` by a test. A flag beats its variable, which beats the
 default. Programmatic users (tests, benchmarks) build :class:`SidecarSettings` directly.
 """
@@ -9,12 +11,11 @@ default. Programmatic users (tests, benchmarks) build :class:`SidecarSettings` d
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 from exo_remote_engine.addresses import AddressError, grpc_address
 from exo_remote_engine.sidecar.auth import ServerTLS
@@ -31,36 +32,16 @@ from exo_remote_engine.sidecar.embedded_model import (
 from exo_remote_engine.sidecar.limits import Clock
 from exo_remote_engine.sidecar.policy import Limits
 from exo_remote_engine.sidecar.token_file import load_token_file, token_from_env
+from exo_remote_engine.sidecar.variables import VARIABLES, Environment
 from exo_remote_engine.sidecar.workers import WORKER_ENV
+
+__all__ = ["INTERNAL_VARIABLES", "VARIABLES", "Environment", "SidecarSettings", "build_parser", "parse_args"]
 
 DEFAULT_LISTEN = "127.0.0.1:50505"
 # How long one write to a client may wait (the client reads nothing) before the stream
 # ends with CLIENT_STALLED; meanwhile the provider is not read (bounded merge buffer).
 DEFAULT_STALL_LIMIT_S = 60.0
 
-# Every EXO_REMOTE_* variable a user may set for the sidecar, and what it stands for.
-VARIABLES: Mapping[str, str] = {
-    "EXO_REMOTE_LISTEN": "--listen",
-    "EXO_REMOTE_CONFIG": "--config",
-    "EXO_REMOTE_EMBEDDED_MODEL": "--embedded-model",
-    "EXO_REMOTE_EMBEDDED_THREADS": "--embedded-threads",
-    "EXO_REMOTE_EMBEDDED_CTX": "--embedded-ctx",
-    "EXO_REMOTE_EMBEDDED_PARALLEL": "--embedded-parallel",
-    "EXO_REMOTE_EMBEDDED_ECHO": "--embedded-echo (1)",
-    "EXO_REMOTE_LOG_LEVEL": "--log-level",
-    "EXO_REMOTE_TOKEN_FILE": "--token-file",
-    "EXO_REMOTE_TOKEN": "one accepted token when there is no --token-file",
-    "EXO_REMOTE_METRICS_LISTEN": "--metrics-listen",
-    "EXO_REMOTE_DISCOVER": "--no-discover (0)",
-    "EXO_REMOTE_ENV_FILE": "--env-file",
-    "EXO_REMOTE_SERVERS": "--server, comma-separated",
-    "EXO_REMOTE_STALL_LIMIT_S": "--stall-limit-s",
-    "EXO_REMOTE_WORKERS": "--workers",
-    "EXO_REMOTE_OPENAI_FAST_PATH": "--no-openai-fast-path (0)",
-    "EXO_REMOTE_STATE_DIR": "--state-dir",
-    "EXO_REMOTE_ACCOUNTING": "--no-accounting (0)",
-    "EXO_REMOTE_UVLOOP": "asyncio's loop instead of uvloop (0)",
-}
 # Set by the sidecar for its own child processes (workers, the llama.cpp server) and read
 # there, where the value is consumed; not for users.
 INTERNAL_VARIABLES: Mapping[str, str] = {
@@ -68,26 +49,6 @@ INTERNAL_VARIABLES: Mapping[str, str] = {
     ENDPOINT_ENV: "the main process's embedded model, shared with its workers",
     API_KEY_ENV: "the llama.cpp child's key, never on its command line",
 }
-
-
-class Environment:
-    """Reads the declared sidecar variables from ``environ``, and nothing else."""
-
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        self._environ = os.environ if environ is None else environ
-
-    @overload
-    def get(self, name: str) -> str | None: ...
-    @overload
-    def get(self, name: str, default: str) -> str: ...
-    def get(self, name: str, default: str | None = None) -> str | None:
-        if name not in VARIABLES:
-            raise KeyError(f"{name} is not a sidecar setting: declare it in VARIABLES")
-        return self._environ.get(name, default)
-
-    def flag(self, name: str) -> bool:
-        """On unless set to 0."""
-        return self.get(name, "1") != "0"
 
 
 def _fast_path_from_env() -> bool:
