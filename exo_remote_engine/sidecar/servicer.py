@@ -35,7 +35,6 @@ from exo_remote_engine.sidecar.safe_logging import printable, safe_logger
 from exo_remote_engine.sidecar.settings import DEFAULT_STALL_LIMIT_S
 from exo_remote_engine.sidecar.spend import Ledger
 from exo_remote_engine.sidecar.stall_watch import StallWatch
-from exo_remote_engine.sidecar.streaming import StreamingBackend
 
 log = safe_logger("exo_remote_engine.sidecar")
 
@@ -57,6 +56,10 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         ledger: Ledger | None = None,
         stall_limit_s: float = DEFAULT_STALL_LIMIT_S,
     ) -> None:
+        # Imported here for its cost only: streaming brings LiteLLM (seconds to import), which
+        # ``exo-remote-sidecar --help`` and a config error should not wait for.
+        from exo_remote_engine.sidecar.streaming import StreamingBackend
+
         self.registry = registry
         self.config = registry.config
         self.policy = policy

@@ -26,6 +26,7 @@ from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.openai_wire import FINISH_REASONS
 from exo_remote_engine.redaction import redact
 from exo_remote_engine.sidecar.config import ModelEntry
+from exo_remote_engine.sidecar.litellm_transport import LiteLLMTransport
 from exo_remote_engine.sidecar.openai_transport import OpenAICompatibleTransport
 from exo_remote_engine.sidecar.provider_errors import classify
 from exo_remote_engine.sidecar.routing import Router
@@ -55,11 +56,6 @@ class StreamingBackend:
         router: Router | None = None,
         groups: Callable[[ModelEntry], Sequence[ModelEntry]] = lambda entry: (entry,),
     ) -> None:
-        # Imported here, not at the top, for its cost only (LiteLLM takes seconds to
-        # import; ``--help`` and config errors should not wait for it): the transports
-        # import stream_types, never this module, so there is no cycle to hide.
-        from exo_remote_engine.sidecar.litellm_transport import LiteLLMTransport
-
         self._router = router
         self._groups = groups
         self._num_retries = num_retries
