@@ -24,11 +24,11 @@ class _ExoMainFinder(MetaPathFinder):
         if fullname != _TARGET:
             return None
         sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _ExoMainFinder)]
-        import os
-
-        if os.environ.get("EXO_REMOTE_DISABLE", "") not in ("", "0"):
-            return None  # the escape hatch: run this exo exactly as it ships
         try:
+            from exo_remote_engine.engine.settings import EngineSettings  # standard library only
+
+            if EngineSettings.from_env().disabled:
+                return None  # the escape hatch: run this exo exactly as it ships
             from exo_remote_engine.engine.exo_hooks import install
 
             install()

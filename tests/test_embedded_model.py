@@ -54,7 +54,7 @@ def _model_children(pid: int) -> list[psutil.Process]:
     found = []
     for child in psutil.Process(pid).children(recursive=True):
         try:
-            if any("embedded_model" in part for part in child.cmdline()):
+            if any("llamacpp_child" in part for part in child.cmdline()):
                 found.append(child)
         except psutil.NoSuchProcess:
             continue

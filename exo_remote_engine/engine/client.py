@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -30,6 +29,7 @@ from tenacity import (
 )
 
 from exo_remote_engine.addresses import DEFAULT_PORT, grpc_address
+from exo_remote_engine.engine.settings import EngineSettings
 from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
@@ -77,26 +77,29 @@ class SidecarTarget:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SidecarTarget:
-        """EXO_REMOTE_SIDECAR, EXO_REMOTE_TOKEN(_FILE), EXO_REMOTE_TLS_CA/CERT/KEY. A sidecar
-        address without a port means port 50505; raises AddressError (a ValueError) for a URL."""
-        env = os.environ if environ is None else environ
-        token = env.get("EXO_REMOTE_TOKEN") or None
-        token_file = env.get("EXO_REMOTE_TOKEN_FILE")
-        if token_file:
-            token = Path(token_file).read_text().strip() or None
+        """The target the ``EXO_REMOTE_*`` variables describe (:class:`EngineSettings`)."""
+        return cls.from_settings(EngineSettings.from_env(environ))
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> SidecarTarget:
+        """A sidecar address without a port means port 50505; raises AddressError (a
+        ValueError) for a URL, OSError for an unreadable token file."""
+        token = settings.token
+        if settings.token_file is not None:
+            token = settings.token_file.read_text().strip() or None
         tls = None
-        if env.get("EXO_REMOTE_TLS_CA") or env.get("EXO_REMOTE_TLS_CERT"):
+        if settings.tls_ca is not None or settings.tls_cert is not None:
             tls = ClientTLS(
-                ca_file=_path(env.get("EXO_REMOTE_TLS_CA")),
-                cert_file=_path(env.get("EXO_REMOTE_TLS_CERT")),
-                key_file=_path(env.get("EXO_REMOTE_TLS_KEY")),
-                server_name=env.get("EXO_REMOTE_TLS_SERVER_NAME") or None,
+                ca_file=settings.tls_ca,
+                cert_file=settings.tls_cert,
+                key_file=settings.tls_key,
+                server_name=settings.tls_server_name,
             )
         return cls(
-            address=grpc_address(env.get("EXO_REMOTE_SIDECAR") or DEFAULT_SIDECAR, flag="EXO_REMOTE_SIDECAR"),
+            address=grpc_address(settings.sidecar or DEFAULT_SIDECAR, flag="EXO_REMOTE_SIDECAR"),
             token=token,
             tls=tls,
-            deadline_s=float(env.get("EXO_REMOTE_DEADLINE_S", "900")),
+            deadline_s=settings.deadline_s,
         )
 
     def channel_options(self) -> list[tuple[str, int | str]]:
@@ -131,10 +134,6 @@ class SidecarTarget:
         if self.tls:
             return grpc.aio.secure_channel(address, self.tls.credentials(), self.channel_options())
         return grpc.aio.insecure_channel(address, self.channel_options())
-
-
-def _path(value: str | None) -> Path | None:
-    return Path(value) if value else None
 
 
 def _error_from(exc: grpc.RpcError) -> RemoteError:

@@ -18,7 +18,7 @@ import litellm
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.openai_wire import chat_completion_body
 from exo_remote_engine.sidecar.config import EMBEDDED_PROVIDER, ModelEntry
-from exo_remote_engine.sidecar.streaming import StreamState
+from exo_remote_engine.sidecar.stream_types import StreamState
 from exo_remote_engine.sidecar.upstream_limits import guard_litellm_transports
 
 

@@ -37,7 +37,7 @@ from exo_remote_engine.sidecar.provider_errors import (
     ProviderStatusError,
     ProviderTimeoutError,
 )
-from exo_remote_engine.sidecar.streaming import StreamState
+from exo_remote_engine.sidecar.stream_types import StreamState
 from exo_remote_engine.sidecar.upstream_limits import MAX_EVENT_BYTES, MAX_EVENT_LINES, event_too_large
 
 # LiteLLM provider -> the environment variable LiteLLM reads its key from.

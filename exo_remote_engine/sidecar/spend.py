@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exo_remote_engine.sidecar.config import ModelEntry
+from exo_remote_engine.sidecar.variables import Environment
 
 CHARS_PER_TOKEN = 4
 DB_NAME = "spend.sqlite3"
@@ -54,8 +55,9 @@ CREATE INDEX IF NOT EXISTS requests_ended ON requests (ended_at);
 def default_state_dir() -> Path:
     """``$EXO_REMOTE_STATE_DIR``, else ``$XDG_DATA_HOME/exo-remote-engine``
     (``~/.local/share/exo-remote-engine``)."""
-    if os.environ.get("EXO_REMOTE_STATE_DIR"):
-        return Path(os.environ["EXO_REMOTE_STATE_DIR"])
+    state_dir = Environment().get("EXO_REMOTE_STATE_DIR")
+    if state_dir:
+        return Path(state_dir)
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "exo-remote-engine"
 

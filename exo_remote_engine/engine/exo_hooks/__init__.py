@@ -45,6 +45,7 @@ from exo_remote_engine.engine.exo_hooks import api, callbacks, device, download,
 from exo_remote_engine.engine.exo_hooks.argv import ADDON_FLAGS, ENGINE_NAME, engine_requested, strip_addon_flags
 from exo_remote_engine.engine.exo_hooks.cards import forget_cards, load_model_cards_at_startup
 from exo_remote_engine.engine.exo_hooks.plan import PatchPlan
+from exo_remote_engine.engine.settings import EngineSettings
 
 __all__ = ["ADDON_FLAGS", "ENGINE_NAME", "build_plan", "engine_requested", "install", "strip_addon_flags", "uninstall"]
 
@@ -81,9 +82,10 @@ def install(argv: list[str] | None = None, environ: os._Environ[str] | dict[str,
     remote_node = engine_requested(argv) == ENGINE_NAME
     if _installed is not None or _refused:
         return _installed is not None
-    if env.get("EXO_REMOTE_LOG_LEVEL"):
+    log_level = EngineSettings.from_env(env).log_level
+    if log_level:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s %(message)s")
-        logging.getLogger("exo_remote_engine").setLevel(env["EXO_REMOTE_LOG_LEVEL"].upper())
+        logging.getLogger("exo_remote_engine").setLevel(log_level.upper())
     plan = build_plan(remote_node)
     missing = plan.missing()
     if missing:

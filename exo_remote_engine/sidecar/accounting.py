@@ -1,0 +1,128 @@
+"""Who may start a request, and what each one is charged: per-node budgets and rpm/tpm
+windows before the provider is called, tokens and cost counted (and written to the spend
+ledger) when it ends.
+
+:class:`Accounting` is the sidecar's; :class:`RequestAccount` follows one Generate call,
+so the servicer only says what happened (a delta written, the stream finished, the stream
+ended with a code) and the rules for charging live here.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from exo_remote_engine.errors import RemoteError
+from exo_remote_engine.generated import remote_inference_pb2 as pb
+from exo_remote_engine.sidecar.budgets import Budgets
+from exo_remote_engine.sidecar.config import ModelEntry, SidecarConfig
+from exo_remote_engine.sidecar.limits import Clock, UsageWindows
+from exo_remote_engine.sidecar.metrics import Metrics
+from exo_remote_engine.sidecar.safe_logging import safe_logger
+from exo_remote_engine.sidecar.spend import Charge, Ledger, estimate_tokens
+
+log = safe_logger("exo_remote_engine.sidecar")
+
+
+class Accounting:
+    """Admission and charging for every node; ``ledger`` None means accounting is off."""
+
+    def __init__(self, config: SidecarConfig, metrics: Metrics, clock: Clock, ledger: Ledger | None) -> None:
+        self.clock = clock
+        self.metrics = metrics
+        self.quotas = config.node_quotas
+        self.windows = UsageWindows(clock)  # shared with the router's deployment limits
+        self.ledger = ledger
+        self.budgets = Budgets(config.node_quotas, ledger, clock) if ledger is not None else None
+
+    def admit(self, node: str) -> None:
+        """Budget and per-node rpm/tpm, before any provider is called."""
+        try:
+            if self.budgets is not None:
+                self.budgets.check(node)
+            quota = self.quotas.get(node)
+            if quota is not None and (quota.rpm is not None or quota.tpm is not None):
+                self.windows.admit(f"node:{node}", quota.rpm, quota.tpm, f"node {node!r}")
+        except RemoteError as exc:
+            self.metrics.limit_hit(node, exc.metadata.get("limit", "budget"))
+            raise
+
+    def open(self, request: pb.GenerateRequest, node: str, entry: ModelEntry) -> RequestAccount:
+        return RequestAccount(self, request, node, entry)
+
+    def charge(
+        self,
+        request: pb.GenerateRequest,
+        node: str,
+        entry: ModelEntry,
+        usage: pb.Usage | None,
+        chars: int,
+        outcome: str,
+    ) -> Charge:
+        """Count a request's tokens and cost against the node; the ledger row to write.
+        Without provider usage, tokens are estimated from what was produced."""
+        estimated = usage is None or (usage.prompt_tokens == 0 and usage.completion_tokens == 0)
+        prompt = estimate_tokens(request.ByteSize()) if estimated or usage is None else usage.prompt_tokens
+        completion = estimate_tokens(chars) if estimated or usage is None else usage.completion_tokens
+        charge = Charge.of(
+            request_id=request.request_id,
+            ended_at=self.clock(),
+            node=node,
+            entry=entry,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            estimated=estimated,
+            outcome=outcome,
+        )
+        self.windows.add_tokens(f"node:{node}", prompt + completion)
+        self.metrics.charged(entry.alias, node, charge.cost_usd)
+        if self.budgets is not None:
+            self.budgets.add(node, charge.cost_usd)
+        return charge
+
+
+class RequestAccount:
+    """One Generate call: the deployment that served it, what it produced, one charge."""
+
+    __slots__ = ("_accounting", "charged", "chars", "node", "request", "served", "usage")
+
+    def __init__(self, accounting: Accounting, request: pb.GenerateRequest, node: str, entry: ModelEntry) -> None:
+        self._accounting = accounting
+        self.request = request
+        self.node = node
+        self.served = entry  # the deployment of the last attempt
+        self.usage = pb.Usage()  # the provider's, once finished
+        self.chars = 0  # characters written to the client
+        self.charged = False
+
+    def attempt(self, entry: ModelEntry) -> None:
+        """The backend tries ``entry`` (a retry or a fallback): it is what gets charged."""
+        self.served = entry
+
+    def wrote(self, delta: pb.Delta) -> None:
+        self.chars += len(delta.text) + len(delta.reasoning_text)
+        for call in delta.tool_calls:
+            self.chars += len(call.arguments_fragment)
+
+    async def finished(self, finished: pb.Finished) -> None:
+        """Charged (and committed) before the client learns the request finished; a ledger
+        that cannot write loses the row, not the reply, and the operator is told."""
+        self.usage.CopyFrom(finished.usage)
+        self.charged = True
+        usage = self.usage if finished.HasField("usage") else None
+        charge = self._accounting.charge(self.request, self.node, self.served, usage, self.chars, "completed")
+        ledger = self._accounting.ledger
+        if ledger is not None:
+            try:
+                await ledger.record(charge)
+            except sqlite3.Error as exc:
+                log.error("request_id=%s spend not recorded in %s: %s", self.request.request_id, ledger.path, exc)
+
+    def settle(self, code: str) -> None:
+        """At the end, whatever the end: a stream cut short after output began is charged
+        for what it produced."""
+        if self.charged or not self.chars:
+            return
+        outcome = "cancelled" if code in ("CANCELLED", "DEADLINE_EXCEEDED") else "failed"
+        charge = self._accounting.charge(self.request, self.node, self.served, None, self.chars, outcome)
+        if self._accounting.ledger is not None:
+            self._accounting.ledger.record_soon(charge)
