@@ -27,9 +27,8 @@ from tests.support.processes import (
     SidecarProcess,
     exo_skip_reason,
     free_port,
-    start_exo_node,
+    start_lone_exo_node,
     start_sidecar_process,
-    write_peers,
 )
 
 pytestmark = [pytest.mark.exo, pytest.mark.skipif(exo_skip_reason() is not None, reason=str(exo_skip_reason()))]
@@ -59,17 +58,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with OpenAIUpstream.in_thread(scenarios=scenarios) as upstream:
         config = write_proxy_config(workdir / "config.yaml", upstream.url, ALIASES)
         sidecar = start_sidecar_process(config, workdir / "sidecar.log", env={"TEST_UPSTREAM_KEY": PLANTED_KEY})
-        node_port, api_port = free_port(), free_port()
-        peers = write_peers(workdir / "peers.json", {"r": node_port})
         node: ExoNode | None = None
         try:
-            node = start_exo_node(
+            node = start_lone_exo_node(
                 workdir,
                 "r",
-                node_port,
-                api_port,
-                peers,
-                env={"EXO_REMOTE_SIDECAR": sidecar.address},
+                sidecar.address,
                 wait_models=["echo-model"],
             )
             yield {"upstream": upstream, "sidecar": sidecar, "node": node, "workdir": workdir}
@@ -309,14 +303,10 @@ def test_sidecar_down_before_first_delta_gives_a_clear_503(stack: dict[str, Any]
     assert node.process.poll() is None
     # A second node pointed at a port where no sidecar listens.
     dead = free_port()
-    node_port, api_port = free_port(), free_port()
-    lonely = start_exo_node(
+    lonely = start_lone_exo_node(
         tmp_path,
         "lonely",
-        node_port,
-        api_port,
-        write_peers(tmp_path / "p.json", {"lonely": node_port}),
-        env={"EXO_REMOTE_SIDECAR": f"127.0.0.1:{dead}"},
+        f"127.0.0.1:{dead}",
     )
     try:
         request = urllib.request.Request(
@@ -371,14 +361,11 @@ def test_remote_node_runs_without_tinygrad(stack: dict[str, Any], tmp_path: Path
     blocker = tmp_path / "block" / "tinygrad"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'tinygrad'\")\n")
-    node_port, api_port = free_port(), free_port()
-    node = start_exo_node(
+    node = start_lone_exo_node(
         tmp_path,
         "notiny",
-        node_port,
-        api_port,
-        write_peers(tmp_path / "p.json", {"notiny": node_port}),
-        env={"EXO_REMOTE_SIDECAR": stack["sidecar"].address, "PYTHONPATH": str(blocker.parent)},
+        stack["sidecar"].address,
+        env={"PYTHONPATH": str(blocker.parent)},
         wait_models=["echo-model"],
     )
     try:
@@ -398,17 +385,13 @@ def test_remote_node_runs_without_tinygrad(stack: dict[str, Any], tmp_path: Path
 
 def test_explicit_launcher_strips_its_own_flags(stack: dict[str, Any], tmp_path: Path) -> None:
     sidecar: SidecarProcess = stack["sidecar"]
-    node_port, api_port = free_port(), free_port()
-    node = start_exo_node(
+    node = start_lone_exo_node(
         tmp_path,
         "launched",
-        node_port,
-        api_port,
-        write_peers(tmp_path / "p.json", {"launched": node_port}),
+        "127.0.0.1:1",
         engine="",
         executable="exo-remote-node",
         extra_args=["--sidecar", sidecar.address],
-        env={"EXO_REMOTE_SIDECAR": "127.0.0.1:1"},
         wait_models=["echo-model"],
     )
     try:
@@ -437,14 +420,10 @@ def test_discovered_models_appear_in_exo_without_restart(tmp_path: Path, monkeyp
             extra_args=["--env-file", str(env_file), "--refresh-s", "1"],
             discover=True,
         )
-        node_port, api_port = free_port(), free_port()
-        node = start_exo_node(
+        node = start_lone_exo_node(
             tmp_path,
             "disc",
-            node_port,
-            api_port,
-            write_peers(tmp_path / "p.json", {"disc": node_port}),
-            env={"EXO_REMOTE_SIDECAR": sidecar.address},
+            sidecar.address,
             wait_models=["embedded-echo"],
         )
         try:
@@ -537,14 +516,10 @@ def test_stock_exo_answers_with_the_embedded_model_on_a_sidecar_without_config(t
         None, tmp_path / "sidecar.log", embedded_model=True, extra_args=["--embedded-ctx", "2048"]
     )
     try:
-        node_port, api_port = free_port(), free_port()
-        node = start_exo_node(
+        node = start_lone_exo_node(
             tmp_path,
             "local",
-            node_port,
-            api_port,
-            write_peers(tmp_path / "p.json", {"local": node_port}),
-            env={"EXO_REMOTE_SIDECAR": sidecar.address},
+            sidecar.address,
             wait_models=[DEFAULT_ALIAS],
         )
         try:

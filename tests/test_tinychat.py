@@ -22,10 +22,8 @@ from tests.support.openai_upstream import OpenAIUpstream
 from tests.support.processes import (
     ExoNode,
     exo_skip_reason,
-    free_port,
-    start_exo_node,
+    start_lone_exo_node,
     start_sidecar_process,
-    write_peers,
 )
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
@@ -68,16 +66,12 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExoNode]:
             env={"TEST_UPSTREAM_KEY": PLANTED_KEY, "OLLAMA_API_BASE": "http://127.0.0.1:9"},
             discover=True,
         )
-        node_port, api_port = free_port(), free_port()
         exo_node: ExoNode | None = None
         try:
-            exo_node = start_exo_node(
+            exo_node = start_lone_exo_node(
                 workdir,
                 "t",
-                node_port,
-                api_port,
-                write_peers(workdir / "peers.json", {"t": node_port}),
-                env={"EXO_REMOTE_SIDECAR": sidecar.address},
+                sidecar.address,
                 wait_models=READY,
             )
             yield exo_node

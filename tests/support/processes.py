@@ -182,3 +182,15 @@ def start_exo_node(
         time.sleep(0.2)
     node.stop()
     raise RuntimeError(f"exo node {node_id} did not come up:\n{node.log_text()[-4000:]}")
+
+
+def start_lone_exo_node(
+    workdir: Path, node_id: str, sidecar: str, env: dict[str, str] | None = None, **options: Any
+) -> ExoNode:
+    """One exo node alone in its cluster (its peers file lists only itself) on fresh ports,
+    its remote engine pointed at ``sidecar`` (EXO_REMOTE_SIDECAR); ``options`` as for
+    :func:`start_exo_node`."""
+    node_port, api_port = free_port(), free_port()
+    peers = write_peers(workdir / f"peers-{node_id}.json", {node_id: node_port})
+    merged = {"EXO_REMOTE_SIDECAR": sidecar, **(env or {})}
+    return start_exo_node(workdir, node_id, node_port, api_port, peers, env=merged, **options)
