@@ -169,9 +169,10 @@ def test_not_ready_models_are_left_out_and_remote_ones_offer_no_download_or_dele
     unready = [m for m, entry in listed.items() if entry.get("ready") is False]
     assert unready, "discovery lists providers without keys as not ready"
     assert all(listed[m].get("not_ready_reason") for m in unready)
-    with page.expect_response(lambda r: r.url.endswith("/modelpool")) as pool:
+    # tinychat's /modelpool update (it polls again in 15 s) has arrived whole: a request that
+    # finished, not merely answered (a poll cut off by the navigation never finishes).
+    with page.expect_event("requestfinished", predicate=lambda r: r.url.endswith("/modelpool"), timeout=60_000):
         page.goto(f"{node.api}/", wait_until="load")
-    pool.value.finished()  # tinychat's /modelpool update (it polls again in 15 s) has arrived
     page.wait_for_function("() => Object.keys(Alpine.$data(document.querySelector('main')).models).length > 0")
     time.sleep(0.5)  # and its events have been handled
     state = _models(page)
