@@ -41,6 +41,7 @@ from exo_remote_engine.sidecar.config_types import (
     SidecarConfig,
     duration_seconds,
     embedded_entry,
+    read_operator_file,
 )
 
 __all__ = [
@@ -74,12 +75,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     env = os.environ if environ is None else environ
     if path is None:
         return SidecarConfig(models=(embedded_entry(),), default_model=EMBEDDED_ALIAS)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: cannot read config file: not UTF-8 text (byte {exc.start})") from exc
+    text = read_operator_file(path, "config file")
     raw = _parse(path, text)
     secrets: set[str] = set()
     ignored: list[str] = []

@@ -26,6 +26,17 @@ class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the file."""
 
 
+def read_operator_file(path: Path, kind: str) -> str:
+    """The UTF-8 text of an operator's ``kind`` file (config, token file); ConfigError
+    naming the file and why it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {kind}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: cannot read {kind}: not UTF-8 text (byte {exc.start})") from exc
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """One model alias and how LiteLLM reaches it. ``params`` may hold secrets."""

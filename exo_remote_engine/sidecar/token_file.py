@@ -25,6 +25,7 @@ import stat
 from pathlib import Path
 
 from exo_remote_engine.sidecar.config import ConfigError
+from exo_remote_engine.sidecar.config_types import read_operator_file
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,7 @@ ENV_TOKEN_NAME = "token-1"  # noqa: S105 - the node name of a token given as EXO
 
 def load_token_file(path: Path) -> dict[str, str]:
     """Node name -> token from ``path``; ConfigError for anything but the grammar above."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read token file: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: cannot read token file: not UTF-8 text (byte {exc.start})") from exc
+    text = read_operator_file(path, "token file")
     _warn_if_readable_by_others(path)
     tokens: dict[str, str] = {}
     name_line: dict[str, int] = {}
