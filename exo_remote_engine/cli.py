@@ -91,18 +91,30 @@ def _span(seconds: float) -> str:
     return f"{days}d {hours}h" if days else f"{hours}h {minutes}m"
 
 
-def render_usage(state_dir: Path, node: str | None, since: str | None, now: float | None = None) -> str:
+def render_usage(
+    state_dir: Path, node: str | None, since: str | None, now: float | None = None, database: str | None = None
+) -> str:
     """Spend, tokens and requests per node and model, read from the ledger file itself:
-    operators run this on the sidecar host, and it works while the sidecar is down."""
+    operators run this on the sidecar host, and it works while the sidecar is down. With
+    ``database`` (the sidecars' ``--database``), every host's spend from PostgreSQL."""
     from exo_remote_engine.sidecar.config import duration_seconds
-    from exo_remote_engine.sidecar.spend import Ledger
 
     start = (now or time.time()) - duration_seconds(since) if since else 0.0
-    ledger = Ledger.open(state_dir, readonly=True)
-    try:
-        found = ledger.usage(start, node)
-    finally:
-        ledger.close()
+    if database is not None:
+        from exo_remote_engine.sidecar.shared_windows import display_url
+        from exo_remote_engine.sidecar.spend_database import check_database_url, fetch_usage
+
+        found = asyncio.run(fetch_usage(check_database_url(database), start, node))
+        source = display_url(database)
+    else:
+        from exo_remote_engine.sidecar.spend import Ledger
+
+        ledger = Ledger.open(state_dir, readonly=True)
+        try:
+            found = ledger.usage(start, node)
+        finally:
+            ledger.close()
+        source = str(ledger.path)
     header = ("NODE", "MODEL", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "SPEND USD")
     rows = [header]
     unpriced = 0
@@ -116,7 +128,7 @@ def render_usage(state_dir: Path, node: str | None, since: str | None, now: floa
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     total = sum(r.cost_usd for r in found)
-    lines.append(f"(total ${total:.6f} since {'the start' if not since else since + ' ago'}; {ledger.path})")
+    lines.append(f"(total ${total:.6f} since {'the start' if not since else since + ' ago'}; {source})")
     if unpriced:
         lines.append(f"{unpriced} requests used models without a known price: their cost is not in these sums")
     return "\n".join(lines)
@@ -255,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="the sidecar's --state-dir (default: EXO_REMOTE_STATE_DIR, else $XDG_DATA_HOME/exo-remote-engine)",
     )
+    usage.add_argument(
+        "--database",
+        metavar="URL",
+        help="the sidecars' --database: every host's spend from PostgreSQL (default: EXO_REMOTE_DATABASE, "
+        "else the local ledger)",
+    )
     topology = command("topology", "draw an exo cluster's nodes and ask each remote node's sidecar directly")
     topology.add_argument("--api", default=DEFAULT_API, help=f"exo's HTTP API (default: {DEFAULT_API})")
     topology.add_argument(
@@ -269,12 +287,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "usage":
+        from exo_remote_engine.sidecar.config import ConfigError
         from exo_remote_engine.sidecar.spend import default_state_dir
+        from exo_remote_engine.sidecar.variables import Environment
 
+        database = args.database or (None if args.state_dir else Environment().get("EXO_REMOTE_DATABASE"))
         try:
-            print(render_usage(args.state_dir or default_state_dir(), args.node, args.since))
-        except (OSError, ValueError, sqlite3.Error) as exc:
-            print(f"exo-remote: usage: {exc}", file=sys.stderr)
+            print(render_usage(args.state_dir or default_state_dir(), args.node, args.since, database=database))
+        except (OSError, ValueError, sqlite3.Error, ConfigError) as exc:
+            print(f"exo-remote: usage: {redact(str(exc))}", file=sys.stderr)
+            return 1
+        except Exception as exc:  # the database driver's errors (asyncpg is imported lazily)
+            print(f"exo-remote: usage: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
             return 1
         return 0
     # The sidecar redacts what it sends; this process redacts against its own keys too

@@ -39,6 +39,7 @@ class Reason(StrEnum):
     PROVIDER_NOT_FOUND = "PROVIDER_NOT_FOUND"
     RATE_LIMITED = "RATE_LIMITED"
     BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
+    SPEND_DATABASE_UNAVAILABLE = "SPEND_DATABASE_UNAVAILABLE"
     OVERLOADED = "OVERLOADED"
     PROVIDER_UNAVAILABLE = "PROVIDER_UNAVAILABLE"
     PROVIDER_TIMEOUT = "PROVIDER_TIMEOUT"
@@ -74,6 +75,9 @@ _TABLE: dict[Reason, _Kind] = {
     # A node's spend budget is used up: OpenAI's own "quota" error (429
     # insufficient_quota); not retryable, since waiting seconds does not help.
     Reason.BUDGET_EXCEEDED: _Kind(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, False, "insufficient_quota"),
+    # A budgeted node's spend lives in the shared database (--database), which cannot be
+    # reached: its budget cannot be checked, so the request is refused (fail closed).
+    Reason.SPEND_DATABASE_UNAVAILABLE: _Kind(grpc.StatusCode.UNAVAILABLE, 503, True, "api_error"),
     Reason.OVERLOADED: _Kind(grpc.StatusCode.RESOURCE_EXHAUSTED, 503, True, "overloaded_error"),
     Reason.PROVIDER_UNAVAILABLE: _Kind(grpc.StatusCode.UNAVAILABLE, 502, True, "api_error"),
     Reason.PROVIDER_TIMEOUT: _Kind(grpc.StatusCode.UNAVAILABLE, 504, True, "timeout_error"),

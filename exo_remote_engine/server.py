@@ -34,15 +34,20 @@ log = safe_logger("exo_remote_engine.sidecar")
 _parse_args = parse_args  # the name tests parse flags with
 
 
-def _check_single_process(config: SidecarConfig, workers: int) -> None:
-    """Limits and budgets are counted in one process's memory: refuse to split them."""
+def _check_single_process(config: SidecarConfig, settings: SidecarSettings) -> None:
+    """Limits and budgets counted in one process's memory cannot be split over workers:
+    node rpm/tpm need --redis, budgets --database; deployment rpm/tpm stay per process."""
     limited = [e.deployment_name for group in config.groups.values() for e in group if e.rpm or e.tpm]
     limited += [e.alias for e in config.models if e.rpm or e.tpm]
-    limited += [f"node {n}" for n in config.node_quotas]
-    if workers > 1 and limited:
+    if settings.redis_url is None:
+        limited += [f"node {n}" for n, q in config.node_quotas.items() if q.rpm is not None or q.tpm is not None]
+    if settings.database_url is None:
+        limited += [f"node {n}" for n, q in config.node_quotas.items() if q.max_budget is not None]
+    if settings.workers > 1 and limited:
         raise ConfigError(
-            f"--workers {workers}: rpm, tpm and budgets are counted per process, and {limited[0]} has one; "
-            "run with --workers 1"
+            f"--workers {settings.workers}: rpm, tpm and budgets are counted per process, and {limited[0]} has one; "
+            "run with --workers 1, or share node rpm/tpm with --redis and budgets with --database "
+            "(deployment rpm/tpm are always per process)"
         )
 
 
@@ -53,7 +58,7 @@ async def _serve(settings: SidecarSettings, argv: Sequence[str]) -> None:
         settings.listen = settings.listen.rsplit(":", 1)[0] + ":0"
         settings.metrics_listen = None
     if workers > 1 and not is_worker:
-        _check_single_process(load_config(settings.config_path), workers)
+        _check_single_process(load_config(settings.config_path), settings)
     running = await start_sidecar(settings)
     protect_handlers()  # again: LiteLLM, imported by now, brings handlers of its own
     extra_env = running.embedded.endpoint_env() if running.embedded is not None else {}

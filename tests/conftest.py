@@ -9,7 +9,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 # Sidecars started by tests keep their spend ledger here, never in the user's data dir.
 os.environ.setdefault("EXO_REMOTE_STATE_DIR", tempfile.mkdtemp(prefix="exo-remote-test-state-"))
 
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,7 @@ from exo_remote_engine.sidecar.config import load_config
 from tests.support.openai_upstream import OpenAIUpstream
 
 if TYPE_CHECKING:  # tests.support.traffic imports this module (through the harness)
+    from tests.support.servers import PostgresServer, RedisServer
     from tests.support.traffic import Sidecars
 
 PLANTED_KEY = "sk-planted-0123456789abcdefPLANTEDKEY"
@@ -99,3 +100,31 @@ async def sidecars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIter
     started = Sidecars(tmp_path)
     yield started
     await started.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL on 127.0.0.1 for the session (Debian's package; see servers.py)."""
+    from tests.support.servers import PostgresServer, postgres_skip_reason
+
+    reason = postgres_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real Redis on 127.0.0.1 for the session (Debian's redis-server; see servers.py)."""
+    from tests.support.servers import RedisServer, redis_skip_reason
+
+    reason = redis_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()

@@ -5,6 +5,11 @@ ledger) when it ends.
 :class:`Accounting` is the sidecar's; :class:`RequestAccount` follows one Generate call,
 so the servicer only says what happened (a delta written, the stream finished, the stream
 ended with a code) and the rules for charging live here.
+
+Several sidecar hosts (or ``--workers``) share the node counts through Redis
+(:mod:`~exo_remote_engine.sidecar.shared_windows`) and spend through PostgreSQL
+(:mod:`~exo_remote_engine.sidecar.spend_database`) when they are given; otherwise both
+live in this process and its SQLite ledger.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from exo_remote_engine.sidecar.config import ModelEntry, SidecarConfig
 from exo_remote_engine.sidecar.limits import Clock, UsageWindows
 from exo_remote_engine.sidecar.metrics import Metrics
 from exo_remote_engine.sidecar.safe_logging import safe_logger
+from exo_remote_engine.sidecar.shared_windows import RedisWindows
 from exo_remote_engine.sidecar.spend import Charge, Ledger, estimate_tokens
+from exo_remote_engine.sidecar.spend_database import SpendDatabase
 
 log = safe_logger("exo_remote_engine.sidecar")
 
@@ -26,22 +33,43 @@ log = safe_logger("exo_remote_engine.sidecar")
 class Accounting:
     """Admission and charging for every node; ``ledger`` None means accounting is off."""
 
-    def __init__(self, config: SidecarConfig, metrics: Metrics, clock: Clock, ledger: Ledger | None) -> None:
+    def __init__(
+        self,
+        config: SidecarConfig,
+        metrics: Metrics,
+        clock: Clock,
+        ledger: Ledger | None,
+        redis_url: str | None = None,
+        database: SpendDatabase | None = None,
+    ) -> None:
         self.clock = clock
         self.metrics = metrics
         self.quotas = config.node_quotas
         self.windows = UsageWindows(clock)  # shared with the router's deployment limits
+        # Node counts in Redis (this process's windows while it is unreachable).
+        self.shared_windows = RedisWindows(redis_url, self.windows) if redis_url else None
         self.ledger = ledger
-        self.budgets = Budgets(config.node_quotas, ledger, clock) if ledger is not None else None
+        self.database = database
+        self.budgets = Budgets(config.node_quotas, ledger, clock, database) if ledger is not None else None
 
-    def admit(self, node: str) -> None:
+    async def close(self) -> None:
+        if self.shared_windows is not None:
+            await self.shared_windows.close()
+        if self.database is not None:
+            await self.database.close()
+
+    async def admit(self, node: str) -> None:
         """Budget and per-node rpm/tpm, before any provider is called."""
         try:
             if self.budgets is not None:
-                self.budgets.check(node)
+                await self.budgets.check(node)
             quota = self.quotas.get(node)
             if quota is not None and (quota.rpm is not None or quota.tpm is not None):
-                self.windows.admit(f"node:{node}", quota.rpm, quota.tpm, f"node {node!r}")
+                key, what = f"node:{node}", f"node {node!r}"
+                if self.shared_windows is not None:
+                    await self.shared_windows.admit(key, quota.rpm, quota.tpm, what)
+                else:
+                    self.windows.admit(key, quota.rpm, quota.tpm, what)
         except RemoteError as exc:
             self.metrics.limit_hit(node, exc.metadata.get("limit", "budget"))
             raise
@@ -73,7 +101,7 @@ class Accounting:
             estimated=estimated,
             outcome=outcome,
         )
-        self.windows.add_tokens(f"node:{node}", prompt + completion)
+        (self.shared_windows or self.windows).add_tokens(f"node:{node}", prompt + completion)
         self.metrics.charged(entry.alias, node, charge.cost_usd)
         if self.budgets is not None:
             self.budgets.add(node, charge.cost_usd)
@@ -116,6 +144,8 @@ class RequestAccount:
                 await ledger.record(charge)
             except sqlite3.Error as exc:
                 log.error("request_id=%s spend not recorded in %s: %s", self.request.request_id, ledger.path, exc)
+            if self._accounting.database is not None:
+                self._accounting.database.kick()
 
     def settle(self, code: str) -> None:
         """At the end, whatever the end: a stream cut short after output began is charged
@@ -126,3 +156,5 @@ class RequestAccount:
         charge = self._accounting.charge(self.request, self.node, self.served, None, self.chars, outcome)
         if self._accounting.ledger is not None:
             self._accounting.ledger.record_soon(charge)
+            if self._accounting.database is not None:
+                self._accounting.database.kick()  # (the next poll copies it if this comes too early)

@@ -8,6 +8,11 @@ cost is known only at its end); the node's next request gets BUDGET_EXCEEDED, wi
 Retry-After of the time left in the window. Spend in the current window is kept in memory,
 seeded from the ledger when a window is first touched, so a restart keeps counting.
 Requests of unknown price add nothing (they are NULL in the ledger, never 0).
+
+With a shared spend database (``--database``, several sidecar hosts) the node's spend is
+read from it at every check instead (every host's requests, plus this host's rows not
+copied there yet), so a budget holds in total; when it cannot be read, the check fails
+closed (see :mod:`~exo_remote_engine.sidecar.spend_database`).
 """
 
 from __future__ import annotations
@@ -15,11 +20,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.sidecar.config import NodeQuota
 from exo_remote_engine.sidecar.limits import Clock
 from exo_remote_engine.sidecar.spend import Ledger
+
+if TYPE_CHECKING:
+    from exo_remote_engine.sidecar.spend_database import SpendDatabase
 
 
 @dataclass(frozen=True)
@@ -34,10 +43,13 @@ class BudgetStatus:
 
 
 class Budgets:
-    def __init__(self, quotas: Mapping[str, NodeQuota], ledger: Ledger, clock: Clock) -> None:
+    def __init__(
+        self, quotas: Mapping[str, NodeQuota], ledger: Ledger, clock: Clock, database: SpendDatabase | None = None
+    ) -> None:
         self._quotas = {node: q for node, q in quotas.items() if q.max_budget is not None}
         self._ledger = ledger
         self._clock = clock
+        self._database = database
         self._spent: dict[str, tuple[float, float]] = {}  # node -> (window start, spent)
 
     def _window(self, quota: NodeQuota, now: float) -> tuple[float, float]:
@@ -53,18 +65,24 @@ class Budgets:
             known = self._spent[node] = (start, self._ledger.spent(node, start))
         return known[1]
 
-    def status(self, node: str) -> BudgetStatus | None:
+    async def status(self, node: str) -> BudgetStatus | None:
+        """``node``'s budget now (None: it has none); with a shared database, RemoteError
+        SPEND_DATABASE_UNAVAILABLE when the database cannot be read."""
         quota = self._quotas.get(node)
         if quota is None or quota.max_budget is None:
             return None
         now = self._clock()
         start, end = self._window(quota, now)
         resets = None if end == math.inf else end - now
-        return BudgetStatus(quota.max_budget, self._spent_since(node, start), resets)
+        if self._database is not None:
+            spent = await self._database.spent(node, start)
+        else:
+            spent = self._spent_since(node, start)
+        return BudgetStatus(quota.max_budget, spent, resets)
 
-    def check(self, node: str) -> None:
+    async def check(self, node: str) -> None:
         """Raise BUDGET_EXCEEDED when ``node`` has spent its budget for this window."""
-        status = self.status(node)
+        status = await self.status(node)
         if status is None or status.spent_usd < status.max_usd:
             return
         when = f"; it resets in {status.resets_in_s:.0f}s" if status.resets_in_s is not None else ""
@@ -76,7 +94,7 @@ class Budgets:
 
     def add(self, node: str, cost_usd: float | None) -> None:
         quota = self._quotas.get(node)
-        if quota is None or not cost_usd:
+        if quota is None or not cost_usd or self._database is not None:
             return
         start, _ = self._window(quota, self._clock())
         spent = self._spent_since(node, start)

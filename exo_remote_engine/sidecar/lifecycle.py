@@ -39,6 +39,7 @@ from exo_remote_engine.sidecar.safe_logging import safe_logger
 from exo_remote_engine.sidecar.servicer import RemoteInferenceServicer
 from exo_remote_engine.sidecar.settings import SidecarSettings
 from exo_remote_engine.sidecar.spend import Ledger, default_state_dir
+from exo_remote_engine.sidecar.spend_database import SpendDatabase
 from exo_remote_engine.sidecar.workers import WORKER_ENV
 
 log = safe_logger("exo_remote_engine.sidecar")
@@ -69,6 +70,7 @@ class RunningSidecar:
         await self.server.stop(grace_s)
         await self.servicer.backend.close()
         await self.servicer.registry.stop()
+        await self.servicer.accounting.close()  # shared state first: it copies from the ledger
         if self.servicer.accounting.ledger is not None:
             self.servicer.accounting.ledger.close()
         if self.embedded is not None:
@@ -193,6 +195,10 @@ async def _start(settings: SidecarSettings, config: SidecarConfig) -> RunningSid
     policy = Policy.build(settings.limits, config.node_policies, named_tokens)
     metrics = Metrics()
     ledger = _open_ledger(settings, config)
+    database = None
+    if settings.database_url is not None and ledger is not None:
+        database = SpendDatabase(settings.database_url, ledger)
+        await database.start()
     registry = _registry(settings, config)
     servicer = RemoteInferenceServicer(
         registry,
@@ -202,6 +208,8 @@ async def _start(settings: SidecarSettings, config: SidecarConfig) -> RunningSid
         clock=settings.clock,
         ledger=ledger,
         stall_limit_s=settings.stall_limit_s,
+        redis_url=settings.redis_url,
+        database=database,
     )
     servicer.warnings = warnings
     server = grpc.aio.server(interceptors=interceptors, options=_server_options(settings))

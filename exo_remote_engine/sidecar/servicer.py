@@ -34,6 +34,7 @@ from exo_remote_engine.sidecar.rpc_errors import rpc_errors
 from exo_remote_engine.sidecar.safe_logging import printable, safe_logger
 from exo_remote_engine.sidecar.settings import DEFAULT_STALL_LIMIT_S
 from exo_remote_engine.sidecar.spend import Ledger
+from exo_remote_engine.sidecar.spend_database import SpendDatabase
 from exo_remote_engine.sidecar.stall_watch import StallWatch
 
 log = safe_logger("exo_remote_engine.sidecar")
@@ -55,6 +56,8 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         clock: Clock = time.time,
         ledger: Ledger | None = None,
         stall_limit_s: float = DEFAULT_STALL_LIMIT_S,
+        redis_url: str | None = None,
+        database: SpendDatabase | None = None,
     ) -> None:
         # Imported here for its cost only: streaming brings LiteLLM (seconds to import), which
         # ``exo-remote-sidecar --help`` and a config error should not wait for.
@@ -65,7 +68,7 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         self.policy = policy
         self.metrics = metrics
         self.stall_limit_s = stall_limit_s
-        self.accounting = Accounting(self.config, metrics, clock, ledger)
+        self.accounting = Accounting(self.config, metrics, clock, ledger, redis_url, database)
         self.backend = StreamingBackend(
             num_retries=self.config.num_retries,
             openai_fast_path=openai_fast_path,
@@ -108,7 +111,12 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
                     setattr(model, name, value)
             response.models.append(model)
         budgets = self.accounting.budgets
-        status = budgets.status(node) if budgets is not None else None
+        status = None
+        if budgets is not None:
+            try:
+                status = await budgets.status(node)
+            except RemoteError:  # the shared spend database is down: list without the budget
+                status = None
         if status is not None:
             response.budget.node = node
             response.budget.max_usd = status.max_usd
@@ -126,7 +134,7 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
             raise RemoteError(Reason.INVALID_REQUEST, "request has no messages")
         validate_request(request)
         deadline_s = self.policy.check_request(request, node, context.time_remaining())
-        self.accounting.admit(node)
+        await self.accounting.admit(node)
         account = self.accounting.open(request, node, entry)
         recorder = self.metrics.stream(entry.alias, node)
         code, failure = "OK", ""

@@ -31,6 +31,8 @@ from exo_remote_engine.sidecar.embedded_model import (
 )
 from exo_remote_engine.sidecar.limits import Clock
 from exo_remote_engine.sidecar.policy import Limits
+from exo_remote_engine.sidecar.shared_windows import check_redis_url
+from exo_remote_engine.sidecar.spend_database import check_database_url
 from exo_remote_engine.sidecar.token_file import load_token_file, token_from_env
 from exo_remote_engine.sidecar.variables import VARIABLES, Environment
 from exo_remote_engine.sidecar.workers import WORKER_ENV
@@ -78,6 +80,10 @@ class SidecarSettings:
     # Spend accounting: the SQLite ledger's directory (None: the user's data dir), or off.
     state_dir: Path | None = None
     accounting: bool = True
+    # Several sidecar hosts (or --workers): node rpm/tpm counted in Redis, spend and budgets
+    # in PostgreSQL. URLs may carry passwords: registered as secrets, never logged.
+    redis_url: str | None = field(default=None, repr=False)
+    database_url: str | None = field(default=None, repr=False)
     clock: Clock = time.time  # limits, budgets and ledger times; tests inject their own
     # With no config: the real embedded model (llama.cpp, the [local] extra) when set, else
     # the echo. Off for programmatic use, on for the CLI when the extra is installed.
@@ -121,6 +127,10 @@ class SidecarSettings:
             listen = grpc_address(args.listen, flag="--listen")
         except AddressError as exc:
             raise ConfigError(str(exc)) from None
+        redis_url = check_redis_url(args.redis) if args.redis else None
+        database_url = check_database_url(args.database) if args.database else None
+        if database_url and not args.accounting:
+            raise ConfigError("--database keeps spend: it needs accounting (drop --no-accounting)")
         return cls(
             listen=listen,
             config_path=args.config,
@@ -136,6 +146,8 @@ class SidecarSettings:
             openai_fast_path=args.openai_fast_path,
             state_dir=args.state_dir,
             accounting=args.accounting,
+            redis_url=redis_url,
+            database_url=database_url,
             embedded_model=embedded_from_args(args),
             stall_limit_s=args.stall_limit_s,
             workers=args.workers,
@@ -318,6 +330,25 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         action=argparse.BooleanOptionalAction,
         default=env("EXO_REMOTE_ACCOUNTING", "1") != "0",
         help="record every request's tokens and cost in the ledger (default: on; budgets need it)",
+    )
+    shared = parser.add_argument_group(
+        "several sidecar hosts",
+        "Limits and budgets that hold across hosts and --workers processes: node rpm/tpm in Redis, "
+        "spend in PostgreSQL (each host still writes its own SQLite ledger first).",
+    )
+    shared.add_argument(
+        "--redis",
+        default=env("EXO_REMOTE_REDIS") or None,
+        metavar="URL",
+        help="redis://host:port/db holding every node's rpm/tpm counts; while unreachable, limits hold per "
+        "process (env EXO_REMOTE_REDIS; default: none, counts in this process)",
+    )
+    shared.add_argument(
+        "--database",
+        default=env("EXO_REMOTE_DATABASE") or None,
+        metavar="URL",
+        help="postgresql://user@host:port/dbname holding every host's spend, read by budgets; while "
+        "unreachable, budgeted nodes are refused (env EXO_REMOTE_DATABASE; default: none, the SQLite ledger)",
     )
     return parser
 

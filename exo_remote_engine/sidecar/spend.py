@@ -12,6 +12,11 @@ The ledger is one SQLite file in WAL mode with ``synchronous=NORMAL``: each fini
 request is one committed transaction, which survives SIGKILL of the sidecar (the WAL is
 written before the commit returns; only a power loss can drop the last commits). Writes run
 on one dedicated thread, so the event loop never waits on the disk.
+
+With ``--database`` (several sidecar hosts sharing spend in PostgreSQL) this file stays the
+first, durable home of every row: :mod:`~exo_remote_engine.sidecar.spend_database` copies
+rows to the database from here, and the ``shipped`` table remembers how far it got, so a
+database outage, or a sidecar restarted during one, loses nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import datetime as dt
 import functools
 import os
 import sqlite3
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,11 +51,18 @@ CREATE TABLE IF NOT EXISTS requests (
     completion_tokens INTEGER NOT NULL,
     cost_usd REAL,                     -- NULL: no known price
     estimated INTEGER NOT NULL,        -- 1: tokens estimated, the provider reported none
-    outcome TEXT NOT NULL              -- completed, cancelled or failed (after output began)
+    outcome TEXT NOT NULL,             -- completed, cancelled or failed (after output began)
+    pid INTEGER                        -- the sidecar process that wrote it
 );
 CREATE INDEX IF NOT EXISTS requests_node_ended ON requests (node, ended_at);
 CREATE INDEX IF NOT EXISTS requests_ended ON requests (ended_at);
+CREATE TABLE IF NOT EXISTS ledger_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS shipped (target TEXT PRIMARY KEY, last_id INTEGER NOT NULL);
 """
+_COLUMNS = (
+    "id, request_id, ended_at, day, node, alias, deployment, model, prompt_tokens, completion_tokens, cost_usd,"
+    " estimated, outcome, pid"
+)
 
 
 def default_state_dir() -> Path:
@@ -180,6 +193,12 @@ class Ledger:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.executescript(_SCHEMA)
+            columns = {row[1] for row in connection.execute("PRAGMA table_info(requests)")}
+            if "pid" not in columns:  # a ledger written before the column existed
+                connection.execute("ALTER TABLE requests ADD COLUMN pid INTEGER")
+            # Who this ledger is, once and for good: rows copied to a shared database are
+            # keyed by it and their id here, so copying one twice never counts it twice.
+            connection.execute("INSERT OR IGNORE INTO ledger_meta VALUES ('origin', ?)", (str(uuid.uuid4()),))
         connection.execute("PRAGMA busy_timeout=5000")  # several worker processes share it
         return cls(path, connection)
 
@@ -192,7 +211,7 @@ class Ledger:
         day = dt.datetime.fromtimestamp(charge.ended_at, dt.UTC).date().isoformat()
         self._db.execute(
             "INSERT INTO requests (request_id, ended_at, day, node, alias, deployment, model, prompt_tokens,"
-            " completion_tokens, cost_usd, estimated, outcome) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            " completion_tokens, cost_usd, estimated, outcome, pid) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 charge.request_id,
                 charge.ended_at,
@@ -206,6 +225,7 @@ class Ledger:
                 charge.cost_usd,
                 int(charge.estimated),
                 charge.outcome,
+                os.getpid(),
             ),
         )  # autocommit: one transaction per request
 
@@ -217,11 +237,45 @@ class Ledger:
         """Commit ``charge`` without waiting (for a call that is being cancelled)."""
         self._writer.submit(self._insert, charge)
 
-    def spent(self, node: str, since: float) -> float:
+    def spent(self, node: str, since: float, after_id: int = 0) -> float:
+        """``node``'s spend since ``since`` (in rows after ``after_id``: not yet shipped)."""
         row = self._reader.execute(
-            "SELECT COALESCE(SUM(cost_usd), 0) FROM requests WHERE node = ? AND ended_at >= ?", (node, since)
+            "SELECT COALESCE(SUM(cost_usd), 0) FROM requests WHERE node = ? AND ended_at >= ? AND id > ?",
+            (node, since, after_id),
         ).fetchone()
         return float(row[0])
+
+    # For the copy to a shared database (spend_database.py).
+
+    def origin(self) -> str:
+        """This ledger's identity (a UUID made when it was created)."""
+        row = self._reader.execute("SELECT value FROM ledger_meta WHERE key = 'origin'").fetchone()
+        return str(row[0])
+
+    def shipped_upto(self, target: str) -> int:
+        """The last row id copied to ``target`` (0: none)."""
+        row = self._reader.execute("SELECT last_id FROM shipped WHERE target = ?", (target,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _unshipped(self, target: str, limit: int) -> list[tuple[object, ...]]:
+        row = self._db.execute("SELECT last_id FROM shipped WHERE target = ?", (target,)).fetchone()
+        last = int(row[0]) if row else 0
+        query = f"SELECT {_COLUMNS} FROM requests WHERE id > ? ORDER BY id LIMIT ?"  # noqa: S608 (constant columns)
+        return [tuple(row) for row in self._db.execute(query, (last, limit))]
+
+    async def unshipped(self, target: str, limit: int = 500) -> list[tuple[object, ...]]:
+        """Rows not yet copied to ``target``, oldest first (columns: ``_COLUMNS``)."""
+        return await asyncio.get_running_loop().run_in_executor(self._writer, self._unshipped, target, limit)
+
+    def _mark_shipped(self, target: str, last_id: int) -> None:
+        self._db.execute(
+            "INSERT INTO shipped VALUES (?, ?)"
+            " ON CONFLICT (target) DO UPDATE SET last_id = MAX(last_id, excluded.last_id)",
+            (target, last_id),
+        )
+
+    async def mark_shipped(self, target: str, last_id: int) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._mark_shipped, target, last_id)
 
     def usage(self, since: float, node: str | None = None) -> list[UsageRow]:
         query = (

@@ -32,6 +32,8 @@ VARIABLES: Mapping[str, str] = {
     "EXO_REMOTE_OPENAI_FAST_PATH": "--no-openai-fast-path (0)",
     "EXO_REMOTE_STATE_DIR": "--state-dir",
     "EXO_REMOTE_ACCOUNTING": "--no-accounting (0)",
+    "EXO_REMOTE_REDIS": "--redis",
+    "EXO_REMOTE_DATABASE": "--database",
     "EXO_REMOTE_UVLOOP": "asyncio's loop instead of uvloop (0)",
 }
 

@@ -1,0 +1,188 @@
+"""Per-node rpm/tpm windows shared by every sidecar host and worker process, in Redis.
+
+``--redis redis://host:port/db`` moves the node limits' counters from one process's memory
+(:class:`~exo_remote_engine.sidecar.limits.UsageWindows`) to Redis, as the LiteLLM proxy
+does for its own instances: the same calendar-minute windows, one key per node, minute and
+count (``exo-remote:{node:<name>}:<minute>:requests`` / ``:tokens``, expiring after two
+minutes). Admission is one Lua script, so checking the counts and counting the request is
+atomic across hosts: ``rpm: 20`` admits 20 requests per minute in total, however many
+sidecars take them. Tokens are added when the provider reports them, without waiting.
+
+Minutes come from each host's own clock (the Retry-After a caller gets is that host's
+minute end); hosts are expected to keep NTP time, like LiteLLM's.
+
+A Redis that cannot be reached is not an outage of the sidecar: the limits fall back to
+this process's own windows (a limit then holds per process, not in total), a warning says
+so once per outage, and Redis is tried again after a short back-off (so an outage does
+not add a connect timeout to every request). Its return is logged, and the shared counts
+are used again from then on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.parse
+from typing import Any
+
+from exo_remote_engine.redaction import SECRETS
+from exo_remote_engine.sidecar.config import ConfigError
+from exo_remote_engine.sidecar.limits import WINDOW_S, UsageWindows, rate_limited
+from exo_remote_engine.sidecar.safe_logging import safe_logger
+
+log = safe_logger("exo_remote_engine.sidecar")
+
+KEY_PREFIX = "exo-remote"
+KEY_TTL_S = 120  # a minute's counts outlive it by one minute, then Redis drops them
+TIMEOUT_S = 0.3  # connect and per-command; a local or LAN Redis answers in well under 1 ms
+RETRY_AFTER_OUTAGE_S = 2.0  # during an outage, Redis is tried again this often, not per request
+
+# KEYS: requests, tokens of one minute. ARGV: rpm, tpm (-1: none), ttl.
+# Returns {0, requests} admitted, {1, requests} over rpm, {2, tokens} over tpm.
+_ADMIT = """
+local rpm = tonumber(ARGV[1])
+local tpm = tonumber(ARGV[2])
+local requests = tonumber(redis.call('GET', KEYS[1]) or '0')
+if rpm >= 0 and requests >= rpm then return {1, requests} end
+local tokens = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tpm >= 0 and tokens >= tpm then return {2, tokens} end
+requests = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return {0, requests}
+"""
+
+
+def display_url(url: str) -> str:
+    """``url`` without user, password or query: what a log line may say about it."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def check_redis_url(url: str) -> str:
+    """The URL, registered as a secret source; ConfigError (without its password) otherwise."""
+    SECRETS.add_url(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError:
+        raise ConfigError("--redis: not a valid URL") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"--redis {display_url(url)}: expected redis://host:port/db (or rediss://, unix://)")
+    return url
+
+
+def minute_key(key: str, minute: int, what: str) -> str:
+    """``exo-remote:{node:n1}:29999999:requests``; the braces keep a minute's two keys in
+    one Redis Cluster slot (a Lua script may only touch keys of one slot)."""
+    return f"{KEY_PREFIX}:{{{key}}}:{minute}:{what}"
+
+
+class RedisWindows:
+    """Node windows in Redis, with ``fallback`` (this process's windows) during an outage."""
+
+    def __init__(self, url: str, fallback: UsageWindows) -> None:
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.url = display_url(url)
+        self.fallback = fallback
+        self.clock = fallback.clock
+        self._redis: Any = Redis.from_url(
+            url,
+            socket_timeout=TIMEOUT_S,
+            socket_connect_timeout=TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0),  # a failure is handled here, at once, not retried
+            health_check_interval=0,
+        )
+        self._admit = self._redis.register_script(_ADMIT)
+        self._down_until = 0.0  # monotonic; no Redis call before it
+        self._outage = False
+        self._pending: set[asyncio.Task[None]] = set()
+
+    @property
+    def shared(self) -> bool:
+        """False while Redis is unreachable (limits then hold per process)."""
+        return not self._outage
+
+    async def close(self) -> None:
+        for task in list(self._pending):
+            task.cancel()
+        await self._redis.aclose()
+
+    def _usable(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, exc: BaseException) -> None:
+        self._down_until = time.monotonic() + RETRY_AFTER_OUTAGE_S
+        if not self._outage:
+            self._outage = True
+            log.warning(
+                "Redis %s unreachable (%s): rpm/tpm limits now hold per sidecar process, not across hosts, "
+                "until it is back",
+                self.url,
+                type(exc).__name__,
+            )
+
+    def _succeeded(self) -> None:
+        if self._outage:
+            self._outage = False
+            log.warning("Redis %s is back: rpm/tpm limits are shared across hosts again", self.url)
+
+    async def admit(self, key: str, rpm: int | None, tpm: int | None, what: str) -> None:
+        """Count one request under ``key`` in the shared minute, or raise RATE_LIMITED."""
+        if not self._usable():
+            self.fallback.admit(key, rpm, tpm, what)
+            return
+        from redis.exceptions import RedisError
+
+        minute = int(self.clock() // WINDOW_S)
+        keys = [minute_key(key, minute, "requests"), minute_key(key, minute, "tokens")]
+        try:
+            async with asyncio.timeout(TIMEOUT_S * 2):
+                verdict, count = await self._admit(keys=keys, args=[_limit(rpm), _limit(tpm), KEY_TTL_S])
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc)
+            self.fallback.admit(key, rpm, tpm, what)
+            return
+        self._succeeded()
+        if verdict == 1:
+            raise rate_limited(f"{what} is at its limit of {rpm} requests per minute", self._retry_after(), "rpm")
+        if verdict == 2:
+            raise rate_limited(f"{what} used {count} of its {tpm} tokens per minute", self._retry_after(), "tpm")
+
+    def add_tokens(self, key: str, tokens: int) -> None:
+        """Add the provider's tokens to the shared minute, without making the caller wait."""
+        if tokens <= 0:
+            return
+        if not self._usable():
+            self.fallback.add_tokens(key, tokens)
+            return
+        task = asyncio.get_running_loop().create_task(self._add_tokens(key, tokens))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _add_tokens(self, key: str, tokens: int) -> None:
+        from redis.exceptions import RedisError
+
+        name = minute_key(key, int(self.clock() // WINDOW_S), "tokens")
+        try:
+            async with asyncio.timeout(TIMEOUT_S * 2):
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.incrby(name, tokens)
+                    pipe.expire(name, KEY_TTL_S)
+                    await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc)
+            self.fallback.add_tokens(key, tokens)
+            return
+        self._succeeded()
+
+    def _retry_after(self) -> float:
+        return self.fallback.retry_after_s()
+
+
+def _limit(value: int | None) -> int:
+    return -1 if value is None else value

@@ -1,0 +1,249 @@
+"""Spend shared by several sidecar hosts, in PostgreSQL (``--database postgresql://...``).
+
+Each host keeps writing every finished request to its own SQLite ledger first
+(:mod:`~exo_remote_engine.sidecar.spend`: committed before the client sees Finished,
+survives SIGKILL); a background task here copies the rows it has not copied yet to the
+shared table ``exo_remote_requests`` (the SQLite columns, plus the host, the ledger's
+identity and the row's id there). The copy is keyed by (ledger, id) with ``ON CONFLICT DO
+NOTHING``, so a retried or repeated copy (two worker processes, a crash between the insert
+and the bookmark) never counts a request twice. While the database is down the rows wait
+in SQLite and are copied once it is back, also after a restart of the sidecar: nothing
+finished is lost.
+
+Budgets read a node's spend from the database (plus this host's rows not copied yet), so
+they hold across hosts. When the database cannot be reached a budget cannot be checked:
+a budgeted node's requests are refused with SPEND_DATABASE_UNAVAILABLE (fail closed;
+retryable), nodes without a budget are served as usual. One warning says so per outage,
+and its end is logged too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+import urllib.parse
+from collections.abc import Sequence
+from typing import Any
+
+from exo_remote_engine.errors import Reason, RemoteError
+from exo_remote_engine.redaction import SECRETS
+from exo_remote_engine.sidecar.config import ConfigError
+from exo_remote_engine.sidecar.safe_logging import safe_logger
+from exo_remote_engine.sidecar.shared_windows import display_url
+from exo_remote_engine.sidecar.spend import Ledger, UsageRow
+
+log = safe_logger("exo_remote_engine.sidecar")
+
+TABLE = "exo_remote_requests"
+CONNECT_TIMEOUT_S = 0.5
+QUERY_TIMEOUT_S = 2.0
+RETRY_AFTER_OUTAGE_S = 1.0  # during an outage, budget checks try the database again this often
+SHIP_POLL_S = 1.0  # rows written by other processes of this host, and retries, at least this often
+SHIP_BATCH = 500
+UNAVAILABLE_RETRY_AFTER_S = 5.0
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {TABLE} (
+    origin TEXT NOT NULL,              -- the SQLite ledger the row was copied from (its UUID)
+    local_id BIGINT NOT NULL,          -- the row's id in that ledger
+    host TEXT NOT NULL,                -- the sidecar host that wrote it
+    pid INTEGER,                       -- and its process
+    request_id TEXT NOT NULL,
+    ended_at DOUBLE PRECISION NOT NULL,
+    day TEXT NOT NULL,
+    node TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    deployment TEXT NOT NULL,
+    model TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_usd DOUBLE PRECISION,         -- NULL: no known price
+    estimated INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    PRIMARY KEY (origin, local_id)
+);
+CREATE INDEX IF NOT EXISTS {TABLE}_node_ended ON {TABLE} (node, ended_at);
+CREATE INDEX IF NOT EXISTS {TABLE}_ended ON {TABLE} (ended_at);
+"""
+_SCHEMA_LOCK = 0x65786F72  # pg_advisory_xact_lock key: hosts starting together create it once
+_INSERT = (
+    f"INSERT INTO {TABLE} (local_id, request_id, ended_at, day, node, alias, deployment, model, prompt_tokens,"  # noqa: S608
+    " completion_tokens, cost_usd, estimated, outcome, pid, origin, host)"
+    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16) ON CONFLICT (origin, local_id) DO NOTHING"
+)
+_SPENT = (
+    f"SELECT COALESCE(SUM(cost_usd), 0) FROM {TABLE} WHERE node = $1 AND ended_at >= $2"  # noqa: S608
+    " AND NOT (origin = $3 AND local_id > $4)"  # this host's newest rows are counted from SQLite
+)
+
+
+def check_database_url(url: str) -> str:
+    """The URL, registered as a secret source; ConfigError (without its password) otherwise."""
+    SECRETS.add_url(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError:
+        raise ConfigError("--database: not a valid URL") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"--database {display_url(url)}: expected postgresql://user@host:port/dbname")
+    return url
+
+
+def _driver_errors() -> tuple[type[BaseException], ...]:
+    import asyncpg
+
+    return (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError, ConnectionError)
+
+
+class SpendDatabase:
+    """The shared spend table, fed from ``ledger``; budgets ask it for a node's spend."""
+
+    def __init__(self, url: str, ledger: Ledger) -> None:
+        self._url = url
+        self.name = display_url(url)  # what logs say: never the password
+        self.ledger = ledger
+        self.origin = ledger.origin()
+        self.host = socket.gethostname()
+        self._pool: Any = None
+        self._schema_ready = False
+        self._down_until = 0.0
+        self._outage = False
+        self._kick = asyncio.Event()
+        self._shipper: asyncio.Task[None] | None = None
+        self._shipped_total = 0
+
+    @property
+    def available(self) -> bool:
+        return not self._outage
+
+    async def start(self) -> None:
+        """Open the pool (no connection yet: the database may be down at start) and the copier."""
+        import asyncpg
+
+        self._pool = await asyncpg.create_pool(
+            self._url, min_size=0, max_size=4, timeout=CONNECT_TIMEOUT_S, command_timeout=QUERY_TIMEOUT_S
+        )
+        self._shipper = asyncio.create_task(self._ship_forever())
+
+    async def close(self, grace_s: float = 2.0) -> None:
+        """A last copy of what is waiting (bounded), then the pool."""
+        if self._shipper is not None:
+            self._shipper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._shipper
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):
+                await self.ship_pending()
+        if self._pool is not None:
+            with contextlib.suppress(*_driver_errors()):
+                async with asyncio.timeout(grace_s):
+                    await self._pool.close()
+
+    def kick(self) -> None:
+        """A row was written to the ledger: copy it now rather than at the next poll."""
+        self._kick.set()
+
+    def _failed(self, exc: BaseException, waiting: int | None = None) -> None:
+        self._down_until = time.monotonic() + RETRY_AFTER_OUTAGE_S
+        if not self._outage:
+            self._outage = True
+            self._schema_ready = False  # the database may come back empty
+            log.warning(
+                "spend database %s unreachable (%s): nodes with a budget are refused (SPEND_DATABASE_UNAVAILABLE) "
+                "until it is back; finished requests are kept in the local ledger and copied then",
+                self.name,
+                type(exc).__name__,
+            )
+
+    def _recovered(self) -> None:
+        if self._outage:
+            self._outage = False
+            log.warning("spend database %s is back: budgets are checked again", self.name)
+
+    async def _ensure_schema(self, connection: Any) -> None:
+        if self._schema_ready:
+            return
+        async with connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+            await connection.execute(_SCHEMA)
+        self._schema_ready = True
+
+    async def spent(self, node: str, since: float) -> float:
+        """``node``'s spend since ``since`` on every host; RemoteError when it cannot be known."""
+        if time.monotonic() < self._down_until:
+            raise self._unavailable(node)
+        shipped = self.ledger.shipped_upto(self.name)
+        try:
+            async with asyncio.timeout(QUERY_TIMEOUT_S):
+                async with self._pool.acquire() as connection:
+                    await self._ensure_schema(connection)
+                    total = await connection.fetchval(_SPENT, node, since, self.origin, shipped)
+        except _driver_errors() as exc:
+            self._failed(exc)
+            raise self._unavailable(node) from None
+        self._recovered()
+        return float(total) + self.ledger.spent(node, since, after_id=shipped)
+
+    def _unavailable(self, node: str) -> RemoteError:
+        return RemoteError(
+            Reason.SPEND_DATABASE_UNAVAILABLE,
+            f"node {node!r} has a budget and the spend database is unreachable, so it cannot be checked; "
+            "try again shortly",
+            retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
+        )
+
+    async def ship_pending(self) -> int:
+        """Copy every row not copied yet; the number copied. Raises the driver's error."""
+        copied = 0
+        while rows := await self.ledger.unshipped(self.name, SHIP_BATCH):
+            async with self._pool.acquire() as connection:
+                await self._ensure_schema(connection)
+                await connection.executemany(_INSERT, [(*row, self.origin, self.host) for row in rows])
+            last = rows[-1][0]
+            assert isinstance(last, int)
+            await self.ledger.mark_shipped(self.name, last)
+            copied += len(rows)
+        return copied
+
+    async def _ship_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SHIP_POLL_S):
+                    await self._kick.wait()
+            self._kick.clear()
+            try:
+                copied = await self.ship_pending()
+            except _driver_errors() as exc:
+                self._failed(exc)
+                continue
+            except Exception:  # e.g. the local ledger is busy: never let the copier die
+                log.exception("copying spend rows to %s failed; retrying", self.name)
+                continue
+            if copied and self._outage:
+                log.warning("spend database %s: %d requests kept during the outage are written", self.name, copied)
+            self._recovered()
+
+
+async def fetch_usage(url: str, since: float, node: str | None) -> list[UsageRow]:
+    """``exo-remote usage --database``: spend per node and model on every host."""
+    import asyncpg
+
+    query = (
+        "SELECT node, alias, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens),"  # noqa: S608
+        f" COALESCE(SUM(cost_usd), 0), COUNT(*) FILTER (WHERE cost_usd IS NULL) FROM {TABLE} WHERE ended_at >= $1"
+    )
+    args: Sequence[object] = (since,)
+    if node is not None:
+        query += " AND node = $2"
+        args = (since, node)
+    query += " GROUP BY node, alias ORDER BY node, alias"
+    connection = await asyncpg.connect(url, timeout=5.0)
+    try:
+        exists = await connection.fetchval("SELECT to_regclass($1) IS NOT NULL", TABLE)
+        rows = await connection.fetch(query, *args) if exists else []
+    finally:
+        await connection.close()
+    return [UsageRow(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), float(r[5]), int(r[6])) for r in rows]
