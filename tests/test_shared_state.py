@@ -35,9 +35,10 @@ from tests.support.traffic import KEY_ENV, deployment
 pytestmark = pytest.mark.timeout(150)
 
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+# (A token must not contain its node's name: the name would then be redacted as a fragment.)
 TOKENS = {
-    node: f"token-of-{node}-0123456789"
-    for node in ("capped", "budgeted", "metered", "free", "fallback", "workers")
+    node: f"tok-{i:02d}-0123456789abcdef"
+    for i, node in enumerate(("capped", "budgeted", "metered", "free", "fallback", "workers"))
 }
 RPM = 20
 FALLBACK_RPM = 5
@@ -298,9 +299,9 @@ async def test_postgres_stopped_mid_load_fails_budgets_closed_and_loses_nothing(
     )
     assert counted[0]["n"] == counted[0]["d"], "no request is stored twice"
     for log in cluster.logs():
-        assert "spend database postgresql://127.0.0.1" in log and "unreachable" in log, log[-3000:]
-        assert "is back: budgets are checked again" in log
-        assert "Traceback" not in log, log[-3000:]
+        assert "spend database postgresql://127.0.0.1" in log and "unreachable" in log, "no outage warning"
+        assert "is back: budgets are checked again" in log, "no recovery line"
+        assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:4000]
 
 
 @pytest.mark.timeout(180)
@@ -321,11 +322,12 @@ async def test_redis_stopped_mid_load_falls_back_per_host_and_recovers(cluster: 
     assert per_host == [FALLBACK_RPM] * 3, f"during the outage each host holds the limit itself: {per_host}"
     assert {c.error.reason for c in during if c.error} == {Reason.RATE_LIMITED}
     # Back in Redis (restarted empty): the limit holds in total again.
-    assert sum(c.error is None for c in after) == FALLBACK_RPM, [c.error for c in after]
+    assert sum(c.error is None for c in after) == FALLBACK_RPM, [(c.host, c.error and c.error.message) for c in after]
     for log in cluster.logs():
         assert "rpm/tpm limits now hold per sidecar process" in log, log[-3000:]
         assert "limits are shared across hosts again" in log, log[-3000:]
-        assert "redis://127.0.0.1" in log and "Traceback" not in log
+        assert "redis://127.0.0.1" in log
+        assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:4000]
 
 
 def test_two_workers_with_redis_and_database_start_and_share_limits(

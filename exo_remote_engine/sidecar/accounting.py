@@ -145,7 +145,7 @@ class RequestAccount:
             except sqlite3.Error as exc:
                 log.error("request_id=%s spend not recorded in %s: %s", self.request.request_id, ledger.path, exc)
             if self._accounting.database is not None:
-                self._accounting.database.kick()
+                await self._accounting.database.copied()
 
     def settle(self, code: str) -> None:
         """At the end, whatever the end: a stream cut short after output began is charged

@@ -94,7 +94,9 @@ class RedisWindows:
             url,
             socket_timeout=TIMEOUT_S,
             socket_connect_timeout=TIMEOUT_S,
-            retry=Retry(NoBackoff(), 0),  # a failure is handled here, at once, not retried
+            # One immediate retry, on a fresh connection: an idle pooled connection that died
+            # with a restarted Redis fails once; a Redis that is down fails both, fast.
+            retry=Retry(NoBackoff(), 1),
             health_check_interval=0,
         )
         self._admit = self._redis.register_script(_ADMIT)
@@ -141,7 +143,7 @@ class RedisWindows:
         minute = int(self.clock() // WINDOW_S)
         keys = [minute_key(key, minute, "requests"), minute_key(key, minute, "tokens")]
         try:
-            async with asyncio.timeout(TIMEOUT_S * 2):
+            async with asyncio.timeout(TIMEOUT_S * 3):
                 verdict, count = await self._admit(keys=keys, args=[_limit(rpm), _limit(tpm), KEY_TTL_S])
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
@@ -169,7 +171,7 @@ class RedisWindows:
 
         name = minute_key(key, int(self.clock() // WINDOW_S), "tokens")
         try:
-            async with asyncio.timeout(TIMEOUT_S * 2):
+            async with asyncio.timeout(TIMEOUT_S * 3):
                 async with self._redis.pipeline(transaction=True) as pipe:
                     pipe.incrby(name, tokens)
                     pipe.expire(name, KEY_TTL_S)

@@ -42,6 +42,7 @@ QUERY_TIMEOUT_S = 2.0
 RETRY_AFTER_OUTAGE_S = 1.0  # during an outage, budget checks try the database again this often
 SHIP_POLL_S = 1.0  # rows written by other processes of this host, and retries, at least this often
 SHIP_BATCH = 500
+COPY_WAIT_S = 1.0  # how long a finishing request waits for its row's copy (then it is copied later)
 UNAVAILABLE_RETRY_AFTER_S = 5.0
 
 _SCHEMA = f"""
@@ -112,6 +113,7 @@ class SpendDatabase:
         self._down_until = 0.0
         self._outage = False
         self._kick = asyncio.Event()
+        self._next_pass: asyncio.Future[None] | None = None  # done when a pass begun after now ends
         self._shipper: asyncio.Task[None] | None = None
         self._shipped_total = 0
 
@@ -126,6 +128,7 @@ class SpendDatabase:
         self._pool = await asyncpg.create_pool(
             self._url, min_size=0, max_size=4, timeout=CONNECT_TIMEOUT_S, command_timeout=QUERY_TIMEOUT_S
         )
+        self._next_pass = asyncio.get_running_loop().create_future()
         self._shipper = asyncio.create_task(self._ship_forever())
 
     async def close(self, grace_s: float = 2.0) -> None:
@@ -145,6 +148,17 @@ class SpendDatabase:
     def kick(self) -> None:
         """A row was written to the ledger: copy it now rather than at the next poll."""
         self._kick.set()
+
+    async def copied(self) -> None:
+        """Copy the rows written so far, and wait (a bounded time) until they are: a node's
+        next request, on any host, then counts this one's spend. During an outage nothing
+        waits; the rows are copied when the database is back."""
+        self.kick()
+        if self._outage or self._next_pass is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(COPY_WAIT_S):
+                await asyncio.shield(self._next_pass)
 
     def _failed(self, exc: BaseException, waiting: int | None = None) -> None:
         self._down_until = time.monotonic() + RETRY_AFTER_OUTAGE_S
@@ -214,6 +228,7 @@ class SpendDatabase:
                 async with asyncio.timeout(SHIP_POLL_S):
                     await self._kick.wait()
             self._kick.clear()
+            waiting, self._next_pass = self._next_pass, asyncio.get_running_loop().create_future()
             try:
                 copied = await self.ship_pending()
             except _driver_errors() as exc:
@@ -222,6 +237,9 @@ class SpendDatabase:
             except Exception:  # e.g. the local ledger is busy: never let the copier die
                 log.exception("copying spend rows to %s failed; retrying", self.name)
                 continue
+            finally:
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(None)
             if copied and self._outage:
                 log.warning("spend database %s: %d requests kept during the outage are written", self.name, copied)
             self._recovered()
