@@ -32,6 +32,22 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.stamp 2>/dev/null)" != "$want" ]
   echo "$want" > .venv/.stamp
 fi
 
+# The shared-state tests (tests/test_shared_state.py) start a real PostgreSQL and Redis from
+# Debian's packages; installed here only when their binaries are missing (never a download
+# of server builds). Without them those tests are skipped with the reason.
+apt_install() {  # package, what needs it
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    echo "[bootstrap] installing $1 (apt) for $2"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1" >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1" >/dev/null; } \
+      || echo "[bootstrap] $1 could not be installed: $2 will be skipped"
+  else
+    echo "[bootstrap] $1 missing (install Debian's $1 package): $2 will be skipped"
+  fi
+}
+command -v redis-server >/dev/null 2>&1 || apt_install redis-server "the shared-state tests"
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install postgresql "the shared-state tests"
+
 # 2. Classic exo's environment, built the way a user has it: exo's own requirements first,
 #    then exactly the README's `pip install .`, with no constraints file. If that install
 #    changed any of exo's pins, the bootstrap stops: the declared dependencies are wrong.

@@ -128,6 +128,12 @@ class SpendDatabase:
         self._pool = await asyncpg.create_pool(
             self._url, min_size=0, max_size=4, timeout=CONNECT_TIMEOUT_S, command_timeout=QUERY_TIMEOUT_S
         )
+        try:  # the table now, if the database answers (else at its first answer)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S * 4):
+                async with self._pool.acquire() as connection:
+                    await self._ensure_schema(connection)
+        except _driver_errors() as exc:
+            self._failed(exc)
         self._next_pass = asyncio.get_running_loop().create_future()
         self._shipper = asyncio.create_task(self._ship_forever())
 
@@ -137,9 +143,10 @@ class SpendDatabase:
             self._shipper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._shipper
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace_s):
-                await self.ship_pending()
+        if not self._outage:  # (during an outage the rows wait in the ledger for the next start)
+            with contextlib.suppress(*_driver_errors()):
+                async with asyncio.timeout(grace_s):
+                    await self.ship_pending()
         if self._pool is not None:
             with contextlib.suppress(*_driver_errors()):
                 async with asyncio.timeout(grace_s):
