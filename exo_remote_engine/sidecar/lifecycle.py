@@ -218,9 +218,10 @@ async def _start(settings: SidecarSettings, config: SidecarConfig) -> RunningSid
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
         port = _bind(server, settings)
-    except RuntimeError as exc:  # grpc's way of saying the bind failed
-        raise ConfigError(f"cannot bind {settings.listen}: address in use or not available") from exc
+    except RuntimeError:  # grpc's way of saying the bind failed
+        port = 0
     if port == 0:
+        await servicer.accounting.close()  # the spend copier and Redis client, started above
         raise ConfigError(f"cannot bind {settings.listen}: address in use or not available")
     from exo_remote_engine.sidecar.litellm_transport import warm_up  # LiteLLM, imported by now
 

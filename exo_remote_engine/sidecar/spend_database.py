@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import time
 import urllib.parse
@@ -42,9 +43,11 @@ QUERY_TIMEOUT_S = 2.0
 RETRY_AFTER_OUTAGE_S = 1.0  # during an outage, budget checks try the database again this often
 SHIP_POLL_S = 1.0  # rows written by other processes of this host, and retries, at least this often
 SHIP_BATCH = 500
+POOL_SIZE = 8
 COPY_WAIT_S = 1.0  # how long a finishing request waits for its row's copy (then it is copied later)
 UNAVAILABLE_RETRY_AFTER_S = 5.0
 
+HOURS = "exo_remote_spend_hours"
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
     origin TEXT NOT NULL,              -- the SQLite ledger the row was copied from (its UUID)
@@ -67,17 +70,41 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
 );
 CREATE INDEX IF NOT EXISTS {TABLE}_node_ended ON {TABLE} (node, ended_at);
 CREATE INDEX IF NOT EXISTS {TABLE}_ended ON {TABLE} (ended_at);
+-- Each node's spend per UTC hour, kept with the rows: a budget check sums at most an hour
+-- of rows plus one line per hour, not every request of a 30-day window.
+CREATE TABLE IF NOT EXISTS {HOURS} (
+    node TEXT NOT NULL,
+    hour BIGINT NOT NULL,              -- floor(ended_at / 3600)
+    cost_usd DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (node, hour)
+);
 """
 _SCHEMA_LOCK = 0x65786F72  # pg_advisory_xact_lock key: hosts starting together create it once
-_INSERT = (
-    f"INSERT INTO {TABLE} (local_id, request_id, ended_at, day, node, alias, deployment, model, prompt_tokens,"  # noqa: S608
-    " completion_tokens, cost_usd, estimated, outcome, pid, origin, host)"
-    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16) ON CONFLICT (origin, local_id) DO NOTHING"
+# One batch: rows that were not there yet are inserted, and only those add to their hour
+# (a row copied twice, even by two processes at once, is neither stored nor counted twice).
+_INSERT = f"""
+WITH new AS (
+    INSERT INTO {TABLE} (local_id, request_id, ended_at, day, node, alias, deployment, model, prompt_tokens,
+                         completion_tokens, cost_usd, estimated, outcome, pid, origin, host)
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::text[], $9::int[], $10::int[], $11::float8[], $12::int[], $13::text[], $14::int[],
+                         $15::text[], $16::text[])
+    ON CONFLICT (origin, local_id) DO NOTHING
+    RETURNING node, ended_at, cost_usd
 )
-_SPENT = (
-    f"SELECT COALESCE(SUM(cost_usd), 0) FROM {TABLE} WHERE node = $1 AND ended_at >= $2"  # noqa: S608
-    " AND NOT (origin = $3 AND local_id > $4)"  # this host's newest rows are counted from SQLite
-)
+INSERT INTO {HOURS} (node, hour, cost_usd)
+SELECT node, floor(ended_at / 3600)::bigint, SUM(cost_usd) FROM new WHERE cost_usd IS NOT NULL GROUP BY 1, 2
+ON CONFLICT (node, hour) DO UPDATE SET cost_usd = {HOURS}.cost_usd + excluded.cost_usd
+"""  # noqa: S608
+# $1 node, $2 the window's start, $3 its first whole hour, $4 this ledger, $5 its last row
+# bookmarked as copied. This host's rows after the bookmark are counted from SQLite, so any
+# of them already copied are taken out here.
+_SPENT = f"""
+SELECT COALESCE((SELECT SUM(cost_usd) FROM {HOURS} WHERE node = $1 AND hour >= $3), 0)
+     + COALESCE((SELECT SUM(cost_usd) FROM {TABLE} WHERE node = $1 AND ended_at >= $2 AND ended_at < $3 * 3600.0), 0)
+     - COALESCE((SELECT SUM(cost_usd) FROM {TABLE}
+                 WHERE origin = $4 AND local_id > $5 AND node = $1 AND ended_at >= $2), 0)
+"""  # noqa: S608
 
 
 def check_database_url(url: str) -> str:
@@ -96,7 +123,9 @@ def check_database_url(url: str) -> str:
 def _driver_errors() -> tuple[type[BaseException], ...]:
     import asyncpg
 
-    return (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError, ConnectionError)
+    # InternalClientError: a connection cut mid-operation (the server shutting down) can leave
+    # the protocol in a state asyncpg reports this way.
+    return (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
 
 
 class SpendDatabase:
@@ -115,7 +144,7 @@ class SpendDatabase:
         self._kick = asyncio.Event()
         self._next_pass: asyncio.Future[None] | None = None  # done when a pass begun after now ends
         self._shipper: asyncio.Task[None] | None = None
-        self._shipped_total = 0
+        self._reading: dict[tuple[str, float], asyncio.Future[float]] = {}  # node's spend being read
 
     @property
     def available(self) -> bool:
@@ -126,7 +155,7 @@ class SpendDatabase:
         import asyncpg
 
         self._pool = await asyncpg.create_pool(
-            self._url, min_size=0, max_size=4, timeout=CONNECT_TIMEOUT_S, command_timeout=QUERY_TIMEOUT_S
+            self._url, min_size=0, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT_S, command_timeout=QUERY_TIMEOUT_S
         )
         try:  # the table now, if the database answers (else at its first answer)
             async with asyncio.timeout(CONNECT_TIMEOUT_S * 4):
@@ -193,20 +222,31 @@ class SpendDatabase:
         self._schema_ready = True
 
     async def spent(self, node: str, since: float) -> float:
-        """``node``'s spend since ``since`` on every host; RemoteError when it cannot be known."""
+        """``node``'s spend since ``since`` on every host; RemoteError when it cannot be known.
+        Checks of one node that arrive while its spend is being read share that read."""
         if time.monotonic() < self._down_until:
             raise self._unavailable(node)
         shipped = self.ledger.shipped_upto(self.name)
+        key = (node, since)
+        reading = self._reading.get(key)
+        if reading is None:
+            reading = self._reading[key] = asyncio.ensure_future(self._read_spent(node, since, shipped))
+            reading.add_done_callback(lambda _: self._reading.pop(key, None))
+        total = await asyncio.shield(reading)
+        return total + self.ledger.spent(node, since, after_id=shipped)
+
+    async def _read_spent(self, node: str, since: float, shipped: int) -> float:
+        first_hour = math.ceil(since / 3600)
         try:
             async with asyncio.timeout(QUERY_TIMEOUT_S):
                 async with self._pool.acquire() as connection:
                     await self._ensure_schema(connection)
-                    total = await connection.fetchval(_SPENT, node, since, self.origin, shipped)
+                    total = await connection.fetchval(_SPENT, node, since, first_hour, self.origin, shipped)
         except _driver_errors() as exc:
             self._failed(exc)
             raise self._unavailable(node) from None
         self._recovered()
-        return float(total) + self.ledger.spent(node, since, after_id=shipped)
+        return float(total)
 
     def _unavailable(self, node: str) -> RemoteError:
         return RemoteError(
@@ -220,9 +260,10 @@ class SpendDatabase:
         """Copy every row not copied yet; the number copied. Raises the driver's error."""
         copied = 0
         while rows := await self.ledger.unshipped(self.name, SHIP_BATCH):
+            columns = [list(column) for column in zip(*rows, strict=True)]
             async with self._pool.acquire() as connection:
                 await self._ensure_schema(connection)
-                await connection.executemany(_INSERT, [(*row, self.origin, self.host) for row in rows])
+                await connection.execute(_INSERT, *columns, [self.origin] * len(rows), [self.host] * len(rows))
             last = rows[-1][0]
             assert isinstance(last, int)
             await self.ledger.mark_shipped(self.name, last)
