@@ -36,18 +36,18 @@ _parse_args = parse_args  # the name tests parse flags with
 
 def _check_single_process(config: SidecarConfig, settings: SidecarSettings) -> None:
     """Limits and budgets counted in one process's memory cannot be split over workers:
-    node rpm/tpm need --redis, budgets --database; deployment rpm/tpm stay per process."""
-    limited = [e.deployment_name for group in config.groups.values() for e in group if e.rpm or e.tpm]
-    limited += [e.alias for e in config.models if e.rpm or e.tpm]
+    rpm/tpm need --redis, budgets --database."""
+    limited: list[str] = []
     if settings.redis_url is None:
+        limited += [e.deployment_name for group in config.groups.values() for e in group if e.rpm or e.tpm]
+        limited += [e.alias for e in config.models if e.rpm or e.tpm]
         limited += [f"node {n}" for n, q in config.node_quotas.items() if q.rpm is not None or q.tpm is not None]
     if settings.database_url is None:
         limited += [f"node {n}" for n, q in config.node_quotas.items() if q.max_budget is not None]
     if settings.workers > 1 and limited:
         raise ConfigError(
             f"--workers {settings.workers}: rpm, tpm and budgets are counted per process, and {limited[0]} has one; "
-            "run with --workers 1, or share node rpm/tpm with --redis and budgets with --database "
-            "(deployment rpm/tpm are always per process)"
+            "run with --workers 1, or share rpm/tpm with --redis and budgets with --database"
         )
 
 

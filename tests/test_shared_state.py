@@ -38,10 +38,11 @@ HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 # (A token must not contain its node's name: the name would then be redacted as a fragment.)
 TOKENS = {
     node: f"tok-{i:02d}-0123456789abcdef"
-    for i, node in enumerate(("capped", "budgeted", "metered", "free", "fallback", "workers"))
+    for i, node in enumerate(("capped", "budgeted", "metered", "free", "fallback", "workers", "routed"))
 }
 RPM = 20
 FALLBACK_RPM = 5
+DEPLOYMENT_RPM = 9
 PROMPT, COMPLETION = 1000, 10
 _ids = itertools.count()
 
@@ -56,6 +57,7 @@ BUDGET = 10.5 * per_request_usd()  # the 11th request crosses it
 
 def write_config(path: Path, upstream_url: str) -> Path:
     text = "model_list:\n" + deployment("mini", "gpt-4o-mini", upstream_url)
+    text += deployment("limited", "gpt-4o-mini", upstream_url, rpm=DEPLOYMENT_RPM)
     text += "exo_remote_settings:\n  nodes:\n"
     text += f"    capped: {{rpm: {RPM}}}\n"
     text += f"    budgeted: {{max_budget: {BUDGET!r}, budget_duration: 1d}}\n"
@@ -144,10 +146,10 @@ class Call:
     finished: bool = False
 
 
-async def call(client: SidecarClient, node: str, host: int) -> Call:
+async def call(client: SidecarClient, node: str, host: int, model: str = "mini") -> Call:
     record = Call(node, host, f"{node}-{host}-{next(_ids)}-{os.getpid()}", time.time())
     try:
-        events = [e async for e in client.generate(chat_request("mini", "hi", request_id=record.request_id))]
+        events = [e async for e in client.generate(chat_request(model, "hi", request_id=record.request_id))]
         record.finished = bool(events) and events[-1].HasField("finished")
     except RemoteError as exc:
         record.error = exc
@@ -198,6 +200,23 @@ async def test_a_node_rpm_holds_across_three_hosts(cluster: Cluster) -> None:
         assert 0 < shared.ttl(f"exo-remote:{{node:capped}}:{minute}:requests") <= 120
     finally:
         shared.close()
+
+
+async def test_a_deployment_rpm_holds_across_three_hosts(cluster: Cluster) -> None:
+    minute = await _early_in_minute(40)
+    clients = cluster.clients_of("routed")
+    try:
+        calls = await asyncio.gather(
+            *(call(clients[i % 3], "routed", i % 3, "limited") for i in range(3 * DEPLOYMENT_RPM))
+        )
+    finally:
+        await cluster.close_clients()
+    assert int(time.time() // 60) == minute, "the burst stayed in one minute window"
+    admitted = sum(c.error is None for c in calls)
+    assert admitted == DEPLOYMENT_RPM, f"{admitted} admitted by a deployment with rpm {DEPLOYMENT_RPM}"
+    errors = [c.error for c in calls if c.error is not None]
+    assert {e.reason for e in errors} == {Reason.RATE_LIMITED}
+    assert all("at its rpm/tpm limit this minute" in e.message for e in errors), errors[0]
 
 
 async def test_a_node_budget_holds_across_three_hosts(cluster: Cluster) -> None:

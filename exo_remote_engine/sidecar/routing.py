@@ -16,18 +16,25 @@ Why not LiteLLM's Router object itself: its selection, cooldowns and usage count
 bound to its own ``acompletion`` call path and wall-clock caches, so the direct OpenAI
 reader (a tenth of LiteLLM's CPU per token) could not be used under it, and tests could not
 drive time. This module keeps the same rules over our transports and an injectable clock.
+
+With ``--redis`` the deployments' minute counts are shared by every sidecar host (as the
+LiteLLM proxy shares its router's usage): a group whose members have ``rpm``/``tpm``, or
+that routes by usage, reads them from Redis, and the chosen deployment is counted there by
+the same atomic script as node limits; when another host took its last request first, the
+next member is tried.
 """
 
 from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.sidecar.config import ModelEntry, RouterSettings
 from exo_remote_engine.sidecar.limits import WINDOW_S, UsageWindows, rate_limited
+from exo_remote_engine.sidecar.shared_windows import RedisWindows
 
 _LATENCY_SAMPLES = 10
 _IMMEDIATE_COOLDOWN_STATUSES = (429, 401, 404)
@@ -47,9 +54,16 @@ def deployment_key(entry: ModelEntry) -> str:
 
 
 class Router:
-    def __init__(self, settings: RouterSettings, windows: UsageWindows, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        settings: RouterSettings,
+        windows: UsageWindows,
+        rng: random.Random | None = None,
+        shared: RedisWindows | None = None,
+    ) -> None:
         self.settings = settings
         self.windows = windows
+        self.shared = shared
         self._rng = rng or random.Random()
         self._health: dict[str, _Health] = {}
 
@@ -62,7 +76,7 @@ class Router:
     def cooling(self, entry: ModelEntry) -> bool:
         return self._of(entry).cooldown_until > self.windows.clock()
 
-    def pick(self, group: Sequence[ModelEntry], tried: Collection[str] = ()) -> ModelEntry:
+    async def pick(self, group: Sequence[ModelEntry], tried: Collection[str] = ()) -> ModelEntry:
         """Choose a deployment not yet ``tried`` in this request (any, when all were), not
         cooling down, under its limits; count the request against it."""
         now = self.windows.clock()
@@ -75,25 +89,50 @@ class Router:
                 f"every deployment of model {group[0].alias!r} is cooling down after failures",
                 retry_after_s=wait,
             )
+        usage_based = self.settings.routing_strategy.startswith("usage-based-routing")
+        if self.shared is not None and (usage_based or any(d.rpm or d.tpm for d in healthy)):
+            return await self._pick_shared(self.shared, group[0].alias, healthy)
         room = [d for d in healthy if self.windows.has_room(deployment_key(d), d.rpm, d.tpm)]
         if not room:
-            raise rate_limited(
-                f"every deployment of model {group[0].alias!r} is at its rpm/tpm limit this minute",
-                self.windows.retry_after_s(),
-                "deployment",
-            )
-        chosen = room[0] if len(room) == 1 else self._choose(room)
+            raise self._all_limited(group[0].alias)
+        chosen = room[0] if len(room) == 1 else self._choose(room, lambda d: self.windows.tokens(deployment_key(d)))
         self.windows.add_request(deployment_key(chosen))
         return chosen
 
-    def _choose(self, room: list[ModelEntry]) -> ModelEntry:
+    async def _pick_shared(self, shared: RedisWindows, alias: str, healthy: list[ModelEntry]) -> ModelEntry:
+        counts = await shared.counts([deployment_key(d) for d in healthy])
+
+        def fits(d: ModelEntry) -> bool:
+            requests, tokens = counts[deployment_key(d)]
+            return (d.rpm is None or requests < d.rpm) and (d.tpm is None or tokens < d.tpm)
+
+        room = [d for d in healthy if fits(d)]
+        while room:
+            chosen = room[0] if len(room) == 1 else self._choose(room, lambda d: counts[deployment_key(d)][1])
+            try:
+                what = f"deployment {chosen.deployment_name!r}"
+                await shared.admit(deployment_key(chosen), chosen.rpm, chosen.tpm, what)
+            except RemoteError:
+                room.remove(chosen)  # another host took its last request of the minute
+                continue
+            return chosen
+        raise self._all_limited(alias)
+
+    def _all_limited(self, alias: str) -> RemoteError:
+        return rate_limited(
+            f"every deployment of model {alias!r} is at its rpm/tpm limit this minute",
+            self.windows.retry_after_s(),
+            "deployment",
+        )
+
+    def _choose(self, room: list[ModelEntry], tokens: Callable[[ModelEntry], int]) -> ModelEntry:
         strategy = self.settings.routing_strategy
         if strategy == "least-busy":
             return self._lowest(room, lambda d: float(self._of(d).in_flight))
         if strategy == "latency-based-routing":
             return self._lowest(room, self._mean_latency)
         if strategy.startswith("usage-based-routing"):
-            return self._lowest(room, lambda d: float(self.windows.tokens(deployment_key(d))))
+            return self._lowest(room, lambda d: float(tokens(d)))
         for attribute in ("weight", "rpm", "tpm"):
             weights = [float(getattr(d, attribute) or 0) for d in room]
             if any(weights):
@@ -117,7 +156,7 @@ class Router:
         health = self._of(entry)
         health.in_flight -= 1
         health.latencies.append(latency_s)
-        self.windows.add_tokens(deployment_key(entry), tokens)
+        (self.shared or self.windows).add_tokens(deployment_key(entry), tokens)
 
     def failed(self, entry: ModelEntry, status: int | None, group_size: int) -> None:
         """Count a failure; cool the deployment down when LiteLLM's rule says so."""

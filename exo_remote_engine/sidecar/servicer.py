@@ -72,7 +72,7 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         self.backend = StreamingBackend(
             num_retries=self.config.num_retries,
             openai_fast_path=openai_fast_path,
-            router=Router(self.config.router, self.accounting.windows),
+            router=Router(self.config.router, self.accounting.windows, shared=self.accounting.shared_windows),
             groups=self.config.deployments,
         )
         self.worker_ports: Callable[[], Sequence[int]] = tuple  # set when a WorkerPool runs

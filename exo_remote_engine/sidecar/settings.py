@@ -333,15 +333,15 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     shared = parser.add_argument_group(
         "several sidecar hosts",
-        "Limits and budgets that hold across hosts and --workers processes: node rpm/tpm in Redis, "
+        "Limits and budgets that hold across hosts and --workers processes: rpm/tpm in Redis, "
         "spend in PostgreSQL (each host still writes its own SQLite ledger first).",
     )
     shared.add_argument(
         "--redis",
         default=env("EXO_REMOTE_REDIS") or None,
         metavar="URL",
-        help="redis://host:port/db holding every node's rpm/tpm counts; while unreachable, limits hold per "
-        "process (env EXO_REMOTE_REDIS; default: none, counts in this process)",
+        help="redis://host:port/db holding the rpm/tpm counts of nodes and deployments; while unreachable, "
+        "limits hold per process (env EXO_REMOTE_REDIS; default: none, counts in this process)",
     )
     shared.add_argument(
         "--database",

@@ -1,12 +1,13 @@
-"""Per-node rpm/tpm windows shared by every sidecar host and worker process, in Redis.
+"""Node and deployment rpm/tpm windows shared by every sidecar host and worker process, in Redis.
 
-``--redis redis://host:port/db`` moves the node limits' counters from one process's memory
+``--redis redis://host:port/db`` moves the rpm/tpm counters from one process's memory
 (:class:`~exo_remote_engine.sidecar.limits.UsageWindows`) to Redis, as the LiteLLM proxy
-does for its own instances: the same calendar-minute windows, one key per node, minute and
-count (``exo-remote:{node:<name>}:<minute>:requests`` / ``:tokens``, expiring after two
-minutes). Admission is one Lua script, so checking the counts and counting the request is
-atomic across hosts: ``rpm: 20`` admits 20 requests per minute in total, however many
-sidecars take them. Tokens are added when the provider reports them, without waiting.
+does for its own instances: the same calendar-minute windows, one key per node (or
+deployment), minute and count (``exo-remote:{node:<name>}:<minute>:requests`` / ``:tokens``,
+``{deployment:<name>}`` likewise), expiring after two minutes. Admission is one Lua
+script, so checking the counts and counting the request is atomic across hosts:
+``rpm: 20`` admits 20 requests per minute in total, however many sidecars take them.
+Tokens are added when the provider reports them, without waiting.
 
 Minutes come from each host's own clock (the Retry-After a caller gets is that host's
 minute end); hosts are expected to keep NTP time, like LiteLLM's.
@@ -154,6 +155,25 @@ class RedisWindows:
             raise rate_limited(f"{what} is at its limit of {rpm} requests per minute", self._retry_after(), "rpm")
         if verdict == 2:
             raise rate_limited(f"{what} used {count} of its {tpm} tokens per minute", self._retry_after(), "tpm")
+
+    async def counts(self, keys: list[str]) -> dict[str, tuple[int, int]]:
+        """Requests and tokens of the current minute per key (this process's own while
+        Redis is unreachable): what deployment routing chooses by."""
+        if self._usable():
+            from redis.exceptions import RedisError
+
+            minute = int(self.clock() // WINDOW_S)
+            names = [minute_key(k, minute, what) for k in keys for what in ("requests", "tokens")]
+            try:
+                async with asyncio.timeout(TIMEOUT_S * 3):
+                    values = await self._redis.mget(names)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._failed(exc)
+            else:
+                self._succeeded()
+                numbers = [int(v or 0) for v in values]
+                return {k: (numbers[2 * i], numbers[2 * i + 1]) for i, k in enumerate(keys)}
+        return {k: (self.fallback.requests(k), self.fallback.tokens(k)) for k in keys}
 
     def add_tokens(self, key: str, tokens: int) -> None:
         """Add the provider's tokens to the shared minute, without making the caller wait."""

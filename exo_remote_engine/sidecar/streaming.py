@@ -145,7 +145,7 @@ class StreamingBackend:
                 tried: set[str] = set()
                 for attempt in range(self._num_retries + 1):
                     try:
-                        entry = self._router.pick(group, tried) if self._router is not None else group[0]
+                        entry = await self._router.pick(group, tried) if self._router is not None else group[0]
                     except RemoteError as unavailable:  # every deployment is limited or cooling down
                         if last_model:
                             raise
