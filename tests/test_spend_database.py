@@ -119,3 +119,26 @@ async def test_budgets_and_usage_count_every_host(
     unreachable = f"postgresql://exo:sekret-pg-pass-01@127.0.0.1:{free_port()}/x"
     assert await asyncio.to_thread(main, ["usage", "--database", unreachable]) == 1
     assert "sekret" not in capsys.readouterr().err
+
+
+def test_a_ledger_from_before_the_shared_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / DB_NAME) as db:  # the schema as it was: no pid, no origin
+        db.execute(
+            "CREATE TABLE requests (id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, ended_at REAL NOT NULL,"
+            " day TEXT NOT NULL, node TEXT NOT NULL, alias TEXT NOT NULL, deployment TEXT NOT NULL,"
+            " model TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,"
+            " cost_usd REAL, estimated INTEGER NOT NULL, outcome TEXT NOT NULL)"
+        )
+        db.execute("INSERT INTO requests VALUES (1, 'old', 1.0, 'd', 'n', 'a', 'a', 'm', 1, 1, 0.5, 0, 'completed')")
+    ledger = Ledger.open(tmp_path)
+    try:
+        origin = ledger.origin()
+        assert len(origin) == 36 and ledger.spent("n", 0.0) == 0.5
+        assert ledger.shipped_upto("anywhere") == 0
+    finally:
+        ledger.close()
+    reopened = Ledger.open(tmp_path)
+    try:
+        assert reopened.origin() == origin, "a ledger keeps its identity"
+    finally:
+        reopened.close()

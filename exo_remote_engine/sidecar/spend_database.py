@@ -254,6 +254,7 @@ class SpendDatabase:
             f"node {node!r} has a budget and the spend database is unreachable, so it cannot be checked; "
             "try again shortly",
             retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
+            metadata={"limit": "spend_database"},  # the limit-hit metric's label: not "budget"
         )
 
     async def ship_pending(self) -> int:
