@@ -38,7 +38,7 @@ HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 # (A token must not contain its node's name: the name would then be redacted as a fragment.)
 TOKENS = {
     node: f"tok-{i:02d}-0123456789abcdef"
-    for i, node in enumerate(("capped", "budgeted", "metered", "free", "fallback", "workers", "routed"))
+    for i, node in enumerate(("capped", "budgeted", "metered", "free", "fallback", "workers", "routed", "steady"))
 }
 RPM = 20
 FALLBACK_RPM = 5
@@ -63,6 +63,7 @@ def write_config(path: Path, upstream_url: str) -> Path:
     text += f"    budgeted: {{max_budget: {BUDGET!r}, budget_duration: 1d}}\n"
     text += "    metered: {max_budget: 1000, budget_duration: 1d}\n"
     text += f"    fallback: {{rpm: {FALLBACK_RPM}}}\n"
+    text += "    steady: {rpm: 100000, tpm: 100000000}\n"
     text += "    workers: {rpm: 6, max_budget: 1000}\n"
     path.write_text(text)
     return path
@@ -327,15 +328,30 @@ async def test_postgres_stopped_mid_load_fails_budgets_closed_and_loses_nothing(
 async def test_redis_stopped_mid_load_falls_back_per_host_and_recovers(cluster: Cluster) -> None:
     minute = await _early_in_minute(35)
     clients = cluster.clients_of("fallback")
+    steady = cluster.clients_of("steady")
+    steady_calls: list[Call] = []
+    stop = asyncio.Event()
+
+    async def load(host: int) -> None:  # a limited node under load all along: never refused
+        while not stop.is_set():
+            steady_calls.append(await call(steady[host], "steady", host))
+            await asyncio.sleep(0.02)
+
+    loaders = [asyncio.create_task(load(h)) for h in range(3)]
     try:
+        await asyncio.sleep(0.5)
         await asyncio.to_thread(cluster.redis.stop)
         during = await asyncio.gather(*(call(clients[i % 3], "fallback", i % 3) for i in range(3 * (FALLBACK_RPM + 3))))
         assert all(h.process.poll() is None for h in cluster.hosts), "no host crashed"
         await asyncio.to_thread(cluster.redis.start)
         await asyncio.sleep(3)  # the hosts' back-off (2 s) ends
         after = await asyncio.gather(*(call(clients[i % 3], "fallback", i % 3) for i in range(3 * (FALLBACK_RPM + 3))))
+        await asyncio.sleep(0.5)
     finally:
+        stop.set()
+        await asyncio.gather(*loaders)
         await cluster.close_clients()
+    assert len(steady_calls) >= 20 and all(c.finished for c in steady_calls), [c.error for c in steady_calls if c.error]
     assert int(time.time() // 60) == minute, "both bursts stayed in one minute window"
     per_host = [sum(c.error is None for c in during if c.host == h) for h in range(3)]
     assert per_host == [FALLBACK_RPM] * 3, f"during the outage each host holds the limit itself: {per_host}"

@@ -35,7 +35,7 @@ log = safe_logger("exo_remote_engine.sidecar")
 
 KEY_PREFIX = "exo-remote"
 KEY_TTL_S = 120  # a minute's counts outlive it by one minute, then Redis drops them
-TIMEOUT_S = 0.3  # connect and per-command; a local or LAN Redis answers in well under 1 ms
+TIMEOUT_S = 0.5  # connect and per-command; a LAN Redis answers in well under 1 ms (slack for a busy loop)
 RETRY_AFTER_OUTAGE_S = 2.0  # during an outage, Redis is tried again this often, not per request
 
 # KEYS: requests, tokens of one minute. ARGV: rpm, tpm (-1: none), ttl.
