@@ -22,6 +22,7 @@ are used again from then on.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import time
 import urllib.parse
 from typing import Any
@@ -64,6 +65,8 @@ def display_url(url: str) -> str:
 def check_redis_url(url: str) -> str:
     """The URL, registered as a secret source; ConfigError (without its password) otherwise."""
     SECRETS.add_url(url)
+    if importlib.util.find_spec("redis") is None:
+        raise ConfigError("--redis needs the redis package: pip install 'exo-remote-engine[sidecar]'")
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 (raises ValueError on a bad port)

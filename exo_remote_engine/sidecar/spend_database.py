@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import math
 import socket
 import time
@@ -110,6 +111,8 @@ SELECT COALESCE((SELECT SUM(cost_usd) FROM {HOURS} WHERE node = $1 AND hour >= $
 def check_database_url(url: str) -> str:
     """The URL, registered as a secret source; ConfigError (without its password) otherwise."""
     SECRETS.add_url(url)
+    if importlib.util.find_spec("asyncpg") is None:
+        raise ConfigError("--database needs the asyncpg package: pip install 'exo-remote-engine[sidecar]'")
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 (raises ValueError on a bad port)
@@ -145,10 +148,6 @@ class SpendDatabase:
         self._next_pass: asyncio.Future[None] | None = None  # done when a pass begun after now ends
         self._shipper: asyncio.Task[None] | None = None
         self._reading: dict[tuple[str, float], asyncio.Future[float]] = {}  # node's spend being read
-
-    @property
-    def available(self) -> bool:
-        return not self._outage
 
     async def start(self) -> None:
         """Open the pool (no connection yet: the database may be down at start) and the copier."""
@@ -196,7 +195,7 @@ class SpendDatabase:
             async with asyncio.timeout(COPY_WAIT_S):
                 await asyncio.shield(self._next_pass)
 
-    def _failed(self, exc: BaseException, waiting: int | None = None) -> None:
+    def _failed(self, exc: BaseException) -> None:
         self._down_until = time.monotonic() + RETRY_AFTER_OUTAGE_S
         if not self._outage:
             self._outage = True
