@@ -144,8 +144,13 @@ class RequestAccount:
                 await ledger.record(charge)
             except sqlite3.Error as exc:
                 log.error("request_id=%s spend not recorded in %s: %s", self.request.request_id, ledger.path, exc)
-            if self._accounting.database is not None:
-                await self._accounting.database.copied()
+            database = self._accounting.database
+            if database is not None:
+                quota = self._accounting.quotas.get(self.node)
+                if quota is not None and quota.max_budget is not None:
+                    await database.copied()  # its next request, on any host, counts this one
+                else:
+                    database.kick()  # no budget reads it: copied soon, nobody waits
 
     def settle(self, code: str) -> None:
         """At the end, whatever the end: a stream cut short after output began is charged
