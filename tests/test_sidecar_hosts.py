@@ -1,0 +1,252 @@
+"""Several sidecar hosts behind one target: gRPC's round_robin spreads calls, a killed or
+draining host stops getting them, one that returns gets them again.
+
+Real processes: three ``exo-remote-sidecar`` on 127.0.0.2, 127.0.0.3 and 127.0.0.4, each
+with a bearer token and its own OpenAI-compatible upstream on 127.0.0.1 (so the upstream
+that recorded a request names the host that served it), and one exo-side
+:class:`SidecarClient` pointed at all three as ``127.0.0.2:p,127.0.0.3:q,127.0.0.4:r``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from exo_remote_engine.engine.client import RetryPolicy, SidecarClient, SidecarTarget, list_models_blocking
+from exo_remote_engine.errors import Reason, RemoteError
+from exo_remote_engine.server import SidecarSettings, start_sidecar
+from exo_remote_engine.sidecar.config import load_config
+from tests.conftest import PLANTED_KEY
+from tests.support.harness import KEY_ENV, chat_request, write_config
+from tests.support.openai_upstream import OpenAIUpstream, Scenario
+from tests.support.processes import SidecarProcess, start_sidecar_process, stop_process
+
+TOKEN = "hosts-test-token-0123456789"
+HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+LONG = [f"w{i} " for i in range(40)]  # 40 deltas, 50 ms apart: a stream lasts ~2 s
+SHORT = ["one ", "two"]
+NO_RETRY = RetryPolicy(attempts=1)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@dataclass
+class Host:
+    """One sidecar host: its process, its own upstream and how to start it again."""
+
+    name: str
+    upstream: OpenAIUpstream
+    config: Path
+    log: Path
+    extra: list[str]
+    process: SidecarProcess | None = None
+
+    @property
+    def address(self) -> str:
+        assert self.process is not None
+        return f"{self.name}:{self.process.port}"
+
+    def start(self, port: int = 0) -> None:
+        env = {KEY_ENV: PLANTED_KEY, "EXO_REMOTE_DISCOVER": "0"}
+        self.process = start_sidecar_process(self.config, self.log, env, f"{self.name}:{port}", self.extra)
+
+    def served(self, model: str, after: float = 0.0) -> int:
+        """Requests for ``model`` this host's upstream received after ``after`` (monotonic)."""
+        return sum(1 for r in list(self.upstream.requests) if r.model == model and r.received_at > after)
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[list[Host]]:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"node-a {TOKEN}\n")
+    scenarios = {"long": Scenario(chunks=LONG, interval_s=0.05), "short": Scenario(chunks=SHORT)}
+    with contextlib.ExitStack() as stack:
+        found = []
+        for i, name in enumerate(HOSTS):
+            upstream = stack.enter_context(OpenAIUpstream.in_thread(dict(scenarios)))
+            config = write_config(tmp_path / f"host{i}.yaml", upstream.url, ["long", "short"], "  num_retries: 0\n")
+            extra = ["--token-file", str(tokens), "--grace-s", "20"]
+            found.append(Host(name, upstream, config, tmp_path / f"host{i}.log", extra))
+        # Started side by side: each start is a LiteLLM import.
+        with concurrent.futures.ThreadPoolExecutor(len(found)) as pool:
+            for started in [pool.submit(h.start) for h in found]:
+                started.result(90)
+        try:
+            yield found
+        finally:
+            for host in found:
+                if host.process is not None:
+                    stop_process(host.process.process, grace_s=2)
+
+
+def _target(hosts: list[Host]) -> SidecarTarget:
+    return SidecarTarget.from_env({"EXO_REMOTE_SIDECAR": ",".join(h.address for h in hosts), "EXO_REMOTE_TOKEN": TOKEN})
+
+
+@contextlib.asynccontextmanager
+async def _client(target: SidecarTarget, retry: RetryPolicy) -> AsyncIterator[SidecarClient]:
+    client = SidecarClient(replace(target, retry=retry))
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def _text(client: SidecarClient, model: str, i: int) -> str:
+    request = chat_request(model, f"hello {i}", request_id=f"h-{model}-{i}")
+    return "".join([e.delta.text async for e in client.generate(request) if e.HasField("delta")])
+
+
+async def test_three_hundred_requests_spread_evenly_over_three_hosts(hosts: list[Host]) -> None:
+    target = _target(hosts)
+    assert target.address.startswith("ipv4:") and len(target.parsed.hosts) == 3
+    async with _client(target, NO_RETRY) as client:
+        gate = asyncio.Semaphore(16)
+
+        async def one(i: int) -> str:
+            async with gate:
+                return await _text(client, "short", i)
+
+        texts = await asyncio.gather(*(one(i) for i in range(300)))
+        assert texts == ["one two"] * 300
+        served = [h.served("short") for h in hosts]
+        assert sum(served) == 300, served
+        assert all(85 <= n <= 115 for n in served), f"round robin should give ~100 each: {served}"
+        # The other calls work against the list too, including the blocking one exo makes at import.
+        assert {m.alias for m in (await client.list_models()).models} >= {"long", "short"}
+        assert await client.health()
+        assert await client.host_health() == {h.address: True for h in hosts}
+    listing = await asyncio.to_thread(list_models_blocking, target)
+    assert {m.alias for m in listing.models} >= {"long", "short"}
+
+
+async def _stream(client: SidecarClient, i: int, first: asyncio.Event) -> tuple[str, RemoteError | None]:
+    text = ""
+    try:
+        async for event in client.generate(chat_request("long", f"s {i}", request_id=f"h-long-{i}")):
+            text += event.delta.text
+            first.set()
+    except RemoteError as exc:
+        return text, exc
+    return text, None
+
+
+async def _keep_calling(client: SidecarClient, until: asyncio.Event, log: list[tuple[float, str | Exception]]) -> None:
+    """New short calls, one after another, each logged with its start time and outcome."""
+    i = 0
+    while not until.is_set():
+        i += 1
+        started = time.monotonic()
+        try:
+            outcome: str | Exception = await _text(client, "short", 10_000 + i)
+        except RemoteError as exc:
+            outcome = exc
+        log.append((started, outcome))
+        await asyncio.sleep(0.02)
+
+
+async def test_sigkill_of_a_host_under_32_streams_then_its_return(hosts: list[Host]) -> None:
+    # No client retries: a call that reached the dead host fails, so a call that succeeds
+    # after the kill was not sent there.
+    async with _client(_target(hosts), NO_RETRY) as client:
+        firsts = [asyncio.Event() for _ in range(32)]
+        streams = [asyncio.create_task(_stream(client, i, firsts[i])) for i in range(32)]
+        await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), 30)
+        victim = hosts[1]
+        assert victim.served("long") > 0, "round robin gave the victim some of the streams"
+        assert victim.process is not None
+        calls: list[tuple[float, str | Exception]] = []
+        stop_calling = asyncio.Event()
+        caller = asyncio.create_task(_keep_calling(client, stop_calling, calls))
+        await asyncio.sleep(0.3)
+        killed_at = time.monotonic()
+        victim.process.process.send_signal(signal.SIGKILL)
+        results = await asyncio.wait_for(asyncio.gather(*streams), 60)
+        expected = "".join(LONG)
+        failed = 0
+        for text, error in results:
+            assert expected.startswith(text), f"duplicated or reordered text: {text!r}"
+            if error is None:
+                assert text == expected
+            else:
+                assert error.reason is Reason.SIDECAR_UNAVAILABLE, error
+                failed += 1
+        assert 0 < failed < 32, f"{failed} streams failed: those of the killed host, and only those"
+        await asyncio.sleep(max(0.0, killed_at + 3.0 - time.monotonic()))
+
+        # New calls stop reaching it within 1 s: every call started later succeeded.
+        late = [(t - killed_at, o) for t, o in calls if t > killed_at + 1.0]
+        assert len(late) >= 5, calls
+        assert all(isinstance(o, str) for _, o in late), [o for _, o in late if not isinstance(o, str)][:3]
+
+        # Back on the same address and port: it gets traffic again within 5 s.
+        await asyncio.to_thread(victim.process.process.wait, 10)
+        port = victim.process.port
+        await asyncio.to_thread(victim.start, port)
+        assert victim.process.port == port
+        back_at = time.monotonic()
+        while victim.served("short", after=back_at) == 0 and time.monotonic() - back_at < 5.0:
+            await asyncio.sleep(0.05)
+        returned_after = time.monotonic() - back_at
+        stop_calling.set()
+        await caller
+        assert victim.served("short", after=back_at) > 0, "the returning host got no call within 5 s"
+        print(f"\n[hosts] killed host's calls moved away; it served again {returned_after:.2f} s after its return")
+        assert all(isinstance(o, str) for t, o in calls if t > back_at), "calls failed after the host returned"
+
+
+async def test_sigterm_drain_finishes_streams_and_moves_new_calls(hosts: list[Host]) -> None:
+    async with _client(_target(hosts), RetryPolicy()) as client:
+        firsts = [asyncio.Event() for _ in range(12)]
+        streams = [asyncio.create_task(_stream(client, i, firsts[i])) for i in range(12)]
+        await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), 30)
+        draining = hosts[2]
+        assert draining.process is not None and draining.served("long") > 0
+        calls: list[tuple[float, str | Exception]] = []
+        stop_calling = asyncio.Event()
+        caller = asyncio.create_task(_keep_calling(client, stop_calling, calls))
+        await asyncio.sleep(0.3)
+        drained_at = time.monotonic()
+        draining.process.process.send_signal(signal.SIGTERM)
+        results = await asyncio.wait_for(asyncio.gather(*streams), 60)
+        assert all(error is None and text == "".join(LONG) for text, error in results), [
+            (t[-10:], e) for t, e in results if e is not None
+        ]
+        await asyncio.sleep(max(0.0, drained_at + 2.0 - time.monotonic()))
+        stop_calling.set()
+        await caller
+        after = [o for t, o in calls if t > drained_at]
+        assert len(after) >= 5 and all(isinstance(o, str) for o in after), after[:3]
+        assert draining.served("short", after=drained_at + 0.5) == 0, "a draining host got new calls"
+        assert await asyncio.to_thread(draining.process.process.wait, 30) == 0
+        health = await client.host_health()
+        assert health[draining.address] is None and sum(1 for v in health.values() if v) == 2, health
+
+
+async def test_a_dns_target_reaches_a_sidecar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dns:///localhost:port`` through gRPC's DNS resolver, and its addresses resolved for
+    display. (A name with several A records would need a name server or /etc/hosts
+    entries, which this test does not set up: localhost has one address per family.)"""
+    monkeypatch.setenv(KEY_ENV, PLANTED_KEY)
+    async with OpenAIUpstream({"short": Scenario(chunks=SHORT)}) as upstream:
+        config = load_config(write_config(tmp_path / "dns.yaml", upstream.url, ["short"]))
+        sidecar = await start_sidecar(SidecarSettings(listen="127.0.0.1:0", tokens=[TOKEN]), config)
+        try:
+            env = {"EXO_REMOTE_SIDECAR": f"dns:///localhost:{sidecar.port}", "EXO_REMOTE_TOKEN": TOKEN}
+            target = SidecarTarget.from_env(env)
+            assert target.parsed.dns_name == f"localhost:{sidecar.port}" and target.parsed.several
+            async with _client(target, RetryPolicy()) as client:
+                assert [await _text(client, "short", i) for i in range(5)] == ["one two"] * 5
+                health = await client.host_health()
+                assert health.get(f"127.0.0.1:{sidecar.port}") is True, health
+            assert len(upstream.requests_for("short")) == 5
+        finally:
+            await sidecar.stop(grace_s=None)
