@@ -220,6 +220,7 @@ class SidecarClient:
         self._workers_due = 0.0  # when to ask ListWorkers again
         self._refreshing: asyncio.Future[None] | None = None
         self._turn = 0
+        self.hosts_seen: dict[str, bool | None] = {}  # the last host_health answer
 
     def _stub(self) -> pb_grpc.RemoteInferenceServiceStub:
         return pb_grpc.RemoteInferenceServiceStub(self._ensure_channel())
@@ -351,7 +352,8 @@ class SidecarClient:
         for gone in set(self._hosts) - set(addresses) - set(self._parsed.hosts):
             await self._hosts.pop(gone).close(grace=None)
         checks = [self._check(self._host_channel(a), timeout_s) for a in addresses]
-        return dict(zip(addresses, await asyncio.gather(*checks), strict=True))
+        self.hosts_seen = dict(zip(addresses, await asyncio.gather(*checks), strict=True))
+        return self.hosts_seen
 
     async def _check(self, channel: grpc.aio.Channel, timeout_s: float) -> bool | None:
         try:
@@ -443,6 +445,14 @@ class SidecarClient:
                 raise RemoteError(Reason.INTERNAL, "sidecar ended the stream without a result")
             raise RemoteError.from_status(code, await call.details(), await call.trailing_metadata())
         return event  # type: ignore[return-value]
+
+
+HOST_SERVING, HOST_NOT_SERVING, HOST_UNREACHABLE = "SERVING", "NOT SERVING", "unreachable"
+
+
+def host_status(ready: bool | None) -> str:
+    """A :meth:`SidecarClient.host_health` answer for one host, as views show it."""
+    return HOST_SERVING if ready is True else HOST_UNREACHABLE if ready is None else HOST_NOT_SERVING
 
 
 def _contentless(event: pb.GenerateResponse) -> bool:
