@@ -8,15 +8,19 @@ view) ask here for the one sentence that says which side is misconfigured and ho
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import urllib.parse
 
+from exo_remote_engine.addresses import AddressError, sidecar_target
 from exo_remote_engine.engine.client import SidecarTarget
 from exo_remote_engine.errors import Reason, RemoteError
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
+    with contextlib.suppress(AddressError):  # several hosts: the first one tells
+        address = (sidecar_target(address).hosts or (address,))[0]
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or "/" in address:
         return None
