@@ -23,8 +23,10 @@ import pytest
 from exo_remote_engine.engine.client import RetryPolicy, SidecarClient, SidecarTarget, list_models_blocking
 from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.server import SidecarSettings, start_sidecar
+from exo_remote_engine.sidecar.auth import ServerTLS
 from exo_remote_engine.sidecar.config import load_config
 from tests.conftest import PLANTED_KEY
+from tests.support.certs import make_pki, openssl_skip_reason
 from tests.support.harness import KEY_ENV, chat_request, write_config
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import SidecarProcess, start_sidecar_process, stop_process
@@ -269,3 +271,53 @@ async def test_a_dns_target_reaches_a_sidecar(tmp_path: Path, monkeypatch: pytes
             assert len(upstream.requests_for("short")) == 5
         finally:
             await sidecar.stop(grace_s=None)
+
+
+@pytest.mark.skipif(openssl_skip_reason() is not None, reason=openssl_skip_reason() or "")
+async def test_under_mtls_health_checking_takes_a_not_serving_host_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a client certificate and no token the subchannels' health Watch is authenticated,
+    so gRPC's client-side health checking is on: a host that says NOT_SERVING while still
+    listening gets no new calls, and gets them again once it says SERVING."""
+    pki = make_pki(tmp_path / "pki")
+    monkeypatch.setenv(KEY_ENV, PLANTED_KEY)
+    tls = ServerTLS(pki.server.cert, pki.server.key, pki.ca)
+    async with OpenAIUpstream({"short": Scenario(chunks=SHORT)}) as one, OpenAIUpstream(
+        {"short": Scenario(chunks=SHORT)}
+    ) as two:
+        sidecars = []
+        for i, upstream in enumerate((one, two)):
+            config = load_config(write_config(tmp_path / f"mtls{i}.yaml", upstream.url, ["short"]))
+            sidecars.append(await start_sidecar(SidecarSettings(listen="127.0.0.1:0", tls=tls), config))
+        try:
+            env = {
+                "EXO_REMOTE_SIDECAR": ",".join(f"127.0.0.1:{s.port}" for s in sidecars),
+                "EXO_REMOTE_TLS_CA": str(pki.ca),
+                "EXO_REMOTE_TLS_CERT": str(pki.client.cert),
+                "EXO_REMOTE_TLS_KEY": str(pki.client.key),
+                "EXO_REMOTE_TLS_SERVER_NAME": "localhost",
+            }
+            target = SidecarTarget.from_env(env)
+            assert target.health_checked and target.parsed.several
+            async with _client(target, NO_RETRY) as client:
+
+                async def calls_reaching_two(n: int) -> int:
+                    before = len(two.requests_for("short"))
+                    assert [await _text(client, "short", i) for i in range(n)] == ["one two"] * n
+                    return len(two.requests_for("short")) - before
+
+                deadline = time.monotonic() + 15
+                while not (one.requests_for("short") and two.requests_for("short")):
+                    assert time.monotonic() < deadline, "both hosts serve"
+                    await _text(client, "short", 0)
+                sidecars[1].health.set_all(False)
+                await asyncio.sleep(1.0)  # the Watch streams the change at once; a wide margin
+                assert await calls_reaching_two(20) == 0, "a NOT_SERVING host got new calls"
+                sidecars[1].health.set_all(True)
+                deadline = time.monotonic() + 5
+                while await calls_reaching_two(2) == 0:
+                    assert time.monotonic() < deadline, "the host serving again got no calls within 5 s"
+        finally:
+            for sidecar in sidecars:
+                await sidecar.stop(grace_s=None)
