@@ -64,6 +64,13 @@ def sidecar_hint(error: RemoteError, target: SidecarTarget, *, short: bool = Fal
         if short:
             return "certificate not trusted: check EXO_REMOTE_TLS_CA"
         return "the sidecar's certificate is not signed by the CA in EXO_REMOTE_TLS_CA"
+    if "Hostname Verification Check failed" in message and target.parsed.several and not target.tls_server_name:
+        if short:
+            return "certificate name not checked: set EXO_REMOTE_TLS_SERVER_NAME"
+        return (
+            "a list of sidecar hosts has no host name to check their certificates against: set "
+            "EXO_REMOTE_TLS_SERVER_NAME to the name in the hosts' certificates"
+        )
     if "WRONG_VERSION_NUMBER" in message and target.tls is not None:
         if short:
             return "plaintext sidecar: unset EXO_REMOTE_TLS_CA"

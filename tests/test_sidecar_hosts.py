@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from exo_remote_engine.connection_hints import sidecar_hint
 from exo_remote_engine.engine.client import RetryPolicy, SidecarClient, SidecarTarget, list_models_blocking
 from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.server import SidecarSettings, start_sidecar
@@ -298,6 +299,13 @@ async def test_under_mtls_health_checking_takes_a_not_serving_host_out(
                 "EXO_REMOTE_TLS_KEY": str(pki.client.key),
                 "EXO_REMOTE_TLS_SERVER_NAME": "localhost",
             }
+            # Without EXO_REMOTE_TLS_SERVER_NAME a list has no name to check certificates
+            # against: refused, with a hint naming the setting.
+            nameless = SidecarTarget.from_env({k: v for k, v in env.items() if k != "EXO_REMOTE_TLS_SERVER_NAME"})
+            async with _client(nameless, NO_RETRY) as client:
+                with pytest.raises(RemoteError) as caught:
+                    await client.list_models(timeout_s=5)
+            assert "EXO_REMOTE_TLS_SERVER_NAME" in (sidecar_hint(caught.value, nameless) or ""), caught.value
             target = SidecarTarget.from_env(env)
             assert target.health_checked and target.parsed.several
             async with _client(target, NO_RETRY) as client:
@@ -321,3 +329,4 @@ async def test_under_mtls_health_checking_takes_a_not_serving_host_out(
         finally:
             for sidecar in sidecars:
                 await sidecar.stop(grace_s=None)
+

@@ -135,6 +135,10 @@ class SidecarTarget:
         return sidecar_target(self.address)
 
     @property
+    def tls_server_name(self) -> str | None:
+        return self.tls.server_name if self.tls else None
+
+    @property
     def health_checked(self) -> bool:
         """Whether gRPC's client-side health checking is on (the module doc says why only here)."""
         return self.tls is not None and self.tls.cert_file is not None and not self.token
