@@ -13,13 +13,15 @@ import asyncio
 import concurrent.futures
 import contextlib
 import signal
+import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
+from exo_remote_engine.addresses import TargetKind
 from exo_remote_engine.connection_hints import sidecar_hint
 from exo_remote_engine.engine.client import RetryPolicy, SidecarClient, SidecarTarget, list_models_blocking
 from exo_remote_engine.errors import Reason, RemoteError
@@ -28,6 +30,7 @@ from exo_remote_engine.sidecar.auth import ServerTLS
 from exo_remote_engine.sidecar.config import load_config
 from tests.conftest import PLANTED_KEY
 from tests.support.certs import make_pki, openssl_skip_reason
+from tests.support.dns_server import DnsServer
 from tests.support.harness import KEY_ENV, chat_request, write_config
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import SidecarProcess, start_sidecar_process, stop_process
@@ -254,9 +257,8 @@ async def test_sigterm_drain_finishes_streams_and_moves_new_calls(hosts: list[Ho
 
 
 async def test_a_dns_target_reaches_a_sidecar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``dns:///localhost:port`` through gRPC's DNS resolver, and its addresses resolved for
-    display. (A name with several A records would need a name server or /etc/hosts
-    entries, which this test does not set up: localhost has one address per family.)"""
+    """``dns:///localhost:port`` through gRPC's DNS resolver (the system's), and its addresses
+    resolved for display. A name with several records: the next test, with a name server."""
     monkeypatch.setenv(KEY_ENV, PLANTED_KEY)
     async with OpenAIUpstream({"short": Scenario(chunks=SHORT)}) as upstream:
         config = load_config(write_config(tmp_path / "dns.yaml", upstream.url, ["short"]))
@@ -330,3 +332,51 @@ async def test_under_mtls_health_checking_takes_a_not_serving_host_out(
             for sidecar in sidecars:
                 await sidecar.stop(grace_s=None)
 
+
+
+def _port_free_on_all(hosts: Sequence[str]) -> int:
+    """A port that is free on every one of ``hosts`` (for sidecars sharing one DNS name)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((hosts[0], 0))
+            port = int(probe.getsockname()[1])
+        try:
+            for host in hosts:
+                with socket.socket() as other:
+                    other.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no port free on every host")
+
+
+async def test_a_dns_name_with_three_address_records_spreads_over_three_hosts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dns://127.0.0.1:N/sidecars.test:P``: gRPC's resolver asks our name server, which
+    answers three A records (127.0.0.2-4, one sidecar each on port P); round_robin uses all."""
+    monkeypatch.setenv(KEY_ENV, PLANTED_KEY)
+    port = _port_free_on_all(HOSTS)
+    async with contextlib.AsyncExitStack() as stack:
+        upstreams, sidecars = [], []
+        for i, host in enumerate(HOSTS):
+            upstream = await stack.enter_async_context(OpenAIUpstream({"short": Scenario(chunks=SHORT)}))
+            config = load_config(write_config(tmp_path / f"dns{i}.yaml", upstream.url, ["short"]))
+            sidecar = await start_sidecar(SidecarSettings(listen=f"{host}:{port}", tokens=[TOKEN]), config)
+            stack.push_async_callback(sidecar.stop, None)
+            upstreams.append(upstream)
+            sidecars.append(sidecar)
+        dns = await stack.enter_async_context(DnsServer("sidecars.test", HOSTS))
+        env = {"EXO_REMOTE_SIDECAR": f"dns://127.0.0.1:{dns.port}/sidecars.test:{port}", "EXO_REMOTE_TOKEN": TOKEN}
+        target = SidecarTarget.from_env(env)
+        assert target.parsed.kind is TargetKind.DNS
+        async with _client(target, RetryPolicy()) as client:
+            deadline = time.monotonic() + 15
+            while not all(u.requests_for("short") for u in upstreams):
+                assert time.monotonic() < deadline, [len(u.requests_for("short")) for u in upstreams]
+                await _text(client, "short", 0)
+            before = [len(u.requests_for("short")) for u in upstreams]
+            assert [await _text(client, "short", i) for i in range(30)] == ["one two"] * 30
+            served = [len(u.requests_for("short")) - b for u, b in zip(upstreams, before, strict=True)]
+            assert all(5 <= n <= 15 for n in served), f"round robin over the name's three records: {served}"
+        assert ("sidecars.test", 1) in dns.questions
