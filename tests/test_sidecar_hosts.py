@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import re
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -380,3 +382,38 @@ async def test_a_dns_name_with_three_address_records_spreads_over_three_hosts(
             served = [len(u.requests_for("short")) - b for u, b in zip(upstreams, before, strict=True)]
             assert all(5 <= n <= 15 for n in served), f"round robin over the name's three records: {served}"
         assert ("sidecars.test", 1) in dns.questions
+
+
+async def test_a_host_list_spreads_calls_over_every_hosts_workers(tmp_path: Path) -> None:
+    """Each listed host's ListWorkers, asked over a channel to that host, adds its worker
+    ports to the round_robin list: two hosts x (main + 1 worker) all serve calls."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"node-a {TOKEN}\n")
+    extra = ["--workers", "2", "--token-file", str(tokens)]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        starting = [
+            pool.submit(start_sidecar_process, None, tmp_path / f"w{i}.log", None, f"{h}:0", extra)
+            for i, h in enumerate(HOSTS[:2])
+        ]
+        processes = [s.result(120) for s in starting]
+    try:
+        listed = ",".join(f"{h}:{p.port}" for h, p in zip(HOSTS[:2], processes, strict=True))
+        target = SidecarTarget.from_env({"EXO_REMOTE_SIDECAR": listed, "EXO_REMOTE_TOKEN": TOKEN})
+        async with _client(target, RetryPolicy()) as client:
+            gate = asyncio.Semaphore(8)
+
+            async def one(i: int) -> str:
+                async with gate:
+                    request = chat_request("embedded-echo", f"hello {i}", request_id=f"w-{i}")
+                    return "".join([e.delta.text async for e in client.generate(request) if e.HasField("delta")])
+
+            texts = await asyncio.gather(*(one(i) for i in range(40)))
+            assert all(f"hello {i}" in t for i, t in enumerate(texts))
+        for process in processes:
+            pattern = r"exo_remote_engine\.sidecar(\[worker \d+\])? request_id=w-\d+ .* start"
+            starts = re.findall(pattern, process.log.read_text())
+            served = Counter(tag.strip("[]") or "main" for tag in starts)
+            assert served["main"] > 0 and served["worker 1"] > 0, f"{process.log.name}: {served}"
+    finally:
+        for process in processes:
+            process.stop()
