@@ -217,7 +217,8 @@ class SidecarClient:
         self._parsed = target.parsed
         self._channel: grpc.aio.Channel | None = None
         self._channel_target = target.address  # a host list's: every host's main and worker ports
-        self._retired: list[grpc.aio.Channel] = []  # replaced round_robin channels, closed with us
+        # Replaced round_robin channels, each closing once its live streams have ended.
+        self._retired: dict[grpc.aio.Channel, asyncio.Future[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._workers: dict[int, grpc.aio.Channel] = {}  # one host: worker port -> channel
         self._hosts: dict[str, grpc.aio.Channel] = {}  # host:port -> a channel to that host alone
@@ -235,7 +236,7 @@ class SidecarClient:
             self._channel_target = self.target.address
             self._channel = self.target.aio_channel()
             self._loop = loop
-            self._workers, self._hosts, self._retired = {}, {}, []  # channels belong to the loop that made them
+            self._workers, self._hosts = {}, {}  # channels belong to the loop that made them
             self._workers_due = 0.0
             self._refreshing = None
         return self._channel
@@ -249,7 +250,7 @@ class SidecarClient:
 
     async def close(self) -> None:
         channels = [self._channel, *self._workers.values(), *self._hosts.values(), *self._retired]
-        self._channel, self._workers, self._hosts, self._retired = None, {}, {}, []
+        self._channel, self._workers, self._hosts, self._retired = None, {}, {}, {}
         if self._loop is asyncio.get_running_loop():
             for channel in channels:
                 if channel is not None:
@@ -291,7 +292,8 @@ class SidecarClient:
     async def _refresh_host_list(self) -> None:
         """Every listed host's ListWorkers, over a channel to that host alone; when the set
         of ports changed, calls move to a round_robin channel over the new set (the old
-        one is kept, unused, until we close: its live streams finish on it)."""
+        one takes no new call and is closed once its live streams end, at the latest at
+        their deadline)."""
         hosts = self._parsed.hosts
         found = await asyncio.gather(*(self._worker_ports(self._host_channel(h)) for h in hosts))
         addresses = [*hosts]
@@ -299,7 +301,10 @@ class SidecarClient:
             addresses += [f"{host.rsplit(':', 1)[0]}:{port}" for port in sorted(ports)]
         target = sidecar_target(",".join(addresses)).target
         if target != self._channel_target and self._channel is not None:
-            self._retired.append(self._channel)
+            old = self._channel
+            closing = asyncio.ensure_future(old.close(grace=self.target.deadline_s))
+            self._retired[old] = closing
+            closing.add_done_callback(lambda _: self._retired.pop(old, None))
             self._channel_target = target
             self._channel = self.target.aio_channel(address=target)
 
