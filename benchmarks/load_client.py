@@ -42,6 +42,7 @@ ROW_KINDS = {
     "litellm": "litellm",
     "sidecar": "sidecar",
     "sidecar-litellm": "sidecar",
+    "sidecar-hosts": "sidecar",
     "exo": "exo",
 }
 
@@ -322,11 +323,13 @@ class SidecarReader(Reader):
     """The engine's own gRPC client, as an exo node reads the sidecar."""
 
     def __init__(self, address: str) -> None:
+        from exo_remote_engine.addresses import sidecar_target
         from exo_remote_engine.engine.client import SidecarClient, SidecarTarget
         from exo_remote_engine.generated import remote_inference_pb2 as pb
 
         self.pb = pb
-        self.client = SidecarClient(SidecarTarget(address=address))
+        # As EXO_REMOTE_SIDECAR is read: a host list becomes gRPC's ipv4: address list.
+        self.client = SidecarClient(SidecarTarget(address=sidecar_target(address).target))
 
     async def stream(self, prompt: str, request_id: str) -> Pieces:
         pb = self.pb

@@ -10,6 +10,8 @@ serving process of each row and a fresh client process per phase
   proxy            the LiteLLM proxy (``.venvs/litellm-proxy``, one uvicorn worker) over HTTP
   sidecar          our sidecar (default flags, ``--workers N``) read by the engine's gRPC client
   sidecar-litellm  our sidecar forced onto LiteLLM (``--no-openai-fast-path``, one worker)
+  sidecar-hosts    two sidecar processes (one worker each) on 127.0.0.2 and 127.0.0.3, read
+                   through one two-address target, as nodes read several sidecar hosts
   exo              classic exo with the remote engine (EXO_SRC), read with the openai SDK;
                    its sidecar runs with the sidecar row's flags
 
@@ -46,7 +48,7 @@ from tests.support.processes import stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 PROXY_VENV = REPO / ".venvs" / "litellm-proxy"
-ALL_ROWS = ("raw", "litellm", "proxy", "sidecar", "sidecar-litellm", "exo")
+ALL_ROWS = ("raw", "litellm", "proxy", "sidecar", "sidecar-litellm", "sidecar-hosts", "exo")
 KEY_ENV = "BENCH_UPSTREAM_KEY"
 # Other processes' CPU during a phase above this makes the run "not clean" (2-core box).
 FOREIGN_LIMIT_CORES = 0.2
@@ -247,19 +249,38 @@ def sidecar_args(fast_path: bool, workers: int) -> list[str]:
     return args
 
 
-def start_sidecar(workdir: Path, config: Path, name: str, args: list[str]) -> Serving:
+def start_sidecar(workdir: Path, config: Path, name: str, args: list[str], listen: str = "127.0.0.1:0") -> Serving:
     from tests.support.processes import start_sidecar_process
 
     started = time.monotonic()
     if _has_flag("--state-dir"):  # the spend ledger of a benchmark run stays in its workdir
         args = [*args, "--state-dir", str(workdir / f"{name}-state")]
-    sidecar = start_sidecar_process(config, workdir / f"{name}.log", env=child_env(), extra_args=args)
+    sidecar = start_sidecar_process(config, workdir / f"{name}.log", env=child_env(), listen=listen, extra_args=args)
+    host = listen.rsplit(":", 1)[0]
     return Serving(
-        target=sidecar.address,
+        target=f"{host}:{sidecar.port}",
         pids={"server": sidecar.process.pid},
         stops=[sidecar.stop],
         startup_s=time.monotonic() - started,
         flags=args,
+    )
+
+
+def start_sidecar_hosts(workdir: Path, config: Path) -> Serving:
+    """Two one-process sidecars on two loopback addresses, read through one target (a
+    comma-separated list), so calls spread over both hosts as a node's would."""
+    first = start_sidecar(workdir, config, "sidecar-host-a", sidecar_args(True, 1), listen="127.0.0.2:0")
+    try:
+        second = start_sidecar(workdir, config, "sidecar-host-b", sidecar_args(True, 1), listen="127.0.0.3:0")
+    except BaseException:
+        first.stop()
+        raise
+    return Serving(
+        target=f"{first.target},{second.target}",
+        pids={"server": first.pids["server"], "server-b": second.pids["server"]},
+        stops=[*first.stops, *second.stops],
+        startup_s=first.startup_s + second.startup_s,
+        flags=first.flags,
     )
 
 
@@ -344,6 +365,8 @@ def start_row(row: str, workdir: Path, config: Path, upstream: str, settings: Se
         return start_sidecar(workdir, config, row, sidecar_args(True, settings.sidecar_workers))
     if row == "sidecar-litellm":
         return start_sidecar(workdir, config, row, sidecar_args(False, 1))
+    if row == "sidecar-hosts":
+        return start_sidecar_hosts(workdir, config)
     return start_exo(workdir, config, settings)
 
 
@@ -481,11 +504,13 @@ def summarize(row: str, data: dict[str, Any], raw: dict[str, Any] | None) -> dic
         loads[k] = entry
     s["load"] = loads
     for role in ("server", "sidecar"):
-        peaks = [p["rss"][role] for p in rss_phases if role in (p.get("rss") or {})]
+        # A row with several serving processes (sidecar-hosts: "server", "server-b") sums them.
+        peaks = [[rss for name, rss in (p.get("rss") or {}).items() if name.split("-")[0] == role] for p in rss_phases]
+        peaks = [phase for phase in peaks if phase]
         if peaks:
-            s[f"{role}_peak_rss_sum_mb"] = max(p["peak_sum_mb"] for p in peaks)
-            s[f"{role}_peak_rss_max_mb"] = max(p["peak_max_mb"] for p in peaks)
-            s[f"{role}_processes"] = max(p["processes"] for p in peaks)
+            s[f"{role}_peak_rss_sum_mb"] = max(sum(r["peak_sum_mb"] for r in phase) for phase in peaks)
+            s[f"{role}_peak_rss_max_mb"] = max(max(r["peak_max_mb"] for r in phase) for phase in peaks)
+            s[f"{role}_processes"] = max(sum(r["processes"] for r in phase) for phase in peaks)
     clients = [p["client_maxrss_mb"] for p in rss_phases if "client_maxrss_mb" in p]
     if clients:
         s["client_peak_rss_mb"] = max(clients)
@@ -573,6 +598,13 @@ def targets(summaries: dict[str, dict[str, Any]], settings: Settings) -> list[di
     else:
         v = load(side, top, "added_p99_ms")
         add(name, v, v is not None and v <= 5, f"{v or 0:+.2f} ms")
+    hosts_top = ((summaries.get("sidecar-hosts") or {}).get("load") or {}).get(top)
+    name = f"{top} x {settings.rate:g}/s p99 added by two sidecar processes (sidecar-hosts) over raw <= 5 ms"
+    if hosts_top and hosts_top.get("p99_ms") is None:
+        out.append({"target": name, "value": None, "pass": False, "measured": "saturated (tokens not delivered)"})
+    else:
+        v = (hosts_top or {}).get("added_p99_ms")
+        add(name, v, v is not None and v <= 5, f"{v or 0:+.2f} ms")
     v = exo.get("chars_per_s")
     add("exo >= 2000 chars/s, single stream", v, v is not None and v >= 2000, f"{v or 0:,.0f} chars/s")
     v = load(side, top, "server_peak_rss_max_mb")
@@ -613,7 +645,7 @@ def table(results: dict[str, Any], summaries: dict[str, dict[str, Any]], setting
             continue
         s = summaries[row]
         cpu = s.get("cpu_us_per_token") or {}
-        relay = [cpu[r] for r in ("server", "sidecar") if r in cpu]
+        relay = [v for r, v in cpu.items() if r not in ("client", "upstream")]
         cells = [
             row,
             f"{_f(s.get('ttft_p50_ms'))} / {_f(s.get('ttft_p99_ms'))} / {_f(s.get('ttft_first_ms'), '{:.1f}')}",
@@ -672,7 +704,7 @@ def ratio_table(results: dict[str, Any], summaries: dict[str, dict[str, Any]], s
         for k in ks:
             entry = (s.get("load") or {}).get(k) or {}
             cpu = entry.get("cpu_us_per_token") or {}
-            relay = "+".join(f"{cpu[r]:.0f}" for r in ("server", "sidecar") if r in cpu)
+            relay = "+".join(f"{v:.0f}" for r, v in cpu.items() if r not in ("client", "upstream"))
             shown = _f(entry.get("path_cpu_us_per_token"), "{:.0f}")
             if entry:
                 shown += f" ({cpu.get('client', 0):.0f}{'+' + relay if relay else ''})"

@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
-from exo_remote_engine.addresses import AddressError, grpc_address
+from exo_remote_engine.addresses import AddressError, sidecar_target
 from exo_remote_engine.connection_hints import sidecar_hint
 from exo_remote_engine.engine.client import SidecarClient, SidecarTarget
 from exo_remote_engine.errors import RemoteError
@@ -203,7 +203,8 @@ async def _chat(target: SidecarTarget, args: argparse.Namespace) -> int:
 
 ENVIRONMENT = """\
 environment (the same variables the exo side reads):
-  EXO_REMOTE_SIDECAR        sidecar host[:port] when --sidecar is not given (default: 127.0.0.1:50505)
+  EXO_REMOTE_SIDECAR        sidecar host[:port] when --sidecar is not given (default: 127.0.0.1:50505);
+                            several hosts: IP:port,IP:port or dns:///name:port
   EXO_REMOTE_TOKEN          bearer token the sidecar expects (default: none)
   EXO_REMOTE_TOKEN_FILE     file holding that token, instead of EXO_REMOTE_TOKEN
   EXO_REMOTE_TLS_CA         CA file that signed the sidecar's certificate; set it for a TLS sidecar
@@ -216,16 +217,20 @@ environment (the same variables the exo side reads):
 
 
 def sidecar_flag(text: str) -> str:
-    """argparse type for ``--sidecar``: host[:port], the port defaulting to 50505."""
+    """argparse type for ``--sidecar``: host[:port] (the port defaulting to 50505), a list
+    of IP addresses, an ipv4:/ipv6: list or dns:///name:port."""
     try:
-        return grpc_address(text)
+        return sidecar_target(text).target
     except AddressError as exc:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--sidecar ")) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     """exo-remote's flags; ``--sidecar`` is accepted before or after the command."""
-    sidecar_help = "sidecar host[:port]; no port means 50505 (default: EXO_REMOTE_SIDECAR, else 127.0.0.1:50505)"
+    sidecar_help = (
+        "sidecar host[:port] (no port means 50505), or several hosts: IP:port,IP:port or dns:///name:port "
+        "(default: EXO_REMOTE_SIDECAR, else 127.0.0.1:50505)"
+    )
     parser = argparse.ArgumentParser(
         prog="exo-remote",
         description="Check an exo-remote sidecar without exo: list its models, stream a reply,\n"

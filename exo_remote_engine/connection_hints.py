@@ -8,15 +8,19 @@ view) ask here for the one sentence that says which side is misconfigured and ho
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import urllib.parse
 
+from exo_remote_engine.addresses import AddressError, sidecar_target
 from exo_remote_engine.engine.client import SidecarTarget
 from exo_remote_engine.errors import Reason, RemoteError
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
+    with contextlib.suppress(AddressError):  # several hosts: the first one tells
+        address = (sidecar_target(address).hosts or (address,))[0]
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or "/" in address:
         return None
@@ -60,6 +64,13 @@ def sidecar_hint(error: RemoteError, target: SidecarTarget, *, short: bool = Fal
         if short:
             return "certificate not trusted: check EXO_REMOTE_TLS_CA"
         return "the sidecar's certificate is not signed by the CA in EXO_REMOTE_TLS_CA"
+    if "Hostname Verification Check failed" in message and target.parsed.several and not target.tls_server_name:
+        if short:
+            return "certificate name not checked: set EXO_REMOTE_TLS_SERVER_NAME"
+        return (
+            "a list of sidecar hosts has no host name to check their certificates against: set "
+            "EXO_REMOTE_TLS_SERVER_NAME to the name in the hosts' certificates"
+        )
     if "WRONG_VERSION_NUMBER" in message and target.tls is not None:
         if short:
             return "plaintext sidecar: unset EXO_REMOTE_TLS_CA"

@@ -16,16 +16,24 @@ from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from exo_remote_engine.addresses import AddressError, sidecar_target
 from exo_remote_engine.connection_hints import not_exo_api_hint, sidecar_hint
-from exo_remote_engine.engine.client import SidecarClient, SidecarTarget
+from exo_remote_engine.engine.client import (
+    HOST_NOT_SERVING,
+    HOST_SERVING,
+    HOST_UNREACHABLE,
+    SidecarClient,
+    SidecarTarget,
+    host_status,
+)
 from exo_remote_engine.engine.cluster import remote_sidecar
 from exo_remote_engine.errors import Reason, RemoteError
 
 DEFAULT_API = "http://127.0.0.1:52415"
 MAX_BODY_BYTES = 16 * 1024 * 1024
-SERVING = "SERVING"
-NOT_SERVING = "NOT SERVING"
-UNREACHABLE = "unreachable"
+SERVING = HOST_SERVING
+NOT_SERVING = HOST_NOT_SERVING
+UNREACHABLE = HOST_UNREACHABLE
 NOT_PROBED = "not probed"
 T = TypeVar("T")
 
@@ -40,6 +48,9 @@ class SidecarInfo:
     not_ready: int = 0
     models_error: str | None = None  # ListModels failed although the sidecar answered
     detail: str | None = None  # why it is unreachable / was not probed
+    # A target of several hosts: each host (for dns: the addresses the name resolves to
+    # now) with its own readiness, asked over a channel to that host alone.
+    hosts: tuple[tuple[str, str], ...] = ()
 
 
 class TopologyError(Exception):
@@ -113,12 +124,16 @@ async def probe_sidecar(address: str, base: SidecarTarget, timeout_s: float) -> 
     """Health and ListModels of one sidecar, each bounded by ``timeout_s``; never raises."""
     target = replace(base, address=address)
     client = SidecarClient(target)
+    hosts: tuple[tuple[str, str], ...] = ()
     try:
-        health, models = await asyncio.gather(
+        health, models, each = await asyncio.gather(
             _bounded(client.health(timeout_s=timeout_s), timeout_s + 0.5),
             _bounded(client.list_models(timeout_s=timeout_s), timeout_s + 0.5),
+            _bounded(_host_health(client, timeout_s), timeout_s + 0.5),
             return_exceptions=True,
         )
+        if isinstance(each, dict):
+            hosts = tuple(each.items())
     finally:
         try:
             await client.close()
@@ -130,6 +145,7 @@ async def probe_sidecar(address: str, base: SidecarTarget, timeout_s: float) -> 
             status=SERVING if health is True else NOT_SERVING,
             ready=tuple(m.alias for m in models.models if m.ready),
             not_ready=sum(1 for m in models.models if not m.ready),
+            hosts=hosts,
         )
     # TLS expected, token missing...: may try a TLS handshake, so off the event loop.
     hint = None
@@ -145,8 +161,17 @@ async def probe_sidecar(address: str, base: SidecarTarget, timeout_s: float) -> 
             address=address,
             status=SERVING if health is True else NOT_SERVING,
             models_error=_short_error(models, timeout_s, hint),
+            hosts=hosts,
         )
-    return SidecarInfo(address=address, status=UNREACHABLE, detail=_short_error(models, timeout_s, hint))
+    return SidecarInfo(address=address, status=UNREACHABLE, detail=_short_error(models, timeout_s, hint), hosts=hosts)
+
+
+async def _host_health(client: SidecarClient, timeout_s: float) -> dict[str, str]:
+    """Every host of a several-host target with its status; {} for one host (its status
+    is the sidecar's)."""
+    if not client.target.parsed.several:
+        return {}
+    return {a: host_status(r) for a, r in (await client.host_health(timeout_s)).items()}
 
 
 def _is_loopback(host: str) -> bool:
@@ -185,8 +210,14 @@ def positive_seconds(text: str) -> float:
     return value
 
 
-def _address_host(address: str) -> str:
-    return urllib.parse.urlsplit("//" + address.split("///")[-1]).hostname or ""
+def _address_hosts(address: str) -> list[str]:
+    """The hosts a sidecar target names (a dns: target: its name)."""
+    try:
+        parsed = sidecar_target(address)
+    except AddressError:
+        return [address]
+    named = parsed.hosts or ((parsed.dns_name,) if parsed.dns_name else (parsed.target,))
+    return [urllib.parse.urlsplit("//" + a).hostname or "" for a in named]
 
 
 def remote_address(node: Mapping[str, Any]) -> str | None:
@@ -204,7 +235,7 @@ async def collect_sidecars(
     found: dict[str, SidecarInfo] = {}
     to_probe: list[str] = []
     for address in addresses:
-        if _is_loopback(_address_host(address)) and not api_is_local:
+        if all(_is_loopback(h) for h in _address_hosts(address)) and not api_is_local:
             # 127.0.0.1 as seen by a node on another machine is not our 127.0.0.1.
             found[address] = SidecarInfo(address, NOT_PROBED, detail="loopback of that node's machine")
         else:

@@ -138,6 +138,10 @@ def _remote_lines(node: Mapping[str, Any], address: str, info: SidecarInfo | Non
         lines.append(_list_fit("models: ", names, width, g) if names else "models: none ready")
         total = len(info.ready) + info.not_ready
         lines.append(f"{len(info.ready)}/{total} ready{g.dot}sidecar {status}")
+    if info is not None and info.hosts:
+        up = sum(1 for _, s in info.hosts if s == SERVING)
+        lines.append(f"{up}/{len(info.hosts)} sidecar hosts serving:")
+        lines += [f"  {g.up if s == SERVING else g.down} {_clean(a)} {s}" for a, s in info.hosts]
     return lines
 
 

@@ -538,7 +538,20 @@ async def test_topology_names_add_on_nodes(remote_api: TestClient) -> None:
         "engine": "RemoteLLMInferenceEngine",
         "models": ["echo-model"],
         "sidecar": SIDECAR,
+        "sidecar_hosts": [],
     }
+    # A node with several sidecar hosts announces each with its health; "sidecar" stays.
+    several = "ipv4:10.0.0.5:50505,10.0.0.6:50505"
+    hosts = {"10.0.0.5:50505": "SERVING", "10.0.0.6:50505": "unreachable"}
+    STATE.view.absorb(
+        ClusterView.announcement("r", "RemoteLLMInferenceEngine", {"echo-model": "echo-model"}, several, (), hosts)
+    )
+    body = await (await remote_api.get("/v1/topology")).json()
+    assert body["exo_remote"]["nodes"]["r"]["sidecar"] == several
+    assert body["exo_remote"]["nodes"]["r"]["sidecar_hosts"] == [
+        {"address": "10.0.0.5:50505", "status": "SERVING"},
+        {"address": "10.0.0.6:50505", "status": "unreachable"},
+    ]
 
 
 # --- argv, catalog, label -------------------------------------------------------------------

@@ -224,3 +224,37 @@ async def test_loopback_sidecars_of_another_machine_are_not_probed() -> None:
     assert sidecars["127.0.0.1:50505"].status == NOT_PROBED
     far = _box_of(render_topology(topology, sidecars, "http://192.0.2.1:52415"), "far")
     assert "not probed: loopback of that node's machine" in far and "exo says: 1/1 models ready (x)" in far
+
+
+@pytest.mark.timeout(30)
+async def test_every_host_of_a_several_host_sidecar_is_shown_with_its_health(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remote node pointed at three sidecar hosts (real ones on 127.0.0.2 and 127.0.0.3,
+    one of them draining, and a refusing port on 127.0.0.4): one box, each host's state."""
+    for name in ("EXO_REMOTE_SIDECAR", "EXO_REMOTE_TOKEN", "EXO_REMOTE_TOKEN_FILE", "EXO_REMOTE_TLS_CA"):
+        monkeypatch.delenv(name, raising=False)
+    up = await start_sidecar(SidecarSettings(listen="127.0.0.2:0"))
+    draining = await start_sidecar(SidecarSettings(listen="127.0.0.3:0"))
+    draining.health.set_all(False)  # what a draining sidecar says (it then stops listening)
+    with socket.socket() as refusing:
+        refusing.bind(("127.0.0.4", 0))
+        away = f"127.0.0.4:{refusing.getsockname()[1]}"
+        hosts = [f"127.0.0.2:{up.port}", f"127.0.0.3:{draining.port}", away]
+        target = "ipv4:" + ",".join(hosts)
+        topology = {"nodes": {"multi": _remote(target, "remote: 1/1 models ready (embedded-echo)")}}
+        runner, url = await _serve_topology(topology)
+        try:
+            code = await asyncio.to_thread(main, ["topology", "--api", url, "--timeout", "3", "--width", "120"])
+            sidecars = await collect_sidecars(topology, url, SidecarTarget(), timeout_s=3)
+        finally:
+            await runner.cleanup()
+            await up.stop(grace_s=None)
+            await draining.stop(grace_s=None)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert sidecars[target].hosts == ((hosts[0], SERVING), (hosts[1], NOT_SERVING), (away, UNREACHABLE))
+    box = "\n".join(line for line in out.splitlines() if "sidecar hosts" in line or "127.0.0." in line)
+    assert "1/3 sidecar hosts serving" in box, out
+    for host, status in zip(hosts, ("SERVING", "NOT SERVING", "unreachable"), strict=True):
+        assert any(host in line and line.rstrip(" │|").endswith(status) for line in out.splitlines()), (host, out)

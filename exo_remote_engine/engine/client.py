@@ -2,18 +2,43 @@
 
 :class:`SidecarTarget` says where the sidecar is and how to prove who we are (token,
 TLS), read from environment variables so exo's own argv stays untouched.
-:class:`SidecarClient` owns lazily created grpc.aio channels per event loop (the sidecar's
-port, plus one per worker process that ``ListWorkers`` names, over which Generate calls
-are spread round-robin), retries a Generate call only until its first event arrives (never
-after: that would duplicate text), and turns every failure into the one error type,
-:class:`RemoteError`.
+:class:`SidecarClient` owns lazily created grpc.aio channels per event loop, retries a
+Generate call only until its first delta arrives (never after: that would duplicate text),
+and turns every failure into the one error type, :class:`RemoteError`.
+
+Several sidecar hosts are gRPC's business, not ours: every channel carries a service
+config choosing gRPC's ``round_robin`` policy, which spreads calls over the target's READY
+addresses and skips a host whose connection failed or was closed (a killed host, or a
+draining one: the sidecar stops listening and sends GOAWAY when it drains), and short
+reconnect backoffs so a host that returns is used again within seconds. A call that fails
+before its first delta is retried, and round_robin gives the retry the next host.
+
+Client-side health checking (``healthCheckConfig``) is switched on only where the
+subchannel's health ``Watch`` is authenticated: a client certificate without a token
+(mTLS). gRPC's health Watch carries no call metadata, so with a bearer token (or no
+authentication) it is an anonymous call, held to the sidecar's small budget for
+anonymous health calls (issue #11's flood protection). Measured with grpcio 1.70 and 1.85:
+a host whose Watch is refused for lack of budget gets no calls at all from that channel
+for as long as the budget stays full, i.e. an anonymous flood would take a healthy host
+away from every node; and 8 Watch slots would cap a host at 8 client channels. A Watch
+ended with OK after the budget's 300 s is re-opened at once without losing the host.
+
+Worker ports (``ListWorkers``) are per host, and gRPC's resolver results are not visible
+to the application. One host: the channels rotate over its port and its workers' ports as
+before. A literal address list: each host's ``ListWorkers`` is asked over a channel of its
+own and the round_robin list is rebuilt from every host's main and worker ports. A
+``dns:`` name: its hosts are whatever the resolver returns at the moment, so their worker
+ports cannot be asked per host; only the name's main port is used (run one sidecar
+process per host there, or a port per worker behind the name).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,7 +53,7 @@ from tenacity import (
     stop_after_delay,
 )
 
-from exo_remote_engine.addresses import DEFAULT_PORT, grpc_address
+from exo_remote_engine.addresses import DEFAULT_PORT, SidecarAddress, TargetKind, sidecar_target
 from exo_remote_engine.engine.settings import EngineSettings
 from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
@@ -38,6 +63,8 @@ from exo_remote_engine.health_proto import health_pb2, health_pb2_grpc
 DEFAULT_SIDECAR = f"127.0.0.1:{DEFAULT_PORT}"
 SERVICE_NAME = "exo.remote.v1.RemoteInferenceService"
 WORKERS_REFRESH_S = 30.0
+# A host that comes back is dialled again within about this long (the issue asks 5 s).
+RECONNECT_BACKOFF_MS = (250, 2000)
 
 
 @dataclass(frozen=True)
@@ -96,11 +123,31 @@ class SidecarTarget:
                 server_name=settings.tls_server_name,
             )
         return cls(
-            address=grpc_address(settings.sidecar or DEFAULT_SIDECAR, flag="EXO_REMOTE_SIDECAR"),
+            address=sidecar_target(settings.sidecar or DEFAULT_SIDECAR, flag="EXO_REMOTE_SIDECAR").target,
             token=token,
             tls=tls,
             deadline_s=settings.deadline_s,
         )
+
+    @property
+    def parsed(self) -> SidecarAddress:
+        """The target's typed form: its kind and, when written out, its hosts."""
+        return sidecar_target(self.address)
+
+    @property
+    def tls_server_name(self) -> str | None:
+        return self.tls.server_name if self.tls else None
+
+    @property
+    def health_checked(self) -> bool:
+        """Whether gRPC's client-side health checking is on (the module doc says why only here)."""
+        return self.tls is not None and self.tls.cert_file is not None and not self.token
+
+    def service_config(self) -> str:
+        config: dict[str, object] = {"loadBalancingConfig": [{"round_robin": {}}]}
+        if self.health_checked:
+            config["healthCheckConfig"] = {"serviceName": SERVICE_NAME}
+        return json.dumps(config)
 
     def channel_options(self) -> list[tuple[str, int | str]]:
         options: list[tuple[str, int | str]] = [
@@ -109,6 +156,9 @@ class SidecarTarget:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.service_config", self.service_config()),
+            ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
         ]
         if self.tls and self.tls.server_name:
             options.append(("grpc.ssl_target_name_override", self.tls.server_name))
@@ -128,9 +178,11 @@ class SidecarTarget:
             return grpc.secure_channel(self.address, self.tls.credentials(), self.channel_options())
         return grpc.insecure_channel(self.address, self.channel_options())
 
-    def aio_channel(self, port: int | None = None) -> grpc.aio.Channel:
-        """A channel to the sidecar, or to one of its workers' ``port`` on the same host."""
-        address = self.address if port is None else f"{self.address.rsplit(':', 1)[0]}:{port}"
+    def aio_channel(self, port: int | None = None, *, address: str | None = None) -> grpc.aio.Channel:
+        """A channel to the target (or to ``address``), or to a worker's ``port`` on its host."""
+        address = address or self.address
+        if port is not None:
+            address = f"{address.rsplit(':', 1)[0]}:{port}"
         if self.tls:
             return grpc.aio.secure_channel(address, self.tls.credentials(), self.channel_options())
         return grpc.aio.insecure_channel(address, self.channel_options())
@@ -157,16 +209,23 @@ def list_models_blocking(target: SidecarTarget, timeout_s: float = 3.0) -> pb.Li
 
 
 class SidecarClient:
-    """Async calls to one sidecar over a channel created lazily in the running loop."""
+    """Async calls to a sidecar target (one host or several) over channels created lazily
+    in the running loop."""
 
     def __init__(self, target: SidecarTarget) -> None:
         self.target = target
+        self._parsed = target.parsed
         self._channel: grpc.aio.Channel | None = None
+        self._channel_target = target.address  # a host list's: every host's main and worker ports
+        # Replaced round_robin channels, each closing once its live streams have ended.
+        self._retired: dict[grpc.aio.Channel, asyncio.Future[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._workers: dict[int, grpc.aio.Channel] = {}  # worker port -> channel
+        self._workers: dict[int, grpc.aio.Channel] = {}  # one host: worker port -> channel
+        self._hosts: dict[str, grpc.aio.Channel] = {}  # host:port -> a channel to that host alone
         self._workers_due = 0.0  # when to ask ListWorkers again
         self._refreshing: asyncio.Future[None] | None = None
         self._turn = 0
+        self.hosts_seen: dict[str, bool | None] = {}  # the last host_health answer
 
     def _stub(self) -> pb_grpc.RemoteInferenceServiceStub:
         return pb_grpc.RemoteInferenceServiceStub(self._ensure_channel())
@@ -174,30 +233,43 @@ class SidecarClient:
     def _ensure_channel(self) -> grpc.aio.Channel:
         loop = asyncio.get_running_loop()
         if self._channel is None or self._loop is not loop:
+            self._channel_target = self.target.address
             self._channel = self.target.aio_channel()
             self._loop = loop
-            self._workers = {}  # channels belong to the loop that made them
+            self._workers, self._hosts = {}, {}  # channels belong to the loop that made them
             self._workers_due = 0.0
             self._refreshing = None
         return self._channel
 
+    def _host_channel(self, address: str) -> grpc.aio.Channel:
+        """A channel to one host of the target (its ListWorkers, its health)."""
+        self._ensure_channel()
+        if address not in self._hosts:
+            self._hosts[address] = self.target.aio_channel(address=address)
+        return self._hosts[address]
+
     async def close(self) -> None:
-        channels = [self._channel, *self._workers.values()]
-        self._channel, self._workers = None, {}
+        channels = [self._channel, *self._workers.values(), *self._hosts.values(), *self._retired]
+        self._channel, self._workers, self._hosts, self._retired = None, {}, {}, {}
         if self._loop is asyncio.get_running_loop():
             for channel in channels:
                 if channel is not None:
                     await channel.close(grace=None)
 
     async def _generate_channel(self) -> tuple[grpc.aio.Channel, int | None]:
-        """The next channel in the rotation over the sidecar and its workers."""
+        """The channel for the next Generate call: one host rotates over its port and its
+        workers' ports; several hosts are one round_robin channel (see the module doc)."""
         main = self._ensure_channel()
+        if self._parsed.kind in (TargetKind.DNS, TargetKind.SOCKET):
+            return main, None
         if self._refreshing is None and time.monotonic() >= self._workers_due:
             self._workers_due = time.monotonic() + WORKERS_REFRESH_S
-            self._refreshing = asyncio.ensure_future(self._refresh_workers(main))
+            refresh = self._refresh_host_list() if self._parsed.several else self._refresh_workers(main)
+            self._refreshing = asyncio.ensure_future(refresh)
             self._refreshing.add_done_callback(self._refreshed)
         if self._refreshing is not None:
             await asyncio.shield(self._refreshing)  # calls starting together all see the workers
+            main = self._ensure_channel()
         rotation: list[tuple[grpc.aio.Channel, int | None]] = [(main, None)]
         rotation.extend((channel, port) for port, channel in self._workers.items())
         self._turn += 1
@@ -208,14 +280,36 @@ class SidecarClient:
         if not task.cancelled() and task.exception() is not None:
             self._workers_due = 0.0
 
-    async def _refresh_workers(self, main: grpc.aio.Channel) -> None:
+    async def _worker_ports(self, channel: grpc.aio.Channel) -> set[int]:
         try:
-            response: pb.ListWorkersResponse = await pb_grpc.RemoteInferenceServiceStub(main).ListWorkers(
+            response: pb.ListWorkersResponse = await pb_grpc.RemoteInferenceServiceStub(channel).ListWorkers(
                 pb.ListWorkersRequest(), timeout=2.0, metadata=self.target.metadata()
             )
-            ports = set(response.worker_ports)
         except grpc.RpcError:
-            ports = set()  # an older sidecar, or one busy right now: use the main port alone
+            return set()  # an older sidecar, or one busy or away right now: its main port alone
+        return set(response.worker_ports)
+
+    async def _refresh_host_list(self) -> None:
+        """Every listed host's ListWorkers, over a channel to that host alone; when the set
+        of ports changed, calls move to a round_robin channel over the new set (the old
+        one takes no new call and is closed once its live streams end, at the latest at
+        their deadline)."""
+        hosts = self._parsed.hosts
+        found = await asyncio.gather(*(self._worker_ports(self._host_channel(h)) for h in hosts))
+        addresses = [*hosts]
+        for host, ports in zip(hosts, found, strict=True):
+            addresses += [f"{host.rsplit(':', 1)[0]}:{port}" for port in sorted(ports)]
+        target = sidecar_target(",".join(addresses)).target
+        if target != self._channel_target and self._channel is not None:
+            old = self._channel
+            closing = asyncio.ensure_future(old.close(grace=self.target.deadline_s))
+            self._retired[old] = closing
+            closing.add_done_callback(lambda _: self._retired.pop(old, None))
+            self._channel_target = target
+            self._channel = self.target.aio_channel(address=target)
+
+    async def _refresh_workers(self, main: grpc.aio.Channel) -> None:
+        ports = await self._worker_ports(main)
         for port in set(self._workers) - ports:
             await self._workers.pop(port).close(grace=None)
         for port in ports - set(self._workers):
@@ -241,6 +335,43 @@ class SidecarClient:
             )
         except grpc.RpcError:
             return False
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def host_addresses(self) -> list[str]:
+        """Every host behind the target as ``host:port``: the listed ones, or for a ``dns:``
+        name the addresses it resolves to now (getaddrinfo, for display only: gRPC's own
+        resolver decides where calls go)."""
+        parsed = self._parsed
+        if parsed.dns_name is None:
+            return list(parsed.hosts) or [parsed.target]
+        name, _, port = parsed.dns_name.rpartition(":")
+        try:
+            infos = socket.getaddrinfo(name.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            return []
+        found = dict.fromkeys(f"[{i[4][0]}]:{port}" if i[0] == socket.AF_INET6 else f"{i[4][0]}:{port}" for i in infos)
+        return list(found)
+
+    async def host_health(self, timeout_s: float = 2.0) -> dict[str, bool | None]:
+        """Each host's readiness, asked over a channel to that host alone: True SERVING,
+        False answered otherwise, None unreachable."""
+        addresses = await asyncio.to_thread(self.host_addresses) if self._parsed.dns_name else self.host_addresses()
+        if len(addresses) == 1 and addresses[0] == self.target.address:
+            return {addresses[0]: await self._check(self._ensure_channel(), timeout_s)}
+        for gone in set(self._hosts) - set(addresses) - set(self._parsed.hosts):
+            await self._hosts.pop(gone).close(grace=None)
+        checks = [self._check(self._host_channel(a), timeout_s) for a in addresses]
+        self.hosts_seen = dict(zip(addresses, await asyncio.gather(*checks), strict=True))
+        return self.hosts_seen
+
+    async def _check(self, channel: grpc.aio.Channel, timeout_s: float) -> bool | None:
+        try:
+            response = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s, metadata=self.target.metadata()
+            )
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            return None if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else False
         return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def list_models(self, refresh: bool = False, timeout_s: float = 10.0) -> pb.ListModelsResponse:
@@ -307,16 +438,37 @@ class SidecarClient:
     async def _first_event(
         call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse],
     ) -> pb.GenerateResponse | None:
-        try:
-            event = await call.read()
-        except grpc.RpcError as exc:
-            raise _error_from(exc) from None
+        """The first event that carries something (a delta with content, or Finished): until
+        then the call may still be retried on another host without duplicating text. The
+        sidecar never sends a contentless delta; one from elsewhere is skipped, not counted."""
+        while True:
+            try:
+                event = await call.read()
+            except grpc.RpcError as exc:
+                raise _error_from(exc) from None
+            if event is grpc.aio.EOF or not _contentless(event):  # type: ignore[arg-type]
+                break
         if event is grpc.aio.EOF:
             code = await call.code()
             if code == grpc.StatusCode.OK:
                 raise RemoteError(Reason.INTERNAL, "sidecar ended the stream without a result")
             raise RemoteError.from_status(code, await call.details(), await call.trailing_metadata())
         return event  # type: ignore[return-value]
+
+
+HOST_SERVING, HOST_NOT_SERVING, HOST_UNREACHABLE = "SERVING", "NOT SERVING", "unreachable"
+
+
+def host_status(ready: bool | None) -> str:
+    """A :meth:`SidecarClient.host_health` answer for one host, as views show it."""
+    return HOST_SERVING if ready is True else HOST_UNREACHABLE if ready is None else HOST_NOT_SERVING
+
+
+def _contentless(event: pb.GenerateResponse) -> bool:
+    if event.WhichOneof("event") != "delta":
+        return False
+    delta = event.delta
+    return not (delta.text or delta.reasoning_text or len(delta.tool_calls))
 
 
 def _wait_honouring_retry_after(policy: RetryPolicy) -> Callable[[RetryCallState], float]:

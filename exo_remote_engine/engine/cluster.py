@@ -41,6 +41,8 @@ class PeerInfo:
     sidecar: str | None
     seen: float
     peers: frozenset[str] = frozenset()  # whom its results reach (exo broadcasts to peers)
+    # Each host behind a several-host sidecar target -> SERVING / NOT SERVING / unreachable.
+    sidecar_hosts: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,9 +56,15 @@ class ClusterView:
     # --- announcements ------------------------------------------------------------------
     @staticmethod
     def announcement(
-        node_id: str, engine_class: str, models: Mapping[str, str], sidecar: str | None, peers: Iterable[str] = ()
+        node_id: str,
+        engine_class: str,
+        models: Mapping[str, str],
+        sidecar: str | None,
+        peers: Iterable[str] = (),
+        sidecar_hosts: Mapping[str, str] | None = None,
     ) -> str:
-        """The opaque status a node broadcasts about itself (``models``: exo id -> alias)."""
+        """The opaque status a node broadcasts about itself (``models``: exo id -> alias;
+        ``sidecar_hosts``: each host of a several-host sidecar target -> its status)."""
         return json.dumps(
             {
                 "type": ANNOUNCE_TYPE,
@@ -65,6 +73,7 @@ class ClusterView:
                 "models": dict(models),
                 "sidecar": sidecar,
                 "peers": sorted(peers),
+                "sidecar_hosts": dict(sidecar_hosts or {}),
             }
         )
 
@@ -85,6 +94,7 @@ class ClusterView:
                 sidecar=data.get("sidecar"),
                 seen=self.clock(),
                 peers=frozenset(str(p) for p in data.get("peers") or ()),
+                sidecar_hosts=_string_map(data.get("sidecar_hosts")),
             )
         return data
 
@@ -160,6 +170,13 @@ class ClusterView:
     def nodes_without_addon(self, present: Iterable[str]) -> list[str]:
         """Nodes seen for a while that never announced the add-on."""
         return sorted(n for n, age in self._silent_for(present).items() if age > ADDON_GRACE_S)
+
+
+def _string_map(value: object) -> dict[str, str]:
+    """An announced ``{str: str}`` (an older node announces none)."""
+    if not isinstance(value, Mapping):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
 
 
 def remote_chip(sidecar: str, ready: list[str], total: int) -> str:

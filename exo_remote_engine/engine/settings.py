@@ -18,7 +18,7 @@ from pathlib import Path
 DEFAULT_DEADLINE_S = 900.0  # exo's own response timeout
 
 VARIABLES: Mapping[str, str] = {
-    "EXO_REMOTE_SIDECAR": "sidecar host[:port] (--sidecar)",
+    "EXO_REMOTE_SIDECAR": "sidecar host[:port], IP:port,IP:port or dns:///name:port (--sidecar)",
     "EXO_REMOTE_TOKEN": "bearer token the sidecar expects",
     "EXO_REMOTE_TOKEN_FILE": "file holding that token (--sidecar-token-file)",
     "EXO_REMOTE_TLS_CA": "CA that signed the sidecar's certificate (--sidecar-tls-ca)",

@@ -135,7 +135,14 @@ async def get_topology(original: Any, self: Any, request: web.Request) -> web.St
     present = list((body.get("nodes") or {}).keys())
     body["exo_remote"] = {
         "nodes": {
-            node_id: {"engine": p.engine_class, "models": list(p.models), "sidecar": p.sidecar}
+            # "sidecar" is the target as configured (kept for older readers); "sidecar_hosts"
+            # lists each host behind a several-host target with its health.
+            node_id: {
+                "engine": p.engine_class,
+                "models": list(p.models),
+                "sidecar": p.sidecar,
+                "sidecar_hosts": [{"address": a, "status": s} for a, s in p.sidecar_hosts.items()],
+            }
             for node_id, p in view.peers.items()
             if node_id in present
         },

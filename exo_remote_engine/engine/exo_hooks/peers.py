@@ -13,6 +13,7 @@ import logging
 import sys
 from typing import Any
 
+from exo_remote_engine.engine.client import host_status
 from exo_remote_engine.engine.cluster import CANCEL_TYPE, ClusterView
 from exo_remote_engine.engine.exo_hooks.cards import sync_cluster_cards
 from exo_remote_engine.engine.exo_hooks.state import STATE
@@ -20,6 +21,7 @@ from exo_remote_engine.engine_adapter import RemoteLLMInferenceEngine
 
 log = logging.getLogger("exo_remote_engine.hooks")
 ANNOUNCE_EVERY_S = 2.0
+HOST_CHECK_S = 1.0  # each sidecar host's health, asked before an announcement, at most this long
 REPLY_TO_TYPE = "exo_remote_reply_to"
 REPLY_WAIT_S = 8.0
 MAX_REPLY_NOTES = 10_000
@@ -29,10 +31,23 @@ def announcement(node: Any) -> str:
     engine = node.inference_engine
     models: dict[str, str] = {}
     sidecar = None
+    hosts: dict[str, str] = {}
     if isinstance(engine, RemoteLLMInferenceEngine):
         models = {k: m.alias for k, m in engine.catalog.models.items() if m.ready}
         sidecar = engine.target.address
-    return ClusterView.announcement(node.id, engine.__class__.__name__, models, sidecar, (p.id() for p in node.peers))
+        hosts = {a: host_status(r) for a, r in engine.client.hosts_seen.items()}
+    peers = (p.id() for p in node.peers)
+    return ClusterView.announcement(node.id, engine.__class__.__name__, models, sidecar, peers, hosts)
+
+
+async def check_sidecar_hosts(node: Any) -> None:
+    """Each host of a several-host sidecar target, asked for its health (what
+    ``/v1/topology`` shows); bounded, so a dead host delays an announcement by at most
+    :data:`HOST_CHECK_S`."""
+    engine = node.inference_engine
+    if isinstance(engine, RemoteLLMInferenceEngine) and engine.target.parsed.several:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(engine.client.host_health(HOST_CHECK_S), HOST_CHECK_S + 0.5)
 
 
 def reply_note(request_id: str | None, node_id: str) -> str:
@@ -41,6 +56,7 @@ def reply_note(request_id: str | None, node_id: str) -> str:
 
 
 async def announce_once(node: Any) -> None:
+    await check_sidecar_hosts(node)
     await node.broadcast_opaque_status(request_id="", status=announcement(node))
     view = STATE.view
     if view is None:
