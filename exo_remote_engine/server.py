@@ -78,11 +78,11 @@ async def _serve(settings: SidecarSettings, argv: Sequence[str]) -> None:
     gc.freeze()
     models = ", ".join(m.alias for m in running.config.models)
     log.info("listening on %s (models: %s)", settings.listen.rsplit(":", 1)[0] + f":{running.port}", models)
-    print(READY_LINE.format(port=running.port), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the ready line: a SIGTERM right after it drains
         loop.add_signal_handler(sig, stop.set)
+    print(READY_LINE.format(port=running.port), flush=True)
     if is_worker:
         orphaned = asyncio.create_task(wait_for_parent_exit())
         orphaned.add_done_callback(lambda _: stop.set())

@@ -125,7 +125,14 @@ def test_channels_spread_calls_with_round_robin_and_health_check_only_under_mtls
     plain = SidecarTarget(address="ipv4:127.0.0.2:1,127.0.0.3:1", token="t")
     config = json.loads(dict(plain.channel_options())["grpc.service_config"])  # type: ignore[arg-type]
     assert config == {"loadBalancingConfig": [{"round_robin": {}}]}
-    mtls = SidecarTarget(tls=ClientTLS(cert_file=tmp_path / "c.pem", key_file=tmp_path / "k.pem"))
+    mtls = SidecarTarget(
+        address="ipv4:127.0.0.2:1,127.0.0.3:1", tls=ClientTLS(cert_file=tmp_path / "c.pem", key_file=tmp_path / "k.pem")
+    )
     config = json.loads(dict(mtls.channel_options())["grpc.service_config"])  # type: ignore[arg-type]
     assert config["healthCheckConfig"] == {"serviceName": "exo.remote.v1.RemoteInferenceService"}
     assert not replace(mtls, token="t").health_checked
+    # One host keeps gRPC's pick_first, which reconnects as soon as a call comes after the
+    # host restarted (tests/test_faults.py restarts a sidecar on the same port).
+    single = replace(mtls, address="127.0.0.1:50505")
+    assert "grpc.service_config" not in dict(single.channel_options())
+    assert not single.health_checked

@@ -6,12 +6,15 @@ TLS), read from environment variables so exo's own argv stays untouched.
 Generate call only until its first delta arrives (never after: that would duplicate text),
 and turns every failure into the one error type, :class:`RemoteError`.
 
-Several sidecar hosts are gRPC's business, not ours: every channel carries a service
-config choosing gRPC's ``round_robin`` policy, which spreads calls over the target's READY
+Several sidecar hosts are gRPC's business, not ours: a channel to several hosts carries a
+service config choosing gRPC's ``round_robin`` policy, which spreads calls over the READY
 addresses and skips a host whose connection failed or was closed (a killed host, or a
 draining one: the sidecar stops listening and sends GOAWAY when it drains), and short
 reconnect backoffs so a host that returns is used again within seconds. A call that fails
-before its first delta is retried, and round_robin gives the retry the next host.
+before its first delta is retried, and round_robin gives the retry the next host. A
+channel to one host keeps gRPC's default ``pick_first``: when its host restarts, pick_first
+reconnects as soon as a call comes, while round_robin would fail calls fast until its next
+reconnect attempt (up to the backoff's 2 s, longer than a call's retries wait).
 
 Client-side health checking (``healthCheckConfig``) is switched on only where the
 subchannel's health ``Watch`` is authenticated: a client certificate without a token
@@ -140,10 +143,15 @@ class SidecarTarget:
 
     @property
     def health_checked(self) -> bool:
-        """Whether gRPC's client-side health checking is on (the module doc says why only here)."""
-        return self.tls is not None and self.tls.cert_file is not None and not self.token
+        """Whether gRPC's client-side health checking is on: several hosts, authenticated by
+        a client certificate alone (the module doc says why only there)."""
+        mtls_alone = self.tls is not None and self.tls.cert_file is not None and not self.token
+        return mtls_alone and self.parsed.several
 
-    def service_config(self) -> str:
+    def service_config(self) -> str | None:
+        """round_robin for several hosts; None (gRPC's pick_first) for one (module doc)."""
+        if not self.parsed.several:
+            return None
         config: dict[str, object] = {"loadBalancingConfig": [{"round_robin": {}}]}
         if self.health_checked:
             config["healthCheckConfig"] = {"serviceName": SERVICE_NAME}
@@ -156,10 +164,12 @@ class SidecarTarget:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.service_config", self.service_config()),
             ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
             ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
         ]
+        service_config = self.service_config()
+        if service_config is not None:
+            options.append(("grpc.service_config", service_config))
         if self.tls and self.tls.server_name:
             options.append(("grpc.ssl_target_name_override", self.tls.server_name))
         return options
