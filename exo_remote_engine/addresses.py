@@ -117,18 +117,25 @@ def sidecar_target(text: str, *, flag: str = "--sidecar") -> SidecarAddress:
         return SidecarAddress(target, TargetKind.HOST, (target,))
     items = []
     for item in _items(address, text, flag):
-        hostport = grpc_address(item, flag=flag)
-        host = hostport.rpartition(":")[0].strip("[]")
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
+        hostport, host, ip = _ip_of(item, flag)
+        if ip is None:
             raise AddressError(
                 f"{flag} {text!r}: {host!r} is a host name, and gRPC cannot dial a list of names as one target; "
                 f"write IP addresses (127.0.0.2:{DEFAULT_PORT},127.0.0.3:{DEFAULT_PORT}) or one name with "
                 f"several address records as dns:///{host}:{hostport.rpartition(':')[2]}"
-            ) from None
+            )
         items.append((f"ipv{ip.version}", hostport))
     return _address_list(items, text, flag)
+
+
+def _ip_of(item: str, flag: str) -> tuple[str, str, ipaddress.IPv4Address | ipaddress.IPv6Address | None]:
+    """``item`` as ``host:port``, its host, and that host as an IP address (None: a name)."""
+    hostport = grpc_address(item, flag=flag)
+    host = hostport.rpartition(":")[0].strip("[]")
+    try:
+        return hostport, host, ipaddress.ip_address(host)
+    except ValueError:
+        return hostport, host, None
 
 
 def _items(listed: str, text: str, flag: str) -> list[str]:
@@ -142,14 +149,9 @@ def _literal(item: str, text: str, flag: str, family: str) -> tuple[str, str]:
     """One entry of an ``ipv4:``/``ipv6:`` list -> (family, host:port), checked."""
     if family == "ipv6" and not item.startswith("[") and item.count(":") > 1:
         item = f"[{item}]"  # gRPC's ipv6: form takes a bare address without a port
-    hostport = grpc_address(item, flag=flag)
-    host = hostport.rpartition(":")[0].strip("[]")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise AddressError(
-            f"{flag} {text!r}: {host!r} is not an IP address; {family}: lists take IP addresses"
-        ) from None
+    hostport, host, ip = _ip_of(item, flag)
+    if ip is None:
+        raise AddressError(f"{flag} {text!r}: {host!r} is not an IP address; {family}: lists take IP addresses")
     if f"ipv{ip.version}" != family:
         raise AddressError(f"{flag} {text!r}: {host} is not an IPv{family[-1]} address")
     return family, hostport

@@ -22,15 +22,12 @@ are used again from then on.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import time
-import urllib.parse
 from typing import Any
 
-from exo_remote_engine.redaction import SECRETS
-from exo_remote_engine.sidecar.config import ConfigError
 from exo_remote_engine.sidecar.limits import WINDOW_S, UsageWindows, rate_limited
 from exo_remote_engine.sidecar.safe_logging import safe_logger
+from exo_remote_engine.sidecar.service_urls import check_service_url, display_url
 
 log = safe_logger("exo_remote_engine.sidecar")
 
@@ -54,27 +51,15 @@ return {0, requests}
 """
 
 
-def display_url(url: str) -> str:
-    """``url`` without user, password or query: what a log line may say about it."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
-
-
 def check_redis_url(url: str) -> str:
-    """The URL, registered as a secret source; ConfigError (without its password) otherwise."""
-    SECRETS.add_url(url)
-    if importlib.util.find_spec("redis") is None:
-        raise ConfigError("--redis needs the redis package: pip install 'exo-remote-engine[sidecar]'")
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 (raises ValueError on a bad port)
-    except ValueError:
-        raise ConfigError("--redis: not a valid URL") from None
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"--redis {display_url(url)}: expected redis://host:port/db (or rediss://, unix://)")
-    return url
+    """The ``--redis`` URL, checked (see :func:`check_service_url`)."""
+    return check_service_url(
+        url,
+        flag="--redis",
+        package="redis",
+        schemes=("redis", "rediss", "unix"),
+        expected="redis://host:port/db (or rediss://, unix://)",
+    )
 
 
 def minute_key(key: str, minute: int, what: str) -> str:

@@ -21,19 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import math
 import socket
 import time
-import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
 from exo_remote_engine.errors import Reason, RemoteError
-from exo_remote_engine.redaction import SECRETS
-from exo_remote_engine.sidecar.config import ConfigError
 from exo_remote_engine.sidecar.safe_logging import safe_logger
-from exo_remote_engine.sidecar.shared_windows import display_url
+from exo_remote_engine.sidecar.service_urls import check_service_url, display_url
 from exo_remote_engine.sidecar.spend import Ledger, UsageRow
 
 log = safe_logger("exo_remote_engine.sidecar")
@@ -109,18 +105,14 @@ SELECT COALESCE((SELECT SUM(cost_usd) FROM {HOURS} WHERE node = $1 AND hour >= $
 
 
 def check_database_url(url: str) -> str:
-    """The URL, registered as a secret source; ConfigError (without its password) otherwise."""
-    SECRETS.add_url(url)
-    if importlib.util.find_spec("asyncpg") is None:
-        raise ConfigError("--database needs the asyncpg package: pip install 'exo-remote-engine[sidecar]'")
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 (raises ValueError on a bad port)
-    except ValueError:
-        raise ConfigError("--database: not a valid URL") from None
-    if parts.scheme not in ("postgresql", "postgres"):
-        raise ConfigError(f"--database {display_url(url)}: expected postgresql://user@host:port/dbname")
-    return url
+    """The ``--database`` URL, checked (see :func:`check_service_url`)."""
+    return check_service_url(
+        url,
+        flag="--database",
+        package="asyncpg",
+        schemes=("postgresql", "postgres"),
+        expected="postgresql://user@host:port/dbname",
+    )
 
 
 def _driver_errors() -> tuple[type[BaseException], ...]:
