@@ -101,7 +101,7 @@ def render_usage(
 
     start = (now or time.time()) - duration_seconds(since) if since else 0.0
     if database is not None:
-        from exo_remote_engine.sidecar.service_urls import display_url
+        from exo_remote_engine.sidecar.shared_services import display_url
         from exo_remote_engine.sidecar.spend_database import check_database_url, fetch_usage
 
         found = asyncio.run(fetch_usage(check_database_url(database), start, node))

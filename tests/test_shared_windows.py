@@ -12,8 +12,8 @@ from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.redaction import SECRETS
 from exo_remote_engine.sidecar.config import ConfigError
 from exo_remote_engine.sidecar.limits import UsageWindows
-from exo_remote_engine.sidecar.service_urls import display_url
 from exo_remote_engine.sidecar.settings import SidecarSettings, parse_args
+from exo_remote_engine.sidecar.shared_services import display_url
 from exo_remote_engine.sidecar.shared_windows import RedisWindows, check_redis_url
 from tests.support.processes import free_port
 from tests.support.servers import RedisServer

@@ -22,12 +22,11 @@ are used again from then on.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from exo_remote_engine.sidecar.limits import WINDOW_S, UsageWindows, rate_limited
 from exo_remote_engine.sidecar.safe_logging import safe_logger
-from exo_remote_engine.sidecar.service_urls import check_service_url, display_url
+from exo_remote_engine.sidecar.shared_services import Outage, check_service_url, display_url
 
 log = safe_logger("exo_remote_engine.sidecar")
 
@@ -89,42 +88,33 @@ class RedisWindows:
             health_check_interval=0,
         )
         self._admit = self._redis.register_script(_ADMIT)
-        self._down_until = 0.0  # monotonic; no Redis call before it
-        self._outage = False
+        self._outage = Outage(RETRY_AFTER_OUTAGE_S, self._outage_started, self._outage_ended)
         self._pending: set[asyncio.Task[None]] = set()
 
     @property
     def shared(self) -> bool:
         """False while Redis is unreachable (limits then hold per process)."""
-        return not self._outage
+        return not self._outage.active
 
     async def close(self) -> None:
         for task in list(self._pending):
             task.cancel()
         await self._redis.aclose()
 
-    def _usable(self) -> bool:
-        return time.monotonic() >= self._down_until
+    def _outage_started(self, exc: BaseException) -> None:
+        log.warning(
+            "Redis %s unreachable (%s): rpm/tpm limits now hold per sidecar process, not across hosts, "
+            "until it is back",
+            self.url,
+            type(exc).__name__,
+        )
 
-    def _failed(self, exc: BaseException) -> None:
-        self._down_until = time.monotonic() + RETRY_AFTER_OUTAGE_S
-        if not self._outage:
-            self._outage = True
-            log.warning(
-                "Redis %s unreachable (%s): rpm/tpm limits now hold per sidecar process, not across hosts, "
-                "until it is back",
-                self.url,
-                type(exc).__name__,
-            )
-
-    def _succeeded(self) -> None:
-        if self._outage:
-            self._outage = False
-            log.warning("Redis %s is back: rpm/tpm limits are shared across hosts again", self.url)
+    def _outage_ended(self) -> None:
+        log.warning("Redis %s is back: rpm/tpm limits are shared across hosts again", self.url)
 
     async def admit(self, key: str, rpm: int | None, tpm: int | None, what: str) -> None:
         """Count one request under ``key`` in the shared minute, or raise RATE_LIMITED."""
-        if not self._usable():
+        if not self._outage.usable():
             self.fallback.admit(key, rpm, tpm, what)
             return
         from redis.exceptions import RedisError
@@ -135,10 +125,10 @@ class RedisWindows:
             async with asyncio.timeout(TIMEOUT_S * 3):
                 verdict, count = await self._admit(keys=keys, args=[_limit(rpm), _limit(tpm), KEY_TTL_S])
         except (RedisError, OSError, TimeoutError) as exc:
-            self._failed(exc)
+            self._outage.failed(exc)
             self.fallback.admit(key, rpm, tpm, what)
             return
-        self._succeeded()
+        self._outage.succeeded()
         if verdict == 1:
             raise rate_limited(f"{what} is at its limit of {rpm} requests per minute", self._retry_after(), "rpm")
         if verdict == 2:
@@ -147,7 +137,7 @@ class RedisWindows:
     async def counts(self, keys: list[str]) -> dict[str, tuple[int, int]]:
         """Requests and tokens of the current minute per key (this process's own while
         Redis is unreachable): what deployment routing chooses by."""
-        if self._usable():
+        if self._outage.usable():
             from redis.exceptions import RedisError
 
             minute = int(self.clock() // WINDOW_S)
@@ -156,9 +146,9 @@ class RedisWindows:
                 async with asyncio.timeout(TIMEOUT_S * 3):
                     values = await self._redis.mget(names)
             except (RedisError, OSError, TimeoutError) as exc:
-                self._failed(exc)
+                self._outage.failed(exc)
             else:
-                self._succeeded()
+                self._outage.succeeded()
                 numbers = [int(v or 0) for v in values]
                 return {k: (numbers[2 * i], numbers[2 * i + 1]) for i, k in enumerate(keys)}
         return {k: (self.fallback.requests(k), self.fallback.tokens(k)) for k in keys}
@@ -167,7 +157,7 @@ class RedisWindows:
         """Add the provider's tokens to the shared minute, without making the caller wait."""
         if tokens <= 0:
             return
-        if not self._usable():
+        if not self._outage.usable():
             self.fallback.add_tokens(key, tokens)
             return
         task = asyncio.get_running_loop().create_task(self._add_tokens(key, tokens))
@@ -185,10 +175,10 @@ class RedisWindows:
                     pipe.expire(name, KEY_TTL_S)
                     await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
-            self._failed(exc)
+            self._outage.failed(exc)
             self.fallback.add_tokens(key, tokens)
             return
-        self._succeeded()
+        self._outage.succeeded()
 
     def _retry_after(self) -> float:
         return self.fallback.retry_after_s()

@@ -23,13 +23,12 @@ import asyncio
 import contextlib
 import math
 import socket
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.sidecar.safe_logging import safe_logger
-from exo_remote_engine.sidecar.service_urls import check_service_url, display_url
+from exo_remote_engine.sidecar.shared_services import Outage, check_service_url, display_url
 from exo_remote_engine.sidecar.spend import Ledger, UsageRow
 
 log = safe_logger("exo_remote_engine.sidecar")
@@ -134,8 +133,7 @@ class SpendDatabase:
         self.host = socket.gethostname()
         self._pool: Any = None
         self._schema_ready = False
-        self._down_until = 0.0
-        self._outage = False
+        self._outage = Outage(RETRY_AFTER_OUTAGE_S, self._outage_started, self._outage_ended)
         self._kick = asyncio.Event()
         self._next_pass: asyncio.Future[None] | None = None  # done when a pass begun after now ends
         self._shipper: asyncio.Task[None] | None = None
@@ -153,7 +151,7 @@ class SpendDatabase:
                 async with self._pool.acquire() as connection:
                     await self._ensure_schema(connection)
         except _driver_errors() as exc:
-            self._failed(exc)
+            self._outage.failed(exc)
         self._next_pass = asyncio.get_running_loop().create_future()
         self._shipper = asyncio.create_task(self._ship_forever())
 
@@ -163,7 +161,7 @@ class SpendDatabase:
             self._shipper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._shipper
-        if not self._outage:  # (during an outage the rows wait in the ledger for the next start)
+        if not self._outage.active:  # (during an outage the rows wait in the ledger for the next start)
             with contextlib.suppress(*_driver_errors()):
                 async with asyncio.timeout(grace_s):
                     await self.ship_pending()
@@ -181,28 +179,23 @@ class SpendDatabase:
         next request, on any host, then counts this one's spend. During an outage nothing
         waits; the rows are copied when the database is back."""
         self.kick()
-        if self._outage or self._next_pass is None:
+        if self._outage.active or self._next_pass is None:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(COPY_WAIT_S):
                 await asyncio.shield(self._next_pass)
 
-    def _failed(self, exc: BaseException) -> None:
-        self._down_until = time.monotonic() + RETRY_AFTER_OUTAGE_S
-        if not self._outage:
-            self._outage = True
-            self._schema_ready = False  # the database may come back empty
-            log.warning(
-                "spend database %s unreachable (%s): nodes with a budget are refused (SPEND_DATABASE_UNAVAILABLE) "
-                "until it is back; finished requests are kept in the local ledger and copied then",
-                self.name,
-                type(exc).__name__,
-            )
+    def _outage_started(self, exc: BaseException) -> None:
+        self._schema_ready = False  # the database may come back empty
+        log.warning(
+            "spend database %s unreachable (%s): nodes with a budget are refused (SPEND_DATABASE_UNAVAILABLE) "
+            "until it is back; finished requests are kept in the local ledger and copied then",
+            self.name,
+            type(exc).__name__,
+        )
 
-    def _recovered(self) -> None:
-        if self._outage:
-            self._outage = False
-            log.warning("spend database %s is back: budgets are checked again", self.name)
+    def _outage_ended(self) -> None:
+        log.warning("spend database %s is back: budgets are checked again", self.name)
 
     async def _ensure_schema(self, connection: Any) -> None:
         if self._schema_ready:
@@ -215,7 +208,7 @@ class SpendDatabase:
     async def spent(self, node: str, since: float) -> float:
         """``node``'s spend since ``since`` on every host; RemoteError when it cannot be known.
         Checks of one node that arrive while its spend is being read share that read."""
-        if time.monotonic() < self._down_until:
+        if not self._outage.usable():
             raise self._unavailable(node)
         shipped = self.ledger.shipped_upto(self.name)
         key = (node, since)
@@ -234,9 +227,9 @@ class SpendDatabase:
                     await self._ensure_schema(connection)
                     total = await connection.fetchval(_SPENT, node, since, first_hour, self.origin, shipped)
         except _driver_errors() as exc:
-            self._failed(exc)
+            self._outage.failed(exc)
             raise self._unavailable(node) from None
-        self._recovered()
+        self._outage.succeeded()
         return float(total)
 
     def _unavailable(self, node: str) -> RemoteError:
@@ -272,7 +265,7 @@ class SpendDatabase:
             try:
                 copied = await self.ship_pending()
             except _driver_errors() as exc:
-                self._failed(exc)
+                self._outage.failed(exc)
                 continue
             except Exception:  # e.g. the local ledger is busy: never let the copier die
                 log.exception("copying spend rows to %s failed; retrying", self.name)
@@ -280,9 +273,9 @@ class SpendDatabase:
             finally:
                 if waiting is not None and not waiting.done():
                     waiting.set_result(None)
-            if copied and self._outage:
+            if copied and self._outage.active:
                 log.warning("spend database %s: %d requests kept during the outage are written", self.name, copied)
-            self._recovered()
+            self._outage.succeeded()
 
 
 async def fetch_usage(url: str, since: float, node: str | None) -> list[UsageRow]:
