@@ -336,16 +336,7 @@ class SidecarClient:
 
     async def health(self, timeout_s: float = 2.0) -> bool:
         """True when the sidecar reports its inference service SERVING."""
-        stub = health_pb2_grpc.HealthStub(self._ensure_channel())
-        try:
-            # With our token: an authenticated probe is not counted in the sidecar's small
-            # budget for anonymous health calls, so an anonymous flood cannot fail it.
-            response = await stub.Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s, metadata=self.target.metadata()
-            )
-        except grpc.RpcError:
-            return False
-        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+        return await self._check(self._ensure_channel(), timeout_s) is True
 
     def host_addresses(self) -> list[str]:
         """Every host behind the target as ``host:port``: the listed ones, or for a ``dns:``
@@ -375,6 +366,10 @@ class SidecarClient:
         return self.hosts_seen
 
     async def _check(self, channel: grpc.aio.Channel, timeout_s: float) -> bool | None:
+        """The inference service's health over ``channel``: True SERVING, False answered
+        otherwise, None unreachable. With our token: an authenticated probe is not counted in
+        the sidecar's small budget for anonymous health calls, so an anonymous flood cannot
+        fail it."""
         try:
             response = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s, metadata=self.target.metadata()

@@ -60,7 +60,7 @@ class UsageWindows:
     def has_room(self, key: str, rpm: int | None, tpm: int | None) -> bool:
         """True when one more request fits under ``rpm`` and the minute's tokens are under ``tpm``."""
         window = self._current(key)
-        return (rpm is None or window.requests < rpm) and (tpm is None or window.tokens < tpm)
+        return has_room(window.requests, window.tokens, rpm, tpm)
 
     def retry_after_s(self) -> float:
         """Seconds until the current window ends (when every count resets)."""
@@ -77,6 +77,12 @@ class UsageWindows:
                 f"{what} used {window.tokens} of its {tpm} tokens per minute", self.retry_after_s(), "tpm"
             )
         window.requests += 1
+
+
+def has_room(requests: int, tokens: int, rpm: int | None, tpm: int | None) -> bool:
+    """Whether a minute with these counts admits one more request (the rule of every window,
+    in this process's memory or read from Redis)."""
+    return (rpm is None or requests < rpm) and (tpm is None or tokens < tpm)
 
 
 def rate_limited(message: str, retry_after_s: float, limit: str) -> RemoteError:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from exo_remote_engine.errors import Reason, RemoteError
 from exo_remote_engine.sidecar.config import ModelEntry, RouterSettings
-from exo_remote_engine.sidecar.limits import WINDOW_S, UsageWindows, rate_limited
+from exo_remote_engine.sidecar.limits import WINDOW_S, UsageWindows, has_room, rate_limited
 from exo_remote_engine.sidecar.shared_windows import RedisWindows
 
 _LATENCY_SAMPLES = 10
@@ -102,11 +102,7 @@ class Router:
     async def _pick_shared(self, shared: RedisWindows, alias: str, healthy: list[ModelEntry]) -> ModelEntry:
         counts = await shared.counts([deployment_key(d) for d in healthy])
 
-        def fits(d: ModelEntry) -> bool:
-            requests, tokens = counts[deployment_key(d)]
-            return (d.rpm is None or requests < d.rpm) and (d.tpm is None or tokens < d.tpm)
-
-        room = [d for d in healthy if fits(d)]
+        room = [d for d in healthy if has_room(*counts[deployment_key(d)], d.rpm, d.tpm)]
         while room:
             chosen = room[0] if len(room) == 1 else self._choose(room, lambda d: counts[deployment_key(d)][1])
             try:

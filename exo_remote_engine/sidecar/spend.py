@@ -254,12 +254,10 @@ class Ledger:
 
     def shipped_upto(self, target: str) -> int:
         """The last row id copied to ``target`` (0: none)."""
-        row = self._reader.execute("SELECT last_id FROM shipped WHERE target = ?", (target,)).fetchone()
-        return int(row[0]) if row else 0
+        return _shipped_upto(self._reader, target)
 
     def _unshipped(self, target: str, limit: int) -> list[tuple[object, ...]]:
-        row = self._db.execute("SELECT last_id FROM shipped WHERE target = ?", (target,)).fetchone()
-        last = int(row[0]) if row else 0
+        last = _shipped_upto(self._db, target)  # the writer's own connection, on its thread
         query = f"SELECT {_COLUMNS} FROM requests WHERE id > ? ORDER BY id LIMIT ?"  # noqa: S608 (constant columns)
         return [tuple(row) for row in self._db.execute(query, (last, limit))]
 
@@ -291,3 +289,8 @@ class Ledger:
 
     def request_ids(self) -> set[str]:
         return {row[0] for row in self._reader.execute("SELECT request_id FROM requests")}
+
+
+def _shipped_upto(connection: sqlite3.Connection, target: str) -> int:
+    row = connection.execute("SELECT last_id FROM shipped WHERE target = ?", (target,)).fetchone()
+    return int(row[0]) if row else 0
