@@ -40,9 +40,10 @@ from typing import Any
 import aiohttp
 import psutil
 
-from exo_remote_engine.engine.client import RetryPolicy, SidecarClient, SidecarTarget
-from exo_remote_engine.openai_wire import chat_body_to_request
-from exo_remote_engine.sidecar.embedded_model import EmbeddedModelServer, EmbeddedModelSettings, local_model_available
+from exo_remote_engine.contract.openai_chat import chat_body_to_request
+from exo_remote_engine.engine.client import SidecarClient
+from exo_remote_engine.engine.target import RetryPolicy, SidecarTarget
+from exo_remote_engine.sidecar.embedded.model import EmbeddedModelServer, EmbeddedModelSettings, local_model_available
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
 READY = "exo-remote-sidecar listening on port "

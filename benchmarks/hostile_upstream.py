@@ -35,8 +35,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import grpc
 
+from exo_remote_engine.contract.openai_chat import chat_body_to_request
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
-from exo_remote_engine.openai_wire import chat_body_to_request
 from tests.support.openai_upstream import OpenAIUpstream, Scenario, delta_frame
 from tests.support.processes import REPO, SidecarProcess, start_sidecar_process, stop_process
 

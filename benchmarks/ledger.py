@@ -17,8 +17,8 @@ from pathlib import Path
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from exo_remote_engine.sidecar.config import ModelEntry
-from exo_remote_engine.sidecar.spend import Charge, Ledger
+from exo_remote_engine.sidecar.config.loader import ModelEntry
+from exo_remote_engine.sidecar.ledger.spend import Charge, Ledger
 
 ENTRY = ModelEntry(alias="bench", litellm_model="openai/gpt-4o-mini", provider="openai")
 

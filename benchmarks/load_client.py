@@ -323,8 +323,9 @@ class SidecarReader(Reader):
     """The engine's own gRPC client, as an exo node reads the sidecar."""
 
     def __init__(self, address: str) -> None:
-        from exo_remote_engine.addresses import sidecar_target
-        from exo_remote_engine.engine.client import SidecarClient, SidecarTarget
+        from exo_remote_engine.contract.addresses import sidecar_target
+        from exo_remote_engine.engine.client import SidecarClient
+        from exo_remote_engine.engine.target import SidecarTarget
         from exo_remote_engine.generated import remote_inference_pb2 as pb
 
         self.pb = pb

@@ -24,12 +24,12 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import asyncpg
 
-from exo_remote_engine.sidecar.budgets import Budgets
-from exo_remote_engine.sidecar.config import ModelEntry, NodeQuota
-from exo_remote_engine.sidecar.limits import UsageWindows
-from exo_remote_engine.sidecar.shared_windows import RedisWindows
-from exo_remote_engine.sidecar.spend import Charge, Ledger
-from exo_remote_engine.sidecar.spend_database import _INSERT, HOURS, TABLE, SpendDatabase
+from exo_remote_engine.sidecar.config.loader import ModelEntry, NodeQuota
+from exo_remote_engine.sidecar.control.budgets import Budgets
+from exo_remote_engine.sidecar.control.limits import UsageWindows
+from exo_remote_engine.sidecar.control.shared_windows import RedisWindows
+from exo_remote_engine.sidecar.ledger.spend import Charge, Ledger
+from exo_remote_engine.sidecar.ledger.spend_database import _INSERT, HOURS, TABLE, SpendDatabase
 from tests.support.servers import PostgresServer, RedisServer
 
 ENTRY = ModelEntry(alias="bench", litellm_model="gpt-4o-mini", provider="openai")

@@ -5,7 +5,7 @@
 This module is the process only: logging, the event loop, worker processes, signals and
 draining. The rest is in :mod:`exo_remote_engine.sidecar`: flags and variables in
 ``settings``, building and binding the server in ``lifecycle``, the RPCs in ``servicer``,
-streaming in ``streaming``, errors in one table (:mod:`exo_remote_engine.errors`).
+streaming in ``streaming``, errors in one table (:mod:`exo_remote_engine.contract.errors`).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from collections.abc import Callable, Sequence
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from exo_remote_engine.redaction import install_log_redaction
-from exo_remote_engine.sidecar.config import ConfigError, SidecarConfig, load_config
-from exo_remote_engine.sidecar.lifecycle import RunningSidecar, start_sidecar
-from exo_remote_engine.sidecar.safe_logging import protect_handlers, safe_logger
-from exo_remote_engine.sidecar.settings import SidecarSettings, build_parser, parse_args
-from exo_remote_engine.sidecar.workers import READY_LINE, WORKER_ENV, WorkerPool, wait_for_parent_exit
+from exo_remote_engine.contract.redaction import install_log_redaction
+from exo_remote_engine.sidecar.config.loader import ConfigError, SidecarConfig, load_config
+from exo_remote_engine.sidecar.serving.lifecycle import RunningSidecar, start_sidecar
+from exo_remote_engine.sidecar.serving.settings import SidecarSettings, build_parser, parse_args
+from exo_remote_engine.sidecar.serving.workers import READY_LINE, WORKER_ENV, WorkerPool, wait_for_parent_exit
+from exo_remote_engine.sidecar.telemetry.safe_logging import protect_handlers, safe_logger
 
 __all__ = ["RunningSidecar", "SidecarSettings", "build_parser", "main", "start_sidecar"]
 

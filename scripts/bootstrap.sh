@@ -32,7 +32,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.stamp 2>/dev/null)" != "$want" ]
   echo "$want" > .venv/.stamp
 fi
 
-# The shared-state tests (tests/test_shared_state.py) start a real PostgreSQL and Redis from
+# The shared-state tests (tests/sidecar/ledger/test_shared_state.py) start a real PostgreSQL and Redis from
 # Debian's packages; installed here only when their binaries are missing (never a download
 # of server builds). Without them those tests are skipped with the reason.
 apt_install() {  # package, what needs it

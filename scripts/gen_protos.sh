@@ -5,7 +5,7 @@
 # Virtual proto paths keep the wire names (exo.remote.v1, grpc.health.v1) while the Python
 # modules land inside our package, never under a top-level `exo` package.
 # grpc.health.v1 is compiled in rather than taken from grpcio-health-checking, and imported
-# only through exo_remote_engine/health_proto.py: protos/grpc/health/v1/README.md says why.
+# only through exo_remote_engine/contract/health_stubs.py: protos/grpc/health/v1/README.md says why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VE=.venvs/codegen

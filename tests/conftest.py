@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
-from exo_remote_engine.sidecar.config import load_config
+from exo_remote_engine.sidecar.config.loader import load_config
 from tests.support.openai_upstream import OpenAIUpstream
 
 if TYPE_CHECKING:  # tests.support.traffic imports this module (through the harness)

@@ -27,11 +27,12 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from exo_remote_engine.engine.client import RetryPolicy, SidecarClient
-from exo_remote_engine.errors import STATUS_DETAILS_KEY, Reason, RemoteError
+from exo_remote_engine.contract.errors import STATUS_DETAILS_KEY, Reason, RemoteError
+from exo_remote_engine.engine.client import SidecarClient
+from exo_remote_engine.engine.target import RetryPolicy
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
-from exo_remote_engine.sidecar.config import load_config
+from exo_remote_engine.sidecar.config.loader import load_config
 from tests.conftest import FAST_PATH_ENV, PLANTED_KEY, TRANSPORTS, assert_served_by, use_transport
 from tests.support.harness import (
     EXCEPTION_REPR,

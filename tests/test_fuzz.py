@@ -52,12 +52,12 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exo_remote_engine.errors import STATUS_DETAILS_KEY, RemoteError
+from exo_remote_engine.contract.errors import STATUS_DETAILS_KEY, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from exo_remote_engine.generated.grpc_health import health_pb2, health_pb2_grpc
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
-from exo_remote_engine.sidecar.config import EMBEDDED_ALIAS, embedded_entry, load_config
+from exo_remote_engine.sidecar.config.loader import EMBEDDED_ALIAS, embedded_entry, load_config
 from tests.conftest import PLANTED_KEY
 from tests.support.harness import (
     DOCUMENTED_CODES,

@@ -1,15 +1,48 @@
-"""The package's import graph has no cycle, lazy (function-level) imports included.
+"""The package's import graph: no cycle, and the layering the floor plan promises.
 
-A cycle hidden by an import inside a function still ties two modules together; this reads
-every ``import`` statement in the source (not what happens to be loaded) so it catches one.
+Every ``import`` statement in the source is read (lazy, function-level ones too), not what
+happens to be loaded: a cycle or a forbidden edge hidden inside a function still ties two
+parts together. Each package's docstring says what it may import; :data:`LAYERS` is the
+same list, enforced.
 """
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Mapping
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "exo_remote_engine"
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "exo_remote_engine"
+ROOT = "exo_remote_engine"
+SIDECAR = f"{ROOT}.sidecar"
+
+# Part -> the parts it may import (besides itself and ``generated``). A module belongs to
+# the longest part its dotted name starts with.
+LAYERS: dict[str, set[str]] = {
+    f"{ROOT}.contract": set(),
+    f"{ROOT}.engine": {f"{ROOT}.contract", f"{ROOT}.engine_adapter"},
+    f"{ROOT}.engine_adapter": {f"{ROOT}.contract", f"{ROOT}.engine"},
+    f"{ROOT}._startup": {f"{ROOT}.engine"},
+    f"{ROOT}.cli": {f"{ROOT}.contract", f"{ROOT}.engine", f"{SIDECAR}.config", f"{SIDECAR}.ledger"},
+    f"{SIDECAR}.config": {f"{ROOT}.contract"},
+    f"{SIDECAR}.telemetry": {f"{ROOT}.contract"},
+    f"{SIDECAR}.transports": {f"{ROOT}.contract", f"{SIDECAR}.config", f"{SIDECAR}.telemetry"},
+    f"{SIDECAR}.embedded": {f"{ROOT}.contract", f"{SIDECAR}.config", f"{SIDECAR}.telemetry"},
+    f"{SIDECAR}.discovery": {f"{ROOT}.contract", f"{SIDECAR}.config", f"{SIDECAR}.telemetry"},
+    f"{SIDECAR}.ledger": {f"{ROOT}.contract", f"{SIDECAR}.config", f"{SIDECAR}.telemetry"},
+    f"{SIDECAR}.control": {
+        f"{ROOT}.contract",
+        f"{SIDECAR}.config",
+        f"{SIDECAR}.ledger",
+        f"{SIDECAR}.telemetry",
+    },
+    f"{SIDECAR}.serving": {SIDECAR, f"{ROOT}.contract"},
+    f"{ROOT}.server": {SIDECAR, f"{ROOT}.contract"},
+    SIDECAR: set(),  # the package's own __init__
+    ROOT: set(),
+}
 
 
 def _module_name(path: Path) -> str:
@@ -17,9 +50,14 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     """Module -> the package modules it imports anywhere in its source (generated code apart)."""
-    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py") if "generated" not in p.parts}
+    base = package.parent
+    modules = {
+        ".".join(p.relative_to(base).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in package.rglob("*.py")
+        if "generated" not in p.parts
+    }
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         targets: set[str] = set()
@@ -36,7 +74,32 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+def part_of(module: str, layers: Mapping[str, set[str]] = LAYERS) -> str:
+    """The longest layer name that is ``module`` or a package containing it."""
+    matches = [p for p in layers if module == p or module.startswith(p + ".")]
+    if not matches:
+        raise KeyError(f"{module} belongs to no layer: add it to LAYERS and to README's floor plan")
+    return max(matches, key=len)
+
+
+def violations(graph: Mapping[str, set[str]], layers: Mapping[str, set[str]] = LAYERS) -> list[str]:
+    """Every import edge that crosses into a part its importer may not use."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        source = part_of(module, layers)
+        allowed = layers[source]
+        for target in sorted(targets):
+            if target.startswith(f"{ROOT}.generated"):
+                continue
+            destination = part_of(target, layers)
+            if destination == source or destination.startswith(source + "."):
+                continue
+            if not any(destination == a or destination.startswith(a + ".") for a in allowed):
+                found.append(f"{module} -> {target} ({source} may not import {destination})")
+    return found
+
+
+def find_cycle(graph: Mapping[str, set[str]]) -> list[str] | None:
     """One cycle as a list of modules (first == last), or None."""
     state: dict[str, int] = {}  # 1 on the current path, 2 done
     path: list[str] = []
@@ -64,17 +127,44 @@ def test_the_finder_sees_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_streaming_and_transports_share_types_not_each_other() -> None:
-    graph = import_graph()
-    sidecar = "exo_remote_engine.sidecar."
-    for transport in ("openai_transport", "litellm_transport"):
-        assert sidecar + "stream_types" in graph[sidecar + transport]
-        assert sidecar + "streaming" not in graph[sidecar + transport]
-
-
 def test_the_package_has_no_import_cycle() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_every_module_belongs_to_a_layer() -> None:
+    for module in import_graph():
+        part_of(module)  # raises with the fix in its message
+
+
+def test_the_layering_holds() -> None:
+    found = violations(import_graph())
+    assert not found, "layering broken:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize(
+    ("planted_in", "planted_import", "expected"),
+    [
+        # the issue's own examples: transports never import control, engine never the sidecar
+        ("sidecar/transports/openai_transport.py", "exo_remote_engine.sidecar.control.routing", "transports"),
+        ("engine/client.py", "exo_remote_engine.sidecar.config.loader", "engine"),
+        ("contract/errors.py", "exo_remote_engine.engine.codec", "contract"),
+        ("sidecar/config/loader.py", "exo_remote_engine.sidecar.serving.settings", "config"),
+    ],
+)
+def test_a_planted_violation_fails(tmp_path: Path, planted_in: str, planted_import: str, expected: str) -> None:
+    """The check is not vacuous: a copy of the package with one forbidden (lazy) import fails it."""
+    import shutil
+
+    copy = tmp_path / ROOT
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__", "generated"))
+    target = copy / planted_in
+    target.write_text(target.read_text() + f"\n\ndef _planted() -> None:\n    import {planted_import}\n")
+    assert not violations(import_graph(PACKAGE))
+    found = violations(import_graph(copy))
+    assert len(found) == 1, found
+    assert f"{expected} may not import" in found[0].split("(")[-1]
+    assert planted_import in found[0]
 
 
 if __name__ == "__main__":  # list every module's package imports

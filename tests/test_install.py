@@ -104,7 +104,7 @@ def test_pip_install_dot_keeps_every_exo_pin(tmp_path: Path) -> None:
     _run([str(pip), "check"], tmp_path)
     probe = (
         "import exo_remote_engine.engine_adapter, exo_remote_engine.engine.exo_api, "
-        "exo_remote_engine.engine.exo_hooks, exo_remote_engine.cli, psutil, google.protobuf, grpc; "
+        "exo_remote_engine.engine.exo_hooks, exo_remote_engine.cli.main, psutil, google.protobuf, grpc; "
         "print(google.protobuf.__version__, grpc.__version__)"
     )
     versions = _run([str(python), "-c", probe], tmp_path).split()

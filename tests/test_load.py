@@ -52,7 +52,8 @@ from typing import Any
 
 import pytest
 
-from exo_remote_engine.engine.client import SidecarClient, SidecarTarget
+from exo_remote_engine.engine.client import SidecarClient
+from exo_remote_engine.engine.target import SidecarTarget
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from tests.conftest import PLANTED_KEY
 from tests.support.harness import KEY_ENV, NO_RETRY, assert_no_key, chat_request, fetch_metrics, write_config

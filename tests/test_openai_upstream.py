@@ -32,7 +32,7 @@ from tests.support.openai_upstream import (
 API_KEY = "sk-test-upstream-0123456789"
 MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "hello there"}]
 TEST_BUDGET_S = 10.0
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """README's environment table, the two settings objects and the code agree.
 
 Every ``EXO_REMOTE_*`` variable a user sets is read by exactly one settings object per
-side (:mod:`exo_remote_engine.sidecar.settings`, :mod:`exo_remote_engine.engine.settings`);
+side (:mod:`exo_remote_engine.sidecar.serving.settings`, :mod:`exo_remote_engine.engine.settings`);
 README's table is what users read. A variable added to one and not the other fails here.
 """
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from exo_remote_engine.engine import settings as engine_settings
-from exo_remote_engine.engine.exo_hooks.argv import ADDON_FLAGS
-from exo_remote_engine.sidecar import settings as sidecar_settings
+from exo_remote_engine.engine.exo_argv import ADDON_FLAGS
+from exo_remote_engine.sidecar.serving import settings as sidecar_settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[1]
 SIDECAR = set(sidecar_settings.VARIABLES) | set(sidecar_settings.INTERNAL_VARIABLES)
 ENGINE = set(engine_settings.VARIABLES)
 
@@ -92,7 +92,7 @@ def test_engine_settings_read_the_environment_given() -> None:
 def test_the_code_reads_user_variables_only_through_the_settings_objects() -> None:
     """A literal ``environ.get("EXO_REMOTE_...")`` outside the settings modules bypasses them."""
     read = re.compile(r"environ(?:\.get\(|\[)\s*\"(EXO_REMOTE_\w+)\"")
-    settings_modules = {"sidecar/settings.py", "engine/settings.py"}
+    settings_modules = {"sidecar/serving/settings.py", "engine/settings.py"}
     stray = {}
     for path in (REPO / "exo_remote_engine").rglob("*.py"):
         rel = str(path.relative_to(REPO / "exo_remote_engine"))

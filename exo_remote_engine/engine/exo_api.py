@@ -21,9 +21,9 @@ from typing import Any
 
 from aiohttp import web
 
+from exo_remote_engine.contract.errors import Reason, RemoteError
+from exo_remote_engine.contract.openai_chat import chat_body_to_request
 from exo_remote_engine.engine import codec
-from exo_remote_engine.errors import Reason, RemoteError
-from exo_remote_engine.openai_wire import chat_body_to_request
 
 # Request fields forwarded to the provider (exo's own parser drops all but temperature).
 FORWARDED_PARAMS = (

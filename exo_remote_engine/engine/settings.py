@@ -2,7 +2,7 @@
 or ``exo-remote-node`` reads, read here only.
 
 The exo hooks turn the add-on's flags (``--sidecar`` ...) into these variables before exo
-parses its own (:mod:`~exo_remote_engine.engine.exo_hooks.argv`), so the environment is
+parses its own (:mod:`~exo_remote_engine.engine.exo_argv`), so the environment is
 the one source. Standard library only: the interpreter-startup trigger reads
 :attr:`EngineSettings.disabled` before anything else of the add-on is imported. README's
 environment table is checked against :data:`VARIABLES` by a test.
@@ -38,7 +38,7 @@ def _path(value: str | None) -> Path | None:
 @dataclass(frozen=True)
 class EngineSettings:
     """What the environment says, unchecked: an address or a token file is validated
-    where it is used (:meth:`~exo_remote_engine.engine.client.SidecarTarget.from_settings`)."""
+    where it is used (:meth:`~exo_remote_engine.engine.target.SidecarTarget.from_settings`)."""
 
     sidecar: str | None = None
     token: str | None = field(default=None, repr=False)

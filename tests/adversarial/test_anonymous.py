@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from exo_remote_engine.engine.client import ClientTLS
+from exo_remote_engine.engine.target import ClientTLS
 from exo_remote_engine.server import SidecarSettings, start_sidecar
-from exo_remote_engine.sidecar.auth import ServerTLS
-from exo_remote_engine.sidecar.config import ConfigError
+from exo_remote_engine.sidecar.config.loader import ConfigError
+from exo_remote_engine.sidecar.control.auth import ServerTLS
 from tests.support.certs import Pki, make_pki, openssl_skip_reason
 from tests.support.harness import sidecar_client
 from tests.support.processes import REPO, start_sidecar_process
@@ -117,7 +117,7 @@ def test_command_refuses_then_with_allow_anonymous_warns_in_its_log_and_in_exo_r
     sidecar = start_sidecar_process(None, log, env, OFF_LOOPBACK, ["--insecure", "--allow-anonymous"])
     try:
         models = subprocess.run(
-            [sys.executable, "-m", "exo_remote_engine.cli", "--sidecar", sidecar.address, "models"],
+            [sys.executable, "-m", "exo_remote_engine.cli.main", "--sidecar", sidecar.address, "models"],
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -135,7 +135,7 @@ def test_command_refuses_then_with_allow_anonymous_warns_in_its_log_and_in_exo_r
 
 
 def test_exo_remote_models_shows_no_warning_line_when_there_is_none() -> None:
-    from exo_remote_engine.cli import render_models
+    from exo_remote_engine.cli.main import render_models
     from exo_remote_engine.generated import remote_inference_pb2 as pb
 
     plain = render_models(pb.ListModelsResponse(models=[pb.Model(alias="m", ready=True)], default_model="m"))

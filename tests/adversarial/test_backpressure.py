@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from exo_remote_engine.errors import Reason, RemoteError
+from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from tests.conftest import PLANTED_KEY, TRANSPORTS, use_transport
 from tests.support.harness import KEY_ENV, chat_request, write_config

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from exo_remote_engine.errors import Reason, RemoteError
+from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.server import SidecarSettings, start_sidecar
-from exo_remote_engine.sidecar.config import ConfigError, load_config
+from exo_remote_engine.sidecar.config.loader import ConfigError, load_config
 from tests.conftest import TRANSPORTS, use_transport
 from tests.support.harness import chat_request, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario

@@ -16,7 +16,7 @@ import grpc
 import psutil
 import pytest
 
-from exo_remote_engine.errors import Reason, RemoteError
+from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from exo_remote_engine.generated.grpc_health import health_pb2, health_pb2_grpc

@@ -17,9 +17,9 @@ from typing import Any
 import grpc
 import pytest
 
-from exo_remote_engine.errors import Reason, RemoteError
+from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.generated.grpc_health import health_pb2, health_pb2_grpc
-from exo_remote_engine.sidecar.policy import Limits
+from exo_remote_engine.sidecar.config.rules import Limits
 from tests.support.harness import chat_request, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 

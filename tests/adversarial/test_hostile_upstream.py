@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
-from exo_remote_engine.errors import Reason
+from exo_remote_engine.contract.errors import Reason
 from tests.conftest import TRANSPORTS, use_transport
 from tests.support.harness import RawOutcome, chat_request, raw_generate
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
@@ -77,7 +77,7 @@ async def test_hostile_upstream_does_not_stall_other_streams(transport: str, bod
 
 async def test_the_event_guard_passes_normal_streams_through_unchanged_at_any_split() -> None:
     """The guard under LiteLLM only re-chunks a well-formed stream: same bytes, whole events."""
-    from exo_remote_engine.sidecar.upstream_limits import complete_events
+    from exo_remote_engine.sidecar.transports.upstream_limits import complete_events
 
     body = (
         b'data: {"a": 1}\n\n'

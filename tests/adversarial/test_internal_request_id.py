@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
-from exo_remote_engine.errors import Reason
+from exo_remote_engine.contract.errors import Reason
 from tests.conftest import PLANTED_KEY
 from tests.support.harness import assert_no_key, chat_request, raw_generate
 from tests.support.openai_upstream import OpenAIUpstream

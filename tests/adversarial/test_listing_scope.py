@@ -12,10 +12,10 @@ from typing import Any
 import grpc
 import pytest
 
-from exo_remote_engine.errors import Reason, RemoteError
+from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.server import SidecarSettings, start_sidecar
-from exo_remote_engine.sidecar.config import load_config
+from exo_remote_engine.sidecar.config.loader import load_config
 from tests.support.harness import chat_request, raw_generate, sidecar_client, write_config
 from tests.support.openai_upstream import OpenAIUpstream
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from exo_remote_engine.sidecar.safe_logging import MAX_ARG_CHARS, safe_logger
+from exo_remote_engine.sidecar.telemetry.safe_logging import MAX_ARG_CHARS, safe_logger
 from tests.conftest import PLANTED_KEY, write_proxy_config
 from tests.support.harness import chat_request, raw_generate
 from tests.support.openai_upstream import OpenAIUpstream, Scenario

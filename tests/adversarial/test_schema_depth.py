@@ -12,8 +12,8 @@ from typing import Any
 import grpc
 import pytest
 
+from exo_remote_engine.contract.openai_chat import MAX_SCHEMA_DEPTH
 from exo_remote_engine.generated import remote_inference_pb2 as pb
-from exo_remote_engine.openai_wire import MAX_SCHEMA_DEPTH
 from tests.support.harness import EXCEPTION_REPR, chat_request, raw_generate
 from tests.support.openai_upstream import OpenAIUpstream
 

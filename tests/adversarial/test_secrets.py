@@ -21,9 +21,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from exo_remote_engine.errors import Reason
+from exo_remote_engine.contract.errors import Reason
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
-from exo_remote_engine.sidecar.config import load_config
+from exo_remote_engine.sidecar.config.loader import load_config
 from tests.conftest import TRANSPORTS, assert_served_by, use_transport
 from tests.support.harness import chat_request, metrics_text_of, raw_generate
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
@@ -154,7 +154,7 @@ async def test_exo_remote_chat_prints_no_secret(sidecar: tuple[RunningSidecar, O
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "exo_remote_engine.cli",
+            "exo_remote_engine.cli.main",
             "chat",
             "Hello",
             "--model",
@@ -171,7 +171,7 @@ async def test_exo_remote_chat_prints_no_secret(sidecar: tuple[RunningSidecar, O
 
 
 def test_fragments_and_key_shapes_are_redacted_but_ids_are_not() -> None:
-    from exo_remote_engine.redaction import SECRETS
+    from exo_remote_engine.contract.redaction import SECRETS
 
     secret = "zz.Fr4gm3nt.0f.A.Secret.9x"
     SECRETS.add(secret)
@@ -188,9 +188,9 @@ def test_fragments_and_key_shapes_are_redacted_but_ids_are_not() -> None:
 
 @pytest.mark.timeout(30)
 async def test_discovery_keys_from_an_env_file_are_registered(tmp_path: Path) -> None:
-    from exo_remote_engine.redaction import SECRETS
-    from exo_remote_engine.sidecar.config import SidecarConfig, embedded_entry
-    from exo_remote_engine.sidecar.registry import ModelRegistry
+    from exo_remote_engine.contract.redaction import SECRETS
+    from exo_remote_engine.sidecar.config.loader import SidecarConfig, embedded_entry
+    from exo_remote_engine.sidecar.discovery.registry import ModelRegistry
     from tests.support.processes import free_port
 
     key = "gsk.EnvF1le.Discovery.K3y"

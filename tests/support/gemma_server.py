@@ -14,7 +14,7 @@ Parent side::
 Child side (what :func:`start_gemma_server` runs): the product's own launcher, the one the
 sidecar's embedded model uses::
 
-    python -m exo_remote_engine.sidecar.llamacpp_child --port P --alias gemma-3-270m --model PATH
+    python -m exo_remote_engine.sidecar.embedded.llamacpp_child --port P --alias gemma-3-270m --model PATH
 
 It prints one ``READY <url>`` line to stdout once the server object exists, then sleeps
 until SIGTERM/SIGINT (exit status 0) or until its parent process goes away.
@@ -40,7 +40,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from exo_remote_engine.sidecar import embedded_model, llamacpp_child
+from exo_remote_engine.sidecar.embedded import llamacpp_child
+from exo_remote_engine.sidecar.embedded import model as embedded_model
 
 __all__ = [
     "CACHE_ENV_VAR",
@@ -63,7 +64,7 @@ _MODEL_PACKAGE = embedded_model.MODEL_PACKAGE
 _SERVER_PACKAGE = embedded_model.SERVER_PACKAGE
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 # The child is the product's own launcher: the tests serve the model exactly as the sidecar does.
-_CHILD_MODULE = "exo_remote_engine.sidecar.llamacpp_child"
+_CHILD_MODULE = "exo_remote_engine.sidecar.embedded.llamacpp_child"
 GEMMA_CHAT_TEMPLATE = llamacpp_child.GEMMA_CHAT_TEMPLATE
 build_params = llamacpp_child.build_params
 

@@ -16,11 +16,12 @@ from typing import Any
 
 import grpc
 
-from exo_remote_engine.engine.client import RetryPolicy, SidecarClient, SidecarTarget
-from exo_remote_engine.errors import Reason, RemoteError
+from exo_remote_engine.contract.errors import Reason, RemoteError
+from exo_remote_engine.contract.openai_chat import chat_body_to_request
+from exo_remote_engine.engine.client import SidecarClient
+from exo_remote_engine.engine.target import RetryPolicy, SidecarTarget
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
-from exo_remote_engine.openai_wire import chat_body_to_request
 from tests.conftest import PLANTED_KEY, write_proxy_config
 
 KEY_ENV = "TEST_UPSTREAM_KEY"

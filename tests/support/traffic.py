@@ -6,10 +6,10 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
+from exo_remote_engine.contract.errors import RemoteError
 from exo_remote_engine.engine.client import SidecarClient
-from exo_remote_engine.errors import RemoteError
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
-from exo_remote_engine.sidecar.config import load_config
+from exo_remote_engine.sidecar.config.loader import load_config
 from tests.support.harness import chat_request
 from tests.support.openai_upstream import OpenAIUpstream
 

@@ -41,8 +41,8 @@ import logging
 import os
 import sys
 
+from exo_remote_engine.engine.exo_argv import ADDON_FLAGS, ENGINE_NAME, engine_requested, strip_addon_flags
 from exo_remote_engine.engine.exo_hooks import api, callbacks, device, download, inference, node, partitioning, state
-from exo_remote_engine.engine.exo_hooks.argv import ADDON_FLAGS, ENGINE_NAME, engine_requested, strip_addon_flags
 from exo_remote_engine.engine.exo_hooks.cards import forget_cards, load_model_cards_at_startup
 from exo_remote_engine.engine.exo_hooks.plan import PatchPlan
 from exo_remote_engine.engine.settings import EngineSettings

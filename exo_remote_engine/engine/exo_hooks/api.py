@@ -24,12 +24,12 @@ from typing import Any
 
 from aiohttp import web
 
+from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.engine.catalog import pretty_name
 from exo_remote_engine.engine.exo_hooks.cards import refresh_catalog, remote_models_here
 from exo_remote_engine.engine.exo_hooks.plan import Needs, Patch, Target
 from exo_remote_engine.engine.exo_hooks.state import STATE
 from exo_remote_engine.engine_adapter import ENGINE_CLASS_NAME, RemoteLLMInferenceEngine
-from exo_remote_engine.errors import Reason, RemoteError
 
 CHATGPT_API = "exo.api.chatgpt_api"
 

@@ -10,11 +10,11 @@ import logging
 import sys
 from typing import Any
 
+from exo_remote_engine.contract.errors import RemoteError
 from exo_remote_engine.engine.catalog import pretty_name, repo_for
 from exo_remote_engine.engine.client import list_models_blocking
 from exo_remote_engine.engine.exo_hooks.state import STATE
 from exo_remote_engine.engine_adapter import ENGINE_CLASS_NAME, RemoteLLMInferenceEngine, shared_engine
-from exo_remote_engine.errors import RemoteError
 
 log = logging.getLogger("exo_remote_engine.hooks")
 CATALOG_TTL_S = 10.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from exo_remote_engine.engine.catalog import REPO_PREFIX
-from exo_remote_engine.engine.exo_hooks.argv import ENGINE_NAME
+from exo_remote_engine.engine.exo_argv import ENGINE_NAME
 from exo_remote_engine.engine.exo_hooks.plan import Patch, Target
 from exo_remote_engine.engine_adapter import ENGINE_CLASS_NAME, shared_engine
 

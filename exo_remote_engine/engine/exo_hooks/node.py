@@ -23,8 +23,8 @@ import logging
 from typing import Any
 
 from exo_remote_engine.engine.cluster import ClusterView
+from exo_remote_engine.engine.exo_argv import ENGINE_NAME
 from exo_remote_engine.engine.exo_hooks import peers
-from exo_remote_engine.engine.exo_hooks.argv import ENGINE_NAME
 from exo_remote_engine.engine.exo_hooks.plan import Needs, Patch, Target
 from exo_remote_engine.engine.exo_hooks.state import STATE, current_model
 from exo_remote_engine.engine_adapter import RemoteLLMInferenceEngine

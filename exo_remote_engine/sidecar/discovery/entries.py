@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from exo_remote_engine.sidecar.config import ModelEntry
+from exo_remote_engine.sidecar.config.loader import ModelEntry
 from exo_remote_engine.sidecar.discovery.types import DiscoveredModel, ListedModel
 
 

@@ -12,8 +12,8 @@ from typing import Any, Final, Literal
 import aiohttp
 from yarl import URL
 
+from exo_remote_engine.sidecar.discovery.parsers.untrusted_json import Malformed, as_str
 from exo_remote_engine.sidecar.discovery.types import AuthStyle, ListedModel, Paging, ProviderSpec
-from exo_remote_engine.sidecar.discovery.untrusted_json import Malformed, as_str
 
 MAX_LISTING_BYTES: Final = 32 * 1024 * 1024  # OpenRouter's full listing is ~2 MB
 MAX_PAGES: Final = 50

@@ -14,9 +14,8 @@ import aiohttp
 from yarl import URL
 
 from exo_remote_engine.sidecar.discovery.http_listing import ListingFailed, request_json
-from exo_remote_engine.sidecar.discovery.server_parsers import parse_generic, parse_lmstudio, parse_ollama_show
-from exo_remote_engine.sidecar.discovery.types import ListedModel, ServerSpec
-from exo_remote_engine.sidecar.discovery.untrusted_json import (
+from exo_remote_engine.sidecar.discovery.parsers.servers import parse_generic, parse_lmstudio, parse_ollama_show
+from exo_remote_engine.sidecar.discovery.parsers.untrusted_json import (
     Malformed,
     as_bool,
     as_dict,
@@ -24,6 +23,7 @@ from exo_remote_engine.sidecar.discovery.untrusted_json import (
     as_strs,
     items_of,
 )
+from exo_remote_engine.sidecar.discovery.types import ListedModel, ServerSpec
 
 OLLAMA_SHOW_CONCURRENCY: Final = 8
 # kind -> (LiteLLM model prefix, provider family shown to clients)

@@ -12,9 +12,9 @@ from datetime import date
 from typing import Any, Final
 
 from exo_remote_engine.sidecar.discovery.chat_filter import is_chat_model
+from exo_remote_engine.sidecar.discovery.parsers.untrusted_json import as_bool, as_str, positive_int, price
 from exo_remote_engine.sidecar.discovery.providers import PROVIDERS
 from exo_remote_engine.sidecar.discovery.types import ListedModel
-from exo_remote_engine.sidecar.discovery.untrusted_json import as_bool, as_str, positive_int, price
 
 
 def litellm_model_map() -> Mapping[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from exo_remote_engine.sidecar.discovery.hosted_parsers import (
+from exo_remote_engine.sidecar.discovery.parsers.hosted import (
     parse_anthropic,
     parse_gemini,
     parse_groq,

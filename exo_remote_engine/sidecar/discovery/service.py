@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from exo_remote_engine.sidecar.config import ModelEntry
+from exo_remote_engine.sidecar.config.loader import ModelEntry
 from exo_remote_engine.sidecar.discovery.chat_filter import is_chat_model
 from exo_remote_engine.sidecar.discovery.default_model import preference
 from exo_remote_engine.sidecar.discovery.entries import discovered_model, merge, model_entry
@@ -35,6 +35,7 @@ from exo_remote_engine.sidecar.discovery.model_map import (
     map_entry,
     with_map_info,
 )
+from exo_remote_engine.sidecar.discovery.parsers.untrusted_json import as_str
 from exo_remote_engine.sidecar.discovery.providers import PROVIDERS
 from exo_remote_engine.sidecar.discovery.types import (
     DiscoveredModel,
@@ -43,7 +44,6 @@ from exo_remote_engine.sidecar.discovery.types import (
     ServerSpec,
     SourceStatus,
 )
-from exo_remote_engine.sidecar.discovery.untrusted_json import as_str
 
 log = logging.getLogger(__name__)
 

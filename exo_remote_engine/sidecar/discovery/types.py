@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from exo_remote_engine.sidecar.config import ModelEntry
+from exo_remote_engine.sidecar.config.loader import ModelEntry
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,336 @@
+"""``exo-remote``: check a sidecar without exo.
+
+``exo-remote models`` prints the sidecar's models as a table (and the asking node's budget);
+``exo-remote chat "Hi"`` streams a reply to stdout and the finish reason and usage to stderr;
+``exo-remote topology`` draws an exo cluster's nodes from its API, asking each remote node's
+sidecar directly; ``exo-remote usage`` prints spend, tokens and requests per node and model
+from the sidecar's ledger. The sidecar address, token and TLS files come from the same
+environment variables the exo side reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import sqlite3
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TextIO
+
+from exo_remote_engine.cli.connection_hints import sidecar_hint
+from exo_remote_engine.cli.topology_view import DEFAULT_API, positive_seconds
+from exo_remote_engine.cli.topology_view import run as run_topology
+from exo_remote_engine.contract.addresses import AddressError, sidecar_target
+from exo_remote_engine.contract.errors import RemoteError
+from exo_remote_engine.contract.openai_chat import FINISH_REASON_NAMES, chat_body_to_request
+from exo_remote_engine.contract.redaction import SECRETS, redact
+from exo_remote_engine.engine.client import SidecarClient
+from exo_remote_engine.engine.target import SidecarTarget
+from exo_remote_engine.generated import remote_inference_pb2 as pb
+
+
+def _yes_no(model: pb.Model, name: str) -> str:
+    return ("yes" if getattr(model, name) else "no") if model.HasField(name) else "?"
+
+
+def _tokens(model: pb.Model, name: str) -> str:
+    return f"{getattr(model, name):,}" if model.HasField(name) else "?"
+
+
+def render_models(response: pb.ListModelsResponse) -> str:
+    """The sidecar's warnings, ready models as a table, and the others grouped under what
+    would make them ready."""
+    header = ("MODEL", "PROVIDER", "CONTEXT", "MAX OUT", "TOOLS", "IMAGES")
+    rows = [header]
+    waiting: dict[str, list[str]] = {}
+    for m in response.models:
+        if not m.ready:
+            waiting.setdefault(m.not_ready_reason or "not ready", []).append(m.alias)
+            continue
+        rows.append(
+            (
+                m.alias + (" *" if m.alias == response.default_model else ""),
+                m.provider,
+                _tokens(m, "context_window"),
+                _tokens(m, "max_output_tokens"),
+                _yes_no(m, "supports_tools"),
+                _yes_no(m, "supports_images"),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    # The sidecar's own warnings first (e.g. it serves anyone without authentication).
+    lines = [f"WARNING: {warning}" for warning in response.warnings]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.append(f"({len(rows) - 1} ready; * default model; ? unknown)")
+    # The echo stands in for a model; say so where a newcomer looks first.
+    lines += [f"{m.alias}: {m.display_name}" for m in response.models if m.provider == "embedded" and m.display_name]
+    if response.HasField("budget"):
+        b = response.budget
+        resets = f", resets in {_span(b.resets_in_seconds)}" if b.HasField("resets_in_seconds") else ""
+        lines.append(
+            f"budget of node {b.node}: ${b.remaining_usd:.6f} left of ${b.max_usd:g} (spent ${b.spent_usd:.6f}{resets})"
+        )
+    if waiting:
+        lines.append("")
+        lines.append("not ready:")
+        for reason, aliases in waiting.items():
+            shown = ", ".join(aliases[:4]) + (f", ... ({len(aliases)} models)" if len(aliases) > 4 else "")
+            lines.append(f"  {reason}: {shown}")
+    return "\n".join(lines)
+
+
+def _span(seconds: float) -> str:
+    minutes, _ = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h" if days else f"{hours}h {minutes}m"
+
+
+def render_usage(
+    state_dir: Path, node: str | None, since: str | None, now: float | None = None, database: str | None = None
+) -> str:
+    """Spend, tokens and requests per node and model, read from the ledger file itself:
+    operators run this on the sidecar host, and it works while the sidecar is down. With
+    ``database`` (the sidecars' ``--database``), every host's spend from PostgreSQL."""
+    from exo_remote_engine.sidecar.config.loader import duration_seconds
+
+    start = (now or time.time()) - duration_seconds(since) if since else 0.0
+    if database is not None:
+        from exo_remote_engine.sidecar.ledger.shared_services import display_url
+        from exo_remote_engine.sidecar.ledger.spend_database import check_database_url, fetch_usage
+
+        found = asyncio.run(fetch_usage(check_database_url(database), start, node))
+        source = display_url(database)
+    else:
+        from exo_remote_engine.sidecar.ledger.spend import Ledger
+
+        ledger = Ledger.open(state_dir, readonly=True)
+        try:
+            found = ledger.usage(start, node)
+        finally:
+            ledger.close()
+        source = str(ledger.path)
+    header = ("NODE", "MODEL", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "SPEND USD")
+    rows = [header]
+    unpriced = 0
+    for r in found:
+        if r.unpriced_requests == r.requests:
+            spend = "unknown"  # never shown as 0: nothing says those requests were free
+        else:
+            spend = f"{r.cost_usd:.6f}" + (f" (+{r.unpriced_requests} unpriced)" if r.unpriced_requests else "")
+        unpriced += r.unpriced_requests
+        rows.append((r.node, r.alias, f"{r.requests:,}", f"{r.prompt_tokens:,}", f"{r.completion_tokens:,}", spend))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    total = sum(r.cost_usd for r in found)
+    lines.append(f"(total ${total:.6f} since {'the start' if not since else since + ' ago'}; {source})")
+    if unpriced:
+        lines.append(f"{unpriced} requests used models without a known price: their cost is not in these sums")
+    return "\n".join(lines)
+
+
+async def _models(target: SidecarTarget, refresh: bool) -> int:
+    client = SidecarClient(target)
+    try:
+        print(redact(render_models(await client.list_models(refresh=refresh))))
+    finally:
+        await client.close()
+    return 0
+
+
+SPINNER = "|/-\\"
+SPINNER_PERIOD_S = 0.1
+
+
+async def _show_waiting(stream: TextIO, model: list[str]) -> None:
+    """A one-line spinner on a terminal until cancelled (at the first token); the caller
+    clears the line. ``model`` is read each frame: it is known once the sidecar said it."""
+    started = time.monotonic()
+    for frame in itertools.cycle(SPINNER):
+        what = f"{model[0]}'s" if model else "the"
+        stream.write(f"\r{frame} waiting for {what} first token... {time.monotonic() - started:.1f}s")
+        stream.flush()
+        await asyncio.sleep(SPINNER_PERIOD_S)
+
+
+async def _chat(target: SidecarTarget, args: argparse.Namespace) -> int:
+    client = SidecarClient(target)
+    known_model: list[str] = [args.model] if args.model else []
+    waiting = asyncio.create_task(_show_waiting(sys.stderr, known_model)) if sys.stderr.isatty() else None
+
+    def stop_waiting() -> None:
+        nonlocal waiting
+        if waiting is not None:
+            waiting.cancel()
+            waiting = None
+            sys.stderr.write("\r\x1b[K")  # erase the spinner's line
+            sys.stderr.flush()
+
+    try:
+        model = args.model or (await client.list_models()).default_model
+        known_model[:] = [model]
+        body: dict[str, object] = {"messages": [{"role": "user", "content": args.prompt}]}
+        if args.system:
+            body["messages"] = [{"role": "system", "content": args.system}, *body["messages"]]  # type: ignore[misc]
+        if args.max_tokens:
+            body["max_tokens"] = args.max_tokens
+        if args.temperature is not None:
+            body["temperature"] = args.temperature
+        request = chat_body_to_request(body, request_id=str(uuid.uuid4()), model=model)
+        async for event in client.generate(request):
+            stop_waiting()
+            if event.HasField("delta"):
+                sys.stdout.write(event.delta.text)
+                sys.stdout.flush()
+            elif event.HasField("finished"):
+                f = event.finished
+                print()
+                print(
+                    f"[{model} -> {f.model}: finish_reason={FINISH_REASON_NAMES.get(f.finish_reason, '?')}"
+                    f" prompt_tokens={f.usage.prompt_tokens} completion_tokens={f.usage.completion_tokens}]",
+                    file=sys.stderr,
+                )
+    finally:
+        stop_waiting()
+        await client.close()
+    return 0
+
+
+ENVIRONMENT = """\
+environment (the same variables the exo side reads):
+  EXO_REMOTE_SIDECAR        sidecar host[:port] when --sidecar is not given (default: 127.0.0.1:50505);
+                            several hosts: IP:port,IP:port or dns:///name:port
+  EXO_REMOTE_TOKEN          bearer token the sidecar expects (default: none)
+  EXO_REMOTE_TOKEN_FILE     file holding that token, instead of EXO_REMOTE_TOKEN
+  EXO_REMOTE_TLS_CA         CA file that signed the sidecar's certificate; set it for a TLS sidecar
+  EXO_REMOTE_TLS_CERT, EXO_REMOTE_TLS_KEY
+                            client certificate and key, for a sidecar that requires mTLS
+  EXO_REMOTE_TLS_SERVER_NAME
+                            name to check the sidecar's certificate against, if not its host
+  EXO_REMOTE_DEADLINE_S     deadline of one chat call in seconds (default: 900)
+"""
+
+
+def sidecar_flag(text: str) -> str:
+    """argparse type for ``--sidecar``: host[:port] (the port defaulting to 50505), a list
+    of IP addresses, an ipv4:/ipv6: list or dns:///name:port."""
+    try:
+        return sidecar_target(text).target
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--sidecar ")) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """exo-remote's flags; ``--sidecar`` is accepted before or after the command."""
+    sidecar_help = (
+        "sidecar host[:port] (no port means 50505), or several hosts: IP:port,IP:port or dns:///name:port "
+        "(default: EXO_REMOTE_SIDECAR, else 127.0.0.1:50505)"
+    )
+    parser = argparse.ArgumentParser(
+        prog="exo-remote",
+        description="Check an exo-remote sidecar without exo: list its models, stream a reply,\n"
+        "or draw an exo cluster's nodes with their sidecars.",
+        epilog=ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--sidecar", type=sidecar_flag, help=sidecar_help)
+    # The same flag after the command; SUPPRESS keeps a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--sidecar", type=sidecar_flag, default=argparse.SUPPRESS, help=sidecar_help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{models,chat,usage,topology}")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            parents=[common],
+            epilog=ENVIRONMENT,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    models = command("models", "list the sidecar's models, ready ones first")
+    models.add_argument(
+        "--refresh", action="store_true", help="ask the sidecar to rediscover its models first (default: off)"
+    )
+    chat = command("chat", "stream one reply to stdout; finish reason and usage go to stderr")
+    chat.add_argument("prompt", help="the user message")
+    chat.add_argument("--model", help="model alias (default: the sidecar's default model)")
+    chat.add_argument("--system", help="a system message sent before the prompt (default: none)")
+    chat.add_argument("--max-tokens", type=int, help="cap on the reply's tokens (default: the provider's)")
+    chat.add_argument("--temperature", type=float, help="sampling temperature (default: the provider's)")
+    usage = command("usage", "spend, tokens and requests per node and model, read on the sidecar host")
+    usage.add_argument("--node", help="only this node (default: every node)")
+    usage.add_argument("--since", help="only the last DURATION, e.g. 24h, 7d, 1mo (default: everything)")
+    usage.add_argument(
+        "--state-dir",
+        type=Path,
+        help="the sidecar's --state-dir (default: EXO_REMOTE_STATE_DIR, else $XDG_DATA_HOME/exo-remote-engine)",
+    )
+    usage.add_argument(
+        "--database",
+        metavar="URL",
+        help="the sidecars' --database: every host's spend from PostgreSQL (default: EXO_REMOTE_DATABASE, "
+        "else the local ledger)",
+    )
+    topology = command("topology", "draw an exo cluster's nodes and ask each remote node's sidecar directly")
+    topology.add_argument("--api", default=DEFAULT_API, help=f"exo's HTTP API (default: {DEFAULT_API})")
+    topology.add_argument(
+        "--timeout", type=positive_seconds, default=3.0, help="seconds for each HTTP or sidecar call (default: 3)"
+    )
+    topology.add_argument("--ascii", action="store_true", help="plain ASCII boxes (default: off)")
+    topology.add_argument("--width", type=int, help="columns (default: the terminal's, else 100)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "usage":
+        from exo_remote_engine.sidecar.config.loader import ConfigError
+        from exo_remote_engine.sidecar.config.variables import Environment
+        from exo_remote_engine.sidecar.ledger.spend import default_state_dir
+
+        database = args.database or (None if args.state_dir else Environment().get("EXO_REMOTE_DATABASE"))
+        try:
+            print(render_usage(args.state_dir or default_state_dir(), args.node, args.since, database=database))
+        except (OSError, ValueError, sqlite3.Error, ConfigError) as exc:
+            print(f"exo-remote: usage: {redact(str(exc))}", file=sys.stderr)
+            return 1
+        except Exception as exc:  # the database driver's errors (asyncpg is imported lazily)
+            print(f"exo-remote: usage: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
+            return 1
+        return 0
+    # The sidecar redacts what it sends; this process redacts against its own keys too
+    # (it often runs where they are) before printing an error or a listing.
+    SECRETS.add_environment(os.environ)
+    try:
+        target = SidecarTarget.from_env()
+    except (AddressError, OSError) as exc:
+        print(f"exo-remote: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "sidecar", None):
+        target = replace(target, address=args.sidecar)
+    try:
+        if args.command == "topology":
+            # Each remote node names its own sidecar; the environment gives token and TLS.
+            return run_topology(args.api, args.timeout, target, ascii_only=args.ascii, width=args.width)
+        if args.command == "models":
+            return asyncio.run(_models(target, args.refresh))
+        return asyncio.run(_chat(target, args))
+    except RemoteError as exc:
+        print(f"exo-remote: {exc.reason.value}: {redact(str(exc))}", file=sys.stderr)
+        hint = sidecar_hint(exc, target)
+        if hint:
+            print(f"exo-remote: {hint}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""A config's settings sections: ``router_settings``, ``litellm_settings``,
+``general_settings`` and ``exo_remote_settings`` (node rules, quotas, fallbacks, retries).
+Part of :mod:`~exo_remote_engine.sidecar.config.loader`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+from exo_remote_engine.sidecar.config.models import resolve_value
+from exo_remote_engine.sidecar.config.rules import NodePolicy
+from exo_remote_engine.sidecar.config.types import ConfigError, NodeQuota, RouterSettings, duration_seconds, is_number
+
+ROUTING_STRATEGIES = (
+    "simple-shuffle",
+    "least-busy",
+    "latency-based-routing",
+    "usage-based-routing",
+    "usage-based-routing-v2",
+)
+_NODE_RULE_KEYS = ("allowed_models", "max_concurrent_streams", "rpm", "tpm", "max_budget", "budget_duration")
+
+
+def parse_router_settings(path: Path, raw: Mapping[str, Any]) -> RouterSettings:
+    block = raw.get("router_settings") or {}
+    defaults = RouterSettings()
+    strategy = block.get("routing_strategy", defaults.routing_strategy)
+    if strategy not in ROUTING_STRATEGIES:
+        raise ConfigError(
+            f"{path}: router_settings.routing_strategy {strategy!r} is not supported here; "
+            f"use one of {', '.join(ROUTING_STRATEGIES)}"
+        )
+    fails = block.get("allowed_fails", defaults.allowed_fails)
+    if not isinstance(fails, int) or isinstance(fails, bool) or fails < 0:
+        raise ConfigError(f"{path}: router_settings.allowed_fails must be a non-negative integer")
+    cooldown = block.get("cooldown_time", defaults.cooldown_time_s)
+    if not is_number(cooldown) or cooldown < 0:
+        raise ConfigError(f"{path}: router_settings.cooldown_time must be a non-negative number of seconds")
+    return RouterSettings(str(strategy), fails, float(cooldown))
+
+
+def parse_master_key(path: Path, raw: Mapping[str, Any], env: Mapping[str, str], secrets: set[str]) -> str | None:
+    """``general_settings.master_key``: an accepted bearer token (see README), never ignored."""
+    block = raw.get("general_settings") or {}
+    value = block.get("master_key")
+    if value is None:
+        return None
+    key = resolve_value(value, env, f"{path}: general_settings", "master_key", secrets)
+    if not isinstance(key, str) or not key.strip():
+        raise ConfigError(f"{path}: general_settings.master_key must be a non-empty string")
+    return key
+
+
+def parse_node_quotas(path: Path, settings: Mapping[str, Any]) -> dict[str, NodeQuota]:
+    """The ``rpm``/``tpm``/``max_budget``/``budget_duration`` keys of each node's rules."""
+    quotas: dict[str, NodeQuota] = {}
+    nodes = settings.get("nodes") or {}
+    for name, rules in nodes.items() if isinstance(nodes, Mapping) else ():
+        if not isinstance(rules, Mapping):
+            continue  # parse_node_policies reports it
+        where = f"{path}: exo_remote_settings.nodes.{name}"
+        rpm, tpm, budget, duration = (rules.get(k) for k in ("rpm", "tpm", "max_budget", "budget_duration"))
+        for key, value in (("rpm", rpm), ("tpm", tpm)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{where}: {key} must be a positive integer")
+        if budget is not None and (not is_number(budget) or not math.isfinite(budget) or budget < 0):
+            raise ConfigError(f"{where}: max_budget must be a non-negative number (USD)")
+        if duration is not None:
+            if budget is None:
+                raise ConfigError(f"{where}: budget_duration needs max_budget")
+            try:
+                duration_seconds(duration)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: budget_duration: {exc}") from None
+        if any(v is not None for v in (rpm, tpm, budget)):
+            quotas[str(name)] = NodeQuota(rpm, tpm, float(budget) if budget is not None else None, duration)
+    return quotas
+
+
+def parse_fallbacks(
+    path: Path, raw: Mapping[str, Any], settings: Mapping[str, Any], aliases: set[str]
+) -> dict[str, tuple[str, ...]]:
+    """Fallback aliases per alias: LiteLLM's ``litellm_settings``/``router_settings``
+    ``fallbacks: [{alias: [other, ...]}]`` or ``exo_remote_settings.fallbacks: {alias: [...]}``."""
+    found: dict[str, tuple[str, ...]] = {}
+    sources: list[tuple[str, Any]] = []
+    for section in ("litellm_settings", "router_settings"):
+        block = raw.get(section) if isinstance(raw, Mapping) else None
+        if isinstance(block, Mapping) and block.get("fallbacks"):
+            sources.append((f"{section}.fallbacks", block["fallbacks"]))
+    if settings.get("fallbacks"):
+        sources.append(("exo_remote_settings.fallbacks", [settings["fallbacks"]]))
+    for where, items in sources:
+        if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
+            raise ConfigError(f"{path}: {where} must be a list of {{alias: [fallback aliases]}}")
+        for item in items:
+            for alias, targets in item.items():
+                if isinstance(targets, str):
+                    targets = [targets]
+                unknown = [t for t in [alias, *targets] if t not in aliases]
+                if unknown or not isinstance(targets, list):
+                    raise ConfigError(f"{path}: {where}: {alias!r}: unknown alias {', '.join(map(repr, unknown))}")
+                found[str(alias)] = tuple(str(t) for t in targets)
+    return found
+
+
+def parse_num_retries(path: Path, raw: Mapping[str, Any], settings: Mapping[str, Any]) -> int:
+    """Retries of one model before its first delta (default 1; LiteLLM's keys accepted)."""
+    value: Any = settings.get("num_retries")
+    for section in ("router_settings", "litellm_settings"):
+        block = raw.get(section) if isinstance(raw, Mapping) else None
+        if value is None and isinstance(block, Mapping):
+            value = block.get("num_retries")
+    if value is None:
+        return 1
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 10:
+        raise ConfigError(f"{path}: num_retries must be an integer from 0 to 10")
+    return value
+
+
+def parse_node_policies(path: Path, settings: Mapping[str, Any]) -> dict[str, NodePolicy]:
+    """``exo_remote_settings.nodes: {name: {allowed_models: [globs], max_concurrent_streams: n}}``."""
+    nodes = settings.get("nodes") or {}
+    if not isinstance(nodes, Mapping):
+        raise ConfigError(f"{path}: exo_remote_settings.nodes must map node names to rules")
+    policies: dict[str, NodePolicy] = {}
+    for name, rules in nodes.items():
+        where = f"{path}: exo_remote_settings.nodes.{name}"
+        if not isinstance(rules, Mapping):
+            raise ConfigError(f"{where}: must be a mapping")
+        reject_unknown_keys(where, rules, _NODE_RULE_KEYS)
+        allowed = rules.get("allowed_models") or []
+        limit = rules.get("max_concurrent_streams")
+        if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
+            raise ConfigError(f"{where}: allowed_models must be a list of alias patterns")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise ConfigError(f"{where}: max_concurrent_streams must be a positive integer")
+        policies[str(name)] = NodePolicy(tuple(allowed), limit)
+    return policies
+
+
+def reject_unknown_keys(where: str, mapping: Mapping[str, Any], valid: Collection[str]) -> None:
+    for key in mapping:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+            raise ConfigError(f"{where}: unknown key {key!r}; {hint}")

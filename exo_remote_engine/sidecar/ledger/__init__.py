@@ -1,0 +1,5 @@
+"""What was spent: the per-host SQLite ledger, its copy in a shared PostgreSQL, and the
+outage tracking of the services several hosts share.
+
+May import: ``config``, ``telemetry``, ``contract``.
+"""

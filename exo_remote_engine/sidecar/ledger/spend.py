@@ -1,0 +1,296 @@
+"""What each request cost, and the SQLite ledger that keeps it.
+
+Prices are LiteLLM's bundled cost map (``litellm.model_cost``, read offline), looked up by
+the deployment's ``model_info.base_model`` or its ``litellm_params.model``; a deployment's
+own ``input_cost_per_token``/``output_cost_per_token`` override it. A model the map does
+not know and the config does not price has an unknown cost: recorded as NULL, never 0, so
+a sum never pretends a request was free. Tokens are the provider's usage; when a stream
+ends without it (cancelled midway, or a server that never reports usage) they are
+estimated at 4 characters per token and the row is marked ``estimated``.
+
+The ledger is one SQLite file in WAL mode with ``synchronous=NORMAL``: each finished
+request is one committed transaction, which survives SIGKILL of the sidecar (the WAL is
+written before the commit returns; only a power loss can drop the last commits). Writes run
+on one dedicated thread, so the event loop never waits on the disk.
+
+With ``--database`` (several sidecar hosts sharing spend in PostgreSQL) this file stays the
+first, durable home of every row: :mod:`~exo_remote_engine.sidecar.ledger.spend_database` copies
+rows to the database from here, and the ``shipped`` table remembers how far it got, so a
+database outage, or a sidecar restarted during one, loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime as dt
+import functools
+import os
+import sqlite3
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from exo_remote_engine.sidecar.config.loader import ModelEntry
+from exo_remote_engine.sidecar.config.variables import Environment
+
+CHARS_PER_TOKEN = 4
+DB_NAME = "spend.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    ended_at REAL NOT NULL,            -- unix seconds
+    day TEXT NOT NULL,                 -- UTC date of ended_at
+    node TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    deployment TEXT NOT NULL,
+    model TEXT NOT NULL,               -- litellm_params.model of the deployment
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_usd REAL,                     -- NULL: no known price
+    estimated INTEGER NOT NULL,        -- 1: tokens estimated, the provider reported none
+    outcome TEXT NOT NULL,             -- completed, cancelled or failed (after output began)
+    pid INTEGER                        -- the sidecar process that wrote it
+);
+CREATE INDEX IF NOT EXISTS requests_node_ended ON requests (node, ended_at);
+CREATE INDEX IF NOT EXISTS requests_ended ON requests (ended_at);
+CREATE TABLE IF NOT EXISTS ledger_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS shipped (target TEXT PRIMARY KEY, last_id INTEGER NOT NULL);
+"""
+_COLUMNS = (
+    "id, request_id, ended_at, day, node, alias, deployment, model, prompt_tokens, completion_tokens, cost_usd,"
+    " estimated, outcome, pid"
+)
+
+
+def default_state_dir() -> Path:
+    """``$EXO_REMOTE_STATE_DIR``, else ``$XDG_DATA_HOME/exo-remote-engine``
+    (``~/.local/share/exo-remote-engine``)."""
+    state_dir = Environment().get("EXO_REMOTE_STATE_DIR")
+    if state_dir:
+        return Path(state_dir)
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "exo-remote-engine"
+
+
+@functools.lru_cache(maxsize=1024)
+def _map_prices(model: str, provider: str) -> tuple[float | None, float | None]:
+    import litellm
+
+    candidates = [model]
+    prefix, sep, rest = model.partition("/")
+    if sep and prefix == provider:
+        candidates.append(rest)
+    for key in candidates:
+        info = litellm.model_cost.get(key)
+        if not isinstance(info, dict):
+            continue
+        if key is not model and info.get("litellm_provider") not in (provider, None):
+            continue
+        price_in, price_out = info.get("input_cost_per_token"), info.get("output_cost_per_token")
+        if isinstance(price_in, int | float) and isinstance(price_out, int | float):
+            return float(price_in), float(price_out)
+    return None, None
+
+
+def prices(entry: ModelEntry) -> tuple[float | None, float | None]:
+    """USD per prompt token and per completion token for ``entry`` (None: unknown)."""
+    found_in, found_out = _map_prices(entry.base_model or entry.litellm_model, entry.provider)
+    price_in = entry.input_cost_per_token if entry.input_cost_per_token is not None else found_in
+    price_out = entry.output_cost_per_token if entry.output_cost_per_token is not None else found_out
+    return price_in, price_out
+
+
+def cost_usd(entry: ModelEntry, prompt_tokens: int, completion_tokens: int) -> float | None:
+    price_in, price_out = prices(entry)
+    if price_in is None or price_out is None:
+        return None
+    return prompt_tokens * price_in + completion_tokens * price_out
+
+
+def estimate_tokens(chars: int) -> int:
+    return -(-chars // CHARS_PER_TOKEN)
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One request's line in the ledger."""
+
+    request_id: str
+    ended_at: float
+    node: str
+    alias: str
+    deployment: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float | None
+    estimated: bool
+    outcome: str
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        request_id: str,
+        ended_at: float,
+        node: str,
+        entry: ModelEntry,
+        prompt_tokens: int,
+        completion_tokens: int,
+        estimated: bool,
+        outcome: str,
+    ) -> Charge:
+        return cls(
+            request_id,
+            ended_at,
+            node,
+            entry.alias,
+            entry.deployment_name,
+            entry.litellm_model,
+            prompt_tokens,
+            completion_tokens,
+            cost_usd(entry, prompt_tokens, completion_tokens),
+            estimated,
+            outcome,
+        )
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    node: str
+    alias: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    unpriced_requests: int  # requests whose price is unknown (not in cost_usd)
+
+
+class Ledger:
+    """The spend database. Open it with :meth:`open`; every method but the ``async`` ones
+    blocks (use them at startup or from the CLI)."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
+        self.path = path
+        self._db = connection  # the writer thread's
+        self._reader = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        self._reader.execute("PRAGMA busy_timeout=5000")
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spend-ledger")
+
+    @classmethod
+    def open(cls, state_dir: Path, readonly: bool = False) -> Ledger:
+        path = state_dir / DB_NAME
+        if readonly:
+            if not path.exists():
+                raise FileNotFoundError(f"no spend database at {path}")
+            connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.executescript(_SCHEMA)
+            columns = {row[1] for row in connection.execute("PRAGMA table_info(requests)")}
+            if "pid" not in columns:  # a ledger written before the column existed
+                connection.execute("ALTER TABLE requests ADD COLUMN pid INTEGER")
+            # Who this ledger is, once and for good: rows copied to a shared database are
+            # keyed by it and their id here, so copying one twice never counts it twice.
+            connection.execute("INSERT OR IGNORE INTO ledger_meta VALUES ('origin', ?)", (str(uuid.uuid4()),))
+        connection.execute("PRAGMA busy_timeout=5000")  # several worker processes share it
+        return cls(path, connection)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._db.close()
+        self._reader.close()
+
+    def _insert(self, charge: Charge) -> None:
+        day = dt.datetime.fromtimestamp(charge.ended_at, dt.UTC).date().isoformat()
+        self._db.execute(
+            "INSERT INTO requests (request_id, ended_at, day, node, alias, deployment, model, prompt_tokens,"
+            " completion_tokens, cost_usd, estimated, outcome, pid) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                charge.request_id,
+                charge.ended_at,
+                day,
+                charge.node,
+                charge.alias,
+                charge.deployment,
+                charge.model,
+                charge.prompt_tokens,
+                charge.completion_tokens,
+                charge.cost_usd,
+                int(charge.estimated),
+                charge.outcome,
+                os.getpid(),
+            ),
+        )  # autocommit: one transaction per request
+
+    async def record(self, charge: Charge) -> None:
+        """Commit ``charge`` on the writer thread; returns once it is durable."""
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._insert, charge)
+
+    def record_soon(self, charge: Charge) -> None:
+        """Commit ``charge`` without waiting (for a call that is being cancelled)."""
+        self._writer.submit(self._insert, charge)
+
+    def spent(self, node: str, since: float, after_id: int = 0) -> float:
+        """``node``'s spend since ``since`` (in rows after ``after_id``: not yet shipped)."""
+        row = self._reader.execute(
+            "SELECT COALESCE(SUM(cost_usd), 0) FROM requests WHERE node = ? AND ended_at >= ? AND id > ?",
+            (node, since, after_id),
+        ).fetchone()
+        return float(row[0])
+
+    # For the copy to a shared database (spend_database.py).
+
+    def origin(self) -> str:
+        """This ledger's identity (a UUID made when it was created)."""
+        row = self._reader.execute("SELECT value FROM ledger_meta WHERE key = 'origin'").fetchone()
+        return str(row[0])
+
+    def shipped_upto(self, target: str) -> int:
+        """The last row id copied to ``target`` (0: none)."""
+        return _shipped_upto(self._reader, target)
+
+    def _unshipped(self, target: str, limit: int) -> list[tuple[object, ...]]:
+        last = _shipped_upto(self._db, target)  # the writer's own connection, on its thread
+        query = f"SELECT {_COLUMNS} FROM requests WHERE id > ? ORDER BY id LIMIT ?"  # noqa: S608 (constant columns)
+        return [tuple(row) for row in self._db.execute(query, (last, limit))]
+
+    async def unshipped(self, target: str, limit: int = 500) -> list[tuple[object, ...]]:
+        """Rows not yet copied to ``target``, oldest first (columns: ``_COLUMNS``)."""
+        return await asyncio.get_running_loop().run_in_executor(self._writer, self._unshipped, target, limit)
+
+    def _mark_shipped(self, target: str, last_id: int) -> None:
+        self._db.execute(
+            "INSERT INTO shipped VALUES (?, ?)"
+            " ON CONFLICT (target) DO UPDATE SET last_id = MAX(last_id, excluded.last_id)",
+            (target, last_id),
+        )
+
+    async def mark_shipped(self, target: str, last_id: int) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._mark_shipped, target, last_id)
+
+    def usage(self, since: float, node: str | None = None) -> list[UsageRow]:
+        query = (
+            "SELECT node, alias, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens),"
+            " COALESCE(SUM(cost_usd), 0), SUM(cost_usd IS NULL) FROM requests WHERE ended_at >= ?"
+        )
+        args: tuple[object, ...] = (since,)
+        if node is not None:
+            query += " AND node = ?"
+            args = (since, node)
+        query += " GROUP BY node, alias ORDER BY node, alias"
+        return [UsageRow(*row) for row in self._reader.execute(query, args)]
+
+    def request_ids(self) -> set[str]:
+        return {row[0] for row in self._reader.execute("SELECT request_id FROM requests")}
+
+
+def _shipped_upto(connection: sqlite3.Connection, target: str) -> int:
+    row = connection.execute("SELECT last_id FROM shipped WHERE target = ?", (target,)).fetchone()
+    return int(row[0]) if row else 0

@@ -1,0 +1,144 @@
+"""Spend in a real PostgreSQL (tests/support/servers.py), copied from each host's SQLite
+ledger: idempotent copies, nothing lost across an outage and a restart during it, budgets
+that fail closed, and ``exo-remote usage --database``."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sqlite3
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from exo_remote_engine.cli.main import main, render_usage
+from exo_remote_engine.contract.errors import Reason, RemoteError
+from exo_remote_engine.sidecar.config.loader import ModelEntry, NodeQuota
+from exo_remote_engine.sidecar.control.budgets import Budgets
+from exo_remote_engine.sidecar.ledger.spend import DB_NAME, Charge, Ledger
+from exo_remote_engine.sidecar.ledger.spend_database import TABLE, SpendDatabase
+from tests.support.processes import free_port
+from tests.support.servers import PostgresServer
+from tests.support.traffic import FakeClock
+
+ENTRY = ModelEntry(alias="mini", litellm_model="gpt-4o-mini", provider="openai", input_cost_per_token=0.001,
+                   output_cost_per_token=0.002)
+COST = 100 * 0.001 + 10 * 0.002
+
+
+def charge(i: int, node: str, now: float) -> Charge:
+    return Charge.of(request_id=f"r{i}", ended_at=now, node=node, entry=ENTRY, prompt_tokens=100,
+                     completion_tokens=10, estimated=False, outcome="completed")
+
+
+async def stored(url: str) -> list[asyncpg.Record]:
+    connection = await asyncpg.connect(url)
+    try:
+        return list(await connection.fetch(f"SELECT * FROM {TABLE} ORDER BY origin, local_id"))  # noqa: S608
+    finally:
+        await connection.close()
+
+
+async def test_rows_written_during_an_outage_survive_a_restart_and_are_copied_once(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    url = await asyncio.to_thread(postgres_server.create_database, "spend_copies")
+    clock = FakeClock()
+    quotas = {"b": NodeQuota(max_budget=100.0, budget_duration="1d")}
+    ledger = Ledger.open(tmp_path)
+    down = SpendDatabase(f"postgresql://exo@127.0.0.1:{free_port()}/nothing", ledger)  # nothing listens there
+    await down.start()
+    budgets = Budgets(quotas, ledger, clock, down)
+    for i in range(5):
+        await ledger.record(charge(i, "b", clock.now))
+        await down.copied()
+    with pytest.raises(RemoteError) as caught:
+        await budgets.check("b")
+    assert caught.value.reason is Reason.SPEND_DATABASE_UNAVAILABLE and caught.value.retryable
+    await budgets.check("unbudgeted")  # nodes without a budget are not refused
+    await down.close(grace_s=0.5)
+    ledger.close()
+
+    ledger = Ledger.open(tmp_path)  # the sidecar restarted; the database is reachable now
+    database = SpendDatabase(url, ledger)
+    await database.start()
+    try:
+        database.kick()
+        for _ in range(50):
+            if len(await stored(url)) == 5:
+                break
+            await asyncio.sleep(0.1)
+        rows = await stored(url)
+        assert [r["request_id"] for r in rows] == [f"r{i}" for i in range(5)]
+        assert {(r["host"], r["origin"], r["outcome"]) for r in rows} == {(database.host, ledger.origin(), "completed")}
+        assert all(isinstance(r["pid"], int) for r in rows)
+        # Copy again from the start (a crash between the insert and the bookmark): no double count.
+        with sqlite3.connect(tmp_path / DB_NAME) as db:
+            db.execute("DELETE FROM shipped")
+        assert await database.ship_pending() == 5
+        assert len(await stored(url)) == 5
+        status = await Budgets(quotas, ledger, clock, database).status("b")
+        assert status is not None and math.isclose(status.spent_usd, 5 * COST, rel_tol=1e-9)
+    finally:
+        await database.close()
+        ledger.close()
+
+
+async def test_budgets_and_usage_count_every_host(
+    postgres_server: PostgresServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = await asyncio.to_thread(postgres_server.create_database, "spend_hosts")
+    clock = FakeClock()
+    quotas = {"b": NodeQuota(max_budget=3.5 * COST)}
+    hosts = []
+    for name in ("a", "b"):
+        ledger = Ledger.open(tmp_path / name)
+        database = SpendDatabase(url, ledger)
+        await database.start()
+        hosts.append((ledger, database, Budgets(quotas, ledger, clock, database)))
+    try:
+        for i in range(4):  # alternate hosts: 4 requests of 1 budget unit, 3.5 allowed in total
+            ledger, database, budgets = hosts[i % 2]
+            await budgets.check("b")
+            await ledger.record(charge(i, "b", clock.now))
+            await database.copied()
+        for _, _, budgets in hosts:
+            with pytest.raises(RemoteError) as caught:
+                await budgets.check("b")
+            assert caught.value.reason is Reason.BUDGET_EXCEEDED
+    finally:
+        for ledger, database, _ in hosts:
+            await database.close()
+            ledger.close()
+    # The CLI runs its own event loop: call it from a thread, as from a shell.
+    table = await asyncio.to_thread(render_usage, tmp_path / "a", None, None, database=url)
+    assert "b     mini   4         400            40" in table and "postgresql://127.0.0.1:" in table, table
+    assert await asyncio.to_thread(main, ["usage", "--database", url, "--node", "b"]) == 0
+    assert "(total $0.480000 since the start; postgresql://127.0.0.1:" in capsys.readouterr().out
+    unreachable = f"postgresql://exo:sekret-pg-pass-01@127.0.0.1:{free_port()}/x"
+    assert await asyncio.to_thread(main, ["usage", "--database", unreachable]) == 1
+    assert "sekret" not in capsys.readouterr().err
+
+
+def test_a_ledger_from_before_the_shared_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / DB_NAME) as db:  # the schema as it was: no pid, no origin
+        db.execute(
+            "CREATE TABLE requests (id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, ended_at REAL NOT NULL,"
+            " day TEXT NOT NULL, node TEXT NOT NULL, alias TEXT NOT NULL, deployment TEXT NOT NULL,"
+            " model TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,"
+            " cost_usd REAL, estimated INTEGER NOT NULL, outcome TEXT NOT NULL)"
+        )
+        db.execute("INSERT INTO requests VALUES (1, 'old', 1.0, 'd', 'n', 'a', 'a', 'm', 1, 1, 0.5, 0, 'completed')")
+    ledger = Ledger.open(tmp_path)
+    try:
+        origin = ledger.origin()
+        assert len(origin) == 36 and ledger.spent("n", 0.0) == 0.5
+        assert ledger.shipped_upto("anywhere") == 0
+    finally:
+        ledger.close()
+    reopened = Ledger.open(tmp_path)
+    try:
+        assert reopened.origin() == origin, "a ledger keeps its identity"
+    finally:
+        reopened.close()
