@@ -60,7 +60,7 @@ def test_every_package_says_what_it_owns() -> None:
 
 def _readme_layout() -> str:
     readme = (REPO / "README.md").read_text()
-    match = re.search(r"^## Layout\b.*?(?=^## )", readme, re.S | re.M)
+    match = re.search(r"^## Layout\b.*?(?=^## |\Z)", readme, re.S | re.M)
     assert match, "README.md has no '## Layout' section"
     return match.group(0)
 

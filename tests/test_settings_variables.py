@@ -1,8 +1,8 @@
-"""README's environment table, the two settings objects and the code agree.
+"""The environment table (docs/operating.md), the two settings objects and the code agree.
 
 Every ``EXO_REMOTE_*`` variable a user sets is read by exactly one settings object per
 side (:mod:`exo_remote_engine.sidecar.serving.settings`, :mod:`exo_remote_engine.engine.settings`);
-README's table is what users read. A variable added to one and not the other fails here.
+The table in docs/operating.md is what users read. A variable added to one and not the other fails here.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ ENGINE = set(engine_settings.VARIABLES)
 
 def readme_table() -> dict[str, set[str]]:
     """Variable -> the readers its row names (``sidecar``, ``exo node``, ``tests`` ...)."""
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "operating.md").read_text()
     section = text[text.index("## Environment variables") :]
-    section = section[: section.index("\n## ", 5)]
+    end = section.find("\n## ", 5)
+    section = section[: end if end > 0 else None]
     rows: dict[str, set[str]] = {}
     for line in section.splitlines():
         cells = line.split("|")
@@ -44,7 +45,7 @@ def test_the_table_is_read() -> None:
 
 def test_every_setting_is_in_the_readme_table() -> None:
     rows = readme_table()
-    assert not (SIDECAR | ENGINE) - set(rows), "read by a settings object, missing from README's table"
+    assert not (SIDECAR | ENGINE) - set(rows), "read by a settings object, missing from docs/operating.md's table"
 
 
 @pytest.mark.parametrize(
@@ -54,13 +55,13 @@ def test_every_setting_is_in_the_readme_table() -> None:
 def test_every_row_is_read_by_the_settings_of_the_side_it_names(reader: str, variables: set[str]) -> None:
     rows = readme_table()
     named = {name for name, readers in rows.items() if reader in readers}
-    assert named, f"no README row names {reader}"
-    assert not named - variables, f"README says {reader} reads these, its settings object does not"
+    assert named, f"no docs/operating.md row names {reader}"
+    assert not named - variables, f"docs/operating.md says {reader} reads these, its settings object does not"
 
 
 def test_rows_not_for_tests_name_a_reader_with_settings() -> None:
     unread = {n for n, readers in readme_table().items() if "tests" not in readers and n not in SIDECAR | ENGINE}
-    assert not unread, "README documents variables no settings object reads"
+    assert not unread, "docs/operating.md documents variables no settings object reads"
 
 
 def test_the_addon_flags_set_engine_settings() -> None:
