@@ -38,6 +38,13 @@ LAYERS: dict[str, set[str]] = {
         f"{SIDECAR}.ledger",
         f"{SIDECAR}.telemetry",
     },
+    f"{SIDECAR}.status": {
+        f"{ROOT}.contract",
+        f"{SIDECAR}.config",
+        f"{SIDECAR}.control",
+        f"{SIDECAR}.ledger",
+        f"{SIDECAR}.telemetry",
+    },
     f"{SIDECAR}.serving": {SIDECAR, f"{ROOT}.contract"},
     f"{ROOT}.server": {SIDECAR, f"{ROOT}.contract"},
     SIDECAR: set(),  # the package's own __init__

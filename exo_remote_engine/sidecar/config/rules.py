@@ -33,10 +33,12 @@ class Limits:
 
 @dataclass(frozen=True)
 class NodePolicy:
-    """Per-node rules; ``allowed_models`` are glob patterns over aliases (empty = all)."""
+    """Per-node rules; ``allowed_models`` are glob patterns over aliases (empty = all).
+    ``admin`` (``role: admin``): the node may also read the status page off loopback."""
 
     allowed_models: tuple[str, ...] = ()
     max_concurrent_streams: int | None = None
+    admin: bool = False
 
     def allows(self, alias: str) -> bool:
         return not self.allowed_models or any(fnmatch.fnmatchcase(alias, p) for p in self.allowed_models)

@@ -22,7 +22,16 @@ ROUTING_STRATEGIES = (
     "usage-based-routing",
     "usage-based-routing-v2",
 )
-_NODE_RULE_KEYS = ("allowed_models", "max_concurrent_streams", "rpm", "tpm", "max_budget", "budget_duration")
+_NODE_RULE_KEYS = (
+    "allowed_models",
+    "max_concurrent_streams",
+    "rpm",
+    "tpm",
+    "max_budget",
+    "budget_duration",
+    "role",
+)
+NODE_ROLES = ("user", "admin")  # admin: may read the status page off loopback (docs/operating.md)
 
 
 def parse_router_settings(path: Path, raw: Mapping[str, Any]) -> RouterSettings:
@@ -123,7 +132,7 @@ def parse_num_retries(path: Path, raw: Mapping[str, Any], settings: Mapping[str,
 
 
 def parse_node_policies(path: Path, settings: Mapping[str, Any]) -> dict[str, NodePolicy]:
-    """``exo_remote_settings.nodes: {name: {allowed_models: [globs], max_concurrent_streams: n}}``."""
+    """``exo_remote_settings.nodes: {name: {allowed_models: [globs], max_concurrent_streams: n, role: admin}}``."""
     nodes = settings.get("nodes") or {}
     if not isinstance(nodes, Mapping):
         raise ConfigError(f"{path}: exo_remote_settings.nodes must map node names to rules")
@@ -139,7 +148,10 @@ def parse_node_policies(path: Path, settings: Mapping[str, Any]) -> dict[str, No
             raise ConfigError(f"{where}: allowed_models must be a list of alias patterns")
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             raise ConfigError(f"{where}: max_concurrent_streams must be a positive integer")
-        policies[str(name)] = NodePolicy(tuple(allowed), limit)
+        role = rules.get("role", "user")
+        if role not in NODE_ROLES:
+            raise ConfigError(f"{where}: role must be one of {', '.join(NODE_ROLES)}")
+        policies[str(name)] = NodePolicy(tuple(allowed), limit, admin=role == "admin")
     return policies
 
 

@@ -72,6 +72,7 @@ class Accounting:
                     self.windows.admit(key, quota.rpm, quota.tpm, what)
         except RemoteError as exc:
             self.metrics.limit_hit(node, exc.metadata.get("limit", "budget"))
+            self.metrics.refused(node, exc.reason.value)
             raise
 
     def open(self, request: pb.GenerateRequest, node: str, entry: ModelEntry) -> RequestAccount:

@@ -76,6 +76,10 @@ class Router:
     def cooling(self, entry: ModelEntry) -> bool:
         return self._of(entry).cooldown_until > self.windows.clock()
 
+    def cooldown_left_s(self, entry: ModelEntry) -> float:
+        """Seconds until ``entry`` leaves its cooldown (0: it is not cooling down)."""
+        return max(0.0, self._of(entry).cooldown_until - self.windows.clock())
+
     async def pick(self, group: Sequence[ModelEntry], tried: Collection[str] = ()) -> ModelEntry:
         """Choose a deployment not yet ``tried`` in this request (any, when all were), not
         cooling down, under its limits; count the request against it."""

@@ -60,3 +60,40 @@ def exposure_warnings(settings: SidecarSettings, authenticates: bool) -> tuple[s
     )
     log.warning("WARNING: %s", warning)
     return (warning,)
+
+
+def metrics_address(listen: str) -> tuple[str, int]:
+    """``--metrics-listen``'s host and port (no host: loopback); ConfigError when malformed."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--metrics-listen {listen!r}: expected host:port, e.g. 127.0.0.1:9464")
+    return host, int(port)
+
+
+def check_status_exposure(settings: SidecarSettings, admins_can_prove: bool) -> None:
+    """The status page and metrics port follow the gRPC port's rules, with one difference:
+    off loopback only an admin node may read them (its token or client certificate), and
+    there is no anonymous opt-in: what they show (spend, nodes, failures) is the operator's."""
+    if settings.metrics_listen is None:
+        return
+    host, _ = metrics_address(settings.metrics_listen)
+    if is_loopback(f"{host}:0"):
+        return
+    if not admins_can_prove:
+        raise ConfigError(
+            f"refusing to serve the status page and metrics on {settings.metrics_listen} to anyone: give a node "
+            "`role: admin` in exo_remote_settings.nodes and a token in --token-file (or a "
+            "general_settings.master_key), or --tls-client-ca with a certificate naming an admin node; "
+            "or listen on loopback"
+        )
+    if settings.tls is None:
+        if not settings.allow_insecure:
+            raise ConfigError(
+                f"refusing to serve the status page in plaintext on {settings.metrics_listen}: admin tokens would "
+                "cross the network readable; use --tls-cert/--tls-key, a loopback address, or --insecure"
+            )
+        log.warning(
+            "WARNING: serving the status page and metrics in PLAINTEXT on %s; admin tokens cross the network readable",
+            settings.metrics_listen,
+        )

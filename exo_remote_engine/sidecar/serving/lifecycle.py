@@ -31,14 +31,24 @@ from exo_remote_engine.sidecar.embedded.model import (
     entry_from_env,
     local_model_available,
 )
+from exo_remote_engine.sidecar.ledger.history import LedgerHistory
 from exo_remote_engine.sidecar.ledger.spend import Ledger, default_state_dir
 from exo_remote_engine.sidecar.ledger.spend_database import SpendDatabase
 from exo_remote_engine.sidecar.serving.decoding import DecodeGuardInterceptor
-from exo_remote_engine.sidecar.serving.exposure import check_plaintext, exposure_warnings
+from exo_remote_engine.sidecar.serving.exposure import (
+    check_plaintext,
+    check_status_exposure,
+    exposure_warnings,
+    is_loopback,
+    metrics_address,
+)
 from exo_remote_engine.sidecar.serving.health import HealthServicer
 from exo_remote_engine.sidecar.serving.servicer import RemoteInferenceServicer
 from exo_remote_engine.sidecar.serving.settings import SidecarSettings
 from exo_remote_engine.sidecar.serving.workers import WORKER_ENV
+from exo_remote_engine.sidecar.status.access import StatusAccess
+from exo_remote_engine.sidecar.status.server import StatusServer
+from exo_remote_engine.sidecar.status.snapshot import ListedModel, StatusSources
 from exo_remote_engine.sidecar.telemetry.metrics import Metrics
 from exo_remote_engine.sidecar.telemetry.safe_logging import safe_logger
 
@@ -58,6 +68,7 @@ class RunningSidecar:
     servicer: RemoteInferenceServicer
     metrics_port: int | None = None
     embedded: EmbeddedModelServer | None = None  # the local model's process, stopped with us
+    status: StatusServer | None = None  # the --metrics-listen port
 
     @property
     def address(self) -> str:
@@ -68,6 +79,8 @@ class RunningSidecar:
         finish, then they are cancelled (which closes their upstream connections)."""
         self.health.set_all(False)
         await self.server.stop(grace_s)
+        if self.status is not None:
+            await self.status.stop()
         await self.servicer.backend.close()
         await self.servicer.registry.stop()
         await self.servicer.accounting.close()  # shared state first: it copies from the ledger
@@ -190,10 +203,15 @@ async def _start(settings: SidecarSettings, config: SidecarConfig) -> RunningSid
         limits=settings.limits,
     )
     warnings = exposure_warnings(settings, access.requires_authentication)
+    status_access = None
+    if settings.metrics_listen:
+        metrics_host, metrics_port = metrics_address(settings.metrics_listen)
+        status_access = StatusAccess.build(config, named_tokens, settings.tls, is_loopback(f"{metrics_host}:0"))
+        check_status_exposure(settings, status_access.possible)
     # Access first: it decides before any request byte is decoded.
     interceptors: list[grpc.aio.ServerInterceptor] = [access, DecodeGuardInterceptor()]
     policy = Policy.build(settings.limits, config.node_policies, named_tokens)
-    metrics = Metrics()
+    metrics = Metrics(settings.clock)
     ledger = _open_ledger(settings, config)
     database = None
     if settings.database_url is not None and ledger is not None:
@@ -226,14 +244,46 @@ async def _start(settings: SidecarSettings, config: SidecarConfig) -> RunningSid
     from exo_remote_engine.sidecar.transports.litellm_transport import warm_up  # LiteLLM, imported by now
 
     await warm_up()
-    metrics_port = None
-    if settings.metrics_listen:
-        host, _, metrics_port_text = settings.metrics_listen.rpartition(":")
-        metrics_port = metrics.serve(host or "127.0.0.1", int(metrics_port_text))
+    status = None
+    if status_access is not None:
+        status = StatusServer(_status_sources(servicer, named_tokens, settings.database_url), status_access)
+        try:
+            metrics_port = await status.start(metrics_host, metrics_port)
+        except OSError as exc:
+            await status.stop()
+            await servicer.accounting.close()
+            raise ConfigError(f"cannot bind --metrics-listen {settings.metrics_listen}: {exc.strerror}") from None
     await server.start()
     registry.start()
     health.set_all(True)
-    return RunningSidecar(server, port, health, config, servicer, metrics_port)
+    return RunningSidecar(server, port, health, config, servicer, metrics_port if status else None, status=status)
+
+
+def _status_sources(
+    servicer: RemoteInferenceServicer, named_tokens: dict[str, str], database_url: str | None
+) -> StatusSources:
+    """What the status page reads; discovery's listing and the worker ports as callables
+    (the status package never imports discovery or the server)."""
+    registry = servicer.registry
+
+    async def models() -> list[ListedModel]:
+        return [ListedModel(m.entry, m.ready, m.not_ready_reason) for m in await registry.models()]
+
+    ledger = servicer.accounting.ledger
+    database = servicer.accounting.database
+    return StatusSources(
+        config=servicer.config,
+        accounting=servicer.accounting,
+        router=servicer.router,
+        metrics=servicer.metrics,
+        models=models,
+        nodes=tuple(named_tokens),
+        worker_ports=lambda: servicer.worker_ports(),
+        history=LedgerHistory(ledger.path) if ledger is not None else None,
+        ledger_path=str(ledger.path) if ledger is not None else "",
+        database_url=database_url if database is not None else None,
+        database_name=database.name if database is not None else None,
+    )
 
 
 def _bind(server: grpc.aio.Server, settings: SidecarSettings) -> int:

@@ -69,10 +69,11 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         self.metrics = metrics
         self.stall_limit_s = stall_limit_s
         self.accounting = Accounting(self.config, metrics, clock, ledger, redis_url, database)
+        self.router = Router(self.config.router, self.accounting.windows, shared=self.accounting.shared_windows)
         self.backend = StreamingBackend(
             num_retries=self.config.num_retries,
             openai_fast_path=openai_fast_path,
-            router=Router(self.config.router, self.accounting.windows, shared=self.accounting.shared_windows),
+            router=self.router,
             groups=self.config.deployments,
         )
         self.worker_ports: Callable[[], Sequence[int]] = tuple  # set when a WorkerPool runs
@@ -136,13 +137,14 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         deadline_s = self.policy.check_request(request, node, context.time_remaining())
         await self.accounting.admit(node)
         account = self.accounting.open(request, node, entry)
-        recorder = self.metrics.stream(entry.alias, node)
+        recorder = self.metrics.stream(entry.alias, node, lambda: account.served.deployment_name)
         code, failure = "OK", ""
         log.info("request_id=%s model=%s node=%s start", request.request_id, entry.alias, node)
         try:
             await self._stream(entry, request, context, account, recorder, deadline_s)
         except RemoteError as exc:
             code, failure = exc.grpc_code.name, f" {exc.reason.value}: {exc.message}"  # redacted already
+            recorder.reason = exc.reason.value
             if "limit" in exc.metadata:
                 self.metrics.limit_hit(node, exc.metadata["limit"])
             raise

@@ -7,10 +7,12 @@ carries, nothing secret. Without prometheus_client installed every recorder is a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from exo_remote_engine.contract.redaction import redact
+from exo_remote_engine.sidecar.telemetry.recent import OK, RecentOutcomes
 
 try:
     import prometheus_client as prom
@@ -23,8 +25,9 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 class Metrics:
     """One registry per sidecar, so tests can run several sidecars in one process."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.registry: Any = prom.CollectorRegistry() if prom else None
+        self.recent = RecentOutcomes(clock)  # the status page's last hour (no Prometheus needed)
         if prom is None:
             return
         labels = ("model", "node")
@@ -68,6 +71,19 @@ class Metrics:
             registry=self.registry,
         )
         self.active = prom.Gauge("exo_remote_active_streams", "Streams in flight", registry=self.registry)
+        self.errors = prom.Counter(
+            "exo_remote_request_errors",
+            "Admitted Generate calls that failed, by error reason (the error table's)",
+            (*labels, "reason"),
+            registry=self.registry,
+        )
+        self.deployment_ttft = prom.Histogram(
+            "exo_remote_deployment_time_to_first_token_seconds",
+            "Call start to first delta written, by the deployment that produced it",
+            ("model", "deployment"),
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
     def serve(self, host: str, port: int) -> int:
         """Start the scrape endpoint; returns the bound port."""
@@ -88,10 +104,15 @@ class Metrics:
         if prom is not None:
             self.limit_hits.labels(node, limit).inc()
 
-    def stream(self, model: str, node: str) -> StreamRecorder:
+    def refused(self, node: str, reason: str) -> None:
+        """A request refused at admission (a limit or budget): in the last hour's tally."""
+        self.recent.add(redact(node), reason)
+
+    def stream(self, model: str, node: str, deployment: Callable[[], str] | None = None) -> StreamRecorder:
         # Labels are ours (aliases, node names), but an alias may come from a provider's
-        # listing: redacted like everything else that leaves the process.
-        return StreamRecorder(self, redact(model), redact(node))
+        # listing: redacted like everything else that leaves the process. ``deployment``
+        # says which member of the model's group is serving (asked at the first delta).
+        return StreamRecorder(self, redact(model), redact(node), deployment)
 
 
 @dataclass
@@ -99,24 +120,36 @@ class StreamRecorder:
     metrics: Metrics
     model: str
     node: str
+    deployment: Callable[[], str] | None = None
     started: float = field(default_factory=time.perf_counter)
     last: float | None = None
+    reason: str = ""  # the error reason when the call failed (set by the servicer)
     _gap: Any = None  # this model's inter-delta histogram, looked up once per stream
 
     def delta_written(self) -> None:
-        if prom is None:
-            return
         now = time.perf_counter()
         if self.last is None:
-            self.metrics.ttft.labels(self.model, self.node).observe(now - self.started)
-            self._gap = self.metrics.gap.labels(self.model)
-        else:
+            self._first_delta(now - self.started)
+        elif self._gap is not None:
             self._gap.observe(now - self.last)
         self.last = now
 
-    def finished(self, code: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+    def _first_delta(self, ttft: float) -> None:
+        deployment = redact(self.deployment()) if self.deployment is not None else self.model
+        self.metrics.recent.first_token(self.model, deployment, ttft)
         if prom is None:
             return
+        self.metrics.ttft.labels(self.model, self.node).observe(ttft)
+        self.metrics.deployment_ttft.labels(self.model, deployment).observe(ttft)
+        self._gap = self.metrics.gap.labels(self.model)
+
+    def finished(self, code: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        reason = self.reason or ("CANCELLED" if code == "CANCELLED" else "") or ("" if code == OK else code)
+        self.metrics.recent.add(self.node, reason or OK)
+        if prom is None:
+            return
+        if reason:
+            self.metrics.errors.labels(self.model, self.node, reason).inc()
         self.metrics.requests.labels(self.model, self.node, code).inc()
         if prompt_tokens:
             self.metrics.tokens_in.labels(self.model, self.node).inc(prompt_tokens)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from exo_remote_engine.server import SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import load_config
 from exo_remote_engine.sidecar.config.rules import Limits
 from tests.conftest import PLANTED_KEY, write_proxy_config
-from tests.support.harness import chat_request, sidecar_client
+from tests.support.harness import chat_request, fetch_metrics, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 
 SLOW = Scenario(chunks=[f"s{i} " for i in range(400)], interval_s=0.02)
@@ -177,8 +176,7 @@ async def test_metrics_are_on_their_own_port_without_secrets(upstream: OpenAIUps
     [_ async for _ in client.generate(chat_request("good"))]
     await _error_of(client, chat_request("bad"))
     assert sidecar.metrics_port and sidecar.metrics_port != sidecar.port
-    with urllib.request.urlopen(f"http://127.0.0.1:{sidecar.metrics_port}/metrics", timeout=5) as response:
-        text = response.read().decode()
+    text = await asyncio.to_thread(fetch_metrics, sidecar.metrics_port)  # served on this event loop
     assert 'exo_remote_requests_total{code="OK",model="good",node="anonymous"} 1.0' in text
     assert 'exo_remote_requests_total{code="FAILED_PRECONDITION",model="bad",node="anonymous"} 1.0' in text
     assert 'exo_remote_completion_tokens_total{model="good",node="anonymous"}' in text
