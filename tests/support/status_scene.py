@@ -49,7 +49,9 @@ class Expected:
     ttft_samples: dict[str, int] = field(default_factory=dict)  # per model
 
 
-async def start_scene(sidecars: Sidecars, upstream: OpenAIUpstream, **settings: Any) -> tuple[RunningSidecar, FakeClock]:
+async def start_scene(
+    sidecars: Sidecars, upstream: OpenAIUpstream, **settings: Any
+) -> tuple[RunningSidecar, FakeClock]:
     """The sidecar on a clock frozen at now (the minute windows cannot roll over mid-test)."""
     for model in ("cheap", "grp-a"):
         upstream.scenarios[model] = Scenario(usage=(PROMPT, COMPLETION))

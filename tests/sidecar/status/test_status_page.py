@@ -130,6 +130,8 @@ def test_page_escapes_hostile_names() -> None:
     hostile = '<img src=x onerror="alert(1)">'
     node = NodeView(hostile, 0.5, 0, 0.5, 1, last_hour_requests=1, last_hour_errors={hostile: 1})
     days = [f"2026-01-{d:02d}" for d in range(1, 31)]
-    snapshot = Snapshot(0.0, hostile, "ledger", [node], [], 0, [], [], None, None, days, {hostile: [0.5] * 30}, [hostile])
+    snapshot = Snapshot(
+        0.0, hostile, "ledger", [node], [], 0, [], [], None, None, days, {hostile: [0.5] * 30}, [hostile]
+    )
     html = render(snapshot)
     assert "<img" not in html and "&lt;img src=x" in html
