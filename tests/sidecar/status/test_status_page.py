@@ -37,12 +37,11 @@ def metric_values(text: str, name: str) -> dict[str, float]:
 
 
 def usage_spend(text: str) -> dict[str, float]:
-    """Spend per node summed over the rows ``exo-remote usage`` prints."""
+    """Spend per node summed over the rows ``exo-remote usage`` prints ("unknown": unpriced)."""
     spend: dict[str, float] = {}
-    for line in text.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) >= 6 and not line.startswith("("):
-            spend[fields[0]] = spend.get(fields[0], 0.0) + float(fields[5])
+    for match in re.finditer(r"^(\S+)\s+\S+\s+[\d,]+\s+[\d,]+\s+[\d,]+\s+([\d.]+|unknown)", text, re.MULTILINE):
+        if match.group(2) != "unknown":
+            spend[match.group(1)] = spend.get(match.group(1), 0.0) + float(match.group(2))
     return spend
 
 
@@ -85,6 +84,7 @@ async def test_status_json_equals_ledger_usage_and_metrics(
     assert a["rpm"] == {"used": expected.requests["node-a"], "limit": 50}
     assert a["tpm"] == {"used": expected.tokens["node-a"], "limit": 100000}
     assert nodes["node-b"]["rpm"] == {"used": None, "limit": None}  # no limit: not counted
+    assert (nodes["node-a"]["unpriced_today"], nodes["node-b"]["unpriced_today"]) == (0, 1)  # "free": no price
 
     gauges = metrics[1]
     assert metric_values(gauges, "exo_remote_node_budget_usd") == {'{node="node-a"}': 1.0}
