@@ -1,8 +1,9 @@
 """One sidecar with known traffic for the status page tests (JSON, browser, Prometheus):
 four nodes (a budgeted, limited ``node-a``, an unlimited ``node-b``, ``node-c`` at rpm 1,
 an admin ``ops``), a priced model, an unpriced one, a two-member group whose favoured
-member answers 429 (so it cools down), and a model whose provider answers 503. Every figure the page should show follows from
-the traffic :func:`drive` sends, and is returned with it."""
+member answers 429 (so it cools down), and a model whose provider answers 503. Every
+figure the page should show follows from the traffic :func:`drive` sends, and is returned
+with it."""
 
 from __future__ import annotations
 
@@ -69,9 +70,10 @@ async def start_scene(
     return sidecar, clock
 
 
-async def drive(sidecar: RunningSidecar) -> Expected:
-    a = sidecar_client(sidecar.address, token=TOKENS["node-a"])
-    b = sidecar_client(sidecar.address, token=TOKENS["node-b"])
+async def drive(sidecar: RunningSidecar, **target: Any) -> Expected:
+    """The traffic; ``target`` adds client settings (``tls=ClientTLS(...)``)."""
+    a = sidecar_client(sidecar.address, token=TOKENS["node-a"], **target)
+    b = sidecar_client(sidecar.address, token=TOKENS["node-b"], **target)
     for _ in range(3):
         await complete(a, "cheap")
     for _ in range(2):
@@ -81,7 +83,7 @@ async def drive(sidecar: RunningSidecar) -> Expected:
     for _ in range(2):
         await complete(b, "cheap")
     await complete(b, "free")
-    c = sidecar_client(sidecar.address, token=TOKENS["node-c"])
+    c = sidecar_client(sidecar.address, token=TOKENS["node-c"], **target)
     await complete(c, "cheap")
     refused = await outcome(c, "cheap")  # its second request this minute: over rpm 1, refused at admission
     assert refused is not None and refused.reason.value == "RATE_LIMITED", refused

@@ -99,9 +99,7 @@ async def test_insecure_off_loopback_still_needs_the_admin_token(
     tmp_path: Path, upstream: OpenAIUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TEST_UPSTREAM_KEY", PLANTED_KEY)
-    sidecar = await start(
-        tmp_path, upstream, named_tokens=TOKENS, metrics_listen=OFF_LOOPBACK, allow_insecure=True
-    )
+    sidecar = await start(tmp_path, upstream, named_tokens=TOKENS, metrics_listen=OFF_LOOPBACK, allow_insecure=True)
     try:
         base = f"http://127.0.0.1:{sidecar.metrics_port}"  # type: ignore[attr-defined]
         assert await status_of(base + "/metrics") == 401
