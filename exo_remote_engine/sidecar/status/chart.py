@@ -21,6 +21,11 @@ def nice_ceiling(value: float) -> float:
     return next(step * power for step in (1, 2, 5, 10) if step * power >= value * (1 - 1e-12))
 
 
+def axis_usd(value: float) -> str:
+    """A tick label in plain decimals ($0.00005, never $5e-05)."""
+    return "$" + (f"{value:.8f}".rstrip("0").rstrip(".") or "0")
+
+
 def spend_chart(days: Sequence[str], series: Mapping[str, Sequence[float]]) -> str:
     """``series``: node -> USD per day (aligned with ``days``). Returns an ``<svg>`` element."""
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
@@ -36,7 +41,8 @@ def spend_chart(days: Sequence[str], series: Mapping[str, Sequence[float]]) -> s
         y = TOP + plot_h - plot_h * tick / 4
         parts.append(f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e7eb"/>')
         parts.append(
-            f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11" fill="#374151">${value:g}</text>'
+            f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11" fill="#374151">'
+            f"{axis_usd(value)}</text>"
         )
     for index, day in enumerate(days):
         x = LEFT + slot * index

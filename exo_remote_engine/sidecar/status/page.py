@@ -18,7 +18,7 @@ body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#111827;background:#f9
 h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:24px 0 8px}
 .meta{color:#6b7280;font-size:12px}table{border-collapse:collapse;background:#fff;min-width:60%}
 th,td{border:1px solid #e5e7eb;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f3f4f6;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f3f4f6;font-weight:600}tr>td:first-child{white-space:nowrap}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .bar{width:160px;height:10px;background:#e5e7eb;border-radius:5px;overflow:hidden;display:inline-block}
 .bar>span{display:block;height:100%;background:#10b981}.bar.warn>span{background:#f59e0b}
 .bar.over>span{background:#ef4444}.bad{color:#b91c1c;font-weight:600}.ok{color:#047857}
@@ -148,7 +148,7 @@ def render(snapshot: Snapshot) -> str:
 refreshes every {REFRESH_S} s; data: <a href="status.json">status.json</a>, <a href="metrics">metrics</a></div>
 {notes}
 <h2>Nodes</h2>
-<table id="nodes"><tr><th>node</th><th>spend today (UTC)</th><th>spend, 30 days</th><th>requests, 30 days</th>
+<table id="nodes"><tr><th>node</th><th>spend today (UTC)</th><th>spend, 30 days</th><th>charged requests, 30 days</th>
 <th>budget window</th><th>requests this minute</th><th>tokens this minute</th><th>requests, last hour</th>
 <th>errors by reason, last hour</th></tr>{nodes}</table>
 <h2>Spend per node per day, last 30 days</h2>{spend_chart(snapshot.days, snapshot.daily_spend)}
