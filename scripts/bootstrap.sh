@@ -47,6 +47,13 @@ apt_install() {  # package, what needs it
 }
 command -v redis-server >/dev/null 2>&1 || apt_install redis-server "the shared-state tests"
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install postgresql "the shared-state tests"
+# deploy/: a real Prometheus scrapes a sidecar and promtool checks and tests the alert rules
+# (tests/deploy/); systemd-analyze verifies the systemd unit (Debian's systemd package).
+command -v promtool >/dev/null 2>&1 || apt_install prometheus "the Prometheus and alert-rule tests"
+command -v systemd-analyze >/dev/null 2>&1 || apt_install systemd "the systemd unit test"
+# The status page test drives Debian's Chromium (Playwright with executable_path; never a
+# browser download), as the tinychat tests do.
+command -v chromium >/dev/null 2>&1 || apt_install chromium "the status page browser test"
 
 # 2. Classic exo's environment, built the way a user has it: exo's own requirements first,
 #    then exactly the README's `pip install .`, with no constraints file. If that install
@@ -79,17 +86,7 @@ if [ -n "${EXO_SRC:-}" ] && [ "$(cat $VE/.exo-stamp 2>/dev/null)" != "$EXO_STAMP
   $VE/bin/pip install -q --no-deps "$EXO_SRC"
   echo "$EXO_STAMP" > $VE/.exo-stamp
 fi
-# The tinychat tests drive exo's web UI in Debian's Chromium (Playwright with executable_path;
-# never a browser download). Installed only where exo runs, and only when missing.
-if [ -n "${EXO_SRC:-}" ] && ! command -v chromium >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
-    echo "[bootstrap] installing chromium (apt) for the tinychat tests"
-    apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
-      || echo "[bootstrap] chromium could not be installed: the tinychat tests will be skipped"
-  else
-    echo "[bootstrap] chromium missing (install Debian's chromium package): the tinychat tests will be skipped"
-  fi
-fi
+# The tinychat tests drive exo's web UI in the same Chromium, installed above.
 # Always refresh this project's own code in the pinned environment (a wheel install, so the
 # .pth/.start startup files land in site-packages exactly as users get them).
 $VE/bin/pip install -q --no-deps --force-reinstall "$ROOT" 2>&1 | grep -v "^WARNING: Location" || true
