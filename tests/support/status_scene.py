@@ -58,14 +58,15 @@ class Expected:
 
 
 async def start_scene(
-    sidecars: Sidecars, upstream: OpenAIUpstream, **settings: Any
+    sidecars: Sidecars, upstream: OpenAIUpstream, clock: FakeClock | None = None, **settings: Any
 ) -> tuple[RunningSidecar, FakeClock]:
-    """The sidecar on a clock frozen at now (the minute windows cannot roll over mid-test)."""
+    """The sidecar on a clock frozen at now (the minute windows cannot roll over mid-test);
+    several sidecars of one test share one ``clock``."""
     for model in ("cheap", "grp-a", "free"):
         upstream.scenarios[model] = Scenario(usage=(PROMPT, COMPLETION))
     upstream.scenarios["grp-b"] = Scenario(status=429, error_message="slow down")
     upstream.scenarios["flaky"] = Scenario(status=503, error_message="overloaded")
-    clock = FakeClock(time.time())
+    clock = clock or FakeClock(time.time())
     sidecar = await sidecars.start(scene_config(upstream.url), clock, named_tokens=dict(TOKENS), **settings)
     return sidecar, clock
 

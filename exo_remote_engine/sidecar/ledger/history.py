@@ -32,7 +32,10 @@ class DaySpend:
 
 @dataclass(frozen=True)
 class HostSeen:
+    """One sidecar that wrote spend: its host and its ledger (two sidecars on one host differ by it)."""
+
     host: str
+    origin: str
     requests: int
     cost_usd: float
     last_ended_at: float
@@ -89,10 +92,13 @@ async def database_daily(url: str, since_day: str) -> list[DaySpend]:
 
 
 async def database_hosts(url: str) -> list[HostSeen]:
-    """The sidecar hosts whose spend is in the shared database, with their last request."""
-    query = f"SELECT host, COUNT(*), COALESCE(SUM(cost_usd), 0), MAX(ended_at) FROM {TABLE} GROUP BY host ORDER BY host"  # noqa: S608
+    """The sidecars whose spend is in the shared database, with their last request."""
+    query = (
+        "SELECT host, origin, COUNT(*), COALESCE(SUM(cost_usd), 0), MAX(ended_at)"  # noqa: S608
+        f" FROM {TABLE} GROUP BY host, origin ORDER BY host, origin"
+    )
     rows = await _fetch(url, query)
-    return [HostSeen(str(r[0]), int(r[1]), float(r[2]), float(r[3])) for r in rows]
+    return [HostSeen(str(r[0]), str(r[1]), int(r[2]), float(r[3]), float(r[4])) for r in rows]
 
 
 async def _fetch(url: str, query: str, *args: object) -> list[tuple[Any, ...]]:

@@ -283,6 +283,7 @@ def _status_sources(
         ledger_path=str(ledger.path) if ledger is not None else "",
         database_url=database_url if database is not None else None,
         database_name=database.name if database is not None else None,
+        origin=database.origin if database is not None else "",
     )
 
 

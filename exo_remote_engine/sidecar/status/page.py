@@ -122,14 +122,16 @@ def render(snapshot: Snapshot) -> str:
     hosts = ""
     if len(snapshot.hosts) > 1 or snapshot.worker_ports:
         rows = "".join(
-            f'<tr data-host="{escape(h.host)}"><td>{escape(h.host)}{" (this host)" if h.host == snapshot.host else ""}'
+            f'<tr data-host="{escape(h.host)}" data-ledger="{escape(h.ledger)}"><td>{escape(h.host)} '
+            f'<span class="meta">ledger {escape(h.ledger)}{", this sidecar" if h.this_sidecar else ""}</span>'
             f'</td><td class="num">{h.requests:,}</td><td class="num">{usd(h.spend_usd)}</td>'
             f"<td>{_when(h.last_request_at)}</td></tr>"
             for h in snapshot.hosts
         )
         workers = ", ".join(str(p) for p in snapshot.worker_ports) or "none"
         hosts = (
-            "<h2>Sidecar hosts</h2><table><tr><th>host</th><th>requests</th><th>spend</th><th>last request</th></tr>"
+            '<h2>Sidecar hosts</h2><table id="hosts"><tr><th>host</th><th>requests</th><th>spend</th>'
+            "<th>last request</th></tr>"
             f'{rows}</table><p class="meta">worker ports of this host: {escape(workers)}</p>'
         )
     copy = ""

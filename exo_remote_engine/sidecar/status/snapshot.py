@@ -63,6 +63,7 @@ class StatusSources:
     ledger_path: str = ""
     database_url: str | None = field(default=None, repr=False)
     database_name: str | None = None  # the URL without its password, as logs show it
+    origin: str = ""  # this sidecar's ledger identity (rows in the shared database carry it)
     host: str = field(default_factory=socket.gethostname)
 
 
@@ -119,6 +120,8 @@ class ModelView:
 @dataclass
 class HostView:
     host: str
+    ledger: str  # the first 8 characters of the sidecar's ledger identity
+    this_sidecar: bool
     requests: int
     spend_usd: float
     last_request_at: float
@@ -206,7 +209,10 @@ async def _hosts(sources: StatusSources, notes: list[str]) -> list[HostView]:
     except Exception as exc:
         notes.append(f"{DATABASE_ERRORS_NOTE} ({type(exc).__name__}): the hosts are unknown")
         return []
-    return [HostView(h.host, h.requests, h.cost_usd, h.last_ended_at) for h in found]
+    return [
+        HostView(h.host, h.origin[:8], h.origin == sources.origin, h.requests, h.cost_usd, h.last_ended_at)
+        for h in found
+    ]
 
 
 def _copy_lag(sources: StatusSources, notes: list[str]) -> CopyLag | None:
