@@ -298,7 +298,7 @@ async def _models(sources: StatusSources) -> tuple[list[ModelView], int]:
             left = sources.router.cooldown_left_s(member)
             deployments.append(
                 DeploymentView(
-                    deployment=member.deployment_name,
+                    deployment=redact(member.deployment_name),
                     provider=member.provider,
                     cooling_down=left > 0,
                     cooldown_left_s=left,
@@ -309,11 +309,11 @@ async def _models(sources: StatusSources) -> tuple[list[ModelView], int]:
             )
         views.append(
             ModelView(
-                model=entry.alias,
+                model=redact(entry.alias),  # an alias may come from a provider's listing
                 provider=entry.provider,
                 source=entry.source,
                 ready=listed.ready,
-                not_ready_reason=listed.not_ready_reason,
+                not_ready_reason=redact(listed.not_ready_reason),
                 ttft_p50_s=percentile(pooled, 0.5),
                 ttft_p90_s=percentile(pooled, 0.9),
                 ttft_samples=len(pooled),

@@ -17,6 +17,7 @@ import redis
 
 from tests.support.harness import sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream
+from tests.support.processes import free_port
 from tests.support.servers import PostgresServer, RedisServer
 from tests.support.status_scene import COST, TOKENS, start_scene
 from tests.support.traffic import FakeClock, Sidecars, complete
@@ -75,3 +76,22 @@ async def test_every_sidecar_is_listed_and_figures_are_shared(
         async with session.get(f"http://127.0.0.1:{first.metrics_port}/") as response:
             html = await response.text()
     assert 'id="hosts"' in html and f'data-ledger="{other}"' in html
+
+
+async def test_an_unreachable_database_shows_unknown_not_zero(sidecars: Sidecars, upstream: OpenAIUpstream) -> None:
+    nowhere = f"postgresql://exo@127.0.0.1:{free_port()}/gone"  # nothing listens there
+    sidecar, _ = await start_scene(sidecars, upstream, database_url=nowhere, metrics_listen="127.0.0.1:0")
+    await complete(sidecar_client(sidecar.address, token=TOKENS["node-b"]), "cheap")  # no budget: served
+    data = await status_json(sidecar.metrics_port)  # type: ignore[arg-type]
+    node_a = {n["node"]: n for n in data["nodes"]}["node-a"]
+    assert node_a["spend_today_usd"] is None and node_a["budget_spent_usd"] is None
+    assert "spend database is unreachable" in node_a["budget_error"]
+    assert any("spend database is unreachable" in note for note in data["notes"])
+    assert data["spend_copy_pending_rows"] == 1 and data["spend_copy_lag_s"] >= 0  # node-b's row waits
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{sidecar.metrics_port}/metrics") as response:
+            metrics = await response.text()
+    # Unknown now: the series is absent, not a stale or zero value an alert would read.
+    assert 'exo_remote_node_budget_spent_usd{node="node-a"}' not in metrics
+    assert 'exo_remote_node_budget_usd{node="node-a"} 1.0' in metrics
+    assert "exo_remote_spend_copy_pending_rows 1.0" in metrics
