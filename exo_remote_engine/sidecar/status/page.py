@@ -89,6 +89,12 @@ def _model_rows(model: ModelView) -> str:
     state = '<span class="ok">ready</span>'
     if not model.ready:
         state = f'<span class="bad">not ready</span>: {escape(model.not_ready_reason)}'
+    failed = sum(model.last_hour_errors.values())
+    if failed:
+        reasons = ", ".join(f"{escape(k)} {v:,}" for k, v in model.last_hour_errors.items())
+        level = "bad" if failed == model.last_hour_requests else "meta"
+        share = f"{failed:,} of {model.last_hour_requests:,}"
+        state += f'<br><span class="{level}">{share} failed in the last hour: {reasons}</span>'
     rows = [
         f'<tr data-model="{escape(model.model)}"><td><b>{escape(model.model)}</b></td><td>{escape(model.provider)}</td>'
         f'<td>{state}</td><td class="num ttft-p50">{seconds(model.ttft_p50_s)}</td>'

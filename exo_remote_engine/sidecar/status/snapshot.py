@@ -115,6 +115,8 @@ class ModelView:
     ttft_p90_s: float | None
     ttft_samples: int
     deployments: list[DeploymentView]
+    last_hour_requests: int = 0  # admitted calls of this model in the last hour
+    last_hour_errors: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -283,6 +285,7 @@ async def _budget(accounting: Accounting, view: NodeView) -> None:
 
 async def _models(sources: StatusSources) -> tuple[list[ModelView], int]:
     samples = sources.metrics.recent.ttft_samples()
+    recent = sources.metrics.recent.models.last_hour()
     views: list[ModelView] = []
     hidden = 0
     for listed in await sources.models():
@@ -318,6 +321,8 @@ async def _models(sources: StatusSources) -> tuple[list[ModelView], int]:
                 ttft_p90_s=percentile(pooled, 0.9),
                 ttft_samples=len(pooled),
                 deployments=deployments,
+                last_hour_requests=sum(recent.get(redact(entry.alias), {}).values()),
+                last_hour_errors={k: v for k, v in sorted(recent.get(redact(entry.alias), {}).items()) if k != OK},
             )
         )
     return views, hidden

@@ -145,7 +145,7 @@ class StreamRecorder:
 
     def finished(self, code: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         reason = self.reason or ("CANCELLED" if code == "CANCELLED" else "") or ("" if code == OK else code)
-        self.metrics.recent.add(self.node, reason or OK)
+        self.metrics.recent.add(self.node, reason or OK, self.model)
         if prom is None:
             return
         if reason:

@@ -1,9 +1,9 @@
 """The last hour of requests, for the status page: what Prometheus counters cannot say
 without a Prometheus (counters only grow; "in the last hour" needs their history).
 
-Per node, outcomes are counted in one-minute buckets and buckets older than an hour are
-dropped when the node is next touched or read, so memory is bounded by nodes x outcomes x
-60. Time to first token is kept as the last :data:`TTFT_SAMPLES` values per model and
+Per node and per model, outcomes are counted in one-minute buckets and buckets older than
+an hour are dropped when the key is next touched or read, so memory is bounded by keys x
+outcomes x 60. Time to first token is kept as the last :data:`TTFT_SAMPLES` values per model and
 deployment, from which the page computes exact percentiles of recent requests.
 """
 
@@ -19,40 +19,57 @@ TTFT_SAMPLES = 200
 OK = "OK"
 
 
-class RecentOutcomes:
-    """Requests per node and outcome (``OK`` or an error reason) over the last hour."""
+class HourTally:
+    """Counts per key (a node, a model) and outcome (``OK`` or an error reason) over the last hour."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self._buckets: dict[str, deque[tuple[int, Counter[str]]]] = {}
-        self._ttft: dict[tuple[str, str], deque[float]] = {}
 
-    def _prune(self, node: str, now: float) -> deque[tuple[int, Counter[str]]]:
-        buckets = self._buckets.setdefault(node, deque())
+    def _prune(self, key: str, now: float) -> deque[tuple[int, Counter[str]]]:
+        buckets = self._buckets.setdefault(key, deque())
         oldest = int((now - HOUR_S) // _BUCKET_S)
         while buckets and buckets[0][0] <= oldest:
             buckets.popleft()
         return buckets
 
-    def add(self, node: str, outcome: str) -> None:
+    def add(self, key: str, outcome: str) -> None:
         now = self.clock()
-        buckets = self._prune(node, now)
+        buckets = self._prune(key, now)
         minute = int(now // _BUCKET_S)
         if not buckets or buckets[-1][0] != minute:
             buckets.append((minute, Counter()))
         buckets[-1][1][outcome] += 1
 
     def last_hour(self) -> dict[str, dict[str, int]]:
-        """Node -> outcome -> count in the last hour (nodes with none are left out)."""
+        """Key -> outcome -> count in the last hour (keys with none are left out)."""
         now = self.clock()
         found: dict[str, dict[str, int]] = {}
-        for node in list(self._buckets):
+        for key in list(self._buckets):
             total: Counter[str] = Counter()
-            for _, counts in self._prune(node, now):
+            for _, counts in self._prune(key, now):
                 total.update(counts)
             if total:
-                found[node] = dict(total)
+                found[key] = dict(total)
         return found
+
+
+class RecentOutcomes:
+    """The last hour per node and per model, and recent times to first token."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.nodes = HourTally(clock)
+        self.models = HourTally(clock)
+        self._ttft: dict[tuple[str, str], deque[float]] = {}
+
+    def add(self, node: str, outcome: str, model: str | None = None) -> None:
+        self.nodes.add(node, outcome)
+        if model is not None:
+            self.models.add(model, outcome)
+
+    def last_hour(self) -> dict[str, dict[str, int]]:
+        """Node -> outcome -> count in the last hour."""
+        return self.nodes.last_hour()
 
     def first_token(self, model: str, deployment: str, seconds: float) -> None:
         key = (model, deployment)

@@ -98,6 +98,14 @@ async def test_status_json_equals_ledger_usage_and_metrics(
     for model, samples in expected.ttft_samples.items():
         assert models[model]["ttft_samples"] == samples
     assert models["cheap"]["ttft_p50_s"] > 0 and models["cheap"]["ttft_p90_s"] >= models["cheap"]["ttft_p50_s"]
+    assert (models["flaky"]["last_hour_requests"], models["flaky"]["last_hour_errors"]) == (
+        1,
+        {"PROVIDER_UNAVAILABLE": 1},
+    )
+    assert (models["cheap"]["last_hour_requests"], models["cheap"]["last_hour_errors"]) == (
+        6,
+        {},
+    )  # a refusal at admission is the node's, not the model's
     group = {d["deployment"]: d for d in models["grp"]["deployments"]}
     assert group["grp#2"]["cooling_down"] and group["grp#2"]["cooldown_left_s"] == pytest.approx(3600)
     assert not group["grp#1"]["cooling_down"] and group["grp#1"]["ttft_samples"] == 2
