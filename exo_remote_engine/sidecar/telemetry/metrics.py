@@ -1,4 +1,5 @@
-"""Prometheus metrics of the sidecar, served on their own port (never the gRPC port).
+"""Prometheus metrics of the sidecar, served on their own port (never the gRPC port) by
+:mod:`~exo_remote_engine.sidecar.status.server`, with the status page.
 
 Labels are model aliases, node identities and status codes only: nothing a request
 carries, nothing secret. Without prometheus_client installed every recorder is a no-op.
@@ -84,13 +85,6 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-
-    def serve(self, host: str, port: int) -> int:
-        """Start the scrape endpoint; returns the bound port."""
-        if prom is None:
-            raise RuntimeError("prometheus_client is not installed (pip install 'exo-remote-engine[sidecar]')")
-        server, _thread = prom.start_http_server(port, addr=host, registry=self.registry)
-        return int(server.server_port)
 
     def charged(self, model: str, node: str, cost_usd: float | None) -> None:
         if prom is None:
