@@ -134,3 +134,20 @@ def test_admin_role_and_master_key(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert access.decide("", {"subject": ((("commonName", "node-b"),),)}) == 403
     assert access.decide("", None) == 401
     assert access.decide("Bearer t", None) == 200
+
+
+@needs_openssl
+async def test_client_certificates_alone_guard_it_when_no_admin_has_a_token(
+    tmp_path: Path, upstream: OpenAIUpstream, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", PLANTED_KEY)
+    tls = ServerTLS(pki.server.cert, pki.server.key, pki.ca)  # mTLS, no token file
+    sidecar = await start(tmp_path, upstream, tls=tls, metrics_listen=OFF_LOOPBACK)
+    try:
+        base = f"https://127.0.0.1:{sidecar.metrics_port}"  # type: ignore[attr-defined]
+        admin = client_context(pki, pki.client.cert, pki.client.key)  # CN node-a: role admin
+        assert await status_of(base + "/status.json", context=admin) == 200
+        with pytest.raises(aiohttp.ClientError):  # no certificate: the handshake itself is refused
+            await status_of(base + "/status.json", context=client_context(pki))
+    finally:
+        await sidecar.stop(grace_s=None)  # type: ignore[attr-defined]
