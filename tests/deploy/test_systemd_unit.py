@@ -64,5 +64,5 @@ def test_unit_runs_confined_with_credentials() -> None:
     assert {c.split(":", 1)[0] for c in credentials} == {"tokens", "provider-keys", "tls-key"}
     # Secrets reach the sidecar only from the credentials directory, never from the unit.
     assert "%d/tokens" in service["Environment"] or any("%d/tokens" in line for line in lines)
-    assert '--tls-key "$CREDENTIALS_DIRECTORY/tls-key"' in service["ExecStart"]
+    assert '--tls-key "%d/tls-key"' in service["ExecStart"] and '. "%d/provider-keys"' in service["ExecStart"]
     assert "sk-" not in UNIT.read_text()
