@@ -66,3 +66,22 @@ def test_unit_runs_confined_with_credentials() -> None:
     assert "%d/tokens" in service["Environment"] or any("%d/tokens" in line for line in lines)
     assert '--tls-key "%d/tls-key"' in service["ExecStart"] and '. "%d/provider-keys"' in service["ExecStart"]
     assert "sk-" not in UNIT.read_text()
+
+
+def test_the_units_flags_and_variables_are_the_sidecars() -> None:
+    """A misspelt flag or variable in the unit would stop (or silently not configure) the
+    service: each is checked against exo-remote-sidecar's own parser and variable list."""
+    import shlex
+
+    from exo_remote_engine.sidecar.config.variables import VARIABLES
+    from exo_remote_engine.sidecar.serving.settings import build_parser
+
+    text = UNIT.read_text()
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    command = shlex.split(exec_start.removeprefix("ExecStart="))[2]  # /bin/sh -c '<command>'
+    sidecar_args = shlex.split(command.split("exec ", 1)[1])
+    assert sidecar_args[0].endswith("/exo-remote-sidecar")
+    args = build_parser({}).parse_args(sidecar_args[1:])  # SystemExit on an unknown flag
+    assert str(args.tls_key) == "%d/tls-key" and str(args.env_file) == "%d/provider-keys"
+    names = [line.split("=", 2)[1] for line in text.splitlines() if line.startswith("Environment=")]
+    assert names and set(names) <= set(VARIABLES), set(names) - set(VARIABLES)
