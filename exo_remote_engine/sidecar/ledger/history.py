@@ -53,6 +53,11 @@ def first_day(now: float, days: int) -> str:
     return (today - dt.timedelta(days=days - 1)).isoformat()
 
 
+def day_start(day: str) -> float:
+    """00:00 UTC of ``day`` (YYYY-MM-DD), in unix seconds."""
+    return dt.datetime.combine(dt.date.fromisoformat(day), dt.time(), dt.UTC).timestamp()
+
+
 class LedgerHistory:
     """This host's ledger, read-only."""
 
@@ -64,10 +69,10 @@ class LedgerHistory:
         self._db.close()
 
     def daily(self, since_day: str) -> list[DaySpend]:
-        rows = self._db.execute(
+        rows = self._db.execute(  # ended_at is indexed, day is not
             "SELECT day, node, COUNT(*), COALESCE(SUM(cost_usd), 0), SUM(cost_usd IS NULL) FROM requests"
-            " WHERE day >= ? GROUP BY day, node ORDER BY day, node",
-            (since_day,),
+            " WHERE ended_at >= ? GROUP BY day, node ORDER BY day, node",
+            (day_start(since_day),),
         )
         return [DaySpend(str(d), str(n), int(c), float(s), int(u)) for d, n, c, s, u in rows]
 
@@ -85,9 +90,9 @@ async def database_daily(url: str, since_day: str) -> list[DaySpend]:
     """Every host's spend per node per day from the shared database."""
     query = (
         "SELECT day, node, COUNT(*), COALESCE(SUM(cost_usd), 0), COUNT(*) FILTER (WHERE cost_usd IS NULL)"  # noqa: S608
-        f" FROM {TABLE} WHERE day >= $1 GROUP BY day, node ORDER BY day, node"
+        f" FROM {TABLE} WHERE ended_at >= $1 GROUP BY day, node ORDER BY day, node"
     )
-    rows = await _fetch(url, query, since_day)
+    rows = await _fetch(url, query, day_start(since_day))
     return [DaySpend(str(r[0]), str(r[1]), int(r[2]), float(r[3]), int(r[4])) for r in rows]
 
 
