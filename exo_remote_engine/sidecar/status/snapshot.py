@@ -177,13 +177,18 @@ async def collect(sources: StatusSources, with_history: bool = True) -> Snapshot
         hosts=hosts,
         worker_ports=list(sources.worker_ports()),
         spend_copy_pending_rows=lag.pending_rows if lag is not None else None,
-        spend_copy_lag_s=(max(0.0, now - lag.oldest_pending_at) if lag.oldest_pending_at is not None else 0.0)
-        if lag is not None
-        else None,
+        spend_copy_lag_s=_lag_s(lag, now),
         days=days,
         daily_spend=chart,
         notes=notes,
     )
+
+
+def _lag_s(lag: CopyLag | None, now: float) -> float | None:
+    """How old the oldest row waiting for the copy is (0: none waits; None: no copy)."""
+    if lag is None:
+        return None
+    return 0.0 if lag.oldest_pending_at is None else max(0.0, now - lag.oldest_pending_at)
 
 
 def _days(now: float) -> list[str]:
