@@ -4,7 +4,7 @@ exo hands the engine one opaque string, the output of ``apply_chat_template``. F
 remote model that string is an *envelope*: the structured conversation, tools and
 request parameters as JSON behind a marker, so the provider receives real messages and
 never a flattened template. Ids are the stateless :mod:`codec`'s, so any process decodes
-any other's output.
+any other's output; ``decode`` also expands the engine's :class:`~codec.Step` turns.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class RemoteTokenizer:
         return codec.encode_text(text)
 
     def decode(self, tokens: Iterable[int] | Any, **_: Any) -> str:
-        return codec.decode_ids(int(t) for t in _flatten(tokens))
+        return codec.decode_ids(_flatten(tokens))
 
     def apply_chat_template(
         self,

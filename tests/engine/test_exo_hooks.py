@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from exo_remote_engine import engine_adapter
-from exo_remote_engine.engine import exo_hooks
+from exo_remote_engine.engine import codec, exo_hooks
 from exo_remote_engine.engine.catalog import RemoteCatalog, pretty_name, repo_for
 from exo_remote_engine.engine.cluster import REMOTE_NODE_LABEL, ClusterView, remote_chip, remote_sidecar
 from exo_remote_engine.engine.exo_argv import ADDON_FLAGS, engine_requested, strip_addon_flags
@@ -410,6 +410,23 @@ async def test_broadcast_keeps_tokens_in_order() -> None:
     flattened = [t for batch, _ in received for t in batch]
     assert flattened == [0, 1, 2, 3, 4] and received[-1][1] is True
     assert len(received) < 5, "what arrived meanwhile went out as one batch"
+
+
+async def test_broadcast_sends_the_ids_a_step_carries() -> None:
+    """A step (one loop turn of the remote engine) only means something in its own process:
+    peers get plain codec ids, which their own tokenizer decodes."""
+    received: list[list[int]] = []
+
+    async def exo_broadcast(self: Any, request_id: str, result: list[int], is_finished: bool) -> None:
+        received.append(result)
+
+    text_step = codec.Step(codec.encode_text("漢字 and more"))
+    end_step = codec.Step([*codec.encode_control(b"{}"), codec.EOS_ID])
+    await node.ordered_broadcast_result(exo_broadcast, None, "req", [text_step], False)
+    await node.ordered_broadcast_result(exo_broadcast, None, "req", [end_step], True)
+    wire = [t for batch in received for t in batch]
+    assert all(type(t) is int for t in wire) and wire[-1] == codec.EOS_ID
+    assert codec.decode_ids(wire) == "漢字 and more" and len(wire) > 2
 
 
 def test_trigger_all_gives_each_callback_its_own_list(exo: dict[str, types.ModuleType]) -> None:
