@@ -73,3 +73,36 @@ class RemoteCatalog:
 
     def age_s(self) -> float:
         return time.monotonic() - self.fetched_at if self.fetched_at else float("inf")
+
+    def summary(self, address: str) -> str:
+        """One short start-up line: the ready models by name, the rest counted by what
+        would make them ready (a sidecar with discovery on may list ~70 hosted models)."""
+        ready = [alias for alias, m in self.models.items() if m.ready]
+        waiting: dict[str, int] = {}
+        for m in self.models.values():
+            if not m.ready:
+                reason = m.not_ready_reason or "not ready"
+                waiting[reason] = waiting.get(reason, 0) + 1
+        shown = ", ".join(a + (" (default)" if a == self.default_id else "") for a in ready[:SUMMARY_NAMES])
+        if len(ready) > SUMMARY_NAMES:
+            shown += f", and {len(ready) - SUMMARY_NAMES} more"
+        line = f"sidecar {address} serves {_count(len(ready), 'ready model')}" + (f": {shown}" if ready else "")
+        if waiting:
+            top = sorted(waiting.items(), key=lambda item: -item[1])
+            reasons = "; ".join(f"{_clip(reason)}: {n}" for reason, n in top[:SUMMARY_REASONS])
+            if len(top) > SUMMARY_REASONS:
+                reasons += f"; {len(top) - SUMMARY_REASONS} other reasons"
+            line += f"; {sum(waiting.values())} more not ready ({reasons}; `exo-remote models` lists them)"
+        return line
+
+
+SUMMARY_NAMES = 8
+SUMMARY_REASONS = 3
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -102,7 +102,12 @@ def test_install_on_a_remote_node_patches_every_target_and_uninstall_restores_ex
         exo["exo.orchestration.node"].get_inference_engine is exo["exo.inference.inference_engine"].get_inference_engine
     )
     assert exo["exo.api.chatgpt_api"].resolve_tokenizer is exo["exo.inference.tokenizers"].resolve_tokenizer
-    assert "hooks not installed" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "hooks not installed" not in err
+    assert (  # the start-up line: ready models named, the rest counted by reason
+        f"exo-remote: sidecar {SIDECAR} serves 2 ready models: echo-model (default), gpt-4o-mini; 1 more not "
+        "ready (set ANTHROPIC_API_KEY on the sidecar: 1; `exo-remote models` lists them)\n"
+    ) in err
     exo_hooks.uninstall()
     assert _snapshot(exo) == before
 
