@@ -20,7 +20,7 @@ from exo_remote_engine.engine import codec, exo_hooks
 from exo_remote_engine.engine.catalog import RemoteCatalog, pretty_name, repo_for
 from exo_remote_engine.engine.cluster import REMOTE_NODE_LABEL, ClusterView, remote_chip, remote_sidecar
 from exo_remote_engine.engine.exo_argv import ADDON_FLAGS, engine_requested, strip_addon_flags
-from exo_remote_engine.engine.exo_hooks import api, callbacks, device, download, inference, node, partitioning, peers
+from exo_remote_engine.engine.exo_hooks import api, device, download, inference, node, partitioning, peers, tui
 from exo_remote_engine.engine.exo_hooks.plan import Needs, Patch, PatchPlan, Target, bind
 from exo_remote_engine.engine.exo_hooks.state import STATE, current_model
 from exo_remote_engine.engine.target import SidecarTarget
@@ -440,7 +440,7 @@ def test_trigger_all_gives_each_callback_its_own_list(exo: dict[str, types.Modul
     system.register("tui").on_next(lambda rid, tokens, done: tokens.extend([99]))
     system.register("api").on_next(lambda rid, tokens, done: got.setdefault("api", tokens))
     tokens = [1, 2]
-    callbacks.trigger_all(None, system, "req", tokens, False)
+    tui.trigger_all(None, system, "req", tokens, False)
     assert got["api"] == [1, 2] and tokens == [1, 2]
 
 
