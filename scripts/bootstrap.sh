@@ -90,6 +90,10 @@ if [ -n "${EXO_SRC:-}" ] && ! command -v chromium >/dev/null 2>&1; then
     echo "[bootstrap] chromium missing (install Debian's chromium package): the tinychat tests will be skipped"
   fi
 fi
+# The TUI tests (tests/real_exo/test_exo_tui.py) run exo's own screen under tmux.
+if [ -n "${EXO_SRC:-}" ]; then
+  command -v tmux >/dev/null 2>&1 || apt_install tmux "the exo TUI tests"
+fi
 # Always refresh this project's own code in the pinned environment (a wheel install, so the
 # .pth/.start startup files land in site-packages exactly as users get them).
 $VE/bin/pip install -q --no-deps --force-reinstall "$ROOT" 2>&1 | grep -v "^WARNING: Location" || true

@@ -87,6 +87,19 @@ def test_a_remote_node_entry_lists_each_sidecar_host_with_its_health(viz: types.
     assert screen.topology.nodes["r"].model == "remote LLM", "the topology exo drew from is unchanged"
 
 
+def test_host_lines_near_the_right_edge_move_left_to_fit_exo_canvas(viz: types.SimpleNamespace) -> None:
+    screen = viz.TopologyViz()
+    _two_node_ring(screen, viz.exo)
+    screen.partitions.reverse()  # the remote node's entry now starts at column 54
+    hosts = {"10.0.0.5:50505": "SERVING", "sidecar-b.example.internal:50505": "NOT SERVING"}
+    STATE.view.absorb(ClusterView.announcement("r", "RemoteLLMInferenceEngine", {}, "x", sidecar_hosts=hosts))
+    rows = screen._generate_main_layout().split("\n")
+    longest = " ○ sidecar-b.example.internal:50505 NOT SERVING"
+    assert rows[22][54:69] == "-emote LLM 23GB"
+    assert rows[25].rstrip().endswith("1/2 sidecar hosts serving:") and rows[27].endswith(longest)
+    assert len(rows[27]) == 100 and rows[27].index(longest) == 100 - len(longest) < 54
+
+
 def test_host_lines_are_clipped_to_exo_canvas_and_made_printable() -> None:
     lines = tui.host_lines({"h\x1b[31m:1": "SERVING", "b:2": "NOT SERVING"})
     assert lines == ["1/2 sidecar hosts serving:", " ● h?[31m:1 SERVING", " ○ b:2 NOT SERVING"]

@@ -10,7 +10,8 @@
   it shows the user's text for local models.
 * ``TopologyViz._generate_main_layout``: under a remote node's entry on exo's ring (its
   label, TFLOPS and layer range), one line per host of a several-host sidecar target with
-  its health, as ``exo-remote topology`` draws them. exo places each entry by its own
+  its health, as ``exo-remote topology`` draws them (moved left when the entry is near
+  the right edge of exo's 100-column canvas, as exo moves its own). exo places each entry by its own
   geometry; the hook draws once more with marker characters in the node's label to learn
   where exo put it, rather than re-deriving exo's arithmetic.
 """
@@ -84,9 +85,12 @@ def main_layout(original: Any, self: Any) -> str:
         if k not in corners:
             continue
         row, col = corners[k]
-        for i, line in enumerate(host_lines(hosts[node_id])):
+        lines = host_lines(hosts[node_id])
+        # Under the entry; moved left as far as needed to fit exo's canvas, as exo moves its own.
+        col = max(0, min(col, _CANVAS_W - max(len(line) for line in lines)))
+        for i, line in enumerate(lines):
             y = row + _INFO_LINES + i
-            if 0 <= y < len(rows) and 0 <= col < _CANVAS_W:
+            if 0 <= y < len(rows):
                 text = line[: _CANVAS_W - col]
                 cells = rows[y].ljust(col + len(text))
                 rows[y] = cells[:col] + text + cells[col + len(text) :]
