@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 
 REPO_PREFIX = "exo-remote/"
-_PROVIDER_NAMES = {
+PROVIDER_NAMES = {
     "openai": "OpenAI",
     "anthropic": "Anthropic",
     "gemini": "Gemini",
@@ -40,9 +40,14 @@ def repo_for(alias: str) -> str:
 
 
 def pretty_name(model: pb.Model) -> str:
-    base = model.display_name if model.display_name and model.display_name != model.alias else (_titled(model.alias))
-    provider = _PROVIDER_NAMES.get(model.provider, model.provider.title() or "Remote")
+    base = base_name(model.alias, model.display_name)
+    provider = PROVIDER_NAMES.get(model.provider, model.provider.title() or "Remote")
     return base if provider.lower() in base.lower() else f"{base} ({provider})"
+
+
+def base_name(alias: str, display_name: str | None) -> str:
+    """A readable name without the provider: the sidecar's display name, or the alias titled."""
+    return display_name if display_name and display_name != alias else _titled(alias)
 
 
 def _titled(alias: str) -> str:

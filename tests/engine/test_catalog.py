@@ -41,5 +41,6 @@ def test_many_ready_models_and_reasons_are_capped() -> None:
 
 def test_nothing_ready_says_so() -> None:
     line = _catalog([pb.Model(alias="a", not_ready_reason=OPENAI_KEY)]).summary("s:1")
-    assert line == f"sidecar s:1 serves 0 ready models; 1 more not ready ({OPENAI_KEY}: 1; `exo-remote models` lists them)"
+    waiting = f"1 more not ready ({OPENAI_KEY}: 1; `exo-remote models` lists them)"
+    assert line == f"sidecar s:1 serves 0 ready models; {waiting}"
     assert _catalog([]).summary("s:1") == "sidecar s:1 serves 0 ready models"

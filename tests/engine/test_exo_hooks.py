@@ -524,7 +524,17 @@ async def test_model_list_shows_readiness(remote_api: TestClient) -> None:
 
 async def test_tinychat_initial_list_is_truthful(remote_api: TestClient) -> None:
     initial = await (await remote_api.get("/initial_models")).json()
-    assert initial["echo-model"] == api.ready_entry(initial["echo-model"]["name"])
+    assert initial["echo-model"] == {
+        "name": "Echo Model",  # readable, and without the provider: the sidebar group names it
+        "provider": "OpenAI",
+        "family": "Echo",
+        "downloaded": True,
+        "download_percentage": api.REMOTE_PERCENTAGE,
+        "total_size": 0,
+        "total_downloaded": 0,
+        "loading": False,
+    }
+    assert (initial["gpt-4o-mini"]["provider"], initial["gpt-4o-mini"]["family"]) == ("OpenAI", "GPT")
     assert initial["gpt-4o-mini"]["loading"] is False and initial["gpt-4o-mini"]["downloaded"] is True
     assert "claude-x" not in initial, "not ready: not downloadable, left out"
     pool_text = await (await remote_api.get("/modelpool")).text()
@@ -536,6 +546,17 @@ async def test_tinychat_initial_list_is_truthful(remote_api: TestClient) -> None
     # the remote marker is neither, as JavaScript compares a non-numeric string (NaN).
     assert initial["echo-model"]["download_percentage"] == api.REMOTE_PERCENTAGE
     assert not api.REMOTE_PERCENTAGE.replace(".", "", 1).isdigit()
+
+
+async def test_tinychat_page_gets_the_addon_script_after_exo_own(remote_api: TestClient) -> None:
+    reply = await remote_api.get("/")
+    assert reply.status == 200 and reply.content_type == "text/html"
+    page = await reply.text()
+    exo_script = page.index('<script src="/index.js"></script>')
+    ours = page.index('<script id="exo-remote-tinychat">')
+    assert exo_script < ours, "after exo's component is registered"
+    assert 'const config = {"default_model": "echo-model"};' in page, "the node's default remote model"
+    assert "groupModelsByPrefix" in page and "provider" in page
 
 
 async def test_download_and_delete_of_remote_models_are_clear_400s(remote_api: TestClient) -> None:

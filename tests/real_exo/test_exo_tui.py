@@ -34,7 +34,7 @@ from tests.support.processes import (
 pytestmark = [
     pytest.mark.exo,
     pytest.mark.skipif(exo_skip_reason() is not None, reason=str(exo_skip_reason())),
-    pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (bootstrap installs it with EXO_SRC)"),
+    pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (bootstrap installs it, EXO_SRC)"),
 ]
 
 HOSTS = ("127.0.0.2", "127.0.0.3")

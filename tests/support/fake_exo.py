@@ -14,6 +14,7 @@ import sys
 import types
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -340,6 +341,11 @@ class ChatGPTAPI:
         self.app.router.add_get("/modelpool", self.handle_model_support)
         self.app.router.add_post("/download", self.handle_post_download)
         self.app.router.add_delete("/models/{model_name}", self.handle_delete_model)
+        self.static_dir = STATIC_DIR
+        self.app.router.add_get("/", self.handle_root)
+
+    async def handle_root(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(self.static_dir / "index.html")
 
     async def handle_post_chat_completions(self, request: web.Request) -> web.Response:
         models = sys.modules["exo.models"]
@@ -393,6 +399,10 @@ class ChatGPTAPI:
         await self.token_queues[request_id].put((tokens, is_finished))
 
 
+# tinychat's page as exo ships it, reduced to what the add-on's hook relies on.
+STATIC_DIR = Path(__file__).parent / "fake_tinychat"
+
+
 # --- exo.viz.topology_viz ----------------------------------------------------------------
 class TopologyViz:
     """exo's TUI: a prompt panel fed by ``update_prompt`` and a 100 x 48 ring canvas with a
@@ -413,7 +423,8 @@ class TopologyViz:
         for i, partition in enumerate(self.partitions):
             caps = self.topology.nodes[partition.node_id]
             y, x = 10 + 12 * i, 4 + 50 * i
-            lines = [f"{caps.model} {caps.memory // 1024}GB", "0.0TFLOPS", f"[{partition.start:.2f}-{partition.end:.2f}]"]
+            span = f"[{partition.start:.2f}-{partition.end:.2f}]"
+            lines = [f"{caps.model} {caps.memory // 1024}GB", "0.0TFLOPS", span]
             for j, line in enumerate(lines):
                 for k, char in enumerate(line):
                     if x + k < 100:
