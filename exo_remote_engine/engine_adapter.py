@@ -96,10 +96,9 @@ class _Generation:
 
     # producer side ---------------------------------------------------------------
     def _push_text(self, text: str) -> None:
-        if self._segments and isinstance(self._segments[-1], str):
-            self._segments[-1] += text
-        else:
-            self._segments.append(text)
+        # One segment per delta (joined when exo pulls): appending to one growing string
+        # would copy the backlog once per delta while exo is behind.
+        self._segments.append(text)
         self._available.set()
 
     def _push_ids(self, ids: list[int]) -> None:
@@ -167,17 +166,20 @@ class _Generation:
         ids: list[int] = []
         room = STEP_MAX_CHARS
         while self._segments and room > 0:
-            head = self._segments[0]
+            head = self._segments.popleft()
             if isinstance(head, list):
                 ids.extend(head)
-                self._segments.popleft()
                 continue
-            ids.extend(codec.encode_text(head[:room]))
-            if len(head) > room:
-                self._segments[0] = head[room:]
-            else:
+            texts = [head]
+            while self._segments and isinstance(following := self._segments[0], str):
+                texts.append(following)
                 self._segments.popleft()
-            room -= len(head)
+            text = "".join(texts)
+            if len(text) > room:
+                self._segments.appendleft(text[room:])
+                text = text[:room]
+            ids.extend(codec.encode_text(text))
+            room -= len(text)
         return codec.Step(ids)
 
     def cancel(self) -> None:

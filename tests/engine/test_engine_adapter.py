@@ -235,3 +235,22 @@ async def test_sidecar_killed_mid_stream_ends_the_request_without_duplicates(
     finally:
         await eng.close()
         sidecar.stop()
+
+
+async def test_a_backlog_over_the_step_limit_is_split_in_order_without_loss() -> None:
+    """A step carries at most STEP_MAX_CHARS characters (one bounded SendResult message);
+    a larger backlog takes more turns, nothing lost or reordered, deltas joined."""
+    from exo_remote_engine.contract.errors import Reason, RemoteError
+    from exo_remote_engine.engine_adapter import STEP_MAX_CHARS, _Generation
+
+    generation = _Generation("b1", RemoteError(Reason.INTERNAL, "no upstream in this test"), client=None)  # type: ignore[arg-type]
+    generation._segments.clear()
+    generation.finished = False
+    for chunk in CJK_CHUNKS:  # 20,000 characters waiting when exo pulls
+        generation._push_text(chunk)
+    generation._push_ids(codec.encode_control(b'{"type":"finished"}'))
+    generation._finish()
+    first, second = await generation.next_step(), await generation.next_step()
+    assert first == codec.STEP_ID and second == codec.EOS_ID
+    assert len(codec.decode_ids([first])) == STEP_MAX_CHARS
+    assert codec.StreamDecoder().feed([first, second]) == ["".join(CJK_CHUNKS), b'{"type":"finished"}']

@@ -102,3 +102,14 @@ def test_exo_stopping_early_cancels_the_provider_call(stack: dict[str, Any]) -> 
         assert record.chunks_written < len(SLOW) // 2, record
     finally:
         node.stop()
+
+
+def test_start_up_line_names_the_ready_models(stack: dict[str, Any]) -> None:
+    """One short line (issue #27), not every id the sidecar lists."""
+    node: ExoNode = stack["node"]
+    lines = [line for line in node.log_text().splitlines() if line.startswith("exo-remote: sidecar ")]
+    prefix = f"exo-remote: sidecar {stack['sidecar'].address} serves 3 ready models: "
+    assert len(lines) == 1 and lines[0].startswith(prefix), lines
+    named = lines[0][len(prefix) :].replace(" (default)", "").split(", ")
+    assert sorted(named) == ["cjk-model", "mixed-model", "slow-model"], lines
+    assert "(default)" in lines[0] and "not ready" not in lines[0]
