@@ -4,9 +4,12 @@ exo drives an engine one id at a time: ``infer_prompt`` for the first, then
 ``sample``/``infer_tensor`` per id until the id is EOS or its token budget runs out, and
 it never says when a request ended. So each request here is a :class:`_Generation`: a
 task reads the sidecar's stream into pending text and control events, and every
-``infer_*`` call takes the next id from the head (packing as much text as the codec
-allows). The upstream call is cancelled when exo stops pulling: EOS reached, exo's
-max-tokens finish, an API that went away, node shutdown, or an idle watchdog.
+``infer_*`` call hands exo one :class:`~exo_remote_engine.engine.codec.Step` carrying
+everything pending (at least one whole delta, whatever the script), so exo's
+``--max-generate-tokens`` counts provider deltas, not characters, and its loop is no
+longer the bottleneck. The upstream call is cancelled when exo stops pulling: EOS
+reached, exo's max-tokens finish, an API that went away, node shutdown, or an idle
+watchdog.
 
 Finish reason, usage, tool calls and errors travel in-band as control ids (see
 :mod:`~exo_remote_engine.engine.codec`), so whichever node's API serves the request can
@@ -45,7 +48,9 @@ else:
 log = logging.getLogger("exo_remote_engine.engine")
 
 ENGINE_CLASS_NAME = "RemoteLLMInferenceEngine"
-_PACK_WINDOW = 64  # chars considered when packing the next id; ids hold at most 6
+# Most characters one step carries (whole code points): bounds one SendResult message when
+# the provider is far ahead of exo; a step still holds at least one delta's worth.
+STEP_MAX_CHARS = 16_384
 
 
 def control_ids(event: dict[str, Any]) -> list[int]:
@@ -91,10 +96,9 @@ class _Generation:
 
     # producer side ---------------------------------------------------------------
     def _push_text(self, text: str) -> None:
-        if self._segments and isinstance(self._segments[-1], str):
-            self._segments[-1] += text
-        else:
-            self._segments.append(text)
+        # One segment per delta (joined when exo pulls): appending to one growing string
+        # would copy the backlog once per delta while exo is behind.
+        self._segments.append(text)
         self._available.set()
 
     def _push_ids(self, ids: list[int]) -> None:
@@ -145,11 +149,13 @@ class _Generation:
             self._fail(RemoteError(Reason.INTERNAL, "internal error in the remote engine"))
 
     # consumer side ---------------------------------------------------------------
-    async def next_id(self) -> int:
+    async def next_step(self) -> codec.Step:
+        """Everything pending as one step (EOS last once the stream is over); waits for
+        the provider when nothing is pending."""
         self.last_pull = time.monotonic()
         while not self._segments:
             if self.finished:
-                return codec.EOS_ID
+                return codec.Step([codec.EOS_ID])
             self._available.clear()
             self.consumer_waiting = True  # exo is consuming; the provider is the slow one
             try:
@@ -157,19 +163,24 @@ class _Generation:
             finally:
                 self.consumer_waiting = False
                 self.last_pull = time.monotonic()
-        head = self._segments[0]
-        if isinstance(head, list):
-            token = head.pop(0)
-            if not head:
+        ids: list[int] = []
+        room = STEP_MAX_CHARS
+        while self._segments and room > 0:
+            head = self._segments.popleft()
+            if isinstance(head, list):
+                ids.extend(head)
+                continue
+            texts = [head]
+            while self._segments and isinstance(following := self._segments[0], str):
+                texts.append(following)
                 self._segments.popleft()
-            return token
-        token = codec.encode_text(head[:_PACK_WINDOW])[0]
-        rest = head[len(codec.decode_id(token)) :]
-        if rest:
-            self._segments[0] = rest
-        else:
-            self._segments.popleft()
-        return token
+            text = "".join(texts)
+            if len(text) > room:
+                self._segments.appendleft(text[room:])
+                text = text[:room]
+            ids.extend(codec.encode_text(text))
+            room -= len(text)
+        return codec.Step(ids)
 
     def cancel(self) -> None:
         """Stop the upstream call; exo gets EOS at its next pull."""
@@ -212,8 +223,9 @@ class RemoteLLMInferenceEngine(InferenceEngine):  # type: ignore[misc,valid-type
         return self.tokenizer.decode(tokens)
 
     async def sample(self, x: np.ndarray, temp: float = 0.0, top_p: float = 1.0) -> np.ndarray:
-        # The next id was chosen by infer_*; sample passes it through (exo gives no request id here).
-        return np.asarray(x, dtype=np.int64).reshape(-1)[-1:]
+        # The next step was chosen by infer_*; sample passes it through (exo gives no request
+        # id here). An object array keeps the Step itself for exo's ``.item()``.
+        return np.asarray(x).reshape(-1)[-1:]
 
     async def infer_prompt(
         self, request_id: str, shard: Any, prompt: str, inference_state: dict[str, Any] | None = None
@@ -239,7 +251,7 @@ class RemoteLLMInferenceEngine(InferenceEngine):  # type: ignore[misc,valid-type
                     request_id,
                     shard.model_id,
                 )
-            return np.array([[codec.EOS_ID]], dtype=np.int64), inference_state
+            return _as_array(codec.Step([codec.EOS_ID])), inference_state
         return await self._next(request_id, generation), inference_state
 
     async def load_checkpoint(self, shard: Any, path: str) -> None:
@@ -252,10 +264,10 @@ class RemoteLLMInferenceEngine(InferenceEngine):  # type: ignore[misc,valid-type
 
     # --- lifecycle -----------------------------------------------------------------
     async def _next(self, request_id: str, generation: _Generation) -> np.ndarray:
-        token = await generation.next_id()
-        if token == codec.EOS_ID:
+        step = await generation.next_step()
+        if step == codec.EOS_ID:
             self._generations.pop(request_id, None)
-        return np.array([[token]], dtype=np.int64)
+        return _as_array(step)
 
     def _build_request(self, request_id: str, shard: Any, prompt: str) -> pb.GenerateRequest | RemoteError:
         alias = self.catalog.alias(shard.model_id)
@@ -323,6 +335,13 @@ class RemoteLLMInferenceEngine(InferenceEngine):  # type: ignore[misc,valid-type
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watchdog
         await self.client.close()
+
+
+def _as_array(step: codec.Step) -> np.ndarray:
+    """exo's (1, 1) result holding the step object (int64 would drop the ids it carries)."""
+    result = np.empty((1, 1), dtype=object)
+    result[0, 0] = step
+    return result
 
 
 _shared: RemoteLLMInferenceEngine | None = None

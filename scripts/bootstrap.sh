@@ -87,6 +87,10 @@ if [ -n "${EXO_SRC:-}" ] && [ "$(cat $VE/.exo-stamp 2>/dev/null)" != "$EXO_STAMP
   echo "$EXO_STAMP" > $VE/.exo-stamp
 fi
 # The tinychat tests drive exo's web UI in the same Chromium, installed above.
+# The TUI tests (tests/real_exo/test_exo_tui.py) run exo's own screen under tmux.
+if [ -n "${EXO_SRC:-}" ]; then
+  command -v tmux >/dev/null 2>&1 || apt_install tmux "the exo TUI tests"
+fi
 # Always refresh this project's own code in the pinned environment (a wheel install, so the
 # .pth/.start startup files land in site-packages exactly as users get them).
 $VE/bin/pip install -q --no-deps --force-reinstall "$ROOT" 2>&1 | grep -v "^WARNING: Location" || true

@@ -183,18 +183,26 @@ async def _chat(target: SidecarTarget, args: argparse.Namespace) -> int:
         if args.temperature is not None:
             body["temperature"] = args.temperature
         request = chat_body_to_request(body, request_id=str(uuid.uuid4()), model=model)
+        last_text = ""
         async for event in client.generate(request):
             stop_waiting()
             if event.HasField("delta"):
+                if event.delta.text:
+                    last_text = event.delta.text
                 sys.stdout.write(event.delta.text)
                 sys.stdout.flush()
             elif event.HasField("finished"):
                 f = event.finished
-                print()
+                # The summary goes on its own line: end the reply's line (unless the reply did)
+                # and flush it before stderr writes, also when both go to one pipe.
+                if last_text and not last_text.endswith("\n"):
+                    sys.stdout.write("\n")
+                sys.stdout.flush()
                 print(
                     f"[{model} -> {f.model}: finish_reason={FINISH_REASON_NAMES.get(f.finish_reason, '?')}"
                     f" prompt_tokens={f.usage.prompt_tokens} completion_tokens={f.usage.completion_tokens}]",
                     file=sys.stderr,
+                    flush=True,
                 )
     finally:
         stop_waiting()

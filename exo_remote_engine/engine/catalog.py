@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 
 REPO_PREFIX = "exo-remote/"
-_PROVIDER_NAMES = {
+PROVIDER_NAMES = {
     "openai": "OpenAI",
     "anthropic": "Anthropic",
     "gemini": "Gemini",
@@ -40,9 +40,14 @@ def repo_for(alias: str) -> str:
 
 
 def pretty_name(model: pb.Model) -> str:
-    base = model.display_name if model.display_name and model.display_name != model.alias else (_titled(model.alias))
-    provider = _PROVIDER_NAMES.get(model.provider, model.provider.title() or "Remote")
+    base = base_name(model.alias, model.display_name)
+    provider = PROVIDER_NAMES.get(model.provider, model.provider.title() or "Remote")
     return base if provider.lower() in base.lower() else f"{base} ({provider})"
+
+
+def base_name(alias: str, display_name: str | None) -> str:
+    """A readable name without the provider: the sidecar's display name, or the alias titled."""
+    return display_name if display_name and display_name != alias else _titled(alias)
 
 
 def _titled(alias: str) -> str:
@@ -73,3 +78,36 @@ class RemoteCatalog:
 
     def age_s(self) -> float:
         return time.monotonic() - self.fetched_at if self.fetched_at else float("inf")
+
+    def summary(self, address: str) -> str:
+        """One short start-up line: the ready models by name, the rest counted by what
+        would make them ready (a sidecar with discovery on may list ~70 hosted models)."""
+        ready = [alias for alias, m in self.models.items() if m.ready]
+        waiting: dict[str, int] = {}
+        for m in self.models.values():
+            if not m.ready:
+                reason = m.not_ready_reason or "not ready"
+                waiting[reason] = waiting.get(reason, 0) + 1
+        shown = ", ".join(a + (" (default)" if a == self.default_id else "") for a in ready[:SUMMARY_NAMES])
+        if len(ready) > SUMMARY_NAMES:
+            shown += f", and {len(ready) - SUMMARY_NAMES} more"
+        line = f"sidecar {address} serves {_count(len(ready), 'ready model')}" + (f": {shown}" if ready else "")
+        if waiting:
+            top = sorted(waiting.items(), key=lambda item: -item[1])
+            reasons = "; ".join(f"{_clip(reason)}: {n}" for reason, n in top[:SUMMARY_REASONS])
+            if len(top) > SUMMARY_REASONS:
+                reasons += f"; {len(top) - SUMMARY_REASONS} other reasons"
+            line += f"; {sum(waiting.values())} more not ready ({reasons}; `exo-remote models` lists them)"
+        return line
+
+
+SUMMARY_NAMES = 8
+SUMMARY_REASONS = 3
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

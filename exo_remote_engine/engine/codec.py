@@ -11,7 +11,9 @@ Codec v1 id layout (ids are non-negative int32; half-open ranges, decimal values
     0                            never produced (decodes to "")
     1                            EOS_ID (exo needs a non-zero EOS; decodes to "")
     2                            CONTROL_END_ID: ends a control payload (decodes to "")
-    3 .. 15                      reserved (decode to "")
+    3                            STEP_ID: the value of a :class:`Step` (see below); never on
+                                 the wire, decodes to "" on its own
+    4 .. 15                      reserved (decode to "")
     [16, 1114128)                one code point: chr(id - 16), any of U+0000..U+10FFFF
                                  (lone surrogates included)
     [1114128, 2097152)           reserved
@@ -42,6 +44,16 @@ JSON) that plain text decoding drops: they, EOS, CONTROL_END, reserved and out-o
 ids (0, negative, above MAX_ID, non-integers) all decode to "" instead of raising, because
 exo may hand any int to its tokenizer's decode.
 
+Steps: exo's loop moves one int per turn and counts turns against --max-generate-tokens,
+so one id per few characters let exo cut long non-Latin replies (one CJK character per
+id) and capped streaming speed. The engine hands exo one :class:`Step` per turn instead:
+an ``int`` (value STEP_ID, or EOS_ID for the last turn) that carries the ids of
+everything the provider sent since the previous turn. Steps live only inside the engine's
+process (exo keeps the object exo's ``sample`` returned: ``ndarray.item()`` of an object
+array); before ids cross to a peer, :func:`expand` replaces each step by its ids, so the
+wire carries plain codec ids and every other process decodes them statelessly. Decoding
+here (decode_ids, StreamDecoder) expands steps itself.
+
 Encoding is greedy: at each position take the class that consumes the most characters
 (LOWER up to 6, ASCII up to 4, else one code point); ties go to LOWER. Any valid encoding
 decodes correctly, so the greedy choice is a density policy, not part of the wire format.
@@ -59,17 +71,22 @@ __all__ = [
     "CONTROL_END_ID",
     "EOS_ID",
     "MAX_ID",
+    "STEP_ID",
+    "Step",
     "StreamDecoder",
     "decode_id",
     "decode_ids",
     "encode_control",
     "encode_text",
+    "expand",
 ]
 
 EOS_ID = 1
 """End of sequence; exo treats 0 as no token, so EOS must be non-zero."""
 CONTROL_END_ID = 2
 """Terminates a control payload (see encode_control)."""
+STEP_ID = 3
+"""The int value of a non-final :class:`Step`; "" when decoded without its ids."""
 
 _CP_BASE = 16
 _CP_END = _CP_BASE + 0x110000
@@ -161,6 +178,39 @@ def encode_text(text: str) -> list[int]:
     return [_chunk_id(chunk) for chunk in _SPLIT.findall(text)]
 
 
+class Step(int):
+    """One turn of exo's token loop carrying any number of ids (a whole delta or more).
+
+    Its int value is what exo compares and counts: EOS_ID when the ids end with EOS (so exo
+    stops), else STEP_ID. Only the engine's process ever holds one (see the module doc).
+    """
+
+    ids: tuple[int, ...]
+
+    def __new__(cls, ids: Iterable[int]) -> Step:
+        carried = tuple(ids)
+        step = super().__new__(cls, EOS_ID if carried and carried[-1] == EOS_ID else STEP_ID)
+        step.ids = carried
+        return step
+
+    def __reduce__(self) -> tuple[type[Step], tuple[tuple[int, ...]]]:
+        return (Step, (self.ids,))
+
+    def __repr__(self) -> str:
+        return f"Step({len(self.ids)} ids{', EOS' if self == EOS_ID else ''})"
+
+
+def expand(tokens: Iterable[object]) -> list[int]:
+    """The wire form of tokens: each Step replaced by the ids it carries, in order."""
+    out: list[int] = []
+    for token in tokens:
+        if isinstance(token, Step):
+            out.extend(token.ids)
+        else:
+            out.append(token if type(token) is int else _as_int(token))
+    return out
+
+
 def decode_id(token_id: int) -> str:
     """Text of one id: whole code points, "" for EOS, control, reserved or invalid ids."""
     if type(token_id) is not int:  # numpy ints from exo, or garbage
@@ -175,8 +225,8 @@ def decode_id(token_id: int) -> str:
 
 
 def decode_ids(ids: Iterable[int]) -> str:
-    """Concatenated text of ids; control, EOS and unknown ids contribute nothing."""
-    return "".join(map(decode_id, ids))
+    """Concatenated text of ids (steps expanded); control, EOS and unknown ids contribute nothing."""
+    return "".join(map(decode_id, expand(ids)))
 
 
 def encode_control(payload: bytes) -> list[int]:
@@ -216,11 +266,10 @@ class StreamDecoder:
         self._payload: bytearray | None = None
 
     def feed(self, ids: Iterable[int]) -> list[str | bytes]:
-        """Decode ids; adjacent text is merged, each payload is emitted at its CONTROL_END."""
+        """Decode ids (steps expanded); adjacent text is merged, each payload is emitted at its CONTROL_END."""
         out: list[str | bytes] = []
         text: list[str] = []
-        for raw in ids:
-            token_id = raw if type(raw) is int else _as_int(raw)
+        for token_id in expand(ids):
             if token_id == CONTROL_END_ID:
                 if text:
                     out.append("".join(text))

@@ -156,9 +156,11 @@ class RemoteChatHandler:
         shard = build_base_shard(self.exo_id, self.api.inference_engine_classname)
         if shard is None:
             return error_response(RemoteError(Reason.MODEL_NOT_FOUND, f"unknown model {self.exo_id!r}"))
-        if self.api.on_chat_completion_request:  # exo's TUI shows the prompt
+        if self.api.on_chat_completion_request:  # exo's TUI shows the user's last message
             with contextlib.suppress(Exception):
-                text = " ".join(str(m.get("content", "")) for m in messages if m.get("role") == "user")
+                from exo_remote_engine.engine.tokenizer import PromptEnvelope
+
+                text = PromptEnvelope(messages=list(messages)).last_user_text()
                 self.api.on_chat_completion_request(self.request_id, None, text)
         stream = bool(body.get("stream"))
         options = body.get("stream_options") or {}

@@ -4,7 +4,7 @@ exo hands the engine one opaque string, the output of ``apply_chat_template``. F
 remote model that string is an *envelope*: the structured conversation, tools and
 request parameters as JSON behind a marker, so the provider receives real messages and
 never a flattened template. Ids are the stateless :mod:`codec`'s, so any process decodes
-any other's output.
+any other's output; ``decode`` also expands the engine's :class:`~codec.Step` turns.
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ class PromptEnvelope:
             params=dict(body.get("params") or {}),
         )
 
+    def last_user_text(self) -> str:
+        """The last user message as a person reads it (exo's TUI prompt panel): its text,
+        text parts joined, other parts named."""
+        for message in reversed(self.messages):
+            if message.get("role") == "user":
+                return _readable(message.get("content"))
+        return ""
+
     def chat_body(self) -> dict[str, Any]:
         """The envelope as an OpenAI chat-completions body (for openai_wire)."""
         body: dict[str, Any] = dict(self.params)
@@ -64,7 +72,7 @@ class RemoteTokenizer:
         return codec.encode_text(text)
 
     def decode(self, tokens: Iterable[int] | Any, **_: Any) -> str:
-        return codec.decode_ids(int(t) for t in _flatten(tokens))
+        return codec.decode_ids(_flatten(tokens))
 
     def apply_chat_template(
         self,
@@ -82,6 +90,20 @@ class RemoteTokenizer:
         )
         text = envelope.dumps()
         return self.encode(text) if tokenize else text
+
+
+def _readable(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return "" if content is None else str(content)
+    parts = []
+    for part in content:
+        if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+            parts.append(part["text"])
+        elif isinstance(part, Mapping):
+            parts.append(f"[{str(part.get('type') or 'part').replace('_url', '')}]")
+    return " ".join(parts)
 
 
 def _plain(message: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from exo_remote_engine.engine import codec
 from exo_remote_engine.engine.codec import (
     CONTROL_END_ID,
     EOS_ID,
@@ -381,3 +383,24 @@ def test_stream_decoder_ignores_eos_and_invalid_ids() -> None:
     ids = [EOS_ID, 0, -5, MAX_ID + 1, *encode_text("ok"), EOS_ID]
     assert StreamDecoder().feed(ids) == ["ok"]
     assert StreamDecoder().feed([]) == []
+
+
+def test_a_step_is_one_int_for_exo_and_all_its_ids_for_decoders() -> None:
+    text = "一个完整的增量 with ASCII, עברית and 🦊"
+    step = codec.Step(codec.encode_text(text))
+    last = codec.Step([*codec.encode_control(b'{"type":"finished"}'), codec.EOS_ID])
+    assert step == codec.STEP_ID and last == codec.EOS_ID, "exo compares the int value with EOS"
+    assert codec.decode_id(step) == "", "without its ids a step is no text"
+    assert codec.decode_ids([step, last]) == text
+    wire = codec.expand([step, 7 + 16, last])
+    assert all(type(i) is int for i in wire) and wire[-1] == codec.EOS_ID
+    assert codec.decode_ids(wire) == text + chr(7)
+    pieces = codec.StreamDecoder().feed([step, last])
+    assert pieces == [text, b'{"type":"finished"}']
+
+    import numpy as np
+
+    held = np.empty((1, 1), dtype=object)
+    held[0, 0] = step
+    assert held.reshape(-1)[-1:].item() is step, "exo's token.item() keeps the object"
+    assert copy.deepcopy(step).ids == step.ids and copy.deepcopy(step) == step

@@ -26,6 +26,9 @@ from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import SidecarProcess, free_port, start_sidecar_process
 
 SLOW_CHUNKS = [f"t{i} " for i in range(3000)]
+STORY = ["Once ", "upon a time, ", "a 🦊 met ", "a 狐狸."]
+# 20,000 CJK characters in 4-character deltas (distinct: LiteLLM aborts on 100 identical ones).
+CJK_CHUNKS = ["".join(chr(0x4E00 + (4 * i + j) % 20_000) for j in range(4)) for i in range(5_000)]
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,8 @@ class Shard:  # the fields exo's Shard has
 @pytest.fixture(scope="module")
 def upstream_thread() -> Iterator[OpenAIUpstream]:
     scenarios = {
-        "story": Scenario(chunks=["Once ", "upon a time, ", "a 🦊 met ", "a 狐狸."], usage=(9, 4)),
+        "story": Scenario(chunks=STORY, usage=(9, 4)),
+        "cjk": Scenario(chunks=CJK_CHUNKS),
         # Distinct chunks: LiteLLM aborts a stream after 100 identical ones.
         "slow": Scenario(chunks=SLOW_CHUNKS, interval_s=0.01),
         "limited": Scenario(status=429, retry_after="0", error_message=f"slow down {PLANTED_KEY}"),
@@ -59,7 +63,8 @@ def sidecar_process(
     upstream_thread: OpenAIUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SidecarProcess]:
     workdir = tmp_path_factory.mktemp("engine")
-    config = write_proxy_config(workdir / "config.yaml", upstream_thread.url, ["story", "slow", "limited", "echo"])
+    aliases = ["story", "slow", "limited", "echo", "cjk"]
+    config = write_proxy_config(workdir / "config.yaml", upstream_thread.url, aliases)
     sidecar = start_sidecar_process(config, workdir / "sidecar.log", env={"TEST_UPSTREAM_KEY": PLANTED_KEY})
     yield sidecar
     sidecar.stop()
@@ -88,13 +93,14 @@ async def drive(
     max_tokens: int = 10_000,
     pause_after: int | None = None,
 ) -> list[int]:
-    """exo's Node.process_prompt / process_inference_result loop for a one-node ring."""
+    """exo's Node.process_prompt / process_inference_result loop for a one-node ring:
+    returns exo's buffer (one item per loop turn, as exo appends ``token.item()``)."""
     result, state = await engine.infer_prompt(request_id, shard, prompt, {})
     ids: list[int] = []
     while True:
         token = await engine.sample(result, temp=0.0)
         await engine.ensure_shard(shard)
-        ids.append(int(token.item()))
+        ids.append(token.item())
         finished = ids[-1] == engine.tokenizer.eos_token_id or len(ids) >= max_tokens
         engine.on_token(request_id, [ids[-1]], finished)
         if finished or (pause_after is not None and len(ids) >= pause_after):
@@ -109,12 +115,15 @@ def _events(ids: list[int]) -> tuple[str, list[dict[str, Any]]]:
 
 
 async def test_ids_decode_in_another_tokenizer_instance_with_eos_last(engine: RemoteLLMInferenceEngine) -> None:
-    ids = await drive(engine, "r1", Shard("story"), _prompt("Tell me a story"))
-    assert ids[-1] == codec.EOS_ID != 0
-    assert ids.count(codec.EOS_ID) == 1
+    steps = await drive(engine, "r1", Shard("story"), _prompt("Tell me a story"))
+    assert steps[-1] == codec.EOS_ID != 0
+    ids = codec.expand(steps)  # what a peer receives
+    assert ids[-1] == codec.EOS_ID and ids.count(codec.EOS_ID) == 1
+    assert all(type(i) is int for i in ids)
     expected = "Once upon a time, a 🦊 met a 狐狸."
     assert RemoteTokenizer().decode(ids) == expected, "a second instance decodes the same text"
     assert RemoteTokenizer().decode(np.array(ids)) == expected
+    assert RemoteTokenizer().decode(steps) == expected, "exo's own buffer (the TUI) decodes too"
     text, events = _events(ids)
     assert text == expected
     assert events == [
@@ -125,10 +134,36 @@ async def test_ids_decode_in_another_tokenizer_instance_with_eos_last(engine: Re
             "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
         }
     ]
-    text_ids = [i for i in ids if codec.decode_id(i)]
-    chunks = ["Once ", "upon a time, ", "a 🦊 met ", "a 狐狸."]
-    assert len(text_ids) <= sum(len(codec.encode_text(c)) for c in chunks), "packed at least per chunk"
+    assert len(steps) <= len(STORY) + 2, "at most one loop turn per delta, plus finish and EOS"
+    boundaries = {"".join(STORY[:n]) for n in range(len(STORY) + 1)}
+    for n in range(1, len(steps) + 1):
+        assert RemoteTokenizer().decode(steps[:n]) in boundaries, "a turn carries whole deltas"
     assert not engine._generations, "a finished request leaves nothing behind"
+
+
+async def test_20000_cjk_characters_fit_exo_default_token_budget(engine: RemoteLLMInferenceEngine) -> None:
+    """exo's default --max-generate-tokens (10,000) counts loop turns: a turn per delta (or
+    more), never per character, so 20,000 characters in 5,000 deltas end with EOS."""
+    steps = await drive(engine, "r8", Shard("cjk"), _prompt("write"), max_tokens=10_000)
+    assert steps[-1] == codec.EOS_ID, f"cut after {len(steps)} turns"
+    assert len(steps) <= len(CJK_CHUNKS) + 2
+    text, events = _events(codec.expand(steps))
+    assert text == "".join(CJK_CHUNKS) and len(text) == 20_000
+    assert events[-1]["finish_reason"] == "stop"
+
+
+async def test_a_backlog_goes_to_exo_in_one_turn(engine: RemoteLLMInferenceEngine) -> None:
+    """When the provider is ahead of exo's loop, the next turn carries everything pending."""
+    result, _ = await engine.infer_prompt("r9", Shard("story"), _prompt("Tell me a story"), {})
+    first = (await engine.sample(result)).item()
+    generation = engine._generations["r9"]
+    assert generation._task is not None
+    await asyncio.wait_for(asyncio.shield(generation._task), timeout=30)  # the stream is all read
+    result, _ = await engine.infer_tensor("r9", Shard("story"), np.array([[first]], dtype=object))
+    rest = (await engine.sample(result)).item()
+    assert rest == codec.EOS_ID, "the rest, the finish event and EOS in one turn"
+    text, events = _events(codec.expand([first, rest]))
+    assert text == "".join(STORY) and [e["type"] for e in events] == ["finished"]
 
 
 async def test_parameters_from_the_envelope_reach_the_provider(
@@ -144,7 +179,7 @@ async def test_exo_max_tokens_finish_cancels_the_upstream(
 ) -> None:
     ids = await drive(engine, "r3", Shard("slow"), _prompt("go"), max_tokens=5)
     stopped = time.monotonic()
-    assert len(ids) == 5 and codec.EOS_ID not in ids
+    assert len(ids) == 5 and codec.EOS_ID not in codec.expand(ids)
     record = await asyncio.to_thread(upstream_thread.wait_closed_sync, "slow", 5)
     assert record.client_disconnected and record.ended_at - stopped < 1.0
 
@@ -193,10 +228,29 @@ async def test_sidecar_killed_mid_stream_ends_the_request_without_duplicates(
         os.kill(sidecar.process.pid, signal.SIGKILL)
         while ids[-1] != codec.EOS_ID:
             result, _ = await eng.infer_tensor("r7", Shard("slow"), np.array([[ids[-1]]]))
-            ids.append(int(result.item()))
-        text, events = _events(ids)
+            ids.append(result.item())
+        text, events = _events(codec.expand(ids))
         assert text and "".join(SLOW_CHUNKS).startswith(text), "in order, nothing repeated or lost"
         assert events[-1]["type"] == "error" and events[-1]["reason"] in ("SIDECAR_UNAVAILABLE", "CANCELLED")
     finally:
         await eng.close()
         sidecar.stop()
+
+
+async def test_a_backlog_over_the_step_limit_is_split_in_order_without_loss() -> None:
+    """A step carries at most STEP_MAX_CHARS characters (one bounded SendResult message);
+    a larger backlog takes more turns, nothing lost or reordered, deltas joined."""
+    from exo_remote_engine.contract.errors import Reason, RemoteError
+    from exo_remote_engine.engine_adapter import STEP_MAX_CHARS, _Generation
+
+    generation = _Generation("b1", RemoteError(Reason.INTERNAL, "no upstream in this test"), client=None)  # type: ignore[arg-type]
+    generation._segments.clear()
+    generation.finished = False
+    for chunk in CJK_CHUNKS:  # 20,000 characters waiting when exo pulls
+        generation._push_text(chunk)
+    generation._push_ids(codec.encode_control(b'{"type":"finished"}'))
+    generation._finish()
+    first, second = await generation.next_step(), await generation.next_step()
+    assert first == codec.STEP_ID and second == codec.EOS_ID
+    assert len(codec.decode_ids([first])) == STEP_MAX_CHARS
+    assert codec.StreamDecoder().feed([first, second]) == ["".join(CJK_CHUNKS), b'{"type":"finished"}']

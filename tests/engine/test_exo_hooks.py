@@ -16,11 +16,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from exo_remote_engine import engine_adapter
-from exo_remote_engine.engine import exo_hooks
+from exo_remote_engine.engine import codec, exo_hooks
 from exo_remote_engine.engine.catalog import RemoteCatalog, pretty_name, repo_for
 from exo_remote_engine.engine.cluster import REMOTE_NODE_LABEL, ClusterView, remote_chip, remote_sidecar
 from exo_remote_engine.engine.exo_argv import ADDON_FLAGS, engine_requested, strip_addon_flags
-from exo_remote_engine.engine.exo_hooks import api, callbacks, device, download, inference, node, partitioning, peers
+from exo_remote_engine.engine.exo_hooks import api, device, download, inference, node, partitioning, peers, tui
 from exo_remote_engine.engine.exo_hooks.plan import Needs, Patch, PatchPlan, Target, bind
 from exo_remote_engine.engine.exo_hooks.state import STATE, current_model
 from exo_remote_engine.engine.target import SidecarTarget
@@ -102,7 +102,12 @@ def test_install_on_a_remote_node_patches_every_target_and_uninstall_restores_ex
         exo["exo.orchestration.node"].get_inference_engine is exo["exo.inference.inference_engine"].get_inference_engine
     )
     assert exo["exo.api.chatgpt_api"].resolve_tokenizer is exo["exo.inference.tokenizers"].resolve_tokenizer
-    assert "hooks not installed" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "hooks not installed" not in err
+    assert (  # the start-up line: ready models named, the rest counted by reason
+        f"exo-remote: sidecar {SIDECAR} serves 2 ready models: echo-model (default), gpt-4o-mini; 1 more not "
+        "ready (set ANTHROPIC_API_KEY on the sidecar: 1; `exo-remote models` lists them)\n"
+    ) in err
     exo_hooks.uninstall()
     assert _snapshot(exo) == before
 
@@ -412,13 +417,30 @@ async def test_broadcast_keeps_tokens_in_order() -> None:
     assert len(received) < 5, "what arrived meanwhile went out as one batch"
 
 
+async def test_broadcast_sends_the_ids_a_step_carries() -> None:
+    """A step (one loop turn of the remote engine) only means something in its own process:
+    peers get plain codec ids, which their own tokenizer decodes."""
+    received: list[list[int]] = []
+
+    async def exo_broadcast(self: Any, request_id: str, result: list[int], is_finished: bool) -> None:
+        received.append(result)
+
+    text_step = codec.Step(codec.encode_text("漢字 and more"))
+    end_step = codec.Step([*codec.encode_control(b"{}"), codec.EOS_ID])
+    await node.ordered_broadcast_result(exo_broadcast, None, "req", [text_step], False)
+    await node.ordered_broadcast_result(exo_broadcast, None, "req", [end_step], True)
+    wire = [t for batch in received for t in batch]
+    assert all(type(t) is int for t in wire) and wire[-1] == codec.EOS_ID
+    assert codec.decode_ids(wire) == "漢字 and more" and len(wire) > 2
+
+
 def test_trigger_all_gives_each_callback_its_own_list(exo: dict[str, types.ModuleType]) -> None:
     system = exo["exo.helpers"].AsyncCallbackSystem()
     got: dict[str, list[int]] = {}
     system.register("tui").on_next(lambda rid, tokens, done: tokens.extend([99]))
     system.register("api").on_next(lambda rid, tokens, done: got.setdefault("api", tokens))
     tokens = [1, 2]
-    callbacks.trigger_all(None, system, "req", tokens, False)
+    tui.trigger_all(None, system, "req", tokens, False)
     assert got["api"] == [1, 2] and tokens == [1, 2]
 
 
@@ -502,7 +524,17 @@ async def test_model_list_shows_readiness(remote_api: TestClient) -> None:
 
 async def test_tinychat_initial_list_is_truthful(remote_api: TestClient) -> None:
     initial = await (await remote_api.get("/initial_models")).json()
-    assert initial["echo-model"] == api.ready_entry(initial["echo-model"]["name"])
+    assert initial["echo-model"] == {
+        "name": "Echo Model",  # readable, and without the provider: the sidebar group names it
+        "provider": "OpenAI",
+        "family": "Echo",
+        "downloaded": True,
+        "download_percentage": api.REMOTE_PERCENTAGE,
+        "total_size": 0,
+        "total_downloaded": 0,
+        "loading": False,
+    }
+    assert (initial["gpt-4o-mini"]["provider"], initial["gpt-4o-mini"]["family"]) == ("OpenAI", "GPT")
     assert initial["gpt-4o-mini"]["loading"] is False and initial["gpt-4o-mini"]["downloaded"] is True
     assert "claude-x" not in initial, "not ready: not downloadable, left out"
     pool_text = await (await remote_api.get("/modelpool")).text()
@@ -514,6 +546,17 @@ async def test_tinychat_initial_list_is_truthful(remote_api: TestClient) -> None
     # the remote marker is neither, as JavaScript compares a non-numeric string (NaN).
     assert initial["echo-model"]["download_percentage"] == api.REMOTE_PERCENTAGE
     assert not api.REMOTE_PERCENTAGE.replace(".", "", 1).isdigit()
+
+
+async def test_tinychat_page_gets_the_addon_script_after_exo_own(remote_api: TestClient) -> None:
+    reply = await remote_api.get("/")
+    assert reply.status == 200 and reply.content_type == "text/html"
+    page = await reply.text()
+    exo_script = page.index('<script src="/index.js"></script>')
+    ours = page.index('<script id="exo-remote-tinychat">')
+    assert exo_script < ours, "after exo's component is registered"
+    assert 'const config = {"default_model": "echo-model"};' in page, "the node's default remote model"
+    assert "groupModelsByPrefix" in page and "provider" in page
 
 
 async def test_download_and_delete_of_remote_models_are_clear_400s(remote_api: TestClient) -> None:

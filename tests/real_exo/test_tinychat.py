@@ -28,6 +28,8 @@ from tests.support.processes import (
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 READY = ["echo-model", "gpt-4o-mini"]
+# Listed and ready (a key is configured) but never asked: the upstream speaks OpenAI only.
+ANTHROPIC = "claude-3-5-haiku"
 LOAD_TO_READY_S = 2.0  # exo's bug kept a ready model "Checking download status..." for 15 s
 
 
@@ -60,6 +62,11 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExoNode]:
             for name in (*spec.key_envs, spec.base_env):
                 mp.delenv(name, raising=False)
         config = write_proxy_config(workdir / "config.yaml", upstream.url, READY)
+        with config.open("a") as extra:
+            extra.write(
+                f"  - model_name: {ANTHROPIC}\n    litellm_params:\n      model: anthropic/{ANTHROPIC}\n"
+                f"      api_base: {upstream.url}\n      api_key: os.environ/TEST_UPSTREAM_KEY\n"
+            )
         sidecar = start_sidecar_process(
             config,
             workdir / "sidecar.log",
@@ -72,7 +79,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExoNode]:
                 workdir,
                 "t",
                 sidecar.address,
-                wait_models=READY,
+                wait_models=[*READY, ANTHROPIC],
             )
             yield exo_node
         finally:
@@ -129,10 +136,16 @@ def _shot(page: Any, tmp_path: Path, name: str) -> Path:
 
 
 def _expand(page: Any, model_id: str) -> Any:
-    """Open tinychat's group and subgroup of ``model_id`` (named by its id's first two parts)."""
-    main, sub = [*model_id.split("-"), "OTHER"][:2]
-    page.locator(".model-group-header", has_text=main.upper()).first.click()
-    page.locator(".model-subgroup-header", has_text=sub.upper()).first.click()
+    """Open the sidebar group and subgroup of ``model_id``: a remote model's provider and
+    family (the add-on's grouping), and return its option."""
+    entry = _models(page)[model_id]
+    main, sub = entry["provider"], entry["family"]
+    state = "Alpine.$data(document.querySelector('main'))"
+    if not page.evaluate(f"() => {state}.isGroupExpanded({json.dumps(main)})"):
+        page.locator(".model-group-header", has_text=main).first.click()
+    if not page.evaluate(f"() => {state}.isGroupExpanded({json.dumps(main)}, {json.dumps(sub)})"):
+        group = page.locator(".model-group", has=page.locator(".model-group-header", has_text=main)).first
+        group.locator(".model-subgroup-header", has_text=sub).first.click()
     return page.locator(".model-option", has=page.locator(".model-name", has_text=_name(page, model_id)))
 
 
@@ -176,7 +189,8 @@ def test_not_ready_models_are_left_out_and_remote_ones_offer_no_download_or_dele
     page.wait_for_function("() => Object.keys(Alpine.$data(document.querySelector('main')).models).length > 0")
     time.sleep(0.5)  # and its events have been handled
     state = _models(page)
-    assert set(state) == set(READY), f"tinychat lists only models usable now, not {sorted(set(state) - set(READY))}"
+    usable = {*READY, ANTHROPIC}
+    assert set(state) == usable, f"tinychat lists only models usable now, not {sorted(set(state) - usable)}"
     for model_id in READY:
         option = _expand(page, model_id)
         # Rendering lags on a busy box: wait (widely) for the state instead of sampling it once.
@@ -202,3 +216,39 @@ def test_a_reply_is_rendered(node: ExoNode, page: Any, tmp_path: Path, model_id:
     page.wait_for_function("() => !Alpine.$data(document.querySelector('main')).generating", timeout=30_000)
     assert page.locator(".toast-error-message").is_hidden()
     _shot(page, tmp_path, f"tinychat-reply-{model_id}")
+
+
+def test_remote_models_are_grouped_by_provider_and_the_default_is_selected(
+    node: ExoNode, page: Any, tmp_path: Path
+) -> None:
+    """tinychat's own grouping put each remote model in a family named after its id and
+    started with llama-3.2-1b selected, which a remote-only node cannot run (issue #27, #22)."""
+    page.goto(f"{node.api}/", wait_until="load")
+    page.wait_for_function("() => Object.keys(Alpine.$data(document.querySelector('main')).models).length > 0")
+    page.wait_for_function("() => Alpine.$data(document.querySelector('main')).cstate.selectedModel !== 'llama-3.2-1b'")
+    state = "Alpine.$data(document.querySelector('main'))"
+    selected = page.evaluate(f"() => {state}.cstate.selectedModel")
+    assert selected == "echo-model", "the node's default remote model (the sidecar's first model)"
+    groups = page.evaluate(f"() => JSON.parse(JSON.stringify({state}.groupModelsByPrefix({state}.models)))")
+    assert {g: {f: sorted(m) for f, m in fams.items()} for g, fams in groups.items()} == {
+        "OpenAI": {"Echo": ["echo-model"], "GPT": ["gpt-4o-mini"]},
+        "Anthropic": {"Claude": [ANTHROPIC]},
+    }
+    headers = page.locator(".model-group-header .group-header-content > span:first-child").all_inner_texts()
+    assert sorted(headers) == ["Anthropic", "OpenAI"], headers
+    names = {"gpt-4o-mini": "GPT 4o Mini", ANTHROPIC: "Claude 3 5 Haiku", "echo-model": "Echo Model"}
+    for model_id, name in names.items():
+        option = _expand(page, model_id)
+        assert option.locator(".model-name").inner_text() == name
+    assert "selected" in (_expand(page, "echo-model").get_attribute("class") or ""), "the selection is shown"
+    shown = page.locator(".input-performance-point .monospace").first
+    page.wait_for_function("el => el.innerText === 'Echo Model'", arg=shown.element_handle(), timeout=10_000)
+    shot = _shot(page, tmp_path, "tinychat-provider-groups")
+    assert shot.stat().st_size > 0
+    # Sending before picking a model goes to the default remote model, not to llama-3.2-1b.
+    page.locator("#input-form").fill("hello without picking a model")
+    page.locator("#input-form").press("Enter")
+    page.locator(".message-role-assistant", has_text="echo: hello without picking a model").wait_for(timeout=30_000)
+    page.wait_for_function(f"() => !{state}.generating", timeout=30_000)
+    assert page.locator(".toast-error-message").is_hidden()
+    _shot(page, tmp_path, "tinychat-default-model-reply")

@@ -14,6 +14,7 @@ import sys
 import types
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -27,6 +28,7 @@ PACKAGES = (
     "exo.networking.grpc",
     "exo.orchestration",
     "exo.api",
+    "exo.viz",
 )
 
 
@@ -339,6 +341,11 @@ class ChatGPTAPI:
         self.app.router.add_get("/modelpool", self.handle_model_support)
         self.app.router.add_post("/download", self.handle_post_download)
         self.app.router.add_delete("/models/{model_name}", self.handle_delete_model)
+        self.static_dir = STATIC_DIR
+        self.app.router.add_get("/", self.handle_root)
+
+    async def handle_root(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(self.static_dir / "index.html")
 
     async def handle_post_chat_completions(self, request: web.Request) -> web.Response:
         models = sys.modules["exo.models"]
@@ -392,6 +399,40 @@ class ChatGPTAPI:
         await self.token_queues[request_id].put((tokens, is_finished))
 
 
+# tinychat's page as exo ships it, reduced to what the add-on's hook relies on.
+STATIC_DIR = Path(__file__).parent / "fake_tinychat"
+
+
+# --- exo.viz.topology_viz ----------------------------------------------------------------
+class TopologyViz:
+    """exo's TUI: a prompt panel fed by ``update_prompt`` and a 100 x 48 ring canvas with a
+    three-line entry per partition ("label NGB", TFLOPS, layer range); here each entry sits
+    at a fixed place, and a ring line is drawn over its label's first character, as exo's
+    lines can be."""
+
+    def __init__(self, chatgpt_api_endpoints: Any = (), web_chat_urls: Any = ()) -> None:
+        self.topology = Topology({})
+        self.partitions: list[Partition] = []
+        self.requests: dict[str, list[Any]] = {}
+
+    def update_prompt(self, request_id: str, prompt: str | None = None) -> None:
+        self.requests[request_id] = [prompt, self.requests.get(request_id, ["", ""])[1]]
+
+    def _generate_main_layout(self) -> str:
+        canvas = [[" "] * 100 for _ in range(48)]
+        for i, partition in enumerate(self.partitions):
+            caps = self.topology.nodes[partition.node_id]
+            y, x = 10 + 12 * i, 4 + 50 * i
+            span = f"[{partition.start:.2f}-{partition.end:.2f}]"
+            lines = [f"{caps.model} {caps.memory // 1024}GB", "0.0TFLOPS", span]
+            for j, line in enumerate(lines):
+                for k, char in enumerate(line):
+                    if x + k < 100:
+                        canvas[y + j][x + k] = char
+            canvas[y][x] = "-"
+        return "\n".join("".join(row) for row in canvas)
+
+
 def build_modules() -> dict[str, types.ModuleType]:
     """Fresh fake exo modules (module name -> module), by-value copies included."""
     modules = {name: _module(name) for name in PACKAGES}
@@ -434,6 +475,7 @@ def build_modules() -> dict[str, types.ModuleType]:
     modules["exo.api.chatgpt_api"] = _module(
         "exo.api.chatgpt_api", ChatGPTAPI=_copy_class(ChatGPTAPI), resolve_tokenizer=resolve_tokenizer
     )
+    modules["exo.viz.topology_viz"] = _module("exo.viz.topology_viz", TopologyViz=_copy_class(TopologyViz))
     return modules
 
 

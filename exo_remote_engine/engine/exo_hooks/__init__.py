@@ -25,12 +25,16 @@ original as its first argument:
 * ``api``: ``ChatGPTAPI.__init__`` and its chat-completions, models, topology,
   initial-models, download and delete handlers (OpenAI answers for remote models under
   their own ids, ``gpt-*`` too; 404 for unknown ids on a remote node; truthful tinychat);
-* ``callbacks``: ``AsyncCallbackSystem.trigger_all`` (exo bug: callbacks share one list).
+* ``tui``: ``AsyncCallbackSystem.trigger_all`` (exo bug: callbacks share one list, which
+  the TUI's buffer extends); ``TopologyViz.update_prompt`` (the prompt panel shows the
+  user's last message, not the envelope) and ``_generate_main_layout`` (each sidecar host's
+  health under a remote node's entry).
 
 What changes for local models on a node with the add-on (everything else is exo's):
 their rings never include a remote node (model-aware partitioning); tokens are broadcast
 to peers in order by one sender per request, batched while a send is in flight; every
-``on_token`` callback gets its own copy of the token list; a node without tinygrad
+``on_token`` callback gets its own copy of the token list; the TUI's prompt panel and
+ring drawing go through the ``tui`` hooks (unchanged for local models); a node without tinygrad
 describes itself with psutil instead of failing. ``EXO_REMOTE_DISABLE=1`` runs exo as
 shipped.
 """
@@ -42,7 +46,7 @@ import os
 import sys
 
 from exo_remote_engine.engine.exo_argv import ADDON_FLAGS, ENGINE_NAME, engine_requested, strip_addon_flags
-from exo_remote_engine.engine.exo_hooks import api, callbacks, device, download, inference, node, partitioning, state
+from exo_remote_engine.engine.exo_hooks import api, device, download, inference, node, partitioning, state, tui
 from exo_remote_engine.engine.exo_hooks.cards import forget_cards, load_model_cards_at_startup
 from exo_remote_engine.engine.exo_hooks.plan import PatchPlan
 from exo_remote_engine.engine.settings import EngineSettings
@@ -62,9 +66,9 @@ def build_plan(remote_node: bool) -> PatchPlan:
         *partitioning.PATCHES,
         *node.every_node_patches(),
         *api.PATCHES,
-        *callbacks.PATCHES,
+        *tui.PATCHES,
     ]
-    needs = [*partitioning.NEEDS, *node.NEEDS, *api.NEEDS, *callbacks.NEEDS, *device.NEEDS]
+    needs = [*partitioning.NEEDS, *node.NEEDS, *api.NEEDS, *tui.NEEDS, *device.NEEDS]
     if remote_node:
         patches += [*inference.ENGINE_PATCHES, *device.REMOTE_PATCHES, *download.PATCHES, *node.REMOTE_PATCHES]
         needs += download.NEEDS

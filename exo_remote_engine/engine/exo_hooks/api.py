@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -29,6 +30,7 @@ from exo_remote_engine.engine.catalog import pretty_name
 from exo_remote_engine.engine.exo_hooks.cards import refresh_catalog, remote_models_here
 from exo_remote_engine.engine.exo_hooks.plan import Needs, Patch, Target
 from exo_remote_engine.engine.exo_hooks.state import STATE
+from exo_remote_engine.engine.tinychat import page_with_addon, sidebar_fields
 from exo_remote_engine.engine_adapter import ENGINE_CLASS_NAME, RemoteLLMInferenceEngine
 
 CHATGPT_API = "exo.api.chatgpt_api"
@@ -157,21 +159,33 @@ async def get_topology(original: Any, self: Any, request: web.Request) -> web.St
 REMOTE_PERCENTAGE = "remote"
 
 
-def ready_entry(name: str) -> dict[str, Any]:
-    """tinychat's fields for a remote model that is usable now: no size, nothing to fetch."""
+def ready_entry(api: Any, exo_id: str) -> dict[str, Any]:
+    """tinychat's fields for a remote model that is usable now: no size, nothing to fetch;
+    provider, family and a readable name for the sidebar (see :mod:`~..tinychat`)."""
+    engine = local_remote_engine(api)
     return {
-        "name": name,
         "downloaded": True,
         "download_percentage": REMOTE_PERCENTAGE,
         "total_size": 0,
         "total_downloaded": 0,
         "loading": False,
+        **sidebar_fields(exo_id, engine.catalog.get(exo_id) if engine is not None else None),
     }
 
 
-async def initial_models(original: Any, self: Any, request: web.Request) -> web.StreamResponse:
-    from exo.models import get_pretty_name
+async def root_page(original: Any, self: Any, request: web.Request) -> web.StreamResponse:
+    """exo's tinychat page plus the add-on's script: remote models grouped by provider, and
+    the node's default remote model selected instead of tinychat's ``llama-3.2-1b``."""
+    try:
+        html = (Path(self.static_dir) / "index.html").read_text(encoding="utf-8")
+    except (AttributeError, OSError, UnicodeDecodeError):
+        return await original(self, request)
+    engine = local_remote_engine(self)
+    default = self.default_model if engine is not None and engine.catalog.get(self.default_model) else None
+    return web.Response(text=page_with_addon(html, default), content_type="text/html", charset="utf-8")
 
+
+async def initial_models(original: Any, self: Any, request: web.Request) -> web.StreamResponse:
     engine = local_remote_engine(self)
     if engine is not None:
         await refresh_catalog(engine)
@@ -183,22 +197,20 @@ async def initial_models(original: Any, self: Any, request: web.Request) -> web.
         if not ready:
             listing.pop(exo_id, None)
         elif exo_id in listing:
-            listing[exo_id] = ready_entry(get_pretty_name(exo_id) or exo_id)
+            listing[exo_id] = ready_entry(self, exo_id)
     return web.json_response(listing)
 
 
 async def model_pool(original: Any, self: Any, request: web.Request) -> web.StreamResponse:
     """tinychat's ``/modelpool`` on a remote node: its ready remote models, as
     ``/initial_models`` has them (exo's would turn them back into deletable downloads)."""
-    from exo.models import get_pretty_name
-
     if local_remote_engine(self) is None:
         return await original(self, request)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     for exo_id, ready in remote_models_here(self.node).items():
         if ready:
-            entry = ready_entry(get_pretty_name(exo_id) or exo_id)
+            entry = ready_entry(self, exo_id)
             await response.write(f"data: {json.dumps({exo_id: entry})}\n\n".encode())
     await response.write(b"data: [DONE]\n\n")
     return response
@@ -252,7 +264,6 @@ NEEDS = [
         ),
     ),
     Needs(Target("exo.models", "model_cards")),
-    Needs(Target("exo.models", "get_pretty_name"), params=("model_id",)),
     Needs(Target("exo.models", "build_base_shard"), params=("model_id", "inference_engine_classname")),
     Needs(Target("exo", "VERSION")),
 ]
@@ -265,4 +276,5 @@ PATCHES = [
     Patch(_api("handle_model_support"), model_pool, ("request",)),
     Patch(_api("handle_post_download"), post_download, ("request",)),
     Patch(_api("handle_delete_model"), delete_model, ("request",)),
+    Patch(_api("handle_root"), root_page, ("request",)),
 ]

@@ -98,8 +98,7 @@ def load_model_cards_at_startup() -> None:
             )
             return
     sync_model_cards(engine)
-    names = ", ".join(engine.catalog.models) or "none"
-    print(f"exo-remote: sidecar {engine.target.address} serves: {names}", file=sys.stderr)
+    print(f"exo-remote: {engine.catalog.summary(engine.target.address)}", file=sys.stderr)
 
 
 async def refresh_catalog(engine: RemoteLLMInferenceEngine, force: bool = False) -> None:

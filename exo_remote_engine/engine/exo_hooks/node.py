@@ -10,7 +10,9 @@ On every add-on node:
 * the ring methods run with their shard's model as :data:`~.state.current_model`;
 * ``broadcast_result``: exo sends each token from its own task, so a peer (a relaying
   node) could receive them reordered; one sender per request now keeps them in order and
-  sends what arrived meanwhile as one batch. This applies to local models too.
+  sends what arrived meanwhile as one batch, with the remote engine's steps expanded into
+  plain codec ids (a step is one loop turn carrying a whole delta, only meaningful in its
+  own process). This applies to local models too (batching; they have no steps).
 
 On a remote node only, ``get_supported_inference_engines`` / ``select_best_inference_engine``
 keep exo from announcing tinygrad and swapping the remote engine out once a peer joins.
@@ -22,6 +24,7 @@ import asyncio
 import logging
 from typing import Any
 
+from exo_remote_engine.engine import codec
 from exo_remote_engine.engine.cluster import ClusterView
 from exo_remote_engine.engine.exo_argv import ENGINE_NAME
 from exo_remote_engine.engine.exo_hooks import peers
@@ -154,7 +157,7 @@ async def ordered_broadcast_result(
         await original(self, request_id=request_id, result=result, is_finished=is_finished)
         return
     tokens, finished = STATE.outbox.get(request_id, ([], False))
-    STATE.outbox[request_id] = (tokens + result, finished or is_finished)
+    STATE.outbox[request_id] = (tokens + codec.expand(result), finished or is_finished)
     if request_id in STATE.sending:
         return  # the running sender takes these next, after what it is sending now
     STATE.sending.add(request_id)
