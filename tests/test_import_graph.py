@@ -25,7 +25,7 @@ LAYERS: dict[str, set[str]] = {
     f"{ROOT}.engine": {f"{ROOT}.contract", f"{ROOT}.engine_adapter"},
     f"{ROOT}.engine_adapter": {f"{ROOT}.contract", f"{ROOT}.engine"},
     f"{ROOT}._startup": {f"{ROOT}.engine"},
-    f"{ROOT}.cli": {f"{ROOT}.contract", f"{ROOT}.engine", f"{SIDECAR}.config", f"{SIDECAR}.ledger"},
+    f"{ROOT}.cli": {f"{ROOT}.contract", f"{ROOT}.engine", f"{SIDECAR}.config", f"{SIDECAR}.ledger", f"{SIDECAR}.embedded"},
     f"{SIDECAR}.config": {f"{ROOT}.contract"},
     f"{SIDECAR}.telemetry": {f"{ROOT}.contract"},
     f"{SIDECAR}.transports": {f"{ROOT}.contract", f"{SIDECAR}.config", f"{SIDECAR}.telemetry"},
