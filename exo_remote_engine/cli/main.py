@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import itertools
 import os
-import sqlite3
 import sys
 import time
 import uuid
@@ -29,6 +28,8 @@ from exo_remote_engine.cli.doctor import add_arguments as add_doctor_arguments
 from exo_remote_engine.cli.doctor import run as run_doctor
 from exo_remote_engine.cli.topology_view import DEFAULT_API, positive_seconds
 from exo_remote_engine.cli.topology_view import run as run_topology
+from exo_remote_engine.cli.usage_view import render_usage as render_usage
+from exo_remote_engine.cli.usage_view import run_local_usage, run_remote_usage
 from exo_remote_engine.contract.addresses import AddressError, sidecar_target
 from exo_remote_engine.contract.errors import RemoteError
 from exo_remote_engine.contract.openai_chat import FINISH_REASON_NAMES, chat_body_to_request
@@ -103,49 +104,6 @@ def _span(seconds: float) -> str:
     hours, minutes = divmod(minutes, 60)
     days, hours = divmod(hours, 24)
     return f"{days}d {hours}h" if days else f"{hours}h {minutes}m"
-
-
-def render_usage(
-    state_dir: Path, node: str | None, since: str | None, now: float | None = None, database: str | None = None
-) -> str:
-    """Spend, tokens and requests per node and model, read from the ledger file itself:
-    operators run this on the sidecar host, and it works while the sidecar is down. With
-    ``database`` (the sidecars' ``--database``), every host's spend from PostgreSQL."""
-    from exo_remote_engine.sidecar.config.loader import duration_seconds
-
-    start = (now or time.time()) - duration_seconds(since) if since else 0.0
-    if database is not None:
-        from exo_remote_engine.sidecar.ledger.shared_services import display_url
-        from exo_remote_engine.sidecar.ledger.spend_database import check_database_url, fetch_usage
-
-        found = asyncio.run(fetch_usage(check_database_url(database), start, node))
-        source = display_url(database)
-    else:
-        from exo_remote_engine.sidecar.ledger.spend import Ledger
-
-        ledger = Ledger.open(state_dir, readonly=True)
-        try:
-            found = ledger.usage(start, node)
-        finally:
-            ledger.close()
-        source = str(ledger.path)
-    header = ("NODE", "MODEL", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "SPEND USD")
-    rows = [header]
-    unpriced = 0
-    for r in found:
-        if r.unpriced_requests == r.requests:
-            spend = "unknown"  # never shown as 0: nothing says those requests were free
-        else:
-            spend = f"{r.cost_usd:.6f}" + (f" (+{r.unpriced_requests} unpriced)" if r.unpriced_requests else "")
-        unpriced += r.unpriced_requests
-        rows.append((r.node, r.alias, f"{r.requests:,}", f"{r.prompt_tokens:,}", f"{r.completion_tokens:,}", spend))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    total = sum(r.cost_usd for r in found)
-    lines.append(f"(total ${total:.6f} since {'the start' if not since else since + ' ago'}; {source})")
-    if unpriced:
-        lines.append(f"{unpriced} requests used models without a known price: their cost is not in these sums")
-    return "\n".join(lines)
 
 
 async def _models(target: SidecarTarget, refresh: bool, show_all: bool) -> int:
@@ -302,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, help="sampling temperature (default: the provider's)")
     usage = command(
         "usage",
-        "spend, tokens and requests per node and model, read on the sidecar host from its ledger (or every "
-        "host's with --database); it asks no sidecar, so --sidecar is refused",
+        "spend, tokens and requests per node and model: this host's ledger, every host's with --database, "
+        "or with --sidecar that sidecar's (admin only: EXO_REMOTE_TOKEN must be its master_key)",
     )
     usage.add_argument("--node", help="only this node (default: every node)")
     usage.add_argument("--since", help="only the last DURATION, e.g. 24h, 7d, 1mo (default: everything)")
@@ -335,29 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "usage":
-        if getattr(args, "sidecar", None):
-            print(
-                "exo-remote: usage reads this host's ledger, not a sidecar's: --sidecar would not change what it "
-                "shows. Run it on the sidecar host (--state-dir DIR for its --state-dir), or pass --database URL "
-                "(the sidecars' --database) for every host's spend",
-                file=sys.stderr,
-            )
-            return 2
-        from exo_remote_engine.sidecar.config.loader import ConfigError
-        from exo_remote_engine.sidecar.config.variables import Environment
-        from exo_remote_engine.sidecar.ledger.spend import default_state_dir
-
-        database = args.database or (None if args.state_dir else Environment().get("EXO_REMOTE_DATABASE"))
-        try:
-            print(render_usage(args.state_dir or default_state_dir(), args.node, args.since, database=database))
-        except (OSError, ValueError, sqlite3.Error, ConfigError) as exc:
-            print(f"exo-remote: usage: {redact(str(exc))}", file=sys.stderr)
-            return 1
-        except Exception as exc:  # the database driver's errors (asyncpg is imported lazily)
-            print(f"exo-remote: usage: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
-            return 1
-        return 0
+    if args.command == "usage" and not getattr(args, "sidecar", None):
+        return run_local_usage(args)
     # The sidecar redacts what it sends; this process redacts against its own keys too
     # (it often runs where they are) before printing an error or a listing.
     SECRETS.add_environment(os.environ)
@@ -373,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "doctor":
         return run_doctor(args, target, None)
     try:
+        if args.command == "usage":
+            return asyncio.run(run_remote_usage(target, args))
         if args.command == "topology":
             # Each remote node names its own sidecar; the environment gives token and TLS.
             return run_topology(args.api, args.timeout, target, ascii_only=args.ascii, width=args.width)

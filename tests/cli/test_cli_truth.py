@@ -1,7 +1,7 @@
 """Commands that tell the truth (issue #22 §2), each run as a subprocess: ``chat`` never
 leaves a reply to run to the context limit (a default --max-tokens, said in its help),
-``usage`` refuses ``--sidecar`` (it reads this host's ledger, whatever sidecar is named),
-and ``models`` on a no-config sidecar with discovery on shows the ready models and one
+``usage --sidecar`` shows that sidecar's ledger over an RPC for its master key only, and
+``models`` on a no-config sidecar with discovery on shows the ready models and one
 line per not-ready reason, ``--all`` every model."""
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from tests.support.processes import REPO, SidecarProcess, start_sidecar_process
 NO_KEYS = {name: "" for name in os.environ if name.endswith("_API_KEY")}
 
 
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, timeout: float = 120, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXO_REMOTE_")}
-    env.update({"PYTHONPATH": str(REPO), "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    env.update({"PYTHONPATH": str(REPO), "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env_extra or {})})
     done = subprocess.run(
         [sys.executable, "-m", "exo_remote_engine.cli", *args],
         capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, check=False,
@@ -67,18 +67,50 @@ def test_chat_sends_its_default_max_tokens_and_says_so(upstream_sidecar: tuple[O
     assert bad.returncode == 2 and "must be 0 or more" in bad.stderr
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("where", ["before", "after"])
-def test_usage_refuses_sidecar_clearly(tmp_path: Path, where: str) -> None:
-    flag = ["--sidecar", "10.1.2.3:50505"]
-    args = [*flag, "usage"] if where == "before" else ["usage", *flag]
-    done = cli(*args, "--state-dir", str(tmp_path))
-    assert done.returncode == 2 and done.stdout == ""
-    assert "usage reads this host's ledger, not a sidecar's" in done.stderr
-    assert "--database URL" in done.stderr
-    # Without the flag it goes on to read this host's ledger (none here, and it says so).
-    plain = cli("usage", "--state-dir", str(tmp_path))
-    assert "not a sidecar's" not in plain.stderr and "no spend database at" in plain.stderr
+MASTER = "sk-master-usage-0123456789"
+NODE_TOKEN = "node-usage-token-0123456789"
+
+
+def cli_as(token: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    return cli(*args, env_extra={"EXO_REMOTE_TOKEN": token} if token else {})
+
+
+@pytest.mark.timeout(240)
+def test_usage_over_the_admin_rpc_for_the_master_key_only(tmp_path: Path) -> None:
+    with OpenAIUpstream.in_thread() as upstream:
+        config = write_proxy_config(tmp_path / "config.yaml", upstream.url, ["m"])
+        config.write_text(config.read_text() + f"general_settings:\n  master_key: {MASTER}\n")
+        tokens = tmp_path / "tokens"
+        tokens.write_text(f"laptop {NODE_TOKEN}\n")
+        tokens.chmod(0o600)
+        env = {"TEST_UPSTREAM_KEY": PLANTED_KEY, "EXO_REMOTE_STATE_DIR": str(tmp_path)}
+        sidecar = start_sidecar_process(
+            config, tmp_path / "sidecar.log", env=env, extra_args=["--token-file", str(tokens)]
+        )
+        try:
+            assert cli_as(NODE_TOKEN, "--sidecar", sidecar.address, "chat", "--max-tokens", "5", "hi").returncode == 0
+            admin = cli_as(MASTER, "usage", "--sidecar", sidecar.address)
+            assert admin.returncode == 0, admin.stderr
+            [row] = [line.split() for line in admin.stdout.splitlines() if line.startswith("laptop ")]
+            assert row[:3] == ["laptop", "m", "1"], admin.stdout
+            assert f"{sidecar.address}: {tmp_path}" in admin.stdout, "says whose ledger it read"
+            assert MASTER not in admin.stdout + admin.stderr
+            only = cli_as(MASTER, "--sidecar", sidecar.address, "usage", "--node", "nobody", "--since", "1h")
+            assert only.returncode == 0 and "laptop" not in only.stdout
+            # A node's own token is refused, clearly; so is no token at all.
+            for token in (NODE_TOKEN, None):
+                denied = cli_as(token, "usage", "--sidecar", sidecar.address)
+                assert denied.returncode == 1 and denied.stdout == ""
+                assert "PERMISSION_DENIED" in denied.stderr or "UNAUTHENTICATED" in denied.stderr, denied.stderr
+            assert (
+                "usage is for the sidecar's admin: send its master_key as token"
+                in cli_as(NODE_TOKEN, "usage", "--sidecar", sidecar.address).stderr
+            )
+            # --sidecar asks the sidecar: a local --state-dir with it is a mistake, said so.
+            mixed = cli_as(MASTER, "usage", "--sidecar", sidecar.address, "--state-dir", str(tmp_path))
+            assert mixed.returncode == 2 and "--state-dir and --database read here" in mixed.stderr
+        finally:
+            sidecar.stop()
 
 
 @pytest.fixture(scope="module")
