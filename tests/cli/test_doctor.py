@@ -204,3 +204,50 @@ async def test_host_real_redis_and_postgresql_pass(
     assert "ok    state dir" in out
     # The config line depends on whether this machine has the embedded model; nothing else fails.
     assert code == 0 or "FAIL  config: none, and the embedded model is not here" in out, out
+
+
+@pytest.mark.timeout(240)
+async def test_a_spent_budget_fails_with_the_fix(tmp_path: Path) -> None:
+    """A node whose budget the ledger shows spent: doctor says so, and what to do."""
+    from tests.conftest import PLANTED_KEY
+    from tests.support.openai_upstream import OpenAIUpstream
+    from tests.support.processes import start_sidecar_process
+
+    async with OpenAIUpstream() as upstream:
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            "model_list:\n"
+            "  - model_name: m\n"
+            "    litellm_params:\n"
+            "      model: openai/m\n"
+            f"      api_base: {upstream.url}/v1\n"
+            "      api_key: os.environ/TEST_UPSTREAM_KEY\n"
+            "      input_cost_per_token: 0.01\n"
+            "      output_cost_per_token: 0.01\n"
+            "exo_remote_settings:\n"
+            "  nodes:\n"
+            "    laptop: {max_budget: 0.05, budget_duration: 30d}\n"
+        )
+        tokens = tmp_path / "tokens"
+        tokens.write_text(f"laptop {TOKEN}\n")
+        tokens.chmod(0o600)
+        env = {"TEST_UPSTREAM_KEY": PLANTED_KEY, "EXO_REMOTE_STATE_DIR": str(tmp_path)}
+        sidecar = await asyncio.to_thread(
+            start_sidecar_process, config, tmp_path / "s.log", env, "127.0.0.1:0", ["--token-file", str(tokens)]
+        )
+        try:
+            as_laptop = _env(EXO_REMOTE_TOKEN=TOKEN)
+            code, out = await doctor("--sidecar", sidecar.address, "--skip-exo", env=as_laptop)
+            assert code == 0 and "ok    budget: node laptop: $0.050000 left of $0.05" in out, out
+            # One request at a cent per token spends far more than five cents.
+            chat = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "exo_remote_engine.cli", "--sidecar", sidecar.address, "chat", "hello there",
+                env=as_laptop, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            assert await asyncio.wait_for(chat.wait(), 120) == 0
+            code, out = await doctor("--sidecar", sidecar.address, "--skip-exo", env=as_laptop)
+            assert code == 1
+            check = _line(out, "FAIL  budget: node laptop:")
+            assert "fix: wait for the budget to reset, or raise this node's max_budget" in check
+        finally:
+            await asyncio.to_thread(sidecar.stop)
