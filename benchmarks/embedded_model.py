@@ -43,7 +43,12 @@ import psutil
 from exo_remote_engine.contract.openai_chat import chat_body_to_request
 from exo_remote_engine.engine.client import SidecarClient
 from exo_remote_engine.engine.target import RetryPolicy, SidecarTarget
-from exo_remote_engine.sidecar.embedded.model import EmbeddedModelServer, EmbeddedModelSettings, local_model_available
+from exo_remote_engine.sidecar.embedded.model import (
+    DEFAULT_ALIAS,
+    EmbeddedModelServer,
+    EmbeddedModelSettings,
+    local_model_available,
+)
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
 READY = "exo-remote-sidecar listening on port "
@@ -207,7 +212,7 @@ def rss_of_default(workdir: Path, env: dict[str, str]) -> dict[str, float]:
         async def one() -> None:
             client = SidecarClient(SidecarTarget(address=address, retry=RetryPolicy(attempts=1)))
             body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}
-            async for _ in client.generate(chat_body_to_request(body, request_id="rss", model="gemma-3-270m")):
+            async for _ in client.generate(chat_body_to_request(body, request_id="rss", model=DEFAULT_ALIAS)):
                 pass
             await client.close()
 

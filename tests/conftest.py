@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-# Sidecars started by tests keep their spend ledger here, never in the user's data dir.
-os.environ.setdefault("EXO_REMOTE_STATE_DIR", tempfile.mkdtemp(prefix="exo-remote-test-state-"))
+# Sidecars started by tests keep their spend ledger here, never in the user's data dir. The
+# folder is this run's: removed when pytest exits (a state dir given by the caller is kept).
+if "EXO_REMOTE_STATE_DIR" not in os.environ:
+    _STATE_DIR = tempfile.mkdtemp(prefix="exo-remote-test-state-")
+    os.environ["EXO_REMOTE_STATE_DIR"] = _STATE_DIR
+    atexit.register(shutil.rmtree, _STATE_DIR, ignore_errors=True)
 
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path

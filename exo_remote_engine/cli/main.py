@@ -4,7 +4,8 @@
 ``exo-remote chat "Hi"`` streams a reply to stdout and the finish reason and usage to stderr;
 ``exo-remote topology`` draws an exo cluster's nodes from its API, asking each remote node's
 sidecar directly; ``exo-remote usage`` prints spend, tokens and requests per node and model
-from the sidecar's ledger. The sidecar address, token and TLS files come from the same
+from the sidecar's ledger; ``exo-remote doctor`` checks a node or (``--host``) the sidecar
+host, each failure with its fix. The sidecar address, token and TLS files come from the same
 environment variables the exo side reads.
 """
 
@@ -14,7 +15,6 @@ import argparse
 import asyncio
 import itertools
 import os
-import sqlite3
 import sys
 import time
 import uuid
@@ -24,8 +24,12 @@ from pathlib import Path
 from typing import TextIO
 
 from exo_remote_engine.cli.connection_hints import sidecar_hint
+from exo_remote_engine.cli.doctor import add_arguments as add_doctor_arguments
+from exo_remote_engine.cli.doctor import run as run_doctor
 from exo_remote_engine.cli.topology_view import DEFAULT_API, positive_seconds
 from exo_remote_engine.cli.topology_view import run as run_topology
+from exo_remote_engine.cli.usage_view import render_usage as render_usage
+from exo_remote_engine.cli.usage_view import run_local_usage, run_remote_usage
 from exo_remote_engine.contract.addresses import AddressError, sidecar_target
 from exo_remote_engine.contract.errors import RemoteError
 from exo_remote_engine.contract.openai_chat import FINISH_REASON_NAMES, chat_body_to_request
@@ -43,9 +47,9 @@ def _tokens(model: pb.Model, name: str) -> str:
     return f"{getattr(model, name):,}" if model.HasField(name) else "?"
 
 
-def render_models(response: pb.ListModelsResponse) -> str:
-    """The sidecar's warnings, ready models as a table, and the others grouped under what
-    would make them ready."""
+def render_models(response: pb.ListModelsResponse, show_all: bool = False) -> str:
+    """The sidecar's warnings, ready models as a table, and the others as one line per
+    reason (what would make them ready) with a count; ``show_all`` lists each of them."""
     header = ("MODEL", "PROVIDER", "CONTEXT", "MAX OUT", "TOOLS", "IMAGES")
     rows = [header]
     waiting: dict[str, list[str]] = {}
@@ -77,12 +81,22 @@ def render_models(response: pb.ListModelsResponse) -> str:
             f"budget of node {b.node}: ${b.remaining_usd:.6f} left of ${b.max_usd:g} (spent ${b.spent_usd:.6f}{resets})"
         )
     if waiting:
+        total = sum(len(aliases) for aliases in waiting.values())
+        by_size = sorted(waiting.items(), key=lambda item: -len(item[1]))
         lines.append("")
-        lines.append("not ready:")
-        for reason, aliases in waiting.items():
-            shown = ", ".join(aliases[:4]) + (f", ... ({len(aliases)} models)" if len(aliases) > 4 else "")
-            lines.append(f"  {reason}: {shown}")
+        if show_all:
+            lines.append(f"{total} not ready:")
+            for reason, aliases in by_size:
+                lines.append(f"  {reason}:")
+                lines += [f"    {alias}" for alias in aliases]
+        else:
+            lines.append(f"{total} more not ready (exo-remote models --all lists them):")
+            lines += [f"  {reason}: {_count(len(aliases), 'model')}" for reason, aliases in by_size]
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _span(seconds: float) -> str:
@@ -92,53 +106,10 @@ def _span(seconds: float) -> str:
     return f"{days}d {hours}h" if days else f"{hours}h {minutes}m"
 
 
-def render_usage(
-    state_dir: Path, node: str | None, since: str | None, now: float | None = None, database: str | None = None
-) -> str:
-    """Spend, tokens and requests per node and model, read from the ledger file itself:
-    operators run this on the sidecar host, and it works while the sidecar is down. With
-    ``database`` (the sidecars' ``--database``), every host's spend from PostgreSQL."""
-    from exo_remote_engine.sidecar.config.loader import duration_seconds
-
-    start = (now or time.time()) - duration_seconds(since) if since else 0.0
-    if database is not None:
-        from exo_remote_engine.sidecar.ledger.shared_services import display_url
-        from exo_remote_engine.sidecar.ledger.spend_database import check_database_url, fetch_usage
-
-        found = asyncio.run(fetch_usage(check_database_url(database), start, node))
-        source = display_url(database)
-    else:
-        from exo_remote_engine.sidecar.ledger.spend import Ledger
-
-        ledger = Ledger.open(state_dir, readonly=True)
-        try:
-            found = ledger.usage(start, node)
-        finally:
-            ledger.close()
-        source = str(ledger.path)
-    header = ("NODE", "MODEL", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "SPEND USD")
-    rows = [header]
-    unpriced = 0
-    for r in found:
-        if r.unpriced_requests == r.requests:
-            spend = "unknown"  # never shown as 0: nothing says those requests were free
-        else:
-            spend = f"{r.cost_usd:.6f}" + (f" (+{r.unpriced_requests} unpriced)" if r.unpriced_requests else "")
-        unpriced += r.unpriced_requests
-        rows.append((r.node, r.alias, f"{r.requests:,}", f"{r.prompt_tokens:,}", f"{r.completion_tokens:,}", spend))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    total = sum(r.cost_usd for r in found)
-    lines.append(f"(total ${total:.6f} since {'the start' if not since else since + ' ago'}; {source})")
-    if unpriced:
-        lines.append(f"{unpriced} requests used models without a known price: their cost is not in these sums")
-    return "\n".join(lines)
-
-
-async def _models(target: SidecarTarget, refresh: bool) -> int:
+async def _models(target: SidecarTarget, refresh: bool, show_all: bool) -> int:
     client = SidecarClient(target)
     try:
-        print(redact(render_models(await client.list_models(refresh=refresh))))
+        print(redact(render_models(await client.list_models(refresh=refresh), show_all)))
     finally:
         await client.close()
     return 0
@@ -178,7 +149,7 @@ async def _chat(target: SidecarTarget, args: argparse.Namespace) -> int:
         body: dict[str, object] = {"messages": [{"role": "user", "content": args.prompt}]}
         if args.system:
             body["messages"] = [{"role": "system", "content": args.system}, *body["messages"]]  # type: ignore[misc]
-        if args.max_tokens:
+        if args.max_tokens > 0:
             body["max_tokens"] = args.max_tokens
         if args.temperature is not None:
             body["temperature"] = args.temperature
@@ -225,6 +196,19 @@ environment (the same variables the exo side reads):
 """
 
 
+DEFAULT_CHAT_MAX_TOKENS = 1024  # a reply is never left to run to the context limit
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def sidecar_flag(text: str) -> str:
     """argparse type for ``--sidecar``: host[:port] (the port defaulting to 50505), a list
     of IP addresses, an ipv4:/ipv6: list or dns:///name:port."""
@@ -251,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The same flag after the command; SUPPRESS keeps a value given before it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--sidecar", type=sidecar_flag, default=argparse.SUPPRESS, help=sidecar_help)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{models,chat,usage,topology}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{models,chat,usage,topology,doctor}")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         return sub.add_parser(
@@ -267,13 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--refresh", action="store_true", help="ask the sidecar to rediscover its models first (default: off)"
     )
+    models.add_argument(
+        "--all", action="store_true", help="list every model that is not ready, not one line per reason (default: off)"
+    )
     chat = command("chat", "stream one reply to stdout; finish reason and usage go to stderr")
     chat.add_argument("prompt", help="the user message")
     chat.add_argument("--model", help="model alias (default: the sidecar's default model)")
     chat.add_argument("--system", help="a system message sent before the prompt (default: none)")
-    chat.add_argument("--max-tokens", type=int, help="cap on the reply's tokens (default: the provider's)")
+    chat.add_argument(
+        "--max-tokens",
+        type=_non_negative,
+        default=DEFAULT_CHAT_MAX_TOKENS,
+        help=f"cap on the reply's tokens; 0 leaves it to the provider, which may run to the model's context "
+        f"limit (default: {DEFAULT_CHAT_MAX_TOKENS})",
+    )
     chat.add_argument("--temperature", type=float, help="sampling temperature (default: the provider's)")
-    usage = command("usage", "spend, tokens and requests per node and model, read on the sidecar host")
+    usage = command(
+        "usage",
+        "spend, tokens and requests per node and model: this host's ledger, every host's with --database, "
+        "or with --sidecar that sidecar's (admin only: EXO_REMOTE_TOKEN must be its master_key)",
+    )
     usage.add_argument("--node", help="only this node (default: every node)")
     usage.add_argument("--since", help="only the last DURATION, e.g. 24h, 7d, 1mo (default: everything)")
     usage.add_argument(
@@ -294,43 +291,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     topology.add_argument("--ascii", action="store_true", help="plain ASCII boxes (default: off)")
     topology.add_argument("--width", type=int, help="columns (default: the terminal's, else 100)")
+    doctor = command(
+        "doctor", "check this node's way to the sidecar (or, with --host, the sidecar host); exit 1 on a failure"
+    )
+    add_doctor_arguments(doctor)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "usage":
-        from exo_remote_engine.sidecar.config.loader import ConfigError
-        from exo_remote_engine.sidecar.config.variables import Environment
-        from exo_remote_engine.sidecar.ledger.spend import default_state_dir
-
-        database = args.database or (None if args.state_dir else Environment().get("EXO_REMOTE_DATABASE"))
-        try:
-            print(render_usage(args.state_dir or default_state_dir(), args.node, args.since, database=database))
-        except (OSError, ValueError, sqlite3.Error, ConfigError) as exc:
-            print(f"exo-remote: usage: {redact(str(exc))}", file=sys.stderr)
-            return 1
-        except Exception as exc:  # the database driver's errors (asyncpg is imported lazily)
-            print(f"exo-remote: usage: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
-            return 1
-        return 0
+    if args.command == "usage" and not getattr(args, "sidecar", None):
+        return run_local_usage(args)
     # The sidecar redacts what it sends; this process redacts against its own keys too
     # (it often runs where they are) before printing an error or a listing.
     SECRETS.add_environment(os.environ)
     try:
         target = SidecarTarget.from_env()
     except (AddressError, OSError) as exc:
+        if args.command == "doctor":
+            return run_doctor(args, None, str(exc))
         print(f"exo-remote: {exc}", file=sys.stderr)
         return 2
     if getattr(args, "sidecar", None):
         target = replace(target, address=args.sidecar)
+    if args.command == "doctor":
+        return run_doctor(args, target, None)
     try:
+        if args.command == "usage":
+            return asyncio.run(run_remote_usage(target, args))
         if args.command == "topology":
             # Each remote node names its own sidecar; the environment gives token and TLS.
             return run_topology(args.api, args.timeout, target, ascii_only=args.ascii, width=args.width)
         if args.command == "models":
-            return asyncio.run(_models(target, args.refresh))
+            return asyncio.run(_models(target, args.refresh, args.all))
         return asyncio.run(_chat(target, args))
     except RemoteError as exc:
         print(f"exo-remote: {exc.reason.value}: {redact(str(exc))}", file=sys.stderr)

@@ -257,6 +257,16 @@ class SidecarClient:
         except grpc.RpcError as exc:
             raise _error_from(exc) from None
 
+    async def get_usage(self, node: str = "", since_s: float = 0.0, timeout_s: float = 10.0) -> pb.GetUsageResponse:
+        """The sidecar's spend per node and model (admin only: the master key's token)."""
+        try:
+            response: pb.GetUsageResponse = await self._stub().GetUsage(
+                pb.GetUsageRequest(node=node, since_seconds=since_s), timeout=timeout_s, metadata=self.target.metadata()
+            )
+            return response
+        except grpc.RpcError as exc:
+            raise _error_from(exc) from None
+
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         """Stream events; retried only while nothing has been received."""
         policy = self.target.retry

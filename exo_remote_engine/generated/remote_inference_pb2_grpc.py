@@ -52,6 +52,11 @@ class RemoteInferenceServiceStub(object):
                 request_serializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/exo.remote.v1.RemoteInferenceService/GetUsage',
+                request_serializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class RemoteInferenceServiceServicer(object):
@@ -86,6 +91,16 @@ class RemoteInferenceServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """GetUsage returns spend, tokens and requests per node and model from this sidecar's
+        ledger (exo-remote usage --sidecar). Admin only: the caller must authenticate with
+        the config's master_key; any other caller gets PERMISSION_DENIED, since a node's
+        token must not read every node's spend.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RemoteInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -103,6 +118,11 @@ def add_RemoteInferenceServiceServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.ListWorkersRequest.FromString,
                     response_serializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.GetUsageRequest.FromString,
+                    response_serializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -189,6 +209,33 @@ class RemoteInferenceService(object):
             '/exo.remote.v1.RemoteInferenceService/ListWorkers',
             exo__remote__engine_dot_generated_dot_remote__inference__pb2.ListWorkersRequest.SerializeToString,
             exo__remote__engine_dot_generated_dot_remote__inference__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exo.remote.v1.RemoteInferenceService/GetUsage',
+            exo__remote__engine_dot_generated_dot_remote__inference__pb2.GetUsageRequest.SerializeToString,
+            exo__remote__engine_dot_generated_dot_remote__inference__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

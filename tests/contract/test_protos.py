@@ -247,7 +247,10 @@ def test_service_descriptor_under_the_newest_runtime() -> None:
     assert service.full_name == SERVICE
     assert pb.DESCRIPTOR.package == "exo.remote.v1"
     methods = {m.name: m for m in service.methods}
-    assert set(methods) == {"ListModels", "Generate", "ListWorkers"}
+    assert set(methods) == {"ListModels", "Generate", "ListWorkers", "GetUsage"}
+    get_usage = methods["GetUsage"]
+    assert get_usage.output_type.full_name == "exo.remote.v1.GetUsageResponse"
+    assert (get_usage.client_streaming, get_usage.server_streaming) == (False, False)
     list_workers = methods["ListWorkers"]
     assert list_workers.output_type.full_name == "exo.remote.v1.ListWorkersResponse"
     assert (list_workers.client_streaming, list_workers.server_streaming) == (False, False)
@@ -283,6 +286,7 @@ def test_generated_stub_uses_the_right_call_shapes() -> None:
         f"/{SERVICE}/ListModels": "unary_unary",
         f"/{SERVICE}/Generate": "unary_stream",
         f"/{SERVICE}/ListWorkers": "unary_unary",
+        f"/{SERVICE}/GetUsage": "unary_unary",
     }
 
 

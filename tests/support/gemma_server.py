@@ -40,7 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from exo_remote_engine.sidecar.embedded import llamacpp_child
+from exo_remote_engine.sidecar.embedded import llamacpp_child, packaged
 from exo_remote_engine.sidecar.embedded import model as embedded_model
 
 __all__ = [
@@ -60,7 +60,7 @@ CACHE_ENV_VAR = "EXO_REMOTE_CACHE"
 HOST = "127.0.0.1"
 READY_PREFIX = "READY"
 
-_MODEL_PACKAGE = embedded_model.MODEL_PACKAGE
+_MODEL_PACKAGE = packaged.GEMMA_PACKAGE
 _SERVER_PACKAGE = embedded_model.SERVER_PACKAGE
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 # The child is the product's own launcher: the tests serve the model exactly as the sidecar does.
@@ -75,15 +75,15 @@ class GemmaServerError(RuntimeError):
 
 def gemma_available() -> bool:
     """Whether both the model package and xllamacpp are installed (without loading C++)."""
-    return embedded_model.local_model_available()
+    return embedded_model.local_model_available(packaged.GEMMA.alias)
 
 
 def gemma_gguf_path() -> Path | None:
-    """The assembled Gemma GGUF (see :func:`embedded_model.packaged_gguf_path`); None if
-    the packages are missing."""
+    """The assembled Gemma GGUF (see :func:`packaged.gemma_gguf_path`); None if the
+    packages are missing."""
     if not gemma_available():
         return None
-    return embedded_model.packaged_gguf_path()
+    return packaged.gemma_gguf_path()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,9 +125,7 @@ def _tail(path: Path, max_chars: int) -> str:
 class GemmaServer:
     """A running Gemma server child process. Use :func:`start_gemma_server` to create one."""
 
-    def __init__(
-        self, process: subprocess.Popen[bytes], port: int, alias: str, log_dir: Path
-    ) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], port: int, alias: str, log_dir: Path) -> None:
         self.process = process
         self.port = port
         self.alias = alias
@@ -183,8 +181,7 @@ class GemmaServer:
                 return
             if time.monotonic() >= deadline:
                 raise GemmaServerError(
-                    f"gemma server not healthy within {timeout_s:.0f} s;"
-                    f" stderr tail:\n{self.stderr_tail()}"
+                    f"gemma server not healthy within {timeout_s:.0f} s; stderr tail:\n{self.stderr_tail()}"
                 )
             time.sleep(0.1)
 
@@ -225,9 +222,7 @@ class GemmaServer:
 def _spawn(model: Path, port: int, alias: str, n_parallel: int, n_ctx: int) -> GemmaServer:
     log_dir = Path(tempfile.mkdtemp(prefix="gemma-server-"))
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(_REPO_ROOT), env.get("PYTHONPATH", "")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     cmd = [
         sys.executable,

@@ -169,6 +169,7 @@ def resolve_value(value: Any, env: Mapping[str, str], where: str, key: str, secr
 def _entry(where: str, alias: str, params: dict[str, Any], info: Mapping[str, Any]) -> ModelEntry:
     if not alias.strip():
         raise ConfigError(f"{where}: empty alias")
+    _refuse_wildcard(where, alias, str(params.get("model", "")))
     _check_params(where, params)
     _check_model_info(where, info)
     model = params.pop("model")
@@ -184,6 +185,19 @@ def _entry(where: str, alias: str, params: dict[str, Any], info: Mapping[str, An
         supports_tools=_bool_or_none(info.get("supports_function_calling")),
         supports_images=_bool_or_none(info.get("supports_vision")),
     )
+
+
+def _refuse_wildcard(where: str, alias: str, model: str) -> None:
+    """LiteLLM's proxy routes any model id to a ``*`` / ``openai/*`` entry. The sidecar
+    serves only ids it can list, check and bill, so such an entry would be taken as a model
+    literally named ``*`` that fails every request: refused here, with what to write instead."""
+    if "*" in alias or "*" in model:
+        raise ConfigError(
+            f"{where}: wildcard entries (model_name {alias!r}, model {model!r}) are not supported: the sidecar "
+            "serves only the models it names. Write one entry per model, e.g. model_name: gpt-4o-mini with "
+            "litellm_params.model: openai/gpt-4o-mini, or run without --config and let discovery list what "
+            "your keys open (exo-remote models --all)"
+        )
 
 
 def _check_params(where: str, params: Mapping[str, Any]) -> None:

