@@ -22,7 +22,16 @@ ROUTING_STRATEGIES = (
     "usage-based-routing",
     "usage-based-routing-v2",
 )
-_NODE_RULE_KEYS = ("allowed_models", "max_concurrent_streams", "rpm", "tpm", "max_budget", "budget_duration")
+_NODE_RULE_KEYS = (
+    "allowed_models",
+    "max_concurrent_streams",
+    "rpm",
+    "tpm",
+    "max_budget",
+    "budget_duration",
+    "queue_timeout",
+    "priority",
+)
 
 
 def parse_router_settings(path: Path, raw: Mapping[str, Any]) -> RouterSettings:
@@ -40,7 +49,22 @@ def parse_router_settings(path: Path, raw: Mapping[str, Any]) -> RouterSettings:
     cooldown = block.get("cooldown_time", defaults.cooldown_time_s)
     if not is_number(cooldown) or cooldown < 0:
         raise ConfigError(f"{path}: router_settings.cooldown_time must be a non-negative number of seconds")
-    return RouterSettings(str(strategy), fails, float(cooldown))
+    guards = [_seconds(path, f"router_settings.{k}", block.get(k)) for k in ("ttft_timeout", "hedge_after")]
+    return RouterSettings(str(strategy), fails, float(cooldown), *guards)
+
+
+def _seconds(path: Path, where: str, value: Any, zero: bool = False) -> float | None:
+    """A finite number of seconds, positive (or 0 when ``zero``); None when absent."""
+    if value is None:
+        return None
+    if not is_number(value) or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise ConfigError(f"{path}: {where} must be a {'non-negative' if zero else 'positive'} number of seconds")
+    return float(value)
+
+
+def parse_queue_timeout(path: Path, settings: Mapping[str, Any]) -> float:
+    """``exo_remote_settings.queue_timeout``: how long a request over a limit waits (0: not at all)."""
+    return _seconds(path, "exo_remote_settings.queue_timeout", settings.get("queue_timeout"), zero=True) or 0.0
 
 
 def parse_master_key(path: Path, raw: Mapping[str, Any], env: Mapping[str, str], secrets: set[str]) -> str | None:
@@ -139,7 +163,11 @@ def parse_node_policies(path: Path, settings: Mapping[str, Any]) -> dict[str, No
             raise ConfigError(f"{where}: allowed_models must be a list of alias patterns")
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             raise ConfigError(f"{where}: max_concurrent_streams must be a positive integer")
-        policies[str(name)] = NodePolicy(tuple(allowed), limit)
+        wait = _seconds(path, f"exo_remote_settings.nodes.{name}.queue_timeout", rules.get("queue_timeout"), zero=True)
+        priority = rules.get("priority", 0)
+        if not isinstance(priority, int) or isinstance(priority, bool) or not -100 <= priority <= 100:
+            raise ConfigError(f"{where}: priority must be an integer from -100 to 100")
+        policies[str(name)] = NodePolicy(tuple(allowed), limit, wait, priority)
     return policies
 
 

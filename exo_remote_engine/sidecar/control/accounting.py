@@ -126,6 +126,16 @@ class RequestAccount:
         """The backend tries ``entry`` (a retry or a fallback): it is what gets charged."""
         self.served = entry
 
+    def abandoned(self, entry: ModelEntry) -> None:
+        """An attempt cancelled after its prompt was sent (no first token in time, or a
+        hedge that lost): the provider bills the prompt, so the node is charged for it,
+        estimated and marked ``abandoned``, beside the attempt that served."""
+        charge = self._accounting.charge(self.request, self.node, entry, None, 0, "abandoned")
+        if self._accounting.ledger is not None:
+            self._accounting.ledger.record_soon(charge)
+            if self._accounting.database is not None:
+                self._accounting.database.kick()
+
     def wrote(self, delta: pb.Delta) -> None:
         self.chars += len(delta.text) + len(delta.reasoning_text)
         for call in delta.tool_calls:

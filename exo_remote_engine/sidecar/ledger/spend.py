@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS requests (
     completion_tokens INTEGER NOT NULL,
     cost_usd REAL,                     -- NULL: no known price
     estimated INTEGER NOT NULL,        -- 1: tokens estimated, the provider reported none
-    outcome TEXT NOT NULL,             -- completed, cancelled or failed (after output began)
+    outcome TEXT NOT NULL,             -- completed, cancelled, failed (after output began), abandoned
     pid INTEGER                        -- the sidecar process that wrote it
 );
 CREATE INDEX IF NOT EXISTS requests_node_ended ON requests (node, ended_at);

@@ -69,6 +69,7 @@ class RunningSidecar:
         self.health.set_all(False)
         await self.server.stop(grace_s)
         await self.servicer.backend.close()
+        await self.servicer.lines.close()
         await self.servicer.registry.stop()
         await self.servicer.accounting.close()  # shared state first: it copies from the ledger
         if self.servicer.accounting.ledger is not None:

@@ -68,6 +68,17 @@ class Metrics:
             registry=self.registry,
         )
         self.active = prom.Gauge("exo_remote_active_streams", "Streams in flight", registry=self.registry)
+        self.queued = prom.Gauge(
+            "exo_remote_queue_depth", "Requests waiting for capacity (control/queueing.py)", ("node",),
+            registry=self.registry,
+        )
+        self.queue_wait = prom.Histogram(
+            "exo_remote_queue_wait_seconds",
+            "Time a request waited for capacity, by outcome (admitted or refused: timed out or cancelled)",
+            ("node", "outcome"),
+            buckets=(*_LATENCY_BUCKETS, 120, 300),
+            registry=self.registry,
+        )
 
     def serve(self, host: str, port: int) -> int:
         """Start the scrape endpoint; returns the bound port."""
@@ -87,6 +98,14 @@ class Metrics:
     def limit_hit(self, node: str, limit: str) -> None:
         if prom is not None:
             self.limit_hits.labels(node, limit).inc()
+
+    def queue_depth(self, node: str, change: int) -> None:
+        if prom is not None:
+            self.queued.labels(node).inc(change)
+
+    def queue_waited(self, node: str, seconds: float, admitted: bool) -> None:
+        if prom is not None:
+            self.queue_wait.labels(node, "admitted" if admitted else "refused").observe(max(0.0, seconds))
 
     def stream(self, model: str, node: str) -> StreamRecorder:
         # Labels are ours (aliases, node names), but an alias may come from a provider's
