@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TypeVar
@@ -39,11 +40,12 @@ _RECHECK_S = 1.0  # a refusal without a Retry-After is tried again this often
 
 
 class _Waiter:
-    __slots__ = ("node", "refusal", "report", "turn")
+    __slots__ = ("node", "refusal", "refused_at", "report", "since", "turn")
 
-    def __init__(self, node: str, refusal: RemoteError) -> None:
+    def __init__(self, node: str, refusal: RemoteError, now: float) -> None:
         self.node = node
         self.refusal = refusal
+        self.refused_at = self.since = now
         loop = asyncio.get_running_loop()
         self.turn: asyncio.Future[None] = loop.create_future()
         self.report: asyncio.Future[bool] = loop.create_future()  # True: admitted
@@ -87,7 +89,7 @@ class FairQueue:
             return await admit()
         else:
             refusal = RemoteError(Reason.OVERLOADED, f"node {node!r} has requests waiting", retry_after_s=_RECHECK_S)
-        waiter = _Waiter(node, refusal)
+        waiter = _Waiter(node, refusal, self.clock())
         self._lines.setdefault(node, deque()).append(waiter)
         self._priority[node] = priority
         self._retry_at(refusal.retry_after_s)
@@ -112,27 +114,37 @@ class FairQueue:
         while True:
             remaining = deadline - self.clock()
             if remaining <= 0:
-                raise waiter.refusal
+                raise self._timed_out(waiter)
             timer = asyncio.ensure_future(self._sleep(remaining))
             try:
                 await asyncio.wait({waiter.turn, timer}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 timer.cancel()
             if not waiter.turn.done():
-                raise waiter.refusal  # the queue timeout: today's error, with its Retry-After
+                raise self._timed_out(waiter)
             waiter.turn = asyncio.get_running_loop().create_future()
             try:
                 result = await admit()
             except RemoteError as exc:
                 if exc.reason not in QUEUEABLE:
                     raise
-                waiter.refusal = exc
+                waiter.refusal, waiter.refused_at = exc, self.clock()
                 self._retry_at(exc.retry_after_s)
                 waiter.report.set_result(False)
                 waiter.report = asyncio.get_running_loop().create_future()
                 continue
             waiter.report.set_result(True)
             return result
+
+    def _timed_out(self, waiter: _Waiter) -> RemoteError:
+        """The queue timeout passed: today's refusal, its Retry-After still true."""
+        now, refusal = self.clock(), waiter.refusal
+        retry = refusal.retry_after_s
+        return dataclasses.replace(
+            refusal,
+            message=f"{refusal.message} (after waiting {now - waiter.since:.0f}s in line)",
+            retry_after_s=None if retry is None else max(0.0, retry - (now - waiter.refused_at)),
+        )
 
     def kick(self) -> None:
         """Capacity may have returned (a stream ended): waiters get their turns."""
