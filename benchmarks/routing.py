@@ -94,7 +94,8 @@ async def ttft_tail(workdir: Path, requests: int, concurrency: int = 8) -> dict[
             upstream.scenarios = _FlakyScenarios(seed=number)
             sidecars = Sidecars(workdir / f"ttft{number}")
             sidecars.tmp_path.mkdir()
-            text = "model_list:\n" + deployment("g", "m-flaky", upstream.url) + deployment("g", "m-steady", upstream.url)
+            url = upstream.url
+            text = "model_list:\n" + deployment("g", "m-flaky", url) + deployment("g", "m-steady", url)
             sidecar = await sidecars.start(text + settings, time.time)  # type: ignore[arg-type]
             client = sidecar_client(sidecar.address)
             gate = asyncio.Semaphore(concurrency)
