@@ -63,6 +63,8 @@ class ModelEntry:
     base_model: str | None = None
     input_cost_per_token: float | None = None
     output_cost_per_token: float | None = None
+    cache_read_input_token_cost: float | None = None  # LiteLLM's cost-map names
+    cache_creation_input_token_cost: float | None = None
 
     @property
     def deployment_name(self) -> str:

@@ -24,6 +24,7 @@ from exo_remote_engine.sidecar.control.limits import Clock, UsageWindows
 from exo_remote_engine.sidecar.control.shared_windows import RedisWindows
 from exo_remote_engine.sidecar.ledger.spend import Charge, Ledger, estimate_tokens
 from exo_remote_engine.sidecar.ledger.spend_database import SpendDatabase
+from exo_remote_engine.sidecar.ledger.token_cost import NO_DETAILS, TokenDetails
 from exo_remote_engine.sidecar.telemetry.metrics import Metrics
 from exo_remote_engine.sidecar.telemetry.safe_logging import safe_logger
 
@@ -100,6 +101,7 @@ class Accounting:
             completion_tokens=completion,
             estimated=estimated,
             outcome=outcome,
+            details=_details(usage) if usage is not None and not estimated else NO_DETAILS,
         )
         (self.shared_windows or self.windows).add_tokens(f"node:{node}", prompt + completion)
         self.metrics.charged(entry.alias, node, charge.cost_usd)
@@ -173,3 +175,12 @@ class RequestAccount:
             self._accounting.ledger.record_soon(charge)
             if self._accounting.database is not None:
                 self._accounting.database.kick()  # (the next poll copies it if this comes too early)
+
+
+def _details(usage: pb.Usage) -> TokenDetails:
+    """The provider's cache and reasoning counts, each clamped to the total it is part of."""
+    return TokenDetails(
+        cached_prompt_tokens=min(max(0, usage.cached_prompt_tokens), usage.prompt_tokens),
+        cache_creation_prompt_tokens=min(max(0, usage.cache_creation_prompt_tokens), usage.prompt_tokens),
+        reasoning_tokens=min(max(0, usage.reasoning_tokens), usage.completion_tokens),
+    )
