@@ -212,3 +212,44 @@ async def test_a_node_with_priority_is_served_first_in_each_round() -> None:
     await asyncio.wait_for(asyncio.gather(*tasks), 10)
     assert order[3:] == ["vip1", "a1", "b1"]
     await line.close()
+
+
+@pytest.mark.timeout(120)
+async def test_a_freed_slot_goes_to_the_waiting_victim_not_to_the_attacker_queued_before_it(
+    upstream: OpenAIUpstream, sidecars: Sidecars
+) -> None:
+    upstream.scenarios["m-hold"] = HOLD
+    text = "model_list:\n" + deployment("hold", "m-hold", upstream.url) + deployment("quick", "m-a", upstream.url)
+    text += "exo_remote_settings:\n  queue_timeout: 600\n  nodes:\n" + _nodes()
+    limits = Limits(max_concurrent_streams=16)
+    sidecar = await sidecars.start(text, FakeClock(), named_tokens=TOKENS, limits=limits)
+    clients = _clients(sidecar)
+    attacker, victim = clients["n1"], clients["n2"]
+    slots = sidecar.servicer.lines.slots
+    held = []
+    queued: list[asyncio.Task[str]] = []
+    try:
+        for node, count in (("n1", 15), ("n2", 1)):  # the cap is full: 15 + 1
+            for _ in range(count):
+                stream = clients[node].generate(chat_request("hold"))
+                await stream.__anext__()
+                held.append(stream)
+        for i in range(3):  # the attacker queues first ...
+            queued.append(asyncio.create_task(complete(attacker, "quick", f"a{i}")))
+            await _until(lambda i=i: slots.depth("n1") == i + 1, "the attacker's requests wait")
+        turn = asyncio.create_task(complete(victim, "quick", "victim"))  # ... the victim after it
+        await _until(lambda: slots.depth("n2") == 1, "the victim's request waits")
+        await held.pop(0).aclose()  # type: ignore[attr-defined]  # one attacker stream ends
+        assert await asyncio.wait_for(turn, 20) == "echo: victim"
+        assert slots.depth("n1") == 3, "the attacker, over its share, still waits"
+        for stream in held[:3]:  # more of the attacker's streams end: its line moves again
+            await stream.aclose()  # type: ignore[attr-defined]
+        assert sorted(await asyncio.wait_for(asyncio.gather(*queued), 20)) == [f"echo: a{i}" for i in range(3)]
+        held = held[3:]
+    finally:
+        for task in queued:
+            task.cancel()
+        for stream in held:
+            await stream.aclose()  # type: ignore[attr-defined]
+        for client in clients.values():
+            await client.close()
