@@ -199,7 +199,7 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
             await send(response)
 
         try:
-            alias = entry.alias
+            wait_for_room = ticket.group(entry.alias)
             async with ticket.slot():
                 with self._active(), stall:
                     async with asyncio.timeout(deadline_s):
@@ -209,7 +209,7 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
                             if (f := await self.registry.lookup(alias)) is not None and f.ready
                         ]
                         await self.backend.generate(
-                            entry, request, write, fallbacks, account.attempt, account.abandoned, ticket.group(alias)
+                            entry, request, write, fallbacks, account.attempt, account.abandoned, wait_for_room
                         )
         except TimeoutError:
             raise RemoteError(Reason.DEADLINE_EXCEEDED, f"deadline of {deadline_s:.1f}s exceeded") from None

@@ -250,8 +250,9 @@ class StreamingBackend:
             try:
                 await self._produce_once(entry, group, request, state, ttft)
             except RemoteError as exc:
-                if exc.reason is Reason.PROVIDER_TIMEOUT and not state.started and hooks.on_abandoned is not None:
-                    hooks.on_abandoned(entry)  # the provider has the prompt: it is charged
+                abandoned = ttft is not None and exc.reason is Reason.PROVIDER_TIMEOUT and not state.started
+                if abandoned and hooks.on_abandoned is not None:
+                    hooks.on_abandoned(entry)  # cut by the guard: the provider has the prompt, it is charged
                 raise
             return
 
