@@ -23,8 +23,10 @@ from typing import Any
 
 import pytest
 
+from benchmarks import routing
 from benchmarks.suite import ALL_ROWS, PROXY_VENV
 from tests.support.processes import REPO
+from tests.support.traffic import KEY_ENV
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -223,3 +225,17 @@ def test_targets_follow_from_the_figures_and_are_printed_as_recorded(suite_run: 
         mark = busy if target["pass"] is not None else ""
         line = re.compile(rf"^  {re.escape(verdict + mark)} *{re.escape(name)}: {re.escape(target['measured'])}$", re.M)
         assert line.search(out), f"target not printed as recorded: {verdict}{mark} {name}: {target['measured']}"
+
+
+# benchmarks/routing.py at a tiny size: both parts run against the real upstream and a real
+# sidecar and report sane figures; what the numbers are is the benchmark's business.
+async def test_the_routing_benchmark_runs_and_reports_every_case(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, "sk-bench-0123456789abcdef")
+    tail = await routing.ttft_tail(tmp_path, requests=12, concurrency=4)
+    assert set(tail) == set(routing.CASES)
+    for row in tail.values():
+        assert row["n"] == 12 and 0 < row["p50"] <= row["p99"] <= row["max"]
+    queued = await routing.queueing(tmp_path, burst=3)
+    assert queued["completed"] == {"n1": 3, "n2": 3} and queued["errors"] == {"n1": 0, "n2": 0}

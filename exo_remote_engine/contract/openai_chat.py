@@ -363,8 +363,10 @@ def usage_to_openai(usage: pb.Usage) -> dict[str, Any]:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
     }
-    if usage.cached_prompt_tokens:
+    if usage.cached_prompt_tokens or usage.cache_creation_prompt_tokens:
         out["prompt_tokens_details"] = {"cached_tokens": usage.cached_prompt_tokens}
+    if usage.cache_creation_prompt_tokens:  # (LiteLLM's name for Anthropic's cache writes)
+        out["prompt_tokens_details"]["cache_creation_tokens"] = usage.cache_creation_prompt_tokens
     if usage.reasoning_tokens:
         out["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
     return out

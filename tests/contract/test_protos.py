@@ -330,7 +330,7 @@ FORBIDDEN = (
     "header",
 )
 TOKEN_COUNTERS = re.compile(
-    r"^(prompt|completion|cached_prompt|reasoning|max)_tokens$|^max_output_tokens$"
+    r"^(prompt|completion|cached_prompt|cache_creation_prompt|reasoning|max)_tokens$|^max_output_tokens$"
 )
 # The only fields allowed to hold a URL: an image's URL, and the content part that holds it.
 URL_ALLOWED = {

@@ -116,6 +116,7 @@ class Scenario:
     finish_reason: str = "stop"
     usage: tuple[int, int] | None = None
     cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
     omit_usage: bool = False
     interval_s: float = 0.0
     status: int = 200
@@ -197,6 +198,8 @@ def _usage_json(scenario: Scenario, n_deltas: int) -> dict[str, Any]:
     }
     if scenario.cached_tokens is not None:
         usage["prompt_tokens_details"] = {"cached_tokens": scenario.cached_tokens}
+    if scenario.reasoning_tokens is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": scenario.reasoning_tokens}
     return usage
 
 

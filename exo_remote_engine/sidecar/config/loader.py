@@ -27,6 +27,7 @@ from exo_remote_engine.sidecar.config.sections import (
     parse_node_policies,
     parse_node_quotas,
     parse_num_retries,
+    parse_queue_timeout,
     parse_router_settings,
     reject_unknown_keys,
 )
@@ -62,12 +63,20 @@ __all__ = [
 # Top-level sections and the keys in them the sidecar acts on; anything else is named in
 # one startup warning (SidecarConfig.not_acted_on).
 _TOP_LEVEL = ("model_list", "router_settings", "litellm_settings", "general_settings", "exo_remote_settings")
-_ROUTER_SETTINGS_ACTED = ("routing_strategy", "allowed_fails", "cooldown_time", "num_retries", "fallbacks")
+_ROUTER_SETTINGS_ACTED = (
+    "routing_strategy",
+    "allowed_fails",
+    "cooldown_time",
+    "num_retries",
+    "fallbacks",
+    "ttft_timeout",
+    "hedge_after",
+)
 _LITELLM_SETTINGS_ACTED = ("num_retries", "fallbacks")
 _GENERAL_SETTINGS_ACTED = ("master_key",)
 # Every key exo_remote_settings and a node's rules may hold: anything else is a typo that
 # would otherwise silently mean "no rule" (an unrestricted node).
-_SETTINGS_KEYS = ("default_model", "nodes", "fallbacks", "num_retries")
+_SETTINGS_KEYS = ("default_model", "nodes", "fallbacks", "num_retries", "queue_timeout")
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> SidecarConfig:
@@ -117,6 +126,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         parse_node_quotas(path, settings),
         master_key,
         tuple(ignored),
+        parse_queue_timeout(path, settings),
     )
 
 

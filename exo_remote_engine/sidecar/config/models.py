@@ -29,12 +29,17 @@ _ALLOWED_MODEL_INFO = (
     "display_name",
 )
 # model_info keys acted on besides the capabilities above (LiteLLM's names).
-_PRICING_MODEL_INFO = ("id", "base_model", "input_cost_per_token", "output_cost_per_token", "mode")
+_PRICE_PARAMS = (
+    "input_cost_per_token",
+    "output_cost_per_token",
+    "cache_read_input_token_cost",
+    "cache_creation_input_token_cost",
+)
+_PRICING_MODEL_INFO = ("id", "base_model", "mode", *_PRICE_PARAMS)
 # litellm_params that configure LiteLLM's Router, not the provider call: taken out of the
 # params sent to the provider. The first three are acted on; the rest are named at startup.
-_ROUTER_PARAMS_ACTED = ("rpm", "tpm", "weight")
+_ROUTER_PARAMS_ACTED = ("rpm", "tpm", "weight", "ttft_timeout", "hedge_after")
 _ROUTER_PARAMS_IGNORED = ("order", "max_parallel_requests", "region_name", "tags")
-_PRICE_PARAMS = ("input_cost_per_token", "output_cost_per_token")
 _MODEL_INFO_TOKEN_COUNTS = ("max_input_tokens", "max_tokens", "max_output_tokens")
 _MODEL_INFO_FLAGS = ("supports_function_calling", "supports_vision")
 _TIMEOUT_PARAMS = ("timeout", "stream_timeout")
@@ -101,6 +106,10 @@ def _deployment(where: str, alias: str, params: dict[str, Any], info: Mapping[st
     weight = router.get("weight")
     if weight is not None and (not is_number(weight) or weight <= 0):
         raise ConfigError(f"{where}: litellm_params.weight must be a positive number")
+    for key in ("ttft_timeout", "hedge_after"):
+        value = router.get(key)
+        if value is not None and (not is_number(value) or not 0 < value < math.inf):
+            raise ConfigError(f"{where}: litellm_params.{key} must be a positive number of seconds")
     for key, (section, value) in prices.items():
         if not is_number(value) or not math.isfinite(value) or value < 0:
             raise ConfigError(f"{where}: {section}.{key} must be a finite number, 0 or more (USD per token)")
@@ -111,9 +120,13 @@ def _deployment(where: str, alias: str, params: dict[str, Any], info: Mapping[st
         rpm=router.get("rpm"),
         tpm=router.get("tpm"),
         weight=float(weight) if weight is not None else None,
+        ttft_timeout_s=_float_or_none(router.get("ttft_timeout")),
+        hedge_after_s=_float_or_none(router.get("hedge_after")),
         base_model=str(base_model) if base_model else None,
         input_cost_per_token=_float_or_none(prices.get("input_cost_per_token", ("", None))[1]),
         output_cost_per_token=_float_or_none(prices.get("output_cost_per_token", ("", None))[1]),
+        cache_read_input_token_cost=_float_or_none(prices.get("cache_read_input_token_cost", ("", None))[1]),
+        cache_creation_input_token_cost=_float_or_none(prices.get("cache_creation_input_token_cost", ("", None))[1]),
     )
 
 

@@ -39,6 +39,10 @@ class NodePolicy:
     allowed_models: tuple[str, ...] = ()
     max_concurrent_streams: int | None = None
     admin: bool = False
+    # Queueing (control/queueing.py): this node's wait for capacity (None: the config's
+    # queue_timeout) and its rank among waiting nodes (higher is served first).
+    queue_timeout_s: float | None = None
+    priority: int = 0
 
     def allows(self, alias: str) -> bool:
         return not self.allowed_models or any(fnmatch.fnmatchcase(alias, p) for p in self.allowed_models)

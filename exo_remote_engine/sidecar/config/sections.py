@@ -30,6 +30,8 @@ _NODE_RULE_KEYS = (
     "max_budget",
     "budget_duration",
     "role",
+    "queue_timeout",
+    "priority",
 )
 NODE_ROLES = ("user", "admin")  # admin: may read the status page off loopback (docs/operating.md)
 
@@ -49,7 +51,22 @@ def parse_router_settings(path: Path, raw: Mapping[str, Any]) -> RouterSettings:
     cooldown = block.get("cooldown_time", defaults.cooldown_time_s)
     if not is_number(cooldown) or cooldown < 0:
         raise ConfigError(f"{path}: router_settings.cooldown_time must be a non-negative number of seconds")
-    return RouterSettings(str(strategy), fails, float(cooldown))
+    guards = [_seconds(path, f"router_settings.{k}", block.get(k)) for k in ("ttft_timeout", "hedge_after")]
+    return RouterSettings(str(strategy), fails, float(cooldown), *guards)
+
+
+def _seconds(path: Path, where: str, value: Any, zero: bool = False) -> float | None:
+    """A finite number of seconds, positive (or 0 when ``zero``); None when absent."""
+    if value is None:
+        return None
+    if not is_number(value) or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise ConfigError(f"{path}: {where} must be a {'non-negative' if zero else 'positive'} number of seconds")
+    return float(value)
+
+
+def parse_queue_timeout(path: Path, settings: Mapping[str, Any]) -> float:
+    """``exo_remote_settings.queue_timeout``: how long a request over a limit waits (0: not at all)."""
+    return _seconds(path, "exo_remote_settings.queue_timeout", settings.get("queue_timeout"), zero=True) or 0.0
 
 
 def parse_master_key(path: Path, raw: Mapping[str, Any], env: Mapping[str, str], secrets: set[str]) -> str | None:
@@ -151,7 +168,13 @@ def parse_node_policies(path: Path, settings: Mapping[str, Any]) -> dict[str, No
         role = rules.get("role", "user")
         if role not in NODE_ROLES:
             raise ConfigError(f"{where}: role must be one of {', '.join(NODE_ROLES)}")
-        policies[str(name)] = NodePolicy(tuple(allowed), limit, admin=role == "admin")
+        wait = _seconds(path, f"exo_remote_settings.nodes.{name}.queue_timeout", rules.get("queue_timeout"), zero=True)
+        priority = rules.get("priority", 0)
+        if not isinstance(priority, int) or isinstance(priority, bool) or not -100 <= priority <= 100:
+            raise ConfigError(f"{where}: priority must be an integer from -100 to 100")
+        policies[str(name)] = NodePolicy(
+            tuple(allowed), limit, admin=role == "admin", queue_timeout_s=wait, priority=priority
+        )
     return policies
 
 

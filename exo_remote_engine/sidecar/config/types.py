@@ -58,9 +58,14 @@ class ModelEntry:
     rpm: int | None = None
     tpm: int | None = None
     weight: float | None = None
+    # First-token guard (router_settings' defaults apply when None): see serving/first_token.py.
+    ttft_timeout_s: float | None = None
+    hedge_after_s: float | None = None
     base_model: str | None = None
     input_cost_per_token: float | None = None
     output_cost_per_token: float | None = None
+    cache_read_input_token_cost: float | None = None  # LiteLLM's cost-map names
+    cache_creation_input_token_cost: float | None = None
 
     @property
     def deployment_name(self) -> str:
@@ -74,6 +79,10 @@ class RouterSettings:
     routing_strategy: str = "simple-shuffle"
     allowed_fails: int = 3
     cooldown_time_s: float = 5.0
+    # No first delta within ttft_timeout: the attempt fails and the next member is tried;
+    # hedge_after: a second attempt starts, the first to speak wins (None: off).
+    ttft_timeout_s: float | None = None
+    hedge_after_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,8 @@ class SidecarConfig:
     node_quotas: Mapping[str, NodeQuota] = field(default_factory=dict)
     master_key: str | None = field(default=None, repr=False)
     not_acted_on: tuple[str, ...] = ()
+    # How long a request over a limit waits for capacity (0: refused at once).
+    queue_timeout_s: float = 0.0
 
     def get(self, alias: str) -> ModelEntry | None:
         return next((m for m in self.models if m.alias == alias), None)

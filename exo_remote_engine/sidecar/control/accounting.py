@@ -24,6 +24,7 @@ from exo_remote_engine.sidecar.control.limits import Clock, UsageWindows
 from exo_remote_engine.sidecar.control.shared_windows import RedisWindows
 from exo_remote_engine.sidecar.ledger.spend import Charge, Ledger, estimate_tokens
 from exo_remote_engine.sidecar.ledger.spend_database import SpendDatabase
+from exo_remote_engine.sidecar.ledger.token_cost import NO_DETAILS, TokenDetails
 from exo_remote_engine.sidecar.telemetry.metrics import Metrics
 from exo_remote_engine.sidecar.telemetry.safe_logging import safe_logger
 
@@ -101,6 +102,7 @@ class Accounting:
             completion_tokens=completion,
             estimated=estimated,
             outcome=outcome,
+            details=_details(usage) if usage is not None and not estimated else NO_DETAILS,
         )
         (self.shared_windows or self.windows).add_tokens(f"node:{node}", prompt + completion)
         self.metrics.charged(entry.alias, node, charge.cost_usd)
@@ -126,6 +128,16 @@ class RequestAccount:
     def attempt(self, entry: ModelEntry) -> None:
         """The backend tries ``entry`` (a retry or a fallback): it is what gets charged."""
         self.served = entry
+
+    def abandoned(self, entry: ModelEntry) -> None:
+        """An attempt cancelled after its prompt was sent (no first token in time, or a
+        hedge that lost): the provider bills the prompt, so the node is charged for it,
+        estimated and marked ``abandoned``, beside the attempt that served."""
+        charge = self._accounting.charge(self.request, self.node, entry, None, 0, "abandoned")
+        if self._accounting.ledger is not None:
+            self._accounting.ledger.record_soon(charge)
+            if self._accounting.database is not None:
+                self._accounting.database.kick()
 
     def wrote(self, delta: pb.Delta) -> None:
         self.chars += len(delta.text) + len(delta.reasoning_text)
@@ -164,3 +176,12 @@ class RequestAccount:
             self._accounting.ledger.record_soon(charge)
             if self._accounting.database is not None:
                 self._accounting.database.kick()  # (the next poll copies it if this comes too early)
+
+
+def _details(usage: pb.Usage) -> TokenDetails:
+    """The provider's cache and reasoning counts, each clamped to the total it is part of."""
+    return TokenDetails(
+        cached_prompt_tokens=min(max(0, usage.cached_prompt_tokens), usage.prompt_tokens),
+        cache_creation_prompt_tokens=min(max(0, usage.cache_creation_prompt_tokens), usage.prompt_tokens),
+        reasoning_tokens=min(max(0, usage.reasoning_tokens), usage.completion_tokens),
+    )

@@ -9,8 +9,7 @@ bearer token is registered under, else it is ``anonymous``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,29 +77,34 @@ class Policy:
             return limits.max_deadline_s
         return min(time_remaining, limits.max_deadline_s)
 
-    @contextmanager
-    def stream_slot(self, node: str) -> Iterator[None]:
-        """Hold one of the sidecar's (and the node's) concurrent stream slots."""
+    def take_slot(self, node: str, waiting: Collection[str] = ()) -> None:
+        """Take one of the sidecar's (and the node's) concurrent stream slots, or OVERLOADED.
+
+        Fair share of the global cap: no node may take the last ``cap // 16`` free slots
+        while it holds its share (the cap divided among the nodes holding or ``waiting``
+        for slots), so one node filling the sidecar still leaves room for the next node,
+        and as its streams end the slots go to the nodes under their share."""
+        cap = self.limits.max_concurrent_streams
+        held = self._active.get(node, 0)
         node_limit = self.nodes.get(node, NodePolicy()).max_concurrent_streams
-        if self._total >= self.limits.max_concurrent_streams:
-            raise RemoteError(
-                Reason.OVERLOADED,
-                f"sidecar is at its limit of {self.limits.max_concurrent_streams} concurrent streams",
-                retry_after_s=1.0,
-            )
-        if node_limit is not None and self._active.get(node, 0) >= node_limit:
-            raise RemoteError(
-                Reason.OVERLOADED,
-                f"node {node!r} is at its limit of {node_limit} concurrent streams",
-                retry_after_s=1.0,
-            )
+        if self._total >= cap:
+            raise _overloaded(f"sidecar is at its limit of {cap} concurrent streams")
+        if node_limit is not None and held >= node_limit:
+            raise _overloaded(f"node {node!r} is at its limit of {node_limit} concurrent streams")
+        if self._total >= cap - cap // 16:
+            contenders = {n for n, c in self._active.items() if c} | set(waiting) | {node}
+            share = max(1, cap // max(2, len(contenders)))  # alone, it still leaves the reserve
+            if held >= share:
+                raise _overloaded(
+                    f"node {node!r} holds {held} of the sidecar's {cap} concurrent streams, its fair share "
+                    f"while other nodes may need the last {cap - self._total}"
+                )
         self._total += 1
-        self._active[node] = self._active.get(node, 0) + 1
-        try:
-            yield
-        finally:
-            self._total -= 1
-            self._active[node] -= 1
+        self._active[node] = held + 1
+
+    def give_back(self, node: str) -> None:
+        self._total -= 1
+        self._active[node] -= 1
 
     @property
     def active_streams(self) -> int:
@@ -113,6 +117,10 @@ def _too_large(field_name: str, problem: str) -> RemoteError:
         f"request too large: {field_name}: {problem}",
         violations=(FieldViolation(field_name, problem),),
     )
+
+
+def _overloaded(message: str) -> RemoteError:
+    return RemoteError(Reason.OVERLOADED, message, retry_after_s=1.0)
 
 
 def _digest(token: str) -> str:

@@ -4,7 +4,8 @@ The rules are LiteLLM Router's, as its docs and ``router_strategy/`` define them
 - ``simple-shuffle`` (default): random, weighted by ``weight``, else ``rpm``, else ``tpm``,
   else uniform;
 - ``least-busy``: fewest requests in flight;
-- ``latency-based-routing``: lowest mean latency of the last completions (untried first);
+- ``latency-based-routing``: lowest recent p90 of time to first token, not LiteLLM's mean
+  of the last 10 (untried first, a small probe share for stale members; control/latency.py);
 - ``usage-based-routing`` / ``-v2``: fewest tokens this minute;
 ties are broken at random. Deployments over their ``rpm``/``tpm`` this minute are skipped;
 when every one is, the caller gets RATE_LIMITED until the minute ends. A deployment whose
@@ -27,23 +28,22 @@ next member is tried.
 from __future__ import annotations
 
 import random
-from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.sidecar.config.loader import ModelEntry, RouterSettings
+from exo_remote_engine.sidecar.control.latency import TtftWindow, fastest_tail
 from exo_remote_engine.sidecar.control.limits import WINDOW_S, UsageWindows, has_room, rate_limited
 from exo_remote_engine.sidecar.control.shared_windows import RedisWindows
 
-_LATENCY_SAMPLES = 10
 _IMMEDIATE_COOLDOWN_STATUSES = (429, 401, 404)
 
 
 @dataclass
 class _Health:
     in_flight: int = 0
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=_LATENCY_SAMPLES))
+    ttft: TtftWindow = field(default_factory=TtftWindow)
     fail_minute: int = -1
     fails: int = 0
     cooldown_until: float = 0.0
@@ -130,7 +130,7 @@ class Router:
         if strategy == "least-busy":
             return self._lowest(room, lambda d: float(self._of(d).in_flight))
         if strategy == "latency-based-routing":
-            return self._lowest(room, self._mean_latency)
+            return fastest_tail(room, lambda d: self._of(d).ttft, self.windows.clock(), self._rng)
         if strategy.startswith("usage-based-routing"):
             return self._lowest(room, lambda d: float(tokens(d)))
         for attribute in ("weight", "rpm", "tpm"):
@@ -145,17 +145,16 @@ class Router:
         best = min(scores)
         return self._rng.choice([d for d, s in zip(room, scores, strict=True) if s == best])
 
-    def _mean_latency(self, entry: ModelEntry) -> float:
-        samples = self._of(entry).latencies
-        return sum(samples) / len(samples) if samples else 0.0
-
     def started(self, entry: ModelEntry) -> None:
         self._of(entry).in_flight += 1
+
+    def first_token(self, entry: ModelEntry, ttft_s: float) -> None:
+        """An attempt's first delta arrived ``ttft_s`` after it started."""
+        self._of(entry).ttft.add(self.windows.clock(), ttft_s)
 
     def succeeded(self, entry: ModelEntry, latency_s: float, tokens: int) -> None:
         health = self._of(entry)
         health.in_flight -= 1
-        health.latencies.append(latency_s)
         (self.shared or self.windows).add_tokens(deployment_key(entry), tokens)
 
     def failed(self, entry: ModelEntry, status: int | None, group_size: int) -> None:

@@ -1,5 +1,5 @@
-"""What was spent: the per-host SQLite ledger, its copy in a shared PostgreSQL, and the
-outage tracking of the services several hosts share.
+"""What was spent: the per-host SQLite ledger, its copy in a shared PostgreSQL, the price of
+cache and reasoning tokens, and the outage tracking of the services several hosts share.
 
 May import: ``config``, ``telemetry``, ``contract``.
 """

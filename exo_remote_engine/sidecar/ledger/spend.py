@@ -33,6 +33,7 @@ from pathlib import Path
 
 from exo_remote_engine.sidecar.config.loader import ModelEntry
 from exo_remote_engine.sidecar.config.variables import Environment
+from exo_remote_engine.sidecar.ledger.token_cost import NO_DETAILS, TokenDetails, detailed_cost
 
 CHARS_PER_TOKEN = 4
 DB_NAME = "spend.sqlite3"
@@ -51,7 +52,7 @@ CREATE TABLE IF NOT EXISTS requests (
     completion_tokens INTEGER NOT NULL,
     cost_usd REAL,                     -- NULL: no known price
     estimated INTEGER NOT NULL,        -- 1: tokens estimated, the provider reported none
-    outcome TEXT NOT NULL,             -- completed, cancelled or failed (after output began)
+    outcome TEXT NOT NULL,             -- completed, cancelled, failed (after output began), abandoned
     pid INTEGER                        -- the sidecar process that wrote it
 );
 CREATE INDEX IF NOT EXISTS requests_node_ended ON requests (node, ended_at);
@@ -59,6 +60,7 @@ CREATE INDEX IF NOT EXISTS requests_ended ON requests (ended_at);
 CREATE TABLE IF NOT EXISTS ledger_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS shipped (target TEXT PRIMARY KEY, last_id INTEGER NOT NULL);
 """
+_DETAIL_COLUMNS = ("cached_prompt_tokens", "cache_creation_prompt_tokens", "reasoning_tokens")
 _COLUMNS = (
     "id, request_id, ended_at, day, node, alias, deployment, model, prompt_tokens, completion_tokens, cost_usd,"
     " estimated, outcome, pid"
@@ -103,10 +105,15 @@ def prices(entry: ModelEntry) -> tuple[float | None, float | None]:
     return price_in, price_out
 
 
-def cost_usd(entry: ModelEntry, prompt_tokens: int, completion_tokens: int) -> float | None:
+def cost_usd(
+    entry: ModelEntry, prompt_tokens: int, completion_tokens: int, details: TokenDetails = NO_DETAILS
+) -> float | None:
+    """USD for the tokens; cache and reasoning details priced by LiteLLM's rule (token_cost.py)."""
     price_in, price_out = prices(entry)
     if price_in is None or price_out is None:
         return None
+    if details:
+        return detailed_cost(entry, price_in, price_out, prompt_tokens, completion_tokens, details)
     return prompt_tokens * price_in + completion_tokens * price_out
 
 
@@ -129,6 +136,7 @@ class Charge:
     cost_usd: float | None
     estimated: bool
     outcome: str
+    details: TokenDetails = NO_DETAILS
 
     @classmethod
     def of(
@@ -142,6 +150,7 @@ class Charge:
         completion_tokens: int,
         estimated: bool,
         outcome: str,
+        details: TokenDetails = NO_DETAILS,
     ) -> Charge:
         return cls(
             request_id,
@@ -152,9 +161,10 @@ class Charge:
             entry.litellm_model,
             prompt_tokens,
             completion_tokens,
-            cost_usd(entry, prompt_tokens, completion_tokens),
+            cost_usd(entry, prompt_tokens, completion_tokens, details),
             estimated,
             outcome,
+            details,
         )
 
 
@@ -196,6 +206,9 @@ class Ledger:
             columns = {row[1] for row in connection.execute("PRAGMA table_info(requests)")}
             if "pid" not in columns:  # a ledger written before the column existed
                 connection.execute("ALTER TABLE requests ADD COLUMN pid INTEGER")
+            for column in _DETAIL_COLUMNS:  # the provider's token details (token_cost.py)
+                if column not in columns:
+                    connection.execute(f"ALTER TABLE requests ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
             # Who this ledger is, once and for good: rows copied to a shared database are
             # keyed by it and their id here, so copying one twice never counts it twice.
             connection.execute("INSERT OR IGNORE INTO ledger_meta VALUES ('origin', ?)", (str(uuid.uuid4()),))
@@ -211,7 +224,8 @@ class Ledger:
         day = dt.datetime.fromtimestamp(charge.ended_at, dt.UTC).date().isoformat()
         self._db.execute(
             "INSERT INTO requests (request_id, ended_at, day, node, alias, deployment, model, prompt_tokens,"
-            " completion_tokens, cost_usd, estimated, outcome, pid) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " completion_tokens, cost_usd, estimated, outcome, pid, cached_prompt_tokens,"
+            " cache_creation_prompt_tokens, reasoning_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 charge.request_id,
                 charge.ended_at,
@@ -226,6 +240,9 @@ class Ledger:
                 int(charge.estimated),
                 charge.outcome,
                 os.getpid(),
+                charge.details.cached_prompt_tokens,
+                charge.details.cache_creation_prompt_tokens,
+                charge.details.reasoning_tokens,
             ),
         )  # autocommit: one transaction per request
 

@@ -83,6 +83,7 @@ class RunningSidecar:
         if self.status is not None:
             await self.status.stop()
         await self.servicer.backend.close()
+        await self.servicer.lines.close()
         await self.servicer.registry.stop()
         await self.servicer.accounting.close()  # shared state first: it copies from the ledger
         if self.servicer.accounting.ledger is not None:

@@ -26,6 +26,7 @@ from exo_remote_engine.sidecar.config.loader import MASTER_KEY_NODE, ModelEntry
 from exo_remote_engine.sidecar.control.accounting import Accounting, RequestAccount
 from exo_remote_engine.sidecar.control.limits import Clock
 from exo_remote_engine.sidecar.control.policy import Policy
+from exo_remote_engine.sidecar.control.queueing import Lines, Ticket
 from exo_remote_engine.sidecar.control.routing import Router
 from exo_remote_engine.sidecar.discovery.registry import ModelRegistry
 from exo_remote_engine.sidecar.embedded.model import LISTED_PROVIDER
@@ -76,6 +77,8 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
             router=self.router,
             groups=self.config.deployments,
         )
+        # Requests over a limit wait here (queue_timeout); a test clock brings its own sleep.
+        self.lines = Lines(policy, self.config.queue_timeout_s, clock, metrics, getattr(clock, "sleep", None))
         self.worker_ports: Callable[[], Sequence[int]] = tuple  # set when a WorkerPool runs
         self.warnings: tuple[str, ...] = ()  # what every caller should know, e.g. anonymous access
 
@@ -156,13 +159,14 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
             raise RemoteError(Reason.INVALID_REQUEST, "request has no messages")
         validate_request(request)
         deadline_s = self.policy.check_request(request, node, context.time_remaining())
-        await self.accounting.admit(node)
+        ticket = self.lines.ticket(node)
+        await ticket.limits(lambda: self.accounting.admit(node))
         account = self.accounting.open(request, node, entry)
         recorder = self.metrics.stream(entry.alias, node, lambda: account.served.deployment_name)
         code, failure = "OK", ""
         log.info("request_id=%s model=%s node=%s start", request.request_id, entry.alias, node)
         try:
-            await self._stream(entry, request, context, account, recorder, deadline_s)
+            await self._stream(entry, request, context, account, recorder, deadline_s, ticket)
         except RemoteError as exc:
             code, failure = exc.grpc_code.name, f" {exc.reason.value}: {exc.message}"  # redacted already
             recorder.reason = exc.reason.value
@@ -201,6 +205,7 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         account: RequestAccount,
         recorder: StreamRecorder,
         deadline_s: float,
+        ticket: Ticket,
     ) -> None:
         """The stream inside its node's slot, its deadline and the stall watch; a deadline
         or a stalled client become their RemoteErrors here."""
@@ -217,14 +222,18 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
             await send(response)
 
         try:
-            with self.policy.stream_slot(account.node), self._active(), stall:
-                async with asyncio.timeout(deadline_s):
-                    fallbacks = [
-                        f.entry
-                        for alias in self.config.fallbacks.get(entry.alias, ())
-                        if (f := await self.registry.lookup(alias)) is not None and f.ready
-                    ]
-                    await self.backend.generate(entry, request, write, fallbacks, account.attempt)
+            wait_for_room = ticket.group(entry.alias)
+            async with ticket.slot():
+                with self._active(), stall:
+                    async with asyncio.timeout(deadline_s):
+                        fallbacks = [
+                            f.entry
+                            for alias in self.config.fallbacks.get(entry.alias, ())
+                            if (f := await self.registry.lookup(alias)) is not None and f.ready
+                        ]
+                        await self.backend.generate(
+                            entry, request, write, fallbacks, account.attempt, account.abandoned, wait_for_room
+                        )
         except TimeoutError:
             raise RemoteError(Reason.DEADLINE_EXCEEDED, f"deadline of {deadline_s:.1f}s exceeded") from None
         except asyncio.CancelledError:

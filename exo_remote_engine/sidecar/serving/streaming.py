@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 
 from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.contract.openai_chat import FINISH_REASONS
@@ -27,6 +27,7 @@ from exo_remote_engine.contract.redaction import redact
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.sidecar.config.loader import ModelEntry
 from exo_remote_engine.sidecar.control.routing import Router
+from exo_remote_engine.sidecar.serving.first_token import first_token_within, hedged
 from exo_remote_engine.sidecar.telemetry.safe_logging import safe_logger
 from exo_remote_engine.sidecar.transports.litellm_transport import LiteLLMTransport
 from exo_remote_engine.sidecar.transports.openai_transport import OpenAICompatibleTransport
@@ -42,6 +43,9 @@ from exo_remote_engine.sidecar.transports.stream_types import (
 __all__ = ["MAX_PENDING_CHARS", "OnAttempt", "StreamState", "StreamingBackend", "Transport", "Write"]
 
 OnAttempt = Callable[[ModelEntry], None]
+# Runs an admission (here: a deployment pick) again as capacity returns, within a queue
+# timeout (control/queueing.py); the backend knows nothing of nodes.
+WaitForRoom = Callable[[Callable[[], Awaitable[ModelEntry]]], Awaitable[ModelEntry]]
 
 log = safe_logger(__name__)
 
@@ -88,6 +92,8 @@ class StreamingBackend:
         write: Write,
         fallbacks: Sequence[ModelEntry] = (),
         on_attempt: OnAttempt | None = None,
+        on_abandoned: OnAttempt | None = None,
+        wait_for_room: WaitForRoom | None = None,
     ) -> None:
         """Stream ``request`` to ``write``: deltas, then exactly one Finished event.
 
@@ -95,12 +101,15 @@ class StreamingBackend:
         first delta a failing deployment is retried, on another member of its group when
         there is one (at once) or itself (bounded, jittered, honouring Retry-After up to a
         cap); then the fallbacks are tried in order. After the first delta nothing is
-        retried, so no text is ever sent twice. ``on_attempt`` hears of each deployment tried."""
+        retried, so no text is ever sent twice. ``on_attempt`` hears of each deployment tried,
+        ``on_abandoned`` of each attempt cancelled after its prompt was sent (first-token
+        guard); ``wait_for_room`` queues the last model's pick while its group is at its limits."""
         candidates = [self._groups(e) for e in (entry, *fallbacks)]
+        hooks = _Hooks(on_attempt, on_abandoned, wait_for_room)
         if all(self.transport_for(c).writes_inline for group in candidates for c in group):
             state = StreamState(write)
             try:
-                await self._produce_with_retries(candidates, request, state, on_attempt)
+                await self._produce_with_retries(candidates, request, state, hooks)
             except WriteFailed as exc:
                 assert exc.__cause__ is not None
                 raise exc.__cause__ from None
@@ -110,7 +119,7 @@ class StreamingBackend:
             return
         state = StreamState()
         ready = state.ready
-        producer = asyncio.create_task(self._produce_with_retries(candidates, request, state, on_attempt))
+        producer = asyncio.create_task(self._produce_with_retries(candidates, request, state, hooks))
         try:
             while not producer.done():
                 await ready.wait()
@@ -137,7 +146,7 @@ class StreamingBackend:
         candidates: Sequence[Sequence[ModelEntry]],
         request: pb.GenerateRequest,
         state: StreamState,
-        on_attempt: OnAttempt | None,
+        hooks: _Hooks,
     ) -> None:
         # Two retry loops on purpose: this one handles *provider* failures (429, 5xx, a
         # dropped connection: classified here, where the provider's answer is seen), falls
@@ -151,7 +160,7 @@ class StreamingBackend:
                 tried: set[str] = set()
                 for attempt in range(self._num_retries + 1):
                     try:
-                        entry = await self._router.pick(group, tried) if self._router is not None else group[0]
+                        entry = await self._pick(group, tried, hooks.wait_for_room if last_model else None)
                     except RemoteError as unavailable:  # every deployment is limited or cooling down
                         if last_model:
                             raise
@@ -164,10 +173,10 @@ class StreamingBackend:
                         )
                         break
                     state.entry = entry
-                    if on_attempt is not None:
-                        on_attempt(entry)
+                    if hooks.on_attempt is not None:
+                        hooks.on_attempt(entry)
                     try:
-                        await self._produce_once(entry, group, request, state)
+                        await self._attempt(entry, group, request, state, tried, hooks)
                         return
                     except asyncio.CancelledError:
                         raise
@@ -212,22 +221,86 @@ class StreamingBackend:
         finally:
             state.ready.set()
 
-    async def _produce_once(
-        self, entry: ModelEntry, group: Sequence[ModelEntry], request: pb.GenerateRequest, state: StreamState
+    async def _pick(
+        self, group: Sequence[ModelEntry], tried: Collection[str], wait: WaitForRoom | None
+    ) -> ModelEntry:
+        router = self._router
+        if router is None:
+            return group[0]
+        if wait is None:
+            return await router.pick(group, tried)
+        return await wait(lambda: router.pick(group, tried))
+
+    async def _attempt(
+        self,
+        entry: ModelEntry,
+        group: Sequence[ModelEntry],
+        request: pb.GenerateRequest,
+        state: StreamState,
+        tried: set[str],
+        hooks: _Hooks,
     ) -> None:
-        """One transport call, reported to the router (in flight, latency, tokens, failures)."""
+        """One attempt under the first-token guard (serving/first_token.py): a deadline for
+        the first delta, and a hedged second attempt when ``hedge_after`` is set."""
+        router = self._router
+        settings = router.settings if router is not None else None
+        ttft = entry.ttft_timeout_s or (settings.ttft_timeout_s if settings is not None else None)
+        hedge = entry.hedge_after_s or (settings.hedge_after_s if settings is not None else None)
+        if router is None or hedge is None:
+            try:
+                await self._produce_once(entry, group, request, state, ttft)
+            except RemoteError as exc:
+                abandoned = ttft is not None and exc.reason is Reason.PROVIDER_TIMEOUT and not state.started
+                if abandoned and hooks.on_abandoned is not None:
+                    hooks.on_abandoned(entry)  # cut by the guard: the provider has the prompt, it is charged
+                raise
+            return
+
+        async def second() -> ModelEntry | None:
+            try:
+                extra = await router.pick(group, {*tried, entry.deployment_name})
+            except RemoteError:
+                return None  # every other member is limited or cooling down: no hedge
+            tried.add(extra.deployment_name)
+            return extra
+
+        winner = await hedged(
+            entry,
+            lambda e, s: self._produce_once(e, group, request, s, ttft),
+            state,
+            hedge,
+            second,
+            hooks.on_abandoned or _ignore,
+        )
+        if hooks.on_attempt is not None:
+            hooks.on_attempt(winner)
+
+    async def _produce_once(
+        self,
+        entry: ModelEntry,
+        group: Sequence[ModelEntry],
+        request: pb.GenerateRequest,
+        state: StreamState,
+        ttft_s: float | None = None,
+    ) -> None:
+        """One transport call, reported to the router (in flight, time to first token,
+        tokens, failures)."""
         router = self._router
         if router is None:
             await self.transport_for(entry).produce(entry, request, state)
             return
         router.started(entry)
         began = time.monotonic()
+        state.on_first.clear()  # an earlier attempt's hooks
+        state.on_first.append(lambda: router.first_token(entry, time.monotonic() - began))
         try:
-            await self.transport_for(entry).produce(entry, request, state)
+            await first_token_within(ttft_s, entry, state, self.transport_for(entry).produce(entry, request, state))
         except Exception as exc:
             if state.started:
                 router.ended(entry)
             else:
+                if isinstance(exc, RemoteError) and exc.reason is Reason.PROVIDER_TIMEOUT:
+                    router.first_token(entry, time.monotonic() - began)  # at least this long
                 router.failed(entry, getattr(exc, "status_code", None), len(group))
             raise
         except BaseException:
@@ -236,6 +309,21 @@ class StreamingBackend:
         usage = state.usage
         tokens = usage.prompt_tokens + usage.completion_tokens if usage is not None else 0
         router.succeeded(entry, time.monotonic() - began, tokens)
+
+
+class _Hooks:
+    """What the caller of :meth:`StreamingBackend.generate` hears of and lends."""
+
+    __slots__ = ("on_abandoned", "on_attempt", "wait_for_room")
+
+    def __init__(self, on_attempt: OnAttempt | None, on_abandoned: OnAttempt | None, wait: WaitForRoom | None) -> None:
+        self.on_attempt = on_attempt
+        self.on_abandoned = on_abandoned
+        self.wait_for_room = wait
+
+
+def _ignore(entry: ModelEntry) -> None:
+    return None
 
 
 def _classified(exc: BaseException, entry: ModelEntry, request: pb.GenerateRequest) -> RemoteError:

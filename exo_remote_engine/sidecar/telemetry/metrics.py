@@ -85,6 +85,17 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.queued = prom.Gauge(
+            "exo_remote_queue_depth", "Requests waiting for capacity (control/queueing.py)", ("node",),
+            registry=self.registry,
+        )
+        self.queue_wait = prom.Histogram(
+            "exo_remote_queue_wait_seconds",
+            "Time a request waited for capacity, by outcome (admitted or refused: timed out or cancelled)",
+            ("node", "outcome"),
+            buckets=(*_LATENCY_BUCKETS, 120, 300),
+            registry=self.registry,
+        )
 
     def charged(self, model: str, node: str, cost_usd: float | None) -> None:
         if prom is None:
@@ -101,6 +112,14 @@ class Metrics:
     def refused(self, node: str, reason: str) -> None:
         """A request refused at admission (a limit or budget): in the last hour's tally."""
         self.recent.add(redact(node), reason)
+
+    def queue_depth(self, node: str, change: int) -> None:
+        if prom is not None:
+            self.queued.labels(node).inc(change)
+
+    def queue_waited(self, node: str, seconds: float, admitted: bool) -> None:
+        if prom is not None:
+            self.queue_wait.labels(node, "admitted" if admitted else "refused").observe(max(0.0, seconds))
 
     def stream(self, model: str, node: str, deployment: Callable[[], str] | None = None) -> StreamRecorder:
         # Labels are ours (aliases, node names), but an alias may come from a provider's

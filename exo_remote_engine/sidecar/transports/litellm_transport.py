@@ -96,8 +96,14 @@ def _absorb(chunk: Any, state: StreamState) -> None:
         state.usage = pb.Usage(
             prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
             completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-            cached_prompt_tokens=int(getattr(details, "cached_tokens", 0) or 0),
+            cached_prompt_tokens=int(
+                getattr(details, "cached_tokens", 0) or getattr(usage, "cache_read_input_tokens", 0) or 0
+            ),
             reasoning_tokens=int(getattr(cdetails, "reasoning_tokens", 0) or 0),
+            # Anthropic's cache writes (LiteLLM keeps them beside the OpenAI fields).
+            cache_creation_prompt_tokens=int(
+                getattr(usage, "cache_creation_input_tokens", 0) or getattr(details, "cache_creation_tokens", 0) or 0
+            ),
         )
     if chunk.model:
         state.model = chunk.model

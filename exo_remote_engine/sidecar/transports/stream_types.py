@@ -93,6 +93,7 @@ class StreamState:
         "entry",
         "finish_reason",
         "model",
+        "on_first",
         "ready",
         "saw_tool_calls",
         "space",
@@ -111,6 +112,7 @@ class StreamState:
         self.saw_tool_calls = False
         self.started = False  # a delta exists: from here on, no retry and no fallback
         self.entry: ModelEntry | None = None  # the model being (or last) tried
+        self.on_first: list[Callable[[], None]] = []  # called when the first delta is handed over
 
     async def flush(self) -> None:
         """Hand over what is pending: write it now, or wake the writer task and let it run.
@@ -121,7 +123,10 @@ class StreamState:
         taken the buffer: the provider is not read meanwhile."""
         if not self.buffer:
             return
-        self.started = True
+        if not self.started:
+            self.started = True
+            for hook in self.on_first:
+                hook()
         if self._write is not None:
             delta = self.buffer.take()
             try:
