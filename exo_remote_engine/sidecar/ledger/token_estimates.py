@@ -21,8 +21,10 @@ from __future__ import annotations
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 
 ASCII_CHARS_PER_TOKEN = 4
-TEMPLATE_TOKENS = 16  # the chat template's own tokens around a conversation
-MESSAGE_TOKENS = 8  # role markers and separators, per message and per tool call
+# The chat template's own tokens: what OpenAI documents (3 per conversation, 4 per message)
+# for the estimate, twice as much and more for the bound (other templates are longer).
+TEMPLATE_TOKENS, MESSAGE_TOKENS = 3, 4
+TEMPLATE_TOKENS_BOUND, MESSAGE_TOKENS_BOUND = 16, 8
 IMAGE_TOKENS = 3000  # an upper bound of what one image costs (OpenAI's high detail, Anthropic's, Gemini's are below)
 # Beyond any context window (the largest are ~2M tokens): a count this large is not usage.
 MAX_PLAUSIBLE_TOKENS = 100_000_000
@@ -88,8 +90,8 @@ def prompt_bound(request: pb.GenerateRequest) -> int:
     return (
         sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
         + images * IMAGE_TOKENS
-        + pieces * MESSAGE_TOKENS
-        + TEMPLATE_TOKENS
+        + pieces * MESSAGE_TOKENS_BOUND
+        + TEMPLATE_TOKENS_BOUND
     )
 
 
