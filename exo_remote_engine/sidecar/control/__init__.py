@@ -1,5 +1,6 @@
 """Admission and fairness: who a caller is (auth), what it may ask (policy), its rpm/tpm
-windows and budget, which deployment serves it (routing) and what it is charged (accounting).
+windows and budget (a reservation per request, reply_limit holding a reply to it), which
+deployment serves it (routing) and what it is charged (accounting).
 
 May import: ``config``, ``ledger``, ``telemetry``, ``contract``. Never a transport or the
 server: control decides, the serving layer acts.
