@@ -5,10 +5,12 @@ provider reports.
 No tokenizer of every provider is at hand, so both are derived from the text:
 
 * :func:`estimate_text_tokens` (what is charged, marked ``estimated``): 4 ASCII characters
-  a token, as LiteLLM's and OpenAI's rule of thumb, but every other character at least one
-  token (two outside the Basic Multilingual Plane: emoji and rare CJK), since CJK, Thai or
-  Cyrillic text costs about a token per character or more in every tokenizer; 4 characters
-  a token would undercharge it about fourfold.
+  a token, as LiteLLM's and OpenAI's rule of thumb, but other text at 2 of its UTF-8 bytes
+  a token (a Cyrillic or Greek letter 1 token, a CJK character 1.5) and a character beyond
+  U+FFFF (emoji, rare CJK) at 4, its byte count (cl100k spends up to 3 on one), since CJK,
+  Thai or Cyrillic text costs about a token per character or more in common tokenizers
+  (cl100k: 1 to 1.3 per Chinese character); 4 characters a token would undercharge it
+  about fourfold.
 * :func:`prompt_bound` (what is reserved): the UTF-8 bytes of every text the provider
   reads, plus a template allowance per message and a fixed bound per image. Byte-level
   BPE and byte-fallback SentencePiece never make more tokens than bytes, so no provider
@@ -21,6 +23,8 @@ from __future__ import annotations
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 
 ASCII_CHARS_PER_TOKEN = 4
+NON_ASCII_BYTES_PER_TOKEN = 2  # a Cyrillic letter 1 token, a CJK character 1.5
+ASTRAL_TOKENS = 4  # an emoji or a rare CJK character (4 UTF-8 bytes): up to a token per byte
 # The chat template's own tokens: what OpenAI documents (3 per conversation, 4 per message)
 # for the estimate, twice as much and more for the bound (other templates are longer).
 TEMPLATE_TOKENS, MESSAGE_TOKENS = 3, 4
@@ -36,14 +40,14 @@ def estimate_text_tokens(text: str) -> int:
         return 0
     if text.isascii():
         return -(-len(text) // ASCII_CHARS_PER_TOKEN)
-    ascii_chars = other = 0
-    for char in text:
-        code = ord(char)
-        if code < 0x80:
-            ascii_chars += 1
-        else:
-            other += 2 if code > 0xFFFF else 1
-    return -(-ascii_chars // ASCII_CHARS_PER_TOKEN) + other
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    astral = len(text.encode("utf-16-le", "surrogatepass")) // 2 - len(text)  # characters past U+FFFF
+    other_bytes = len(text.encode("utf-8", "surrogatepass")) - ascii_chars - 4 * astral
+    return (
+        -(-ascii_chars // ASCII_CHARS_PER_TOKEN)
+        + -(-other_bytes // NON_ASCII_BYTES_PER_TOKEN)
+        + astral * ASTRAL_TOKENS
+    )
 
 
 def delta_tokens(delta: pb.Delta) -> int:
