@@ -162,11 +162,20 @@ class Single:
 
 @pytest.fixture
 async def single(
-    upstream: OpenAIUpstream, sidecars: Sidecars, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    request: pytest.FixtureRequest,
+    upstream: OpenAIUpstream,
+    sidecars: Sidecars,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> AsyncIterator[Single]:
+    """One sidecar reading the upstream with its direct reader, or (``indirect`` param
+    "litellm") through LiteLLM, whose stream is merged by a separate writer task."""
     caplog.set_level(logging.WARNING, logger="exo_remote_engine.sidecar")
     upstream.scenarios.update(SCENARIOS)
-    sidecar = await sidecars.start(config_text(upstream.url), FakeClock(), named_tokens=TOKENS)
+    fast_path = getattr(request, "param", "direct") == "direct"
+    sidecar = await sidecars.start(
+        config_text(upstream.url), FakeClock(), named_tokens=TOKENS, openai_fast_path=fast_path
+    )
     clients = {node: sidecar_client(sidecar.address, token=token) for node, token in TOKENS.items()}
     yield Single(sidecar, upstream, tmp_path / "state", clients)
     for client in clients.values():
@@ -199,6 +208,7 @@ async def test_concurrent_streams_never_spend_above_the_budget(single: Single, s
     assert len(single.upstream.requests_for("gpt-4o-mini")) == len(served) + 3, "refused before any provider call"
 
 
+@pytest.mark.parametrize("single", ["direct", "litellm"], indirect=True)
 async def test_one_large_reply_on_a_tiny_budget_is_cut_at_the_reservation(single: Single) -> None:
     request = chat_request("runaway", "hi")
     room = (HOG_BUDGET - prompt_bound(request) * RUNAWAY_PRICE[0]) / RUNAWAY_PRICE[1]
@@ -285,7 +295,9 @@ async def test_cjk_is_estimated_at_a_token_per_character_or_more(single: Single)
     assert estimate_text_tokens("Привет, мир") >= 10 and estimate_text_tokens("👋" * 10) >= 10
 
 
-@pytest.mark.parametrize("model", ["negative", "absurd"])
+@pytest.mark.parametrize(
+    ("single", "model"), [("direct", "negative"), ("direct", "absurd"), ("litellm", "absurd")], indirect=["single"]
+)
 async def test_impossible_provider_usage_is_a_provider_error_and_the_row_is_kept(single: Single, model: str) -> None:
     result = await run(single.clients["liar"], model)
     assert result.error is not None and result.error.reason is Reason.PROVIDER_UNAVAILABLE, result
@@ -295,6 +307,14 @@ async def test_impossible_provider_usage_is_a_provider_error_and_the_row_is_kept
     assert 0 < row["prompt_tokens"] < 1000 and row["cost_usd"] > 0
     after = await run(single.clients["liar"], "mini", max_tokens=REPLY_TOKENS)
     assert after.error is None, "the node's budget is intact"
+
+
+@pytest.mark.parametrize("single", ["litellm"], indirect=True)
+async def test_litellm_recounts_a_negative_prompt_and_nothing_negative_is_charged(single: Single) -> None:
+    result = await run(single.clients["liar"], "negative")
+    assert result.error is None and result.text == "ab", "LiteLLM replaces the provider's count with its own"
+    (row,) = single.rows("liar")
+    assert row["prompt_tokens"] > 0 and row["completion_tokens"] == 10 and row["cost_usd"] > 0
 
 
 # ------------------------------------------------------------------ three hosts
