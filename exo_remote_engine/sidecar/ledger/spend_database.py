@@ -108,8 +108,6 @@ INSERT INTO {HOURS} (node, hour, cost_usd)
 SELECT node, floor(ended_at / 3600)::bigint, SUM(cost_usd) FROM new WHERE cost_usd IS NOT NULL GROUP BY 1, 2
 ON CONFLICT (node, hour) DO UPDATE SET cost_usd = {HOURS}.cost_usd + excluded.cost_usd
 """  # noqa: S608
-# $1 node, $2 now: the reservations of a host that died go when they expire.
-_EXPIRE = f"DELETE FROM {RESERVATIONS} WHERE node = $1 AND expires_at < $2"  # noqa: S608
 # $1 node, $2 the window's start, $3 its first whole hour, $4 this ledger, $5 its last row
 # bookmarked as copied. This host's rows after the bookmark are counted from SQLite, so any
 # of them already copied are taken out here.
@@ -120,9 +118,11 @@ SELECT COALESCE((SELECT SUM(cost_usd) FROM {HOURS} WHERE node = $1 AND hour >= $
                  WHERE origin = $4 AND local_id > $5 AND node = $1 AND ended_at >= $2), 0)
 """  # noqa: S608
 # Spend and live reservations in one statement, so in one snapshot: a charge copied (and its
-# reservation deleted) meanwhile is counted exactly once.
+# reservation deleted) meanwhile is counted exactly once. $6: now; expired reservations (of a
+# host that died) are deleted on the way.
 _SPENT_AND_HELD = f"""
-SELECT ({_SPENT}) + COALESCE((SELECT SUM(cost_usd) FROM {RESERVATIONS} WHERE node = $1), 0)
+WITH expired AS (DELETE FROM {RESERVATIONS} WHERE node = $1 AND expires_at < $6)
+SELECT ({_SPENT}) + COALESCE((SELECT SUM(cost_usd) FROM {RESERVATIONS} WHERE node = $1 AND expires_at >= $6), 0)
 """  # noqa: S608
 
 
@@ -272,9 +272,8 @@ class SpendDatabase:
                     await self._ensure_schema(connection)
                     async with connection.transaction():
                         await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"budget:{node}")
-                        await connection.execute(_EXPIRE, node, now)
                         total = await connection.fetchval(
-                            _SPENT_AND_HELD, node, since, math.ceil(since / 3600), self.origin, shipped
+                            _SPENT_AND_HELD, node, since, math.ceil(since / 3600), self.origin, shipped, now
                         )
                         # (after the statement: a row of ours copied before it was written before it)
                         local = self.ledger.spent(node, since, after_id=shipped)
