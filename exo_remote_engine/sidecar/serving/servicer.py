@@ -197,6 +197,7 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
                 if cut:  # the reply reached its reserved tokens: what fits, then the end
                     if delta.ByteSize():
                         await send(pb.GenerateResponse(delta=delta))
+                        recorder.delta_written()
                         account.wrote(delta)
                     raise ReplyCut
                 await send(response)
