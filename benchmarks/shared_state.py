@@ -6,6 +6,8 @@ prints, per request, the latency the sidecar adds before the provider is called:
   and with 32 admissions at once;
 - a budget check from the local SQLite ledger, and from PostgreSQL (the node's spend in the
   window, summed at every check) with ``--rows`` of the node's rows already in the window;
+- a budget reservation (what a budgeted request takes instead): in this process, and in
+  PostgreSQL (a transaction under the node's advisory lock), alone and 32 at once;
 and, at the end of a request, the SQLite commit plus the wait for its copy to PostgreSQL.
 """
 
@@ -101,7 +103,7 @@ async def run(n: int, rows: int, redis_url: str, database_url: str, state: Path)
     spread = 29 * 86400 / max(rows, 1)
     other = [(i, f"r{i}", now - i * spread, "d", "node-1", "a", "a", "m", 1, 1, 0.0001, 0, "completed", 1, "other", "h")
              for i in range(rows)]
-    await connection.execute(_INSERT, *[list(column) for column in zip(*other, strict=True)])
+    await connection.execute(_INSERT, *[list(column) for column in zip(*other, strict=True)], [])  # no reservations
     await connection.execute(f"ANALYZE {TABLE}; ANALYZE {HOURS}")
     await connection.close()
     shared_budgets = Budgets(QUOTAS, ledger, time.time, database)
@@ -112,6 +114,22 @@ async def run(n: int, rows: int, redis_url: str, database_url: str, state: Path)
     await _concurrent(64, 32, shared_check)  # the pool's connections open
     _line(f"budget check in PostgreSQL (--database), {rows} rows in window", await _timed(n, shared_check))
     _line("  same, 32 checks at once", await _concurrent(n, 32, shared_check))
+
+    async def shared_reserve() -> None:  # what a budgeted request does instead of a check
+        reservation = await shared_budgets.reserve("node-1", 1.5e-7, 6e-7, 200, 1000, 600)
+        assert reservation is not None
+        database.release(reservation.id)
+
+    _line(f"budget reservation in PostgreSQL (--database), {rows} rows", await _timed(n, shared_reserve))
+    _line("  same, 32 reservations of one node at once", await _concurrent(n, 32, shared_reserve))
+    local_reserve_budgets = Budgets(QUOTAS, ledger, time.time)
+
+    async def local_reserve() -> None:
+        reservation = await local_reserve_budgets.reserve("node-1", 1.5e-7, 6e-7, 200, 1000, 600)
+        assert reservation is not None
+        local_reserve_budgets.release(reservation)
+
+    _line("budget reservation, this process (one host)", await _timed(n, local_reserve))
     counter = iter(range(10**9))
 
     async def finish() -> None:

@@ -32,6 +32,7 @@ _NODE_RULE_KEYS = (
     "role",
     "queue_timeout",
     "priority",
+    "allow_unpriced",
 )
 NODE_ROLES = ("user", "admin")  # admin: may read the status page off loopback (docs/operating.md)
 
@@ -82,7 +83,7 @@ def parse_master_key(path: Path, raw: Mapping[str, Any], env: Mapping[str, str],
 
 
 def parse_node_quotas(path: Path, settings: Mapping[str, Any]) -> dict[str, NodeQuota]:
-    """The ``rpm``/``tpm``/``max_budget``/``budget_duration`` keys of each node's rules."""
+    """The ``rpm``/``tpm``/``max_budget``/``budget_duration``/``allow_unpriced`` keys of each node's rules."""
     quotas: dict[str, NodeQuota] = {}
     nodes = settings.get("nodes") or {}
     for name, rules in nodes.items() if isinstance(nodes, Mapping) else ():
@@ -102,8 +103,13 @@ def parse_node_quotas(path: Path, settings: Mapping[str, Any]) -> dict[str, Node
                 duration_seconds(duration)
             except ValueError as exc:
                 raise ConfigError(f"{where}: budget_duration: {exc}") from None
+        unpriced = rules.get("allow_unpriced", False)
+        if not isinstance(unpriced, bool):
+            raise ConfigError(f"{where}: allow_unpriced must be true or false")
+        if unpriced and budget is None:
+            raise ConfigError(f"{where}: allow_unpriced needs max_budget (it lets a budgeted node use unpriced models)")
         if any(v is not None for v in (rpm, tpm, budget)):
-            quotas[str(name)] = NodeQuota(rpm, tpm, float(budget) if budget is not None else None, duration)
+            quotas[str(name)] = NodeQuota(rpm, tpm, float(budget) if budget is not None else None, duration, unpriced)
     return quotas
 
 

@@ -88,12 +88,15 @@ class RouterSettings:
 @dataclass(frozen=True)
 class NodeQuota:
     """Per-node traffic and spend limits: ``exo_remote_settings.nodes.<name>``'s ``rpm``,
-    ``tpm``, ``max_budget`` (USD) and ``budget_duration`` (LiteLLM's key fields)."""
+    ``tpm``, ``max_budget`` (USD) and ``budget_duration`` (LiteLLM's key fields), and
+    ``allow_unpriced``: whether a budgeted node may use models whose price is unknown
+    (their spend cannot be counted against the budget)."""
 
     rpm: int | None = None
     tpm: int | None = None
     max_budget: float | None = None
     budget_duration: str | None = None
+    allow_unpriced: bool = False
 
     @property
     def budget_duration_s(self) -> float | None:

@@ -5,8 +5,9 @@ the deployment's ``model_info.base_model`` or its ``litellm_params.model``; a de
 own ``input_cost_per_token``/``output_cost_per_token`` override it. A model the map does
 not know and the config does not price has an unknown cost: recorded as NULL, never 0, so
 a sum never pretends a request was free. Tokens are the provider's usage; when a stream
-ends without it (cancelled midway, or a server that never reports usage) they are
-estimated at 4 characters per token and the row is marked ``estimated``.
+ends without it (cancelled, cut at its reservation, or a server that never reports usage)
+they are estimated (:mod:`~exo_remote_engine.sidecar.ledger.token_estimates`: never fewer
+than a token per non-ASCII character) and the row is marked ``estimated``.
 
 The ledger is one SQLite file in WAL mode with ``synchronous=NORMAL``: each finished
 request is one committed transaction, which survives SIGKILL of the sidecar (the WAL is
@@ -35,7 +36,6 @@ from exo_remote_engine.sidecar.config.loader import ModelEntry
 from exo_remote_engine.sidecar.config.variables import Environment
 from exo_remote_engine.sidecar.ledger.token_cost import NO_DETAILS, TokenDetails, detailed_cost
 
-CHARS_PER_TOKEN = 4
 DB_NAME = "spend.sqlite3"
 
 _SCHEMA = """
@@ -52,8 +52,9 @@ CREATE TABLE IF NOT EXISTS requests (
     completion_tokens INTEGER NOT NULL,
     cost_usd REAL,                     -- NULL: no known price
     estimated INTEGER NOT NULL,        -- 1: tokens estimated, the provider reported none
-    outcome TEXT NOT NULL,             -- completed, cancelled, failed (after output began), abandoned
-    pid INTEGER                        -- the sidecar process that wrote it
+    outcome TEXT NOT NULL,             -- completed, cut (at its reservation), cancelled, failed, abandoned
+    pid INTEGER,                       -- the sidecar process that wrote it
+    reservation TEXT                   -- the budget reservation this charge replaces (shared budgets)
 );
 CREATE INDEX IF NOT EXISTS requests_node_ended ON requests (node, ended_at);
 CREATE INDEX IF NOT EXISTS requests_ended ON requests (ended_at);
@@ -63,7 +64,7 @@ CREATE TABLE IF NOT EXISTS shipped (target TEXT PRIMARY KEY, last_id INTEGER NOT
 _DETAIL_COLUMNS = ("cached_prompt_tokens", "cache_creation_prompt_tokens", "reasoning_tokens")
 _COLUMNS = (
     "id, request_id, ended_at, day, node, alias, deployment, model, prompt_tokens, completion_tokens, cost_usd,"
-    " estimated, outcome, pid"
+    " estimated, outcome, pid, reservation"
 )
 
 
@@ -97,6 +98,25 @@ def _map_prices(model: str, provider: str) -> tuple[float | None, float | None]:
     return None, None
 
 
+@functools.lru_cache(maxsize=1024)
+def _map_max_output(model: str) -> int | None:
+    import litellm
+
+    info = litellm.model_cost.get(model)
+    value = info.get("max_output_tokens", info.get("max_tokens")) if isinstance(info, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def max_output_tokens(entry: ModelEntry) -> int | None:
+    """The most ``entry`` can write in one reply (its ``model_info``, else LiteLLM's map)."""
+    if entry.max_output_tokens is not None:
+        return entry.max_output_tokens
+    model = entry.base_model or entry.litellm_model
+    found = _map_max_output(model)
+    prefix, sep, rest = model.partition("/")
+    return found if found is not None or not sep or prefix != entry.provider else _map_max_output(rest)
+
+
 def prices(entry: ModelEntry) -> tuple[float | None, float | None]:
     """USD per prompt token and per completion token for ``entry`` (None: unknown)."""
     found_in, found_out = _map_prices(entry.base_model or entry.litellm_model, entry.provider)
@@ -117,10 +137,6 @@ def cost_usd(
     return prompt_tokens * price_in + completion_tokens * price_out
 
 
-def estimate_tokens(chars: int) -> int:
-    return -(-chars // CHARS_PER_TOKEN)
-
-
 @dataclass(frozen=True)
 class Charge:
     """One request's line in the ledger."""
@@ -137,6 +153,7 @@ class Charge:
     estimated: bool
     outcome: str
     details: TokenDetails = NO_DETAILS
+    reservation: str | None = None  # a shared reservation, deleted when this row is copied
 
     @classmethod
     def of(
@@ -151,6 +168,7 @@ class Charge:
         estimated: bool,
         outcome: str,
         details: TokenDetails = NO_DETAILS,
+        reservation: str | None = None,
     ) -> Charge:
         return cls(
             request_id,
@@ -165,6 +183,7 @@ class Charge:
             estimated,
             outcome,
             details,
+            reservation,
         )
 
 
@@ -204,8 +223,9 @@ class Ledger:
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.executescript(_SCHEMA)
             columns = {row[1] for row in connection.execute("PRAGMA table_info(requests)")}
-            if "pid" not in columns:  # a ledger written before the column existed
-                connection.execute("ALTER TABLE requests ADD COLUMN pid INTEGER")
+            for column, kind in (("pid", "INTEGER"), ("reservation", "TEXT")):
+                if column not in columns:  # a ledger written before the column existed
+                    connection.execute(f"ALTER TABLE requests ADD COLUMN {column} {kind}")
             for column in _DETAIL_COLUMNS:  # the provider's token details (token_cost.py)
                 if column not in columns:
                     connection.execute(f"ALTER TABLE requests ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
@@ -224,8 +244,8 @@ class Ledger:
         day = dt.datetime.fromtimestamp(charge.ended_at, dt.UTC).date().isoformat()
         self._db.execute(
             "INSERT INTO requests (request_id, ended_at, day, node, alias, deployment, model, prompt_tokens,"
-            " completion_tokens, cost_usd, estimated, outcome, pid, cached_prompt_tokens,"
-            " cache_creation_prompt_tokens, reasoning_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " completion_tokens, cost_usd, estimated, outcome, pid, reservation, cached_prompt_tokens,"
+            " cache_creation_prompt_tokens, reasoning_tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 charge.request_id,
                 charge.ended_at,
@@ -240,6 +260,7 @@ class Ledger:
                 int(charge.estimated),
                 charge.outcome,
                 os.getpid(),
+                charge.reservation,
                 charge.details.cached_prompt_tokens,
                 charge.details.cache_creation_prompt_tokens,
                 charge.details.reasoning_tokens,

@@ -11,10 +11,16 @@ in SQLite and are copied once it is back, also after a restart of the sidecar: n
 finished is lost.
 
 Budgets read a node's spend from the database (plus this host's rows not copied yet), so
-they hold across hosts. When the database cannot be reached a budget cannot be checked:
-a budgeted node's requests are refused with SPEND_DATABASE_UNAVAILABLE (fail closed;
-retryable), nodes without a budget are served as usual. One warning says so per outage,
-and its end is logged too.
+they hold across hosts. A request's reservation of its maximum cost is a row of
+``exo_remote_reservations``, taken under the node's advisory lock with the spend and the
+other reservations read in the same transaction (so two hosts never both take the last of a
+budget); it is deleted by the very statement that copies its request's charge (so the
+node's spend never drops between the two), or at once when nothing is charged. A host that
+dies holding one frees it when it expires (the request's deadline plus a minute).
+
+When the database cannot be reached a budget cannot be checked: a budgeted node's requests
+are refused with SPEND_DATABASE_UNAVAILABLE (fail closed; retryable), nodes without a
+budget are served as usual. One warning says so per outage, and its end is logged too.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import asyncio
 import contextlib
 import math
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from exo_remote_engine.contract.errors import Reason, RemoteError
@@ -44,6 +50,7 @@ COPY_WAIT_S = 1.0  # how long a finishing request waits for its row's copy (then
 UNAVAILABLE_RETRY_AFTER_S = 5.0
 
 HOURS = "exo_remote_spend_hours"
+RESERVATIONS = "exo_remote_reservations"
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
     origin TEXT NOT NULL,              -- the SQLite ledger the row was copied from (its UUID)
@@ -74,12 +81,21 @@ CREATE TABLE IF NOT EXISTS {HOURS} (
     cost_usd DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (node, hour)
 );
+CREATE TABLE IF NOT EXISTS {RESERVATIONS} (
+    id TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    cost_usd DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL,
+    host TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS {RESERVATIONS}_node ON {RESERVATIONS} (node);
 """
 _SCHEMA_LOCK = 0x65786F72  # pg_advisory_xact_lock key: hosts starting together create it once
 # One batch: rows that were not there yet are inserted, and only those add to their hour
 # (a row copied twice, even by two processes at once, is neither stored nor counted twice).
 _INSERT = f"""
-WITH new AS (
+WITH gone AS (DELETE FROM {RESERVATIONS} WHERE id = ANY($17::text[])),
+new AS (
     INSERT INTO {TABLE} (local_id, request_id, ended_at, day, node, alias, deployment, model, prompt_tokens,
                          completion_tokens, cost_usd, estimated, outcome, pid, origin, host)
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::text[], $5::text[], $6::text[], $7::text[],
@@ -100,6 +116,13 @@ SELECT COALESCE((SELECT SUM(cost_usd) FROM {HOURS} WHERE node = $1 AND hour >= $
      + COALESCE((SELECT SUM(cost_usd) FROM {TABLE} WHERE node = $1 AND ended_at >= $2 AND ended_at < $3 * 3600.0), 0)
      - COALESCE((SELECT SUM(cost_usd) FROM {TABLE}
                  WHERE origin = $4 AND local_id > $5 AND node = $1 AND ended_at >= $2), 0)
+"""  # noqa: S608
+# Spend and live reservations in one statement, so in one snapshot: a charge copied (and its
+# reservation deleted) meanwhile is counted exactly once. $6: now; expired reservations (of a
+# host that died) are deleted on the way.
+_SPENT_AND_HELD = f"""
+WITH expired AS (DELETE FROM {RESERVATIONS} WHERE node = $1 AND expires_at < $6)
+SELECT ({_SPENT}) + COALESCE((SELECT SUM(cost_usd) FROM {RESERVATIONS} WHERE node = $1 AND expires_at >= $6), 0)
 """  # noqa: S608
 
 
@@ -138,6 +161,7 @@ class SpendDatabase:
         self._next_pass: asyncio.Future[None] | None = None  # done when a pass begun after now ends
         self._shipper: asyncio.Task[None] | None = None
         self._reading: dict[tuple[str, float], asyncio.Future[float]] = {}  # node's spend being read
+        self._releasing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Open the pool (no connection yet: the database may be down at start) and the copier."""
@@ -157,6 +181,8 @@ class SpendDatabase:
 
     async def close(self, grace_s: float = 2.0) -> None:
         """A last copy of what is waiting (bounded), then the pool."""
+        if self._releasing:
+            await asyncio.wait(list(self._releasing), timeout=grace_s)
         if self._shipper is not None:
             self._shipper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -232,6 +258,48 @@ class SpendDatabase:
         self._outage.succeeded()
         return float(total)
 
+    async def reserve(
+        self, node: str, since: float, now: float, reservation_id: str, decide: Callable[[float], float], hold_s: float
+    ) -> float:
+        """Hold ``decide(spend since `since` + every live reservation)`` USD for ``node``, atomically
+        across hosts (``decide`` raises to refuse); the amount held."""
+        if not self._outage.usable():
+            raise self._unavailable(node)
+        shipped = self.ledger.shipped_upto(self.name)
+        try:
+            async with asyncio.timeout(QUERY_TIMEOUT_S):
+                async with self._pool.acquire() as connection:
+                    await self._ensure_schema(connection)
+                    async with connection.transaction():
+                        await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"budget:{node}")
+                        total = await connection.fetchval(
+                            _SPENT_AND_HELD, node, since, math.ceil(since / 3600), self.origin, shipped, now
+                        )
+                        # (after the statement: a row of ours copied before it was written before it)
+                        local = self.ledger.spent(node, since, after_id=shipped)
+                        cost = decide(float(total) + local)
+                        await connection.execute(
+                            f"INSERT INTO {RESERVATIONS} VALUES ($1, $2, $3, $4, $5)",  # noqa: S608
+                            reservation_id, node, cost, now + hold_s, self.host,
+                        )
+        except _driver_errors() as exc:
+            self._outage.failed(exc)
+            raise self._unavailable(node) from None
+        self._outage.succeeded()
+        return cost
+
+    def release(self, reservation_id: str) -> None:
+        """Give back a reservation whose request was not charged, without making anyone wait
+        (if it cannot be deleted now, it expires)."""
+        task = asyncio.get_running_loop().create_task(self._delete_reservation(reservation_id))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _delete_reservation(self, reservation_id: str) -> None:
+        with contextlib.suppress(*_driver_errors()):
+            async with asyncio.timeout(QUERY_TIMEOUT_S):
+                await self._pool.execute(f"DELETE FROM {RESERVATIONS} WHERE id = $1", reservation_id)  # noqa: S608
+
     def _unavailable(self, node: str) -> RemoteError:
         return RemoteError(
             Reason.SPEND_DATABASE_UNAVAILABLE,
@@ -245,10 +313,13 @@ class SpendDatabase:
         """Copy every row not copied yet; the number copied. Raises the driver's error."""
         copied = 0
         while rows := await self.ledger.unshipped(self.name, SHIP_BATCH):
-            columns = [list(column) for column in zip(*rows, strict=True)]
+            *columns, reservations = [list(column) for column in zip(*rows, strict=True)]
+            held = [r for r in reservations if r]  # their charges replace them, in one statement
             async with self._pool.acquire() as connection:
                 await self._ensure_schema(connection)
-                await connection.execute(_INSERT, *columns, [self.origin] * len(rows), [self.host] * len(rows))
+                await connection.execute(
+                    _INSERT, *columns, [self.origin] * len(rows), [self.host] * len(rows), held
+                )
             last = rows[-1][0]
             assert isinstance(last, int)
             await self.ledger.mark_shipped(self.name, last)

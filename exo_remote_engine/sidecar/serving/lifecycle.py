@@ -233,6 +233,8 @@ async def _start(settings: SidecarSettings, config: SidecarConfig) -> RunningSid
         database=database,
     )
     servicer.warnings = warnings
+    for gap in servicer.accounting.unpriced_warnings(config, policy.may_use):
+        log.warning("%s", gap)
     server = grpc.aio.server(interceptors=interceptors, options=_server_options(settings))
     pb_grpc.add_RemoteInferenceServiceServicer_to_server(servicer, server)
     health = HealthServicer()

@@ -23,7 +23,8 @@ from exo_remote_engine.contract.openai_chat import validate_request
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from exo_remote_engine.sidecar.config.loader import MASTER_KEY_NODE, ModelEntry
-from exo_remote_engine.sidecar.control.accounting import Accounting, RequestAccount
+from exo_remote_engine.sidecar.control.accounting import Accounting, ReplyCut, RequestAccount
+from exo_remote_engine.sidecar.control.budgets import Reservation
 from exo_remote_engine.sidecar.control.limits import Clock
 from exo_remote_engine.sidecar.control.policy import Policy
 from exo_remote_engine.sidecar.control.queueing import Lines, Ticket
@@ -160,8 +161,13 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         validate_request(request)
         deadline_s = self.policy.check_request(request, node, context.time_remaining())
         ticket = self.lines.ticket(node)
-        await ticket.limits(lambda: self.accounting.admit(node))
-        account = self.accounting.open(request, node, entry)
+        reserved: list[Reservation | None] = [None]
+
+        async def admit() -> None:  # retried by the node's line while over rpm/tpm
+            reserved[0] = await self.accounting.admit(node, request, self._chargeable(entry, node), deadline_s)
+
+        await ticket.limits(admit)
+        account = self.accounting.open(request, node, entry, reserved[0])
         recorder = self.metrics.stream(entry.alias, node, lambda: account.served.deployment_name)
         code, failure = "OK", ""
         log.info("request_id=%s model=%s node=%s start", request.request_id, entry.alias, node)
@@ -182,6 +188,13 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
             log.info(
                 "request_id=%s model=%s node=%s end code=%s%s", request.request_id, entry.alias, node, code, failure
             )
+
+    def _chargeable(self, entry: ModelEntry, node: str) -> list[ModelEntry]:
+        """The deployments that may serve (and be charged for) a request for ``entry``: its
+        group and its fallbacks' groups the node may use. A budget reserves at their highest price."""
+        fallbacks = [f for a in self.config.fallbacks.get(entry.alias, ()) if (f := self.config.get(a)) is not None]
+        heads = [entry, *(f for f in fallbacks if self.policy.may_use(node, f.alias))]
+        return [member for head in heads for member in self.config.deployments(head)]
 
     async def _ready_entry(self, alias: str, node: str) -> ModelEntry:
         """The model ``alias`` names, ready; else an error listing what the node may use."""
@@ -214,6 +227,13 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
 
         async def write(response: pb.GenerateResponse) -> None:
             if response.HasField("delta"):
+                delta, cut = account.clip(response.delta)
+                if cut:  # the reply reached its reserved tokens: what fits, then the end
+                    if delta.ByteSize():
+                        await send(pb.GenerateResponse(delta=delta))
+                        recorder.delta_written()
+                        account.wrote(delta)
+                    raise ReplyCut
                 await send(response)
                 recorder.delta_written()
                 account.wrote(response.delta)
@@ -231,9 +251,12 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
                             for alias in self.config.fallbacks.get(entry.alias, ())
                             if (f := await self.registry.lookup(alias)) is not None and f.ready
                         ]
-                        await self.backend.generate(
-                            entry, request, write, fallbacks, account.attempt, account.abandoned, wait_for_room
-                        )
+                        try:
+                            await self.backend.generate(
+                                entry, request, write, fallbacks, account.attempt, account.abandoned, wait_for_room
+                            )
+                        except ReplyCut:
+                            await send(pb.GenerateResponse(finished=await account.cut()))
         except TimeoutError:
             raise RemoteError(Reason.DEADLINE_EXCEEDED, f"deadline of {deadline_s:.1f}s exceeded") from None
         except asyncio.CancelledError:

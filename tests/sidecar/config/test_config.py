@@ -323,6 +323,8 @@ def test_deployment_ids_must_be_unique(tmp_path: Path) -> None:
         ("exo_remote_settings:\n  nodes:\n    n1: {max_budget: -2}\n", "max_budget"),
         ("exo_remote_settings:\n  nodes:\n    n1: {max_budget: 1, budget_duration: 3x}\n", "budget_duration"),
         ("exo_remote_settings:\n  nodes:\n    n1: {budget_duration: 1d}\n", "needs max_budget"),
+        ("exo_remote_settings:\n  nodes:\n    n1: {allow_unpriced: true}\n", "allow_unpriced needs max_budget"),
+        ("exo_remote_settings:\n  nodes:\n    n1: {max_budget: 1, allow_unpriced: yes please}\n", "true or false"),
     ],
 )
 def test_bad_traffic_settings_are_errors(tmp_path: Path, extra: str, expected: str) -> None:
@@ -336,6 +338,9 @@ def test_node_quotas_and_durations(tmp_path: Path) -> None:
     )
     quota = load_config(_write(tmp_path, "c.yaml", text), {}).node_quotas["n1"]
     assert (quota.rpm, quota.tpm, quota.max_budget, quota.budget_duration_s) == (3, 100, 0.5, 30 * 86400)
+    assert quota.allow_unpriced is False, "unpriced models are refused to a budget unless allowed"
+    allowed = text.replace("budget_duration: 30d}", "budget_duration: 30d, allow_unpriced: true}")
+    assert load_config(_write(tmp_path, "d.yaml", allowed), {}).node_quotas["n1"].allow_unpriced is True
 
 
 def test_duplicate_key_in_yaml_mapping(tmp_path: Path) -> None:

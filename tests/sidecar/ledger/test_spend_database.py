@@ -142,3 +142,72 @@ def test_a_ledger_from_before_the_shared_database_is_upgraded_in_place(tmp_path:
         assert reopened.origin() == origin, "a ledger keeps its identity"
     finally:
         reopened.close()
+
+
+async def reservations(url: str, node: str) -> list[asyncpg.Record]:
+    connection = await asyncpg.connect(url)
+    try:
+        return list(await connection.fetch("SELECT * FROM exo_remote_reservations WHERE node = $1", node))
+    finally:
+        await connection.close()
+
+
+async def test_reservations_hold_across_hosts_and_turn_into_their_charges(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    """Two hosts reserve for one node at once: together they never hold more than its
+    budget; a reservation goes away in the statement that copies its charge, at release, or
+    when it expires (a host that died)."""
+    url = await asyncio.to_thread(postgres_server.create_database, "spend_reservations")
+    clock = FakeClock()
+    quotas = {"r": NodeQuota(max_budget=10 * COST)}
+    hosts = []
+    for name in ("a", "b"):
+        ledger = Ledger.open(tmp_path / name)
+        database = SpendDatabase(url, ledger)
+        await database.start()
+        hosts.append((ledger, database, Budgets(quotas, ledger, clock, database)))
+
+    async def reserve(i: int) -> object:
+        try:  # each: 100 prompt tokens ($0.10) and 30 output tokens ($0.06) of a $1.20 budget
+            return await hosts[i % 2][2].reserve("r", 0.001, 0.002, 100, 30, 600)
+        except RemoteError as exc:
+            return exc
+
+    try:
+        results = await asyncio.gather(*(reserve(i) for i in range(16)))
+        held = [r for r in results if not isinstance(r, RemoteError)]
+        assert len(held) == 7, "7 x $0.16 fit in $1.20; the $0.08 left is less than a prompt"
+        assert all(isinstance(r, RemoteError) and r.reason is Reason.BUDGET_EXCEEDED for r in results if r not in held)
+        rows = await reservations(url, "r")
+        assert len(rows) == 7 and sum(r["cost_usd"] for r in rows) <= 10 * COST
+        # One request finishes on host a: its charge ($0.12) replaces its reservation ($0.16).
+        first = held[0]
+        ledger_a, database_a, budgets_a = hosts[0]
+        finished = Charge.of(request_id="done", ended_at=clock.now, node="r", entry=ENTRY, prompt_tokens=100,
+                             completion_tokens=10, estimated=False, outcome="completed",
+                             reservation=first.id)  # type: ignore[union-attr]
+        await ledger_a.record(finished)
+        await database_a.copied()
+        assert first.id not in {r["id"] for r in await reservations(url, "r")}  # type: ignore[union-attr]
+        # Another is given back uncharged (a provider error before the first delta).
+        database_a.release(held[1].id)  # type: ignore[union-attr]
+        for _ in range(50):
+            if len(await reservations(url, "r")) == 5:
+                break
+            await asyncio.sleep(0.05)
+        assert len(await reservations(url, "r")) == 5
+        # $0.12 spent + 5 x $0.16 held: $0.28 left, room for one more and then one clamped.
+        more = await budgets_a.reserve("r", 0.001, 0.002, 100, 30, 600)
+        assert more is not None and more.output_tokens == 30
+        clamped = await budgets_a.reserve("r", 0.001, 0.002, 100, 30, 600)
+        assert clamped is not None and clamped.output_tokens in (9, 10), "$0.12 left: the prompt and 10 tokens"
+        # A host that died with its reservations: they expire (the clock moves past them).
+        clock.now += 601
+        again = await budgets_a.reserve("r", 0.001, 0.002, 100, 30, 600)
+        assert again is not None and again.output_tokens == 30
+        assert len(await reservations(url, "r")) == 1, "expired reservations are gone"
+    finally:
+        for ledger, database, _ in hosts:
+            await database.close()
+            ledger.close()
