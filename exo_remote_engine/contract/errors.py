@@ -23,6 +23,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from exo_remote_engine.contract.redaction import redact
 
 ERROR_DOMAIN = "exo-remote-engine"
+MAX_RETRY_AFTER_S = 86400.0  # the longest wait a status carries
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
@@ -123,6 +124,10 @@ class RemoteError(Exception):
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
+        if self.retry_after_s is not None:
+            # A provider's Retry-After of 1e400 (inf), NaN or years must not break the status.
+            delay = self.retry_after_s
+            self.retry_after_s = min(delay, MAX_RETRY_AFTER_S) if delay >= 0 else 0.0
 
     def __str__(self) -> str:
         return self.message

@@ -222,9 +222,19 @@ _installed = False
 _exception_formatter = logging.Formatter()
 
 
+MAX_REDACTED_ARG_CHARS = 16 * 1024  # a log argument is cut to this before it is redacted
+
+
 def _redacted_arg(value: Any) -> Any:
-    # Numbers keep their type so %d and %.2f still format them; everything else is text.
-    return value if isinstance(value, int | float) else SECRETS.redact(str(value))
+    # Numbers keep their type so %d and %.2f still format them; everything else is text,
+    # bounded first: redaction scans every character, and a client's string may be 15 MiB.
+    if isinstance(value, int | float):
+        return value
+    text = str(value)
+    cut = len(text) - MAX_REDACTED_ARG_CHARS
+    if cut > 0:
+        text = f"{text[:MAX_REDACTED_ARG_CHARS]}...[{cut} more characters]"
+    return SECRETS.redact(text)
 
 
 def install_log_redaction() -> None:

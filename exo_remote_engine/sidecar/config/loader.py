@@ -62,8 +62,15 @@ __all__ = [
 # Top-level sections and the keys in them the sidecar acts on; anything else is named in
 # one startup warning (SidecarConfig.not_acted_on).
 _TOP_LEVEL = ("model_list", "router_settings", "litellm_settings", "general_settings", "exo_remote_settings")
-_ROUTER_SETTINGS_ACTED = ("routing_strategy", "allowed_fails", "cooldown_time", "num_retries", "fallbacks")
-_LITELLM_SETTINGS_ACTED = ("num_retries", "fallbacks")
+_ROUTER_SETTINGS_ACTED = (
+    "routing_strategy",
+    "allowed_fails",
+    "cooldown_time",
+    "num_retries",
+    "fallbacks",
+    "context_window_fallbacks",
+)
+_LITELLM_SETTINGS_ACTED = ("num_retries", "fallbacks", "context_window_fallbacks")
 _GENERAL_SETTINGS_ACTED = ("master_key",)
 # Every key exo_remote_settings and a node's rules may hold: anything else is a typo that
 # would otherwise silently mean "no rule" (an unrestricted node).
@@ -117,6 +124,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         parse_node_quotas(path, settings),
         master_key,
         tuple(ignored),
+        parse_fallbacks(path, raw, settings, set(groups), key="context_window_fallbacks"),
     )
 
 

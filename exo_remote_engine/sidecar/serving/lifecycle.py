@@ -181,7 +181,8 @@ async def _start(settings: SidecarSettings, config: SidecarConfig) -> RunningSid
     named_tokens = dict(settings.named_tokens)
     if config.master_key is not None:
         # LiteLLM's master key: here an accepted bearer token, naming node "master-key".
-        named_tokens.setdefault(MASTER_KEY_NODE, config.master_key)
+        _check_master_key(config.master_key, named_tokens, settings.tokens)
+        named_tokens[MASTER_KEY_NODE] = config.master_key
     tokens = [*settings.tokens, *named_tokens.values()]
     SECRETS.add_all(tokens)  # never sent by us, but never to be logged either
     access = AccessInterceptor(
@@ -234,6 +235,23 @@ async def _start(settings: SidecarSettings, config: SidecarConfig) -> RunningSid
     registry.start()
     health.set_all(True)
     return RunningSidecar(server, port, health, config, servicer, metrics_port)
+
+
+def _check_master_key(master_key: str, named_tokens: dict[str, str], tokens: object) -> None:
+    """The master key is its own node (outside every node's rules): it may neither share a
+    node's token (that node would silently leave its rules) nor have its name taken."""
+    if MASTER_KEY_NODE in named_tokens:
+        raise ConfigError(
+            f"a token is registered under the node name {MASTER_KEY_NODE!r}, which general_settings.master_key "
+            "names; rename that node in the token file"
+        )
+    same = sorted(name for name, token in named_tokens.items() if token == master_key)
+    if same or master_key in (tokens if isinstance(tokens, list | tuple) else ()):
+        who = f"node {same[0]!r}" if same else "a --token"
+        raise ConfigError(
+            f"general_settings.master_key is the same as {who}'s token: that node would be outside its rules; "
+            "give the master key a value of its own"
+        )
 
 
 def _bind(server: grpc.aio.Server, settings: SidecarSettings) -> int:

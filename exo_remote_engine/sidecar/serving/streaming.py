@@ -26,7 +26,7 @@ from exo_remote_engine.contract.openai_chat import FINISH_REASONS
 from exo_remote_engine.contract.redaction import redact
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.sidecar.config.loader import ModelEntry
-from exo_remote_engine.sidecar.control.routing import Router
+from exo_remote_engine.sidecar.control.routing import Router, deployment_fault
 from exo_remote_engine.sidecar.telemetry.safe_logging import safe_logger
 from exo_remote_engine.sidecar.transports.litellm_transport import LiteLLMTransport
 from exo_remote_engine.sidecar.transports.openai_transport import OpenAICompatibleTransport
@@ -88,6 +88,7 @@ class StreamingBackend:
         write: Write,
         fallbacks: Sequence[ModelEntry] = (),
         on_attempt: OnAttempt | None = None,
+        context_fallbacks: Sequence[ModelEntry] = (),
     ) -> None:
         """Stream ``request`` to ``write``: deltas, then exactly one Finished event.
 
@@ -95,12 +96,15 @@ class StreamingBackend:
         first delta a failing deployment is retried, on another member of its group when
         there is one (at once) or itself (bounded, jittered, honouring Retry-After up to a
         cap); then the fallbacks are tried in order. After the first delta nothing is
-        retried, so no text is ever sent twice. ``on_attempt`` hears of each deployment tried."""
+        retried, so no text is ever sent twice. ``on_attempt`` hears of each deployment tried.
+        The caller's own 4xx is its answer; only a context window too small moves it on, to
+        ``context_fallbacks``. Every fallback is one the caller checked the node may use."""
         candidates = [self._groups(e) for e in (entry, *fallbacks)]
-        if all(self.transport_for(c).writes_inline for group in candidates for c in group):
+        larger = [self._groups(e) for e in context_fallbacks]
+        if all(self.transport_for(c).writes_inline for group in (*candidates, *larger) for c in group):
             state = StreamState(write)
             try:
-                await self._produce_with_retries(candidates, request, state, on_attempt)
+                await self._produce_with_retries(candidates, request, state, on_attempt, larger)
             except WriteFailed as exc:
                 assert exc.__cause__ is not None
                 raise exc.__cause__ from None
@@ -110,7 +114,7 @@ class StreamingBackend:
             return
         state = StreamState()
         ready = state.ready
-        producer = asyncio.create_task(self._produce_with_retries(candidates, request, state, on_attempt))
+        producer = asyncio.create_task(self._produce_with_retries(candidates, request, state, on_attempt, larger))
         try:
             while not producer.done():
                 await ready.wait()
@@ -138,6 +142,33 @@ class StreamingBackend:
         request: pb.GenerateRequest,
         state: StreamState,
         on_attempt: OnAttempt | None,
+        context_candidates: Sequence[Sequence[ModelEntry]] = (),
+    ) -> None:
+        """The models in order; a request too long for them moves, once, to the
+        ``context_candidates`` (LiteLLM's ``context_window_fallbacks``)."""
+        try:
+            try:
+                await self._try_models(candidates, request, state, on_attempt)
+            except Exception as exc:
+                reason = classify(exc, alias="", provider="").reason
+                if state.started or not context_candidates or reason is not Reason.CONTEXT_WINDOW_EXCEEDED:
+                    raise
+                log.warning(
+                    "request_id=%s exceeds the context window of %s; falling back to %s",
+                    request.request_id,
+                    candidates[0][0].alias,
+                    context_candidates[0][0].alias,
+                )
+                await self._try_models(context_candidates, request, state, on_attempt)
+        finally:
+            state.ready.set()
+
+    async def _try_models(
+        self,
+        candidates: Sequence[Sequence[ModelEntry]],
+        request: pb.GenerateRequest,
+        state: StreamState,
+        on_attempt: OnAttempt | None,
     ) -> None:
         # Two retry loops on purpose: this one handles *provider* failures (429, 5xx, a
         # dropped connection: classified here, where the provider's answer is seen), falls
@@ -145,72 +176,73 @@ class StreamingBackend:
         # The engine's tenacity retry (engine/client.py) handles only *sidecar* failures
         # (unreachable, overloaded) and never retries a provider error, so a failure class
         # is retried in exactly one place. Hand-written because of the fallback step.
-        try:
-            for position, group in enumerate(candidates):
-                last_model = position == len(candidates) - 1
-                tried: set[str] = set()
-                for attempt in range(self._num_retries + 1):
-                    try:
-                        entry = await self._router.pick(group, tried) if self._router is not None else group[0]
-                    except RemoteError as unavailable:  # every deployment is limited or cooling down
+        # A request the provider refused for what it asks (400, 413, 422) goes back to
+        # its caller at once: no other member, no fallback, no cooldown.
+        for position, group in enumerate(candidates):
+            last_model = position == len(candidates) - 1
+            tried: set[str] = set()
+            for attempt in range(self._num_retries + 1):
+                try:
+                    entry = await self._router.pick(group, tried) if self._router is not None else group[0]
+                except RemoteError as unavailable:  # every deployment is limited or cooling down
+                    if last_model:
+                        raise
+                    log.warning(
+                        "request_id=%s model=%s %s; falling back to %s",
+                        request.request_id,
+                        group[0].alias,
+                        unavailable.reason.value,
+                        candidates[position + 1][0].alias,
+                    )
+                    break
+                state.entry = entry
+                if on_attempt is not None:
+                    on_attempt(entry)
+                try:
+                    await self._produce_once(entry, group, request, state)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if state.started:
+                        raise  # text already went out: never retry, never fall back
+                    tried.add(entry.deployment_name)
+                    error = classify(exc, alias=entry.alias, provider=entry.provider)
+                    if not deployment_fault(error):
+                        raise  # the caller's own request: its answer, not another deployment's
+                    if not error.retryable or attempt == self._num_retries:
                         if last_model:
                             raise
                         log.warning(
-                            "request_id=%s model=%s %s; falling back to %s",
+                            "request_id=%s model=%s failed (%s: %s); falling back to %s",
                             request.request_id,
-                            group[0].alias,
-                            unavailable.reason.value,
+                            entry.deployment_name,
+                            error.reason.value,
+                            error.message,
                             candidates[position + 1][0].alias,
                         )
                         break
-                    state.entry = entry
-                    if on_attempt is not None:
-                        on_attempt(entry)
-                    try:
-                        await self._produce_once(entry, group, request, state)
-                        return
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as exc:
-                        if state.started:
-                            raise  # text already went out: never retry, never fall back
-                        tried.add(entry.deployment_name)
-                        error = classify(exc, alias=entry.alias, provider=entry.provider)
-                        if not error.retryable or attempt == self._num_retries:
-                            if last_model:
-                                raise
-                            log.warning(
-                                "request_id=%s model=%s failed (%s: %s); falling back to %s",
-                                request.request_id,
-                                entry.deployment_name,
-                                error.reason.value,
-                                error.message,
-                                candidates[position + 1][0].alias,
-                            )
-                            break
-                        if len(tried) < len(group):
-                            log.info(
-                                "request_id=%s deployment=%s %s; trying another deployment",
-                                request.request_id,
-                                entry.deployment_name,
-                                error.reason.value,
-                            )
-                            continue  # another member of the group: no reason to wait
-                        delay = random.uniform(0, self._retry_base_s * 2**attempt)
-                        if error.retry_after_s is not None:
-                            delay = max(delay, error.retry_after_s)
+                    if len(tried) < len(group):
                         log.info(
-                            "request_id=%s model=%s %s (%s); retry %d in %.2fs",
+                            "request_id=%s deployment=%s %s; trying another deployment",
                             request.request_id,
-                            entry.alias,
+                            entry.deployment_name,
                             error.reason.value,
-                            error.message,
-                            attempt + 1,
-                            delay,
                         )
-                        await asyncio.sleep(min(delay, self._retry_cap_s))
-        finally:
-            state.ready.set()
+                        continue  # another member of the group: no reason to wait
+                    delay = random.uniform(0, self._retry_base_s * 2**attempt)
+                    if error.retry_after_s is not None:
+                        delay = max(delay, error.retry_after_s)
+                    log.info(
+                        "request_id=%s model=%s %s (%s); retry %d in %.2fs",
+                        request.request_id,
+                        entry.alias,
+                        error.reason.value,
+                        error.message,
+                        attempt + 1,
+                        delay,
+                    )
+                    await asyncio.sleep(min(delay, self._retry_cap_s))
 
     async def _produce_once(
         self, entry: ModelEntry, group: Sequence[ModelEntry], request: pb.GenerateRequest, state: StreamState
@@ -225,8 +257,9 @@ class StreamingBackend:
         try:
             await self.transport_for(entry).produce(entry, request, state)
         except Exception as exc:
-            if state.started:
-                router.ended(entry)
+            error = classify(exc, alias=entry.alias, provider=entry.provider)
+            if state.started or not deployment_fault(error):
+                router.ended(entry)  # a caller's own 4xx says nothing about the deployment
             else:
                 router.failed(entry, getattr(exc, "status_code", None), len(group))
             raise
