@@ -46,6 +46,7 @@ log = safe_logger("exo_remote_engine.sidecar")
 
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 RECEIVE_WINDOW_BYTES = 1024 * 1024
+RECEIVE_SLACK_BYTES = 64 * 1024
 _LITELLM_TRANSPORT = "exo_remote_engine.sidecar.transports.litellm_transport"
 
 
@@ -159,7 +160,10 @@ def _server_options(settings: SidecarSettings) -> list[tuple[str, object]]:
         # many MiB (30 MiB refused bodies then still cost 12-100 MiB of RSS).
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
-        ("grpc.max_receive_message_length", max(MAX_MESSAGE_BYTES, settings.limits.max_request_bytes + 1024)),
+        # Sized from the config: grpc refuses a longer message by its length prefix, before
+        # buffering it, so no caller (an anonymous one above all) makes the sidecar hold more
+        # per call. The slack lets the policy name a request slightly over the limit.
+        ("grpc.max_receive_message_length", settings.limits.max_request_bytes + RECEIVE_SLACK_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         # Reasoning models can think for minutes before the first token: let clients
         # keep the connection alive with pings while nothing flows.
