@@ -210,7 +210,7 @@ async def test_a_master_key_equal_to_a_token_or_a_node_named_master_key_stops_st
     tokens = tmp_path / "tokens"
     tokens.write_text(f"master-key {TOKENS[ATTACKER]}\n")
     tokens.chmod(0o600)
-    with pytest.raises(ConfigError, match="reserved for general_settings.master_key"):
+    with pytest.raises(ConfigError, match=r"reserved for general_settings\.master_key"):
         load_token_file(tokens)
 
 

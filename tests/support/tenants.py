@@ -31,9 +31,9 @@ CONTEXT_ERROR = "This model's maximum context length is 8192 tokens. However, yo
 def tenant_config(
     upstream_url: str,
     groups: Mapping[str, Sequence[str]],
-    nodes: Mapping[str, Sequence[str]] = {},  # noqa: B006 - read only
+    nodes: Mapping[str, Sequence[str]] = {},
     sections: str = "",
-    prices: Mapping[str, tuple[float, float]] = {},  # noqa: B006 - read only
+    prices: Mapping[str, tuple[float, float]] = {},
 ) -> str:
     """A proxy config: each alias a group of upstream model names (one deployment each),
     ``nodes`` their ``allowed_models``, ``sections`` extra top-level YAML, ``prices`` per
