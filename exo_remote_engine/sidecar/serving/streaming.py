@@ -104,7 +104,7 @@ class StreamingBackend:
         if all(self.transport_for(c).writes_inline for group in (*candidates, *larger) for c in group):
             state = StreamState(write)
             try:
-                await self._produce_with_retries(candidates, request, state, on_attempt, larger)
+                await self._produce_all(candidates, larger, request, state, on_attempt)
             except WriteFailed as exc:
                 assert exc.__cause__ is not None
                 raise exc.__cause__ from None
@@ -114,7 +114,7 @@ class StreamingBackend:
             return
         state = StreamState()
         ready = state.ready
-        producer = asyncio.create_task(self._produce_with_retries(candidates, request, state, on_attempt, larger))
+        producer = asyncio.create_task(self._produce_all(candidates, larger, request, state, on_attempt))
         try:
             while not producer.done():
                 await ready.wait()
@@ -136,34 +136,31 @@ class StreamingBackend:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await producer
 
-    async def _produce_with_retries(
+    async def _produce_all(
         self,
         candidates: Sequence[Sequence[ModelEntry]],
+        larger: Sequence[Sequence[ModelEntry]],
         request: pb.GenerateRequest,
         state: StreamState,
         on_attempt: OnAttempt | None,
-        context_candidates: Sequence[Sequence[ModelEntry]] = (),
     ) -> None:
-        """The models in order; a request too long for them moves, once, to the
-        ``context_candidates`` (LiteLLM's ``context_window_fallbacks``)."""
+        """The models in order; a request too long for them moves, once, to ``larger``
+        (LiteLLM's ``context_window_fallbacks``)."""
         try:
-            try:
-                await self._try_models(candidates, request, state, on_attempt)
-            except Exception as exc:
-                reason = classify(exc, alias="", provider="").reason
-                if state.started or not context_candidates or reason is not Reason.CONTEXT_WINDOW_EXCEEDED:
-                    raise
-                log.warning(
-                    "request_id=%s exceeds the context window of %s; falling back to %s",
-                    request.request_id,
-                    candidates[0][0].alias,
-                    context_candidates[0][0].alias,
-                )
-                await self._try_models(context_candidates, request, state, on_attempt)
-        finally:
-            state.ready.set()
+            await self._produce_with_retries(candidates, request, state, on_attempt)
+        except Exception as exc:
+            reason = classify(exc, alias="", provider="").reason
+            if state.started or not larger or reason is not Reason.CONTEXT_WINDOW_EXCEEDED:
+                raise
+            log.warning(
+                "request_id=%s exceeds the context window of %s; falling back to %s",
+                request.request_id,
+                candidates[0][0].alias,
+                larger[0][0].alias,
+            )
+            await self._produce_with_retries(larger, request, state, on_attempt)
 
-    async def _try_models(
+    async def _produce_with_retries(
         self,
         candidates: Sequence[Sequence[ModelEntry]],
         request: pb.GenerateRequest,
@@ -176,73 +173,76 @@ class StreamingBackend:
         # The engine's tenacity retry (engine/client.py) handles only *sidecar* failures
         # (unreachable, overloaded) and never retries a provider error, so a failure class
         # is retried in exactly one place. Hand-written because of the fallback step.
-        # A request the provider refused for what it asks (400, 413, 422) goes back to
-        # its caller at once: no other member, no fallback, no cooldown.
-        for position, group in enumerate(candidates):
-            last_model = position == len(candidates) - 1
-            tried: set[str] = set()
-            for attempt in range(self._num_retries + 1):
-                try:
-                    entry = await self._router.pick(group, tried) if self._router is not None else group[0]
-                except RemoteError as unavailable:  # every deployment is limited or cooling down
-                    if last_model:
-                        raise
-                    log.warning(
-                        "request_id=%s model=%s %s; falling back to %s",
-                        request.request_id,
-                        group[0].alias,
-                        unavailable.reason.value,
-                        candidates[position + 1][0].alias,
-                    )
-                    break
-                state.entry = entry
-                if on_attempt is not None:
-                    on_attempt(entry)
-                try:
-                    await self._produce_once(entry, group, request, state)
-                    return
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    if state.started:
-                        raise  # text already went out: never retry, never fall back
-                    tried.add(entry.deployment_name)
-                    error = classify(exc, alias=entry.alias, provider=entry.provider)
-                    if not deployment_fault(error):
-                        raise  # the caller's own request: its answer, not another deployment's
-                    if not error.retryable or attempt == self._num_retries:
+        # A request the provider refused for what it asks (400, 413, 422) goes back to its
+        # caller at once: no other member, no fallback, no cooldown.
+        try:
+            for position, group in enumerate(candidates):
+                last_model = position == len(candidates) - 1
+                tried: set[str] = set()
+                for attempt in range(self._num_retries + 1):
+                    try:
+                        entry = await self._router.pick(group, tried) if self._router is not None else group[0]
+                    except RemoteError as unavailable:  # every deployment is limited or cooling down
                         if last_model:
                             raise
                         log.warning(
-                            "request_id=%s model=%s failed (%s: %s); falling back to %s",
+                            "request_id=%s model=%s %s; falling back to %s",
                             request.request_id,
-                            entry.deployment_name,
-                            error.reason.value,
-                            error.message,
+                            group[0].alias,
+                            unavailable.reason.value,
                             candidates[position + 1][0].alias,
                         )
                         break
-                    if len(tried) < len(group):
+                    state.entry = entry
+                    if on_attempt is not None:
+                        on_attempt(entry)
+                    try:
+                        await self._produce_once(entry, group, request, state)
+                        return
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        if state.started:
+                            raise  # text already went out: never retry, never fall back
+                        tried.add(entry.deployment_name)
+                        error = classify(exc, alias=entry.alias, provider=entry.provider)
+                        if not deployment_fault(error):
+                            raise  # the caller's own request: its answer, not another deployment's
+                        if not error.retryable or attempt == self._num_retries:
+                            if last_model:
+                                raise
+                            log.warning(
+                                "request_id=%s model=%s failed (%s: %s); falling back to %s",
+                                request.request_id,
+                                entry.deployment_name,
+                                error.reason.value,
+                                error.message,
+                                candidates[position + 1][0].alias,
+                            )
+                            break
+                        if len(tried) < len(group):
+                            log.info(
+                                "request_id=%s deployment=%s %s; trying another deployment",
+                                request.request_id,
+                                entry.deployment_name,
+                                error.reason.value,
+                            )
+                            continue  # another member of the group: no reason to wait
+                        delay = random.uniform(0, self._retry_base_s * 2**attempt)
+                        if error.retry_after_s is not None:
+                            delay = max(delay, error.retry_after_s)
                         log.info(
-                            "request_id=%s deployment=%s %s; trying another deployment",
+                            "request_id=%s model=%s %s (%s); retry %d in %.2fs",
                             request.request_id,
-                            entry.deployment_name,
+                            entry.alias,
                             error.reason.value,
+                            error.message,
+                            attempt + 1,
+                            delay,
                         )
-                        continue  # another member of the group: no reason to wait
-                    delay = random.uniform(0, self._retry_base_s * 2**attempt)
-                    if error.retry_after_s is not None:
-                        delay = max(delay, error.retry_after_s)
-                    log.info(
-                        "request_id=%s model=%s %s (%s); retry %d in %.2fs",
-                        request.request_id,
-                        entry.alias,
-                        error.reason.value,
-                        error.message,
-                        attempt + 1,
-                        delay,
-                    )
-                    await asyncio.sleep(min(delay, self._retry_cap_s))
+                        await asyncio.sleep(min(delay, self._retry_cap_s))
+        finally:
+            state.ready.set()
 
     async def _produce_once(
         self, entry: ModelEntry, group: Sequence[ModelEntry], request: pb.GenerateRequest, state: StreamState
