@@ -94,6 +94,7 @@ _TABLE: dict[Reason, _Kind] = {
 }
 
 # For statuses that arrive without our ErrorInfo (a proxy, a dead sidecar, grpc itself).
+_GRPC_MESSAGE_LIMIT = "larger than max"  # grpc's "Received message larger than max (N vs. M)"
 _REASON_FOR_BARE_CODE: dict[grpc.StatusCode, Reason] = {
     grpc.StatusCode.UNAVAILABLE: Reason.SIDECAR_UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED: Reason.DEADLINE_EXCEEDED,
@@ -199,6 +200,10 @@ class RemoteError(Exception):
         reason = _REASON_FOR_BARE_CODE.get(code, Reason.INTERNAL) if code else Reason.INTERNAL
         if reason is Reason.SIDECAR_UNAVAILABLE:
             message = f"sidecar unavailable: {message}"
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and _GRPC_MESSAGE_LIMIT in message:
+            # grpc's own refusal of a message over the sidecar's receive limit (sized from
+            # its max_request_bytes): the request is too large, and no retry will fit it.
+            reason, message = Reason.REQUEST_TOO_LARGE, f"request too large: {message}"
         return cls(reason, message)
 
     @classmethod

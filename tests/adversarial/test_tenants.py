@@ -276,6 +276,19 @@ async def test_a_15_mib_request_id_is_refused_at_once_and_never_stored(
     assert ok.code is grpc.StatusCode.OK, "128 printable characters are a request id"
 
 
+@pytest.mark.timeout(120)
+async def test_a_request_over_the_receive_limit_is_too_large_not_overloaded(
+    upstream: OpenAIUpstream, tenants: Tenants
+) -> None:
+    """grpc's receive limit is sized from max_request_bytes (so no caller makes the sidecar
+    buffer 32 MiB); what grpc refuses by it reads as REQUEST_TOO_LARGE, which no client retries."""
+    sidecar = await tenants.start(tenant_config(upstream.url, {"cheap": ["cheap"]}))
+    error = await outcome(tenants.client(sidecar, ATTACKER), "cheap", "x" * (20 * 1024 * 1024))
+    assert isinstance(error, RemoteError) and error.reason is Reason.REQUEST_TOO_LARGE, error
+    assert not error.retryable and not upstream.requests
+    assert await ask(tenants.client(sidecar, VICTIM), "cheap") != ""
+
+
 def test_a_config_file_over_the_size_cap_is_a_clear_startup_error(tmp_path: Path) -> None:
     path = tmp_path / "huge.yaml"
     body = tenant_config("http://127.0.0.1:9", {"cheap": ["cheap"]})
