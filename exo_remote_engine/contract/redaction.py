@@ -223,6 +223,7 @@ _exception_formatter = logging.Formatter()
 
 
 MAX_REDACTED_ARG_CHARS = 16 * 1024  # a log argument is cut to this before it is redacted
+MAX_REDACTED_TRACEBACK_CHARS = 64 * 1024  # and a traceback to this
 
 
 def _redacted_arg(value: Any) -> Any:
@@ -264,11 +265,12 @@ def install_log_redaction() -> None:
         elif record.args:
             record.args = tuple(_redacted_arg(a) for a in record.args)
         if record.exc_info and not record.exc_text:
-            record.exc_text = SECRETS.redact(_exception_formatter.formatException(record.exc_info))
+            traceback = _exception_formatter.formatException(record.exc_info)
+            record.exc_text = SECRETS.redact(traceback[:MAX_REDACTED_TRACEBACK_CHARS])  # bounded first
             # Formatters print exc_text; the raw exception (whose text may hold a key) goes.
             record.exc_info = None
         if record.stack_info:
-            record.stack_info = SECRETS.redact(record.stack_info)
+            record.stack_info = SECRETS.redact(record.stack_info[:MAX_REDACTED_TRACEBACK_CHARS])
         return record
 
     logging.setLogRecordFactory(factory)

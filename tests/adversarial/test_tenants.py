@@ -12,6 +12,7 @@ that used to give INTERNAL is ``test_tenant_provider_input.py``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -277,7 +278,7 @@ async def test_a_15_mib_request_id_is_refused_at_once_and_never_stored(
 
 
 @pytest.mark.timeout(120)
-async def test_a_request_over_the_receive_limit_is_too_large_not_overloaded(
+async def test_a_request_over_the_receive_limit_is_too_large_not_overloaded(  # a guard of the new limit
     upstream: OpenAIUpstream, tenants: Tenants
 ) -> None:
     """grpc's receive limit is sized from max_request_bytes (so no caller makes the sidecar
@@ -287,6 +288,24 @@ async def test_a_request_over_the_receive_limit_is_too_large_not_overloaded(
     assert isinstance(error, RemoteError) and error.reason is Reason.REQUEST_TOO_LARGE, error
     assert not error.retryable and not upstream.requests
     assert await ask(tenants.client(sidecar, VICTIM), "cheap") != ""
+
+
+def test_a_client_string_is_bounded_before_it_is_redacted(caplog: pytest.LogCaptureFixture) -> None:
+    """Redaction scans every character; a 15 MiB model name or message logged by any
+    logger is cut first (on 5b4b1cc a 15 MiB value held the event loop for seconds)."""
+    from exo_remote_engine.contract.redaction import SECRETS, install_log_redaction
+
+    install_log_redaction()
+    SECRETS.add(PLANTED_KEY)
+    caplog.set_level(logging.INFO)
+    hostile = "m" * (15 * 1024 * 1024) + PLANTED_KEY
+    started = time.monotonic()
+    logging.getLogger("tests.tenants.bounded").info("model=%s", hostile)
+    elapsed = time.monotonic() - started
+    (record,) = [r for r in caplog.records if r.name == "tests.tenants.bounded"]
+    assert len(record.getMessage()) < 64 * 1024, "the record keeps a bounded value"
+    assert PLANTED_KEY not in record.getMessage()
+    assert elapsed < 2.0, f"{elapsed:.1f}s to log one hostile string"
 
 
 def test_a_config_file_over_the_size_cap_is_a_clear_startup_error(tmp_path: Path) -> None:
