@@ -108,9 +108,11 @@ RULES = {ATTACKER: ["cheap"], VICTIM: ["cheap", "expensive", "large"]}
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_fallbacks_never_escalate_past_the_nodes_rules_or_its_own_4xx(
-    upstream: OpenAIUpstream, tenants: Tenants
+    upstream: OpenAIUpstream, tenants: Tenants, monkeypatch: pytest.MonkeyPatch, transport: str
 ) -> None:
+    use_transport(monkeypatch, transport)
     groups = {"cheap": ["cheap"], "expensive": ["expensive"], "large": ["large"]}
     sidecar = await tenants.start(tenant_config(upstream.url, groups, RULES, FALLBACKS, PRICES))
     attacker, victim = tenants.client(sidecar, ATTACKER), tenants.client(sidecar, VICTIM)
