@@ -25,7 +25,7 @@ import pytest
 from benchmarks.health_flood import anonymous_memory_flood
 from exo_remote_engine.server import SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import ConfigError, load_config
-from exo_remote_engine.sidecar.embedded.model import child_environment
+from exo_remote_engine.sidecar.embedded.model import EmbeddedModelSettings, child_environment, local_model_available
 from exo_remote_engine.sidecar.ledger.spend import DB_NAME, Ledger
 from exo_remote_engine.sidecar.ledger.state_files import ForeignStateError
 from exo_remote_engine.sidecar.serving.settings import parse_args
@@ -95,6 +95,28 @@ def test_the_llamacpp_child_gets_only_what_it_needs() -> None:
         "AWS_SECRET_ACCESS_KEY": "planted",
     }
     assert child_environment(environ) == {k: environ[k] for k in ("PATH", "LANG", "OMP_NUM_THREADS", "PYTHONPATH")}
+
+
+@pytest.mark.skipif(not local_model_available(), reason="needs the [local] extra (xllamacpp and the packaged model)")
+@pytest.mark.timeout(240)
+async def test_the_running_llamacpp_child_sees_no_key_url_or_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    planted = {
+        "OPENAI_API_KEY": "sk-planted-0123456789abcdefCHILD",
+        "EXO_REMOTE_DATABASE": f"postgresql://spend:{PASSWORD}@db/spend",
+        "EXO_REMOTE_TOKEN": "node-token-0123456789CHILD",
+    }
+    for name, value in planted.items():
+        monkeypatch.setenv(name, value)
+    embedded = EmbeddedModelSettings(ctx=512, parallel=1)
+    sidecar = await start_sidecar(SidecarSettings(listen="127.0.0.1:0", embedded_model=embedded))
+    try:
+        assert sidecar.embedded is not None and sidecar.embedded.process is not None
+        seen = psutil.Process(sidecar.embedded.process.pid).environ()
+        assert not set(planted) & set(seen), sorted(set(planted) & set(seen))
+        assert not [v for v in seen.values() if PASSWORD in v or "CHILD" in v]
+        assert "PATH" in seen, "what it needs, it has (it started and answers)"
+    finally:
+        await sidecar.stop(grace_s=None)
 
 
 def test_password_flags_are_warned_about_and_moved_out_of_workers_argv(caplog: pytest.LogCaptureFixture) -> None:
