@@ -167,6 +167,103 @@ def upstream_process() -> Iterator[str]:
         stop_process(process)
 
 
+# ------------------------------------------------------------- anonymous memory (issue 21)
+
+MIB = 1024 * 1024
+
+
+def _probe_body(size: int) -> bytes:
+    """A HealthCheckRequest whose service name is ``size`` bytes: valid, just not a probe."""
+    varint = bytearray()
+    rest = size
+    while True:
+        byte, rest = rest & 0x7F, rest >> 7
+        varint.append(byte | (0x80 if rest else 0))
+        if not rest:
+            return b"\x0a" + bytes(varint) + b"s" * size
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+async def anonymous_memory_flood(address: str, pid: int, calls: int, body_mib: int) -> dict[str, float]:
+    """RSS before, at the peak of, and after ``calls`` concurrent anonymous Health/Check
+    calls with ``body_mib`` MiB bodies; MiB, plus the status codes seen."""
+    body = _probe_body(body_mib * MIB)
+    await asyncio.sleep(1.0)
+    before = rss_bytes(pid)
+    peak = before
+    stop = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, rss_bytes(pid))
+            await asyncio.sleep(0.01)
+
+    sampler = asyncio.ensure_future(sample())
+    channels = [grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", -1)]) for _ in range(8)]
+    codes: dict[str, int] = {}
+
+    async def one(i: int) -> None:
+        check = channels[i % len(channels)].unary_unary(
+            "/grpc.health.v1.Health/Check", request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
+        try:
+            await check(body, timeout=60)
+            code = "OK"
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+        codes[code] = codes.get(code, 0) + 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(calls)))
+    elapsed = time.monotonic() - started
+    for channel in channels:
+        await channel.close()
+    await asyncio.sleep(3.0)  # let the server free what it held
+    stop.set()
+    await sampler
+    after = rss_bytes(pid)
+    print(f"codes: {codes}", flush=True)
+    return {"before": before / MIB, "peak": peak / MIB, "after": after / MIB, "seconds": elapsed}
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    """Peak and settled RSS under 96 anonymous 30 MiB health calls (target: +256 MiB at
+    most, back to the baseline after)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        tokens = workdir / "tokens"
+        tokens.write_text(f"bench-node {TOKEN}\n")
+        tokens.chmod(0o600)
+        sidecar = start_sidecar_process(None, workdir / "sidecar.log", extra_args=["--token-file", str(tokens)])
+        try:
+            figures = asyncio.run(
+                anonymous_memory_flood(sidecar.address, sidecar.process.pid, args.memory_calls, args.body_mib)
+            )
+        finally:
+            sidecar.stop()
+    added, kept = figures["peak"] - figures["before"], figures["after"] - figures["before"]
+    print(f"{args.memory_calls} concurrent anonymous Health/Check calls with {args.body_mib} MiB bodies")
+    print(
+        f"RSS before {figures['before']:.0f} MiB, peak {figures['peak']:.0f} MiB (+{added:.0f}), "
+        f"after {figures['after']:.0f} MiB ({kept:+.0f}); all answered in {figures['seconds']:.1f}s"
+    )
+    verdict = "PASS" if added <= TARGET_ADDED_MIB and kept <= TARGET_KEPT_MIB else "FAIL"
+    print(f"{verdict}  peak at most +{TARGET_ADDED_MIB} MiB, at most +{TARGET_KEPT_MIB} MiB kept after")
+    return 0
+
+
+TARGET_ADDED_MIB = 256
+TARGET_KEPT_MIB = 32
+
+
 def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp, upstream_process() as upstream:
         workdir = Path(tmp)
@@ -211,8 +308,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=50.0, help="chunks per second per stream (default 50)")
     parser.add_argument("--reopen-s", type=float, default=0.25, help="a flood caller's pause before reopening (0.25)")
     parser.add_argument("--flood", metavar="ADDRESS", help=argparse.SUPPRESS)  # the flood process itself
+    parser.add_argument(
+        "--memory", action="store_true", help="measure RSS under anonymous health calls with large bodies instead"
+    )
+    parser.add_argument("--memory-calls", type=int, default=96, help="concurrent anonymous calls (default 96)")
+    parser.add_argument("--body-mib", type=int, default=30, help="each call's body in MiB (default 30)")
     args = parser.parse_args(argv)
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    if args.memory:
+        return run_memory(args)
     if args.flood:
         with contextlib.suppress(KeyboardInterrupt):  # stopped by SIGINT, as intended
             asyncio.run(flood(args.flood, args.calls, connections=10, reopen_s=args.reopen_s))

@@ -23,6 +23,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from exo_remote_engine.contract.redaction import redact
 
 ERROR_DOMAIN = "exo-remote-engine"
+MAX_RETRY_AFTER_S = 86400.0  # the longest wait a status carries
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
@@ -93,6 +94,7 @@ _TABLE: dict[Reason, _Kind] = {
 }
 
 # For statuses that arrive without our ErrorInfo (a proxy, a dead sidecar, grpc itself).
+_GRPC_MESSAGE_LIMIT = "larger than max"  # grpc's "Received message larger than max (N vs. M)"
 _REASON_FOR_BARE_CODE: dict[grpc.StatusCode, Reason] = {
     grpc.StatusCode.UNAVAILABLE: Reason.SIDECAR_UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED: Reason.DEADLINE_EXCEEDED,
@@ -123,6 +125,10 @@ class RemoteError(Exception):
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
+        if self.retry_after_s is not None:
+            # A provider's Retry-After of 1e400 (inf), NaN or years must not break the status.
+            delay = self.retry_after_s
+            self.retry_after_s = min(delay, MAX_RETRY_AFTER_S) if delay >= 0 else 0.0
 
     def __str__(self) -> str:
         return self.message
@@ -194,6 +200,10 @@ class RemoteError(Exception):
         reason = _REASON_FOR_BARE_CODE.get(code, Reason.INTERNAL) if code else Reason.INTERNAL
         if reason is Reason.SIDECAR_UNAVAILABLE:
             message = f"sidecar unavailable: {message}"
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and _GRPC_MESSAGE_LIMIT in message:
+            # grpc's own refusal of a message over the sidecar's receive limit (sized from
+            # its max_request_bytes): the request is too large, and no retry will fit it.
+            reason, message = Reason.REQUEST_TOO_LARGE, f"request too large: {message}"
         return cls(reason, message)
 
     @classmethod

@@ -222,9 +222,20 @@ _installed = False
 _exception_formatter = logging.Formatter()
 
 
+MAX_REDACTED_ARG_CHARS = 16 * 1024  # a log argument is cut to this before it is redacted
+MAX_REDACTED_TRACEBACK_CHARS = 64 * 1024  # and a traceback to this
+
+
 def _redacted_arg(value: Any) -> Any:
-    # Numbers keep their type so %d and %.2f still format them; everything else is text.
-    return value if isinstance(value, int | float) else SECRETS.redact(str(value))
+    # Numbers keep their type so %d and %.2f still format them; everything else is text,
+    # bounded first: redaction scans every character, and a client's string may be 15 MiB.
+    if isinstance(value, int | float):
+        return value
+    text = str(value)
+    cut = len(text) - MAX_REDACTED_ARG_CHARS
+    if cut > 0:
+        text = f"{text[:MAX_REDACTED_ARG_CHARS]}...[{cut} more characters]"
+    return SECRETS.redact(text)
 
 
 def install_log_redaction() -> None:
@@ -254,11 +265,12 @@ def install_log_redaction() -> None:
         elif record.args:
             record.args = tuple(_redacted_arg(a) for a in record.args)
         if record.exc_info and not record.exc_text:
-            record.exc_text = SECRETS.redact(_exception_formatter.formatException(record.exc_info))
+            traceback = _exception_formatter.formatException(record.exc_info)
+            record.exc_text = SECRETS.redact(traceback[:MAX_REDACTED_TRACEBACK_CHARS])  # bounded first
             # Formatters print exc_text; the raw exception (whose text may hold a key) goes.
             record.exc_info = None
         if record.stack_info:
-            record.stack_info = SECRETS.redact(record.stack_info)
+            record.stack_info = SECRETS.redact(record.stack_info[:MAX_REDACTED_TRACEBACK_CHARS])
         return record
 
     logging.setLogRecordFactory(factory)

@@ -1,8 +1,9 @@
 """Client strings cannot forge or flood the sidecar's log (issue 11, item 6).
 
 A newline in ``request_id`` once wrote a second, forged log line, and a 15 MiB request
-id wrote 45 MiB of log. The sidecar's log renders every argument as one printable,
-bounded line; messages sent back to a client that quote its strings are bounded too.
+id wrote 45 MiB of log. Such ids are now refused before anything logs them (issue 21); the
+sidecar's log renders every other argument as one printable, bounded line; messages sent
+back to a client that quote its strings are bounded too.
 """
 
 from __future__ import annotations
@@ -52,8 +53,12 @@ async def test_hostile_request_ids_and_model_names_stay_one_bounded_line(
     )
     try:
         for request_id in HOSTILE_IDS:
+            # Refused before anything logs or stores it (issue 21): at most 128 printable characters.
             outcome = await raw_generate(sidecar.address, chat_request("m", request_id=request_id), timeout_s=30)
-            assert outcome.code is grpc.StatusCode.OK, (outcome.code, outcome.details[:200])
+            assert outcome.code is grpc.StatusCode.INVALID_ARGUMENT, (outcome.code, outcome.details[:200])
+            assert [v.field for v in outcome.error().violations] == ["request_id"]
+        outcome = await raw_generate(sidecar.address, chat_request("m", request_id="plain-id-7"), timeout_s=30)
+        assert outcome.code is grpc.StatusCode.OK, (outcome.code, outcome.details[:200])
         unknown = chat_request(f"no-such-model\n{FORGED_LINE}" + "y" * 100_000, request_id="id-6")
         outcome = await raw_generate(sidecar.address, unknown, timeout_s=30)
         assert outcome.code is grpc.StatusCode.NOT_FOUND
@@ -62,7 +67,8 @@ async def test_hostile_request_ids_and_model_names_stay_one_bounded_line(
         await asyncio.to_thread(sidecar.stop)
     text = log.read_text(errors="replace")
     lines = text.splitlines()
-    assert any("id-1\\n" in line for line in lines), "the hostile id is logged, escaped"
+    assert not any("id-1" in line or "id-5-" in line for line in lines), "a refused id is never logged"
+    assert any("no-such-model" in line for line in lines), "a hostile model name is logged (escaped: see below)"
     offending = [line[:120] for line in lines if not LINE_START.match(line)]
     assert not offending, f"lines that do not start as the sidecar's own: {offending}"
     assert not [line for line in lines if line.lstrip().startswith(("2026-01-01", "FORGED"))]

@@ -154,3 +154,13 @@ def make_pki(directory: Path) -> Pki:
         foreign_ca=foreign[0],
         foreign_client=foreign_client,
     )
+
+
+def client_certificate(pki: Pki, cn: str, serial: int) -> CertPair:
+    """One more client certificate from ``pki``'s CA, with common name ``cn`` (``serial``
+    unique per PKI): the test CA signs whatever name a test needs."""
+    directory = pki.ca.parent
+    config = directory / "req.cnf"
+    key, csr = _new_key_and_csr(directory, f"client-{cn}", cn, config)
+    ca = (pki.ca, directory / "ca.key")
+    return CertPair(_sign(directory, csr, ca, f"client-{cn}", "client", config, serial), key)

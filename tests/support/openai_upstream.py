@@ -355,6 +355,9 @@ class OpenAIUpstream:
     ) -> None:
         self.scenarios: dict[str, Scenario] = dict(scenarios or {})
         self.default: Scenario | None = default
+        # (model or None for any, marker, scenario): a request whose last user message holds
+        # the marker gets that scenario, so two callers of one model can be told apart.
+        self.by_prompt: list[tuple[str | None, str, Scenario]] = []
         self.requests: list[RecordedRequest] = []
         self.connections_closed: list[StreamRecord] = []
         self._port_wanted = port
@@ -619,7 +622,9 @@ class OpenAIUpstream:
             )
 
         model = str(body.get("model", ""))
-        scripted = self.scenarios.get(model) or self.default
+        prompt = _last_user_text(body) if self.by_prompt else ""
+        marked = next((sc for m, marker, sc in self.by_prompt if m in (None, model) and marker in prompt), None)
+        scripted = marked or self.scenarios.get(model) or self.default
         scenario = scripted or echo_scenario(body)
         stream = bool(body.get("stream"))
         options = body.get("stream_options")

@@ -71,8 +71,9 @@ _ROUTER_SETTINGS_ACTED = (
     "fallbacks",
     "ttft_timeout",
     "hedge_after",
+    "context_window_fallbacks",
 )
-_LITELLM_SETTINGS_ACTED = ("num_retries", "fallbacks")
+_LITELLM_SETTINGS_ACTED = ("num_retries", "fallbacks", "context_window_fallbacks")
 _GENERAL_SETTINGS_ACTED = ("master_key",)
 # Every key exo_remote_settings and a node's rules may hold: anything else is a typo that
 # would otherwise silently mean "no rule" (an unrestricted node).
@@ -127,6 +128,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         master_key,
         tuple(ignored),
         parse_queue_timeout(path, settings),
+        parse_fallbacks(path, raw, settings, set(groups), key="context_window_fallbacks"),
     )
 
 

@@ -22,6 +22,7 @@ ROUTING_STRATEGIES = (
     "usage-based-routing",
     "usage-based-routing-v2",
 )
+_MAX_COOLDOWN_S = 86400  # a day; .inf or 1e400 would be an outage of its own
 _NODE_RULE_KEYS = (
     "allowed_models",
     "max_concurrent_streams",
@@ -50,8 +51,10 @@ def parse_router_settings(path: Path, raw: Mapping[str, Any]) -> RouterSettings:
     if not isinstance(fails, int) or isinstance(fails, bool) or fails < 0:
         raise ConfigError(f"{path}: router_settings.allowed_fails must be a non-negative integer")
     cooldown = block.get("cooldown_time", defaults.cooldown_time_s)
-    if not is_number(cooldown) or cooldown < 0:
-        raise ConfigError(f"{path}: router_settings.cooldown_time must be a non-negative number of seconds")
+    if not is_number(cooldown) or not 0 <= cooldown <= _MAX_COOLDOWN_S:
+        raise ConfigError(
+            f"{path}: router_settings.cooldown_time must be a number of seconds from 0 to {_MAX_COOLDOWN_S}"
+        )
     guards = [_seconds(path, f"router_settings.{k}", block.get(k)) for k in ("ttft_timeout", "hedge_after")]
     return RouterSettings(str(strategy), fails, float(cooldown), *guards)
 
@@ -114,17 +117,19 @@ def parse_node_quotas(path: Path, settings: Mapping[str, Any]) -> dict[str, Node
 
 
 def parse_fallbacks(
-    path: Path, raw: Mapping[str, Any], settings: Mapping[str, Any], aliases: set[str]
+    path: Path, raw: Mapping[str, Any], settings: Mapping[str, Any], aliases: set[str], key: str = "fallbacks"
 ) -> dict[str, tuple[str, ...]]:
     """Fallback aliases per alias: LiteLLM's ``litellm_settings``/``router_settings``
-    ``fallbacks: [{alias: [other, ...]}]`` or ``exo_remote_settings.fallbacks: {alias: [...]}``."""
+    ``fallbacks: [{alias: [other, ...]}]`` or ``exo_remote_settings.fallbacks: {alias: [...]}``;
+    with ``key="context_window_fallbacks"``, LiteLLM's list of the same shape for requests
+    too long for a model."""
     found: dict[str, tuple[str, ...]] = {}
     sources: list[tuple[str, Any]] = []
     for section in ("litellm_settings", "router_settings"):
         block = raw.get(section) if isinstance(raw, Mapping) else None
-        if isinstance(block, Mapping) and block.get("fallbacks"):
-            sources.append((f"{section}.fallbacks", block["fallbacks"]))
-    if settings.get("fallbacks"):
+        if isinstance(block, Mapping) and block.get(key):
+            sources.append((f"{section}.{key}", block[key]))
+    if key == "fallbacks" and settings.get("fallbacks"):
         sources.append(("exo_remote_settings.fallbacks", [settings["fallbacks"]]))
     for where, items in sources:
         if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):

@@ -25,7 +25,7 @@ import stat
 from pathlib import Path
 
 from exo_remote_engine.sidecar.config.loader import ConfigError
-from exo_remote_engine.sidecar.config.types import read_operator_file
+from exo_remote_engine.sidecar.config.types import MASTER_KEY_NODE, read_operator_file
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,11 @@ def load_token_file(path: Path) -> dict[str, str]:
             )
         if not _TOKEN.fullmatch(token):
             raise ConfigError(f"{where}: the token must be visible ASCII characters only")
+        if name == MASTER_KEY_NODE:
+            raise ConfigError(
+                f"{where}: the node name {MASTER_KEY_NODE!r} is reserved for general_settings.master_key; "
+                "choose another name"
+            )
         if name in name_line:
             raise ConfigError(f"{where}: node name {name!r} already has a token on line {name_line[name]}")
         if token in token_line:

@@ -27,11 +27,22 @@ class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the file."""
 
 
-def read_operator_file(path: Path, kind: str) -> str:
+MAX_OPERATOR_FILE_BYTES = 4 * 1024 * 1024  # thousands of models; a 58 MB YAML took 72 s to start
+
+
+def read_operator_file(path: Path, kind: str, max_bytes: int = MAX_OPERATOR_FILE_BYTES) -> str:
     """The UTF-8 text of an operator's ``kind`` file (config, token file); ConfigError
-    naming the file and why it cannot be read."""
+    naming the file and why it cannot be read, or that it is larger than ``max_bytes``
+    (read no further than that, so a huge or endless file costs nothing)."""
     try:
-        return path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            data = file.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ConfigError(
+                f"{path}: the {kind} is larger than {max_bytes // (1024 * 1024)} MiB; "
+                "that is not a configuration a sidecar should parse at start-up"
+            )
+        return data.decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {kind}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
@@ -120,6 +131,8 @@ class SidecarConfig:
     not_acted_on: tuple[str, ...] = ()
     # How long a request over a limit waits for capacity (0: refused at once).
     queue_timeout_s: float = 0.0
+    # LiteLLM's context_window_fallbacks: where a request too long for a model may go.
+    context_window_fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def get(self, alias: str) -> ModelEntry | None:
         return next((m for m in self.models if m.alias == alias), None)

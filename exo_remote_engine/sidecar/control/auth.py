@@ -7,7 +7,13 @@ One interceptor, first in the chain, sorts every call into one of three doors:
   method runs as registered;
 * **health from anyone else** (``grpc.health.v1.Health``: probes ask before they have
   credentials): it runs inside a small budget shared by all such callers, with Watch
-  streams bounded in number and duration, and a request of at most a few bytes;
+  streams bounded in number and duration, and a request of at most a few bytes. The
+  budget is taken *before* the request is read (the handler is registered as
+  request-streaming, so grpc runs it at once and reads a message only when asked), and
+  only :data:`MAX_ANONYMOUS_READERS` such requests are read at a time: what all anonymous
+  callers together make the sidecar hold is a few requests of at most the server's
+  message limit (sized from ``max_request_bytes``; grpc refuses a longer message by its
+  length prefix, before buffering it) plus a flow-control window per admitted call;
 * **anything else from an unauthenticated caller** when authentication is configured: it
   is refused by a handler that never reads the request, so a large body costs the
   sidecar nothing but the flow-control window.
@@ -19,6 +25,7 @@ non-health call is let through: that is the operator's explicit choice.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,6 +42,11 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 # A HealthCheckRequest is a service name; anything much larger is not a probe.
 MAX_ANONYMOUS_REQUEST_BYTES = 1024
+# Anonymous health requests read at once; a request waits its turn holding only its
+# flow-control window. With the server's message limit this bounds what anonymous callers
+# hold: 4 x (16 MiB + 64 KiB) by default.
+MAX_ANONYMOUS_READERS = 4
+ANONYMOUS_READ_TIMEOUT_S = 5.0  # a probe sends its few bytes at once; a stalled one gives way
 _OVERSIZED = object()
 
 
@@ -50,6 +62,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         self._limits = limits
         self._health_calls = 0
         self._watches = 0
+        self._readers = asyncio.Semaphore(MAX_ANONYMOUS_READERS)
 
     @property
     def requires_authentication(self) -> bool:
@@ -132,31 +145,80 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         if not watch:
             check = handler.unary_unary
 
-            async def bounded_check(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if request is _OVERSIZED:
-                    return _answer(context, too_large)
+            async def bounded_check(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 if (full := self._over_budget(watch=False)) is not None:
                     await abort(context, full)
                 with self._held(watch=False):
+                    request = await self._read_one(requests)
+                    if request is _OVERSIZED:
+                        return _answer(context, too_large)
                     return await check(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(bounded_check, **kwargs)
+            return grpc.stream_unary_rpc_method_handler(bounded_check, **kwargs)
 
         stream = handler.unary_stream
         max_s = self._limits.max_anonymous_watch_s
 
-        async def bounded_watch(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            if request is _OVERSIZED:
-                _answer(context, too_large)
-                return
+        async def bounded_watch(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
             if (full := self._over_budget(watch=True)) is not None:
                 await abort(context, full)
             with self._held(watch=True):
+                request = await self._read_one(requests)
+                if request is _OVERSIZED:
+                    _answer(context, too_large)
+                    return
                 # Ends with OK after max_s: a health client simply watches again.
                 async for response in _for_at_most(stream(request, context), max_s):
                     yield response
 
-        return grpc.unary_stream_rpc_method_handler(bounded_watch, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(bounded_watch, **kwargs)
+
+    async def _read_one(self, requests: AsyncIterator[Any]) -> Any:
+        """The call's one request, read while at most :data:`MAX_ANONYMOUS_READERS` are;
+        ``_OVERSIZED`` for a request too large, or none in time."""
+        async with self._readers:
+            try:
+                async with asyncio.timeout(ANONYMOUS_READ_TIMEOUT_S):
+                    request = await anext(aiter(requests), _OVERSIZED)
+            except TimeoutError:
+                return _OVERSIZED
+        if request is _OVERSIZED:
+            _trim_soon()
+        return request
+
+
+_trim_pending = False
+
+
+def _trim_soon() -> None:
+    """Give the heap's free pages back to the system shortly after a large anonymous request
+    was dropped (grpc frees its buffer when the call ends): glibc keeps freed blocks of
+    this size in its arenas otherwise, and a flood would leave the sidecar that much larger.
+    Once a second at most; a no-op where there is no glibc."""
+    global _trim_pending
+    if _trim_pending or _MALLOC_TRIM is None:
+        return
+    _trim_pending = True
+
+    def trim() -> None:
+        global _trim_pending
+        _trim_pending = False
+        assert _MALLOC_TRIM is not None
+        _MALLOC_TRIM(0)
+
+    asyncio.get_running_loop().call_later(1.0, trim)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
 
 
 async def _for_at_most(responses: AsyncIterator[Any], seconds: float) -> AsyncIterator[Any]:

@@ -2,8 +2,13 @@
 node may use which model.
 
 Checks raise :class:`RemoteError` so they reach clients through the one error table.
-A node is identified by its mTLS client certificate's common name, else by the name its
-bearer token is registered under, else it is ``anonymous``.
+A node is named by the bearer token it presents (the name the token is registered under);
+without a registered token, by its mTLS client certificate's common name; else it is
+``anonymous``. A call presenting both a certificate and a token must name the same node in
+both, or it is refused: a certificate cannot move a token's node out of its rules. Once the
+config has node rules, a name without rules of its own may use every model only when the
+operator declared it (a token file name, ``master-key``, or ``anonymous``); any other name,
+a certificate's CN the operator never wrote down, may use nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ from typing import Any
 from exo_remote_engine.contract.errors import FieldViolation, Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.sidecar.config.rules import ANONYMOUS, Limits, NodePolicy
+from exo_remote_engine.sidecar.config.types import MASTER_KEY_NODE
+from exo_remote_engine.sidecar.telemetry.safe_logging import printable
+
+REFRESH_INTERVAL_S = 10.0  # one ListModels(refresh=true) per node per this many seconds
+_MAX_REFRESH_NODES = 4096
 
 
 @dataclass
@@ -23,30 +33,45 @@ class Policy:
     limits: Limits = field(default_factory=Limits)
     nodes: Mapping[str, NodePolicy] = field(default_factory=dict)
     token_names: Mapping[str, str] = field(default_factory=dict)  # sha256(token) -> node name
+    declared: frozenset[str] = frozenset({ANONYMOUS, MASTER_KEY_NODE})  # names the operator wrote down
     _active: dict[str, int] = field(default_factory=dict)
     _total: int = 0
+    _refreshed: dict[str, float] = field(default_factory=dict)  # node -> when it last refreshed
 
     @classmethod
     def build(cls, limits: Limits, nodes: Mapping[str, NodePolicy], tokens: Mapping[str, str]) -> Policy:
         """``tokens`` maps node name -> token; only token digests are kept."""
-        return cls(limits, dict(nodes), {_digest(t): name for name, t in tokens.items()})
+        declared = frozenset({ANONYMOUS, MASTER_KEY_NODE, *tokens})
+        return cls(limits, dict(nodes), {_digest(t): name for name, t in tokens.items()}, declared)
 
     def identify(self, metadata: Sequence[tuple[str, Any]] | None, auth_context: Mapping[str, Any]) -> str:
+        """The node a call is from: its token's name, else its certificate's CN, else
+        ``anonymous``; UNAUTHENTICATED when certificate and token name different nodes."""
         common_names = auth_context.get("x509_common_name") or []
-        if common_names:
-            value = common_names[0]
-            return value.decode() if isinstance(value, bytes) else str(value)
+        value = common_names[0] if common_names else None
+        common_name = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
         header = next((v for k, v in metadata or () if k == "authorization"), "")
         if isinstance(header, bytes):
             header = header.decode("latin-1")
-        if header.startswith("Bearer "):
-            return self.token_names.get(_digest(header[7:]), ANONYMOUS)
-        return ANONYMOUS
+        named = self.token_names.get(_digest(header[7:])) if header.startswith("Bearer ") else None
+        if named is None:
+            return str(common_name) if common_name else ANONYMOUS
+        if common_name and common_name != named:
+            raise RemoteError(
+                Reason.UNAUTHENTICATED,
+                f"the client certificate names node {printable(common_name, 64)!r} but the token is node "
+                f"{named!r}'s; a call's certificate and token must name the same node",
+            )
+        return named
 
     def may_use(self, node: str, alias: str) -> bool:
-        """Whether ``node``'s rules let it use ``alias`` (a node without rules may use all)."""
+        """Whether ``node``'s rules let it use ``alias``. A node without rules may use all
+        when no rules exist or the operator declared its name; an undeclared name (a
+        certificate's CN) without rules may use nothing once rules exist."""
         policy = self.nodes.get(node)
-        return policy is None or policy.allows(alias)
+        if policy is None:
+            return not self.nodes or node in self.declared
+        return policy.allows(alias)
 
     def check_request(self, request: pb.GenerateRequest, node: str, time_remaining: float | None) -> float:
         """Validate ``request`` for ``node``; returns the deadline (s) the call may use."""
@@ -66,7 +91,12 @@ class Policy:
                         f"image of {len(part.image_data.data)} bytes exceeds {limits.max_image_bytes}",
                     )
         if not self.may_use(node, request.model):
-            raise RemoteError(Reason.PERMISSION_DENIED, f"node {node!r} may not use model {request.model!r}")
+            unruled = node not in self.nodes and bool(self.nodes)
+            why = f"; node {printable(node, 64)!r} has no rules in the config" if unruled else ""
+            raise RemoteError(
+                Reason.PERMISSION_DENIED,
+                f"node {printable(node, 64)!r} may not use model {printable(request.model, 200)!r}{why}",
+            )
         if time_remaining is None:
             if limits.require_deadline:
                 raise RemoteError(
@@ -76,6 +106,18 @@ class Policy:
                 )
             return limits.max_deadline_s
         return min(time_remaining, limits.max_deadline_s)
+
+    def may_refresh(self, node: str, now: float) -> bool:
+        """Whether ``node`` may make discovery list the providers again now: once per
+        :data:`REFRESH_INTERVAL_S` each, so no node can have the sidecar's keys hammer a
+        provider's listing (and be rate limited there, for every node)."""
+        last = self._refreshed.get(node)
+        if last is not None and 0 <= now - last < REFRESH_INTERVAL_S:
+            return False
+        if len(self._refreshed) >= _MAX_REFRESH_NODES:  # bounded: names come from callers
+            self._refreshed.clear()
+        self._refreshed[node] = now
+        return True
 
     def take_slot(self, node: str, waiting: Collection[str] = ()) -> None:
         """Take one of the sidecar's (and the node's) concurrent stream slots, or OVERLOADED.

@@ -11,7 +11,10 @@ ties are broken at random. Deployments over their ``rpm``/``tpm`` this minute ar
 when every one is, the caller gets RATE_LIMITED until the minute ends. A deployment whose
 failures this minute exceed ``allowed_fails`` (or that answers 429, 401 or 404 while it has
 alternatives) cools down for ``cooldown_time`` seconds; a single-deployment group never
-does (LiteLLM's rule: there is nothing to move to).
+does (LiteLLM's rule: there is nothing to move to). Only the deployment's own faults count
+(:func:`deployment_fault`, LiteLLM's ``_is_cooldown_required``): a request the provider
+refuses for what it asks (400, 413, 422: too long, a bad schema, content policy) says
+nothing about the deployment, so one node's bad requests never cool it down for the others.
 
 Why not LiteLLM's Router object itself: its selection, cooldowns and usage counters are
 bound to its own ``acompletion`` call path and wall-clock caches, so the direct OpenAI
@@ -38,6 +41,16 @@ from exo_remote_engine.sidecar.control.limits import WINDOW_S, UsageWindows, has
 from exo_remote_engine.sidecar.control.shared_windows import RedisWindows
 
 _IMMEDIATE_COOLDOWN_STATUSES = (429, 401, 404)
+# The request's own fault: the provider refused what this caller asked, not the service.
+CALLER_FAULTS = frozenset(
+    {Reason.INVALID_REQUEST, Reason.REQUEST_TOO_LARGE, Reason.CONTEXT_WINDOW_EXCEEDED, Reason.CONTENT_POLICY}
+)
+
+
+def deployment_fault(error: RemoteError) -> bool:
+    """Whether ``error`` counts against the deployment (429, 401/403, 404, 408, 5xx,
+    timeouts, connection errors), as opposed to the caller's own request."""
+    return error.reason not in CALLER_FAULTS
 
 
 @dataclass

@@ -20,7 +20,7 @@ import aiohttp
 from exo_remote_engine.sidecar.config.loader import ModelEntry
 from exo_remote_engine.sidecar.discovery.chat_filter import is_chat_model
 from exo_remote_engine.sidecar.discovery.default_model import preference
-from exo_remote_engine.sidecar.discovery.entries import discovered_model, merge, model_entry
+from exo_remote_engine.sidecar.discovery.entries import discovered_model, merge, model_entry, valid_model_id
 from exo_remote_engine.sidecar.discovery.http_listing import ListingFailed, failure_reason, list_provider, shown_url
 from exo_remote_engine.sidecar.discovery.local_servers import (
     SERVER_LITELLM,
@@ -233,6 +233,8 @@ class ModelDiscovery:
         def build(listed: Iterable[ListedModel], reason: str, *, fill_from_map: bool) -> tuple[DiscoveredModel, ...]:
             out = []
             for lm in listed:
+                if not valid_model_id(lm.id):
+                    continue
                 info = map_entry(spec.name, lm.id, spec.map_bare_keys)
                 if not is_chat_model(lm.id, lm.chat, as_str(info.get("mode")) if info else None):
                     continue
@@ -288,6 +290,8 @@ class ModelDiscovery:
         def build(listed: Iterable[ListedModel], reason: str) -> tuple[DiscoveredModel, ...]:
             out = []
             for lm in listed:
+                if not valid_model_id(lm.id):
+                    continue
                 info = map_entry("ollama", lm.id.removesuffix(":latest")) if server.kind == "ollama" else None
                 if not is_chat_model(lm.id, lm.chat, as_str(info.get("mode")) if info else None):
                     continue

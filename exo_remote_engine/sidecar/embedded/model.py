@@ -39,6 +39,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,7 +214,7 @@ class EmbeddedModelServer:
             "--n-predict", str(s.max_tokens),
         ]  # fmt: skip
         cmd += ["--own-template"] if template is None else ["--chat-template", template]
-        env = {**os.environ, API_KEY_ENV: self.api_key, "PYTHONUNBUFFERED": "1"}
+        env = {**child_environment(os.environ), API_KEY_ENV: self.api_key, "PYTHONUNBUFFERED": "1"}
         log.info(
             "embedded model: loading %s with llama.cpp on %s:%d (%d thread(s), %d slot(s) of %d tokens)...",
             model.name, HOST, self.port, s.threads, s.parallel, s.ctx,
@@ -317,6 +318,20 @@ def embedded_entry_for(alias: str, base_url: str, api_key: str, n_ctx: int) -> M
         supports_tools=False,
         supports_images=False,
     )
+
+
+# What the llama.cpp child may see of the sidecar's environment: enough to run Python and
+# llama.cpp (paths, locale, temp dir, thread and GPU settings), never a provider key, a
+# database URL or a node token (the sidecar's environment holds all of them).
+_CHILD_NAMES = frozenset(
+    {"PATH", "HOME", "USER", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "LD_LIBRARY_PATH"}
+)
+_CHILD_PREFIXES = ("LC_", "OMP_", "GGML_", "LLAMA_", "CUDA_", "HIP_", "ROCR_", "MKL_", "OPENBLAS_", "XLLAMACPP_")
+
+
+def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of ``environ`` the llama.cpp child needs (least privilege)."""
+    return {k: v for k, v in environ.items() if k in _CHILD_NAMES or k.startswith(_CHILD_PREFIXES)}
 
 
 def entry_from_env(environ: dict[str, str] | None = None) -> ModelEntry | None:

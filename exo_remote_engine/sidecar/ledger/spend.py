@@ -34,6 +34,7 @@ from pathlib import Path
 
 from exo_remote_engine.sidecar.config.loader import ModelEntry
 from exo_remote_engine.sidecar.config.variables import Environment
+from exo_remote_engine.sidecar.ledger.state_files import secure_state
 from exo_remote_engine.sidecar.ledger.token_cost import NO_DETAILS, TokenDetails, detailed_cost
 
 DB_NAME = "spend.sqlite3"
@@ -217,7 +218,7 @@ class Ledger:
                 raise FileNotFoundError(f"no spend database at {path}")
             connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
         else:
-            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            secure_state(state_dir, DB_NAME)  # 0700 / 0600, never another user's
             connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")

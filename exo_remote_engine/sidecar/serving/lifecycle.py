@@ -57,6 +57,7 @@ log = safe_logger("exo_remote_engine.sidecar")
 
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 RECEIVE_WINDOW_BYTES = 1024 * 1024
+RECEIVE_SLACK_BYTES = 64 * 1024
 _LITELLM_TRANSPORT = "exo_remote_engine.sidecar.transports.litellm_transport"
 
 
@@ -175,7 +176,10 @@ def _server_options(settings: SidecarSettings) -> list[tuple[str, object]]:
         # many MiB (30 MiB refused bodies then still cost 12-100 MiB of RSS).
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
-        ("grpc.max_receive_message_length", max(MAX_MESSAGE_BYTES, settings.limits.max_request_bytes + 1024)),
+        # Sized from the config: grpc refuses a longer message by its length prefix, before
+        # buffering it, so no caller (an anonymous one above all) makes the sidecar hold more
+        # per call. The slack lets the policy name a request slightly over the limit.
+        ("grpc.max_receive_message_length", settings.limits.max_request_bytes + RECEIVE_SLACK_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         # Reasoning models can think for minutes before the first token: let clients
         # keep the connection alive with pings while nothing flows.
@@ -197,7 +201,8 @@ async def _start(settings: SidecarSettings, config: SidecarConfig) -> RunningSid
     named_tokens = dict(settings.named_tokens)
     if config.master_key is not None:
         # LiteLLM's master key: here an accepted bearer token, naming node "master-key".
-        named_tokens.setdefault(MASTER_KEY_NODE, config.master_key)
+        _check_master_key(config.master_key, named_tokens, settings.tokens)
+        named_tokens[MASTER_KEY_NODE] = config.master_key
     tokens = [*settings.tokens, *named_tokens.values()]
     SECRETS.add_all(tokens)  # never sent by us, but never to be logged either
     access = AccessInterceptor(
@@ -290,6 +295,23 @@ def _status_sources(
         database_name=database.name if database is not None else None,
         origin=database.origin if database is not None else "",
     )
+
+
+def _check_master_key(master_key: str, named_tokens: dict[str, str], tokens: object) -> None:
+    """The master key is its own node (outside every node's rules): it may neither share a
+    node's token (that node would silently leave its rules) nor have its name taken."""
+    if MASTER_KEY_NODE in named_tokens:
+        raise ConfigError(
+            f"a token is registered under the node name {MASTER_KEY_NODE!r}, which general_settings.master_key "
+            "names; rename that node in the token file"
+        )
+    same = sorted(name for name, token in named_tokens.items() if token == master_key)
+    if same or master_key in (tokens if isinstance(tokens, list | tuple) else ()):
+        who = f"node {same[0]!r}" if same else "a --token"
+        raise ConfigError(
+            f"general_settings.master_key is the same as {who}'s token: that node would be outside its rules; "
+            "give the master key a value of its own"
+        )
 
 
 def _bind(server: grpc.aio.Server, settings: SidecarSettings) -> int:

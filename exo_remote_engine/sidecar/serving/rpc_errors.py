@@ -1,7 +1,8 @@
 """Every servicer method's edge: a RemoteError becomes its rich status, anything else a
 generic INTERNAL naming only the request id (the exception goes to the log, not the
-client). One place, so no method formats a status of its own; the reasons, codes and
-details themselves are the table in :mod:`~exo_remote_engine.contract.errors`."""
+client). A request id that is too long or not printable is refused here, first. One
+place, so no method formats a status of its own; the reasons, codes and details themselves
+are the table in :mod:`~exo_remote_engine.contract.errors`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, TypeVar
 import grpc
 
 from exo_remote_engine.contract.errors import Reason, RemoteError, abort
+from exo_remote_engine.contract.openai_chat import check_request_id
 from exo_remote_engine.sidecar.telemetry.safe_logging import printable, safe_logger
 
 log = safe_logger("exo_remote_engine.sidecar")
@@ -26,6 +28,11 @@ def rpc_errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: Any) -> T:
         request_id = getattr(request, "request_id", "")
+        try:
+            check_request_id(request_id)  # before anything logs or stores it
+        except RemoteError as refused:
+            log.warning("request_id=(refused) failed reason=%s: %s", refused.reason.value, refused.message)
+            await abort(context, refused)
         try:
             return await method(self, request, context)
         except RemoteError as exc:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -26,7 +26,7 @@ from exo_remote_engine.sidecar.config.loader import MASTER_KEY_NODE, ModelEntry
 from exo_remote_engine.sidecar.control.accounting import Accounting, ReplyCut, RequestAccount
 from exo_remote_engine.sidecar.control.budgets import Reservation
 from exo_remote_engine.sidecar.control.limits import Clock
-from exo_remote_engine.sidecar.control.policy import Policy
+from exo_remote_engine.sidecar.control.policy import REFRESH_INTERVAL_S, Policy
 from exo_remote_engine.sidecar.control.queueing import Lines, Ticket
 from exo_remote_engine.sidecar.control.routing import Router
 from exo_remote_engine.sidecar.discovery.registry import ModelRegistry
@@ -115,10 +115,13 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListModelsResponse:
         node = self.policy.identify(context.invocation_metadata(), context.auth_context())
+        refresh = request.refresh and self.policy.may_refresh(node, time.monotonic())
         # A node sees only what it may use: names of other models are not its business.
-        models = [m for m in await self.registry.models(refresh=request.refresh) if self.policy.may_use(node, m.alias)]
+        models = [m for m in await self.registry.models(refresh=refresh) if self.policy.may_use(node, m.alias)]
         response = pb.ListModelsResponse(default_model=self.registry.default(models) if models else "")
         response.warnings.extend(self.warnings)
+        if request.refresh and not refresh:
+            response.warnings.append(f"refresh skipped: this node refreshed less than {REFRESH_INTERVAL_S:g}s ago")
         for found in models:
             entry = found.entry
             # The embedded model is reached as an OpenAI-compatible server; say what it is.
@@ -181,6 +184,9 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
             raise
         except asyncio.CancelledError:
             code = "CANCELLED"
+            raise
+        except Exception:
+            code = "INTERNAL"  # what rpc_errors answers for anything unexpected
             raise
         finally:
             account.settle(code)
@@ -246,14 +252,18 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
             async with ticket.slot():
                 with self._active(), stall:
                     async with asyncio.timeout(deadline_s):
-                        fallbacks = [
-                            f.entry
-                            for alias in self.config.fallbacks.get(entry.alias, ())
-                            if (f := await self.registry.lookup(alias)) is not None and f.ready
-                        ]
+                        fallbacks = await self._fallbacks(self.config.fallbacks, entry, account.node)
+                        larger = await self._fallbacks(self.config.context_window_fallbacks, entry, account.node)
                         try:
                             await self.backend.generate(
-                                entry, request, write, fallbacks, account.attempt, account.abandoned, wait_for_room
+                                entry,
+                                request,
+                                write,
+                                fallbacks,
+                                account.attempt,
+                                account.abandoned,
+                                wait_for_room,
+                                larger,
                             )
                         except ReplyCut:
                             await send(pb.GenerateResponse(finished=await account.cut()))
@@ -267,6 +277,12 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
                 Reason.CLIENT_STALLED,
                 f"the client read nothing for {self.stall_limit_s:g}s; the stream was ended",
             ) from None
+
+    async def _fallbacks(self, table: Mapping[str, Sequence[str]], entry: ModelEntry, node: str) -> list[ModelEntry]:
+        """``entry``'s fallbacks in ``table`` that are ready and that ``node`` may use: a
+        fallback is the node's request on another model, under the node's rules and budget."""
+        found = [await self.registry.lookup(alias) for alias in table.get(entry.alias, ())]
+        return [f.entry for f in found if f is not None and f.ready and self.policy.may_use(node, f.entry.alias)]
 
     @contextlib.contextmanager
     def _active(self) -> Iterator[None]:

@@ -11,6 +11,7 @@ default. Programmatic users (tests, benchmarks) build :class:`SidecarSettings` d
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from exo_remote_engine.contract.addresses import AddressError, grpc_address
+from exo_remote_engine.contract.redaction import url_credentials
 from exo_remote_engine.sidecar.config.loader import ConfigError
 from exo_remote_engine.sidecar.config.rules import Limits
 from exo_remote_engine.sidecar.config.token_file import load_token_file, token_from_env
@@ -39,6 +41,8 @@ from exo_remote_engine.sidecar.ledger.spend_database import check_database_url
 from exo_remote_engine.sidecar.serving.workers import WORKER_ENV
 
 __all__ = ["INTERNAL_VARIABLES", "VARIABLES", "Environment", "SidecarSettings", "build_parser", "parse_args"]
+
+log = logging.getLogger("exo_remote_engine.sidecar")
 
 DEFAULT_LISTEN = "127.0.0.1:50505"
 # How long one write to a client may wait (the client reads nothing) before the stream
@@ -130,6 +134,17 @@ class SidecarSettings:
             raise ConfigError(str(exc)) from None
         redis_url = check_redis_url(args.redis) if args.redis else None
         database_url = check_database_url(args.database) if args.database else None
+        for flag, value, variable in (
+            ("--redis", args.redis, "EXO_REMOTE_REDIS"),
+            ("--database", args.database, "EXO_REMOTE_DATABASE"),
+        ):
+            if value and value != env.get(variable) and url_credentials(value):
+                log.warning(
+                    "WARNING: %s carries a password on the command line, where every local user can read it "
+                    "(/proc/PID/cmdline); set it in %s instead (workers get it from their environment)",
+                    flag,
+                    variable,
+                )
         if database_url and not args.accounting:
             raise ConfigError("--database keeps spend: it needs accounting (drop --no-accounting)")
         return cls(
@@ -187,6 +202,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     env = Environment(environ).get
     parser = argparse.ArgumentParser(
         prog="exo-remote-sidecar",
+        allow_abbrev=False,  # one spelling per flag: workers' argv drops --redis/--database by name
         description="Serve external LLMs to exo nodes over gRPC. Provider keys live here only.",
     )
     parser.add_argument(

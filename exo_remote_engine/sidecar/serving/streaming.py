@@ -26,7 +26,7 @@ from exo_remote_engine.contract.openai_chat import FINISH_REASONS
 from exo_remote_engine.contract.redaction import redact
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.sidecar.config.loader import ModelEntry
-from exo_remote_engine.sidecar.control.routing import Router
+from exo_remote_engine.sidecar.control.routing import Router, deployment_fault
 from exo_remote_engine.sidecar.serving.first_token import first_token_within, hedged
 from exo_remote_engine.sidecar.telemetry.safe_logging import safe_logger
 from exo_remote_engine.sidecar.transports.litellm_transport import LiteLLMTransport
@@ -94,6 +94,7 @@ class StreamingBackend:
         on_attempt: OnAttempt | None = None,
         on_abandoned: OnAttempt | None = None,
         wait_for_room: WaitForRoom | None = None,
+        context_fallbacks: Sequence[ModelEntry] = (),
     ) -> None:
         """Stream ``request`` to ``write``: deltas, then exactly one Finished event.
 
@@ -103,13 +104,16 @@ class StreamingBackend:
         cap); then the fallbacks are tried in order. After the first delta nothing is
         retried, so no text is ever sent twice. ``on_attempt`` hears of each deployment tried,
         ``on_abandoned`` of each attempt cancelled after its prompt was sent (first-token
-        guard); ``wait_for_room`` queues the last model's pick while its group is at its limits."""
+        guard); ``wait_for_room`` queues the last model's pick while its group is at its limits.
+        The caller's own 4xx is its answer; only a context window too small moves it on, to
+        ``context_fallbacks``. Every fallback is one the caller checked the node may use."""
         candidates = [self._groups(e) for e in (entry, *fallbacks)]
+        larger = [self._groups(e) for e in context_fallbacks]
         hooks = _Hooks(on_attempt, on_abandoned, wait_for_room)
-        if all(self.transport_for(c).writes_inline for group in candidates for c in group):
+        if all(self.transport_for(c).writes_inline for group in (*candidates, *larger) for c in group):
             state = StreamState(write)
             try:
-                await self._produce_with_retries(candidates, request, state, hooks)
+                await self._produce_all(candidates, larger, request, state, hooks)
             except WriteFailed as exc:
                 assert exc.__cause__ is not None
                 raise exc.__cause__ from None
@@ -119,7 +123,7 @@ class StreamingBackend:
             return
         state = StreamState()
         ready = state.ready
-        producer = asyncio.create_task(self._produce_with_retries(candidates, request, state, hooks))
+        producer = asyncio.create_task(self._produce_all(candidates, larger, request, state, hooks))
         try:
             while not producer.done():
                 await ready.wait()
@@ -141,6 +145,30 @@ class StreamingBackend:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await producer
 
+    async def _produce_all(
+        self,
+        candidates: Sequence[Sequence[ModelEntry]],
+        larger: Sequence[Sequence[ModelEntry]],
+        request: pb.GenerateRequest,
+        state: StreamState,
+        hooks: _Hooks,
+    ) -> None:
+        """The models in order; a request too long for them moves, once, to ``larger``
+        (LiteLLM's ``context_window_fallbacks``)."""
+        try:
+            await self._produce_with_retries(candidates, request, state, hooks)
+        except Exception as exc:
+            reason = classify(exc, alias="", provider="").reason
+            if state.started or not larger or reason is not Reason.CONTEXT_WINDOW_EXCEEDED:
+                raise
+            log.warning(
+                "request_id=%s exceeds the context window of %s; falling back to %s",
+                request.request_id,
+                candidates[0][0].alias,
+                larger[0][0].alias,
+            )
+            await self._produce_with_retries(larger, request, state, hooks)
+
     async def _produce_with_retries(
         self,
         candidates: Sequence[Sequence[ModelEntry]],
@@ -154,6 +182,8 @@ class StreamingBackend:
         # The engine's tenacity retry (engine/client.py) handles only *sidecar* failures
         # (unreachable, overloaded) and never retries a provider error, so a failure class
         # is retried in exactly one place. Hand-written because of the fallback step.
+        # A request the provider refused for what it asks (400, 413, 422) goes back to its
+        # caller at once: no other member, no fallback, no cooldown.
         try:
             for position, group in enumerate(candidates):
                 last_model = position == len(candidates) - 1
@@ -185,6 +215,8 @@ class StreamingBackend:
                             raise  # text already went out: never retry, never fall back
                         tried.add(entry.deployment_name)
                         error = classify(exc, alias=entry.alias, provider=entry.provider)
+                        if not deployment_fault(error):
+                            raise  # the caller's own request: its answer, not another deployment's
                         if not error.retryable or attempt == self._num_retries:
                             if last_model:
                                 raise
@@ -296,8 +328,9 @@ class StreamingBackend:
         try:
             await first_token_within(ttft_s, entry, state, self.transport_for(entry).produce(entry, request, state))
         except Exception as exc:
-            if state.started:
-                router.ended(entry)
+            error = classify(exc, alias=entry.alias, provider=entry.provider)
+            if state.started or not deployment_fault(error):
+                router.ended(entry)  # a caller's own 4xx says nothing about the deployment
             else:
                 if isinstance(exc, RemoteError) and exc.reason is Reason.PROVIDER_TIMEOUT:
                     router.first_token(entry, time.monotonic() - began)  # at least this long

@@ -38,11 +38,35 @@ class _Worker:
         self.port: int | None = None
 
 
+# Flags whose value may hold a password: a worker gets them in its environment, never in
+# its argv (world-readable in /proc/PID/cmdline).
+SECRET_FLAGS: Mapping[str, str] = {"--redis": "EXO_REMOTE_REDIS", "--database": "EXO_REMOTE_DATABASE"}
+
+
+def without_secret_flags(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """``argv`` without :data:`SECRET_FLAGS` (``--flag value`` or ``--flag=value``), and
+    their values as the environment variables that set them. The parser takes no
+    abbreviations, so these two spellings are the only ones."""
+    kept: list[str] = []
+    moved: dict[str, str] = {}
+    items = iter(argv)
+    for arg in items:
+        name, equals, value = arg.partition("=")
+        if name in SECRET_FLAGS:
+            moved[SECRET_FLAGS[name]] = value if equals else next(items, "")
+            continue
+        kept.append(arg)
+    return kept, moved
+
+
 class WorkerPool:
-    """``count`` extra sidecar processes started from the main process's own argv."""
+    """``count`` extra sidecar processes started from the main process's own argv (less
+    any password-bearing flag, which they read from their environment instead)."""
 
     def __init__(self, argv: Sequence[str], count: int, extra_env: Mapping[str, str] | None = None) -> None:
+        argv, moved = without_secret_flags(argv)
         self._argv = [sys.executable, "-m", "exo_remote_engine.server", *argv]
+        extra_env = {**moved, **(extra_env or {})}
         self._extra_env = dict(extra_env or {})  # e.g. the embedded model's endpoint, shared
         self._workers = [_Worker(i + 1) for i in range(count)]
         self._stopping = False

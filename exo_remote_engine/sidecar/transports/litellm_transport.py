@@ -18,6 +18,7 @@ import litellm
 from exo_remote_engine.contract.openai_chat import chat_completion_body
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.sidecar.config.loader import EMBEDDED_PROVIDER, ModelEntry
+from exo_remote_engine.sidecar.transports.provider_errors import ProviderProtocolError
 from exo_remote_engine.sidecar.transports.stream_types import StreamState
 from exo_remote_engine.sidecar.transports.upstream_limits import guard_litellm_transports
 
@@ -33,7 +34,13 @@ class LiteLLMTransport:
         stream = await _open_stream(self.call_kwargs(entry, request))
         try:
             async for chunk in stream:
-                _absorb(chunk, state)
+                try:
+                    _absorb(chunk, state)
+                except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as exc:
+                    # A field of the wrong type or range (an index of 2**31, usage of 2**63, a
+                    # list as finish_reason): the provider's fault, not ours (no INTERNAL).
+                    detail = f"{type(exc).__name__}: {exc}"
+                    raise ProviderProtocolError(f"the provider sent a malformed stream event ({detail})") from None
                 await state.flush()
         finally:
             # Closing, not just dropping, the stream is what closes the HTTP connection.
@@ -88,6 +95,8 @@ def _absorb(chunk: Any, state: StreamState) -> None:
                         fn.arguments if fn is not None else None,
                     )
         if choice.finish_reason:
+            if not isinstance(choice.finish_reason, str):
+                raise TypeError(f"finish_reason is a {type(choice.finish_reason).__name__}, not a string")
             state.finish_reason = choice.finish_reason
     usage = getattr(chunk, "usage", None)
     if usage:

@@ -91,6 +91,16 @@ _EXPLAINED_BY_PROVIDER = frozenset(
         Reason.PROVIDER_NOT_FOUND,
     }
 )
+_SUMMARIES = {
+    Reason.CONTEXT_WINDOW_EXCEEDED: "the request exceeds the model's context window",
+    Reason.CONTENT_POLICY: "the provider's content policy refused the request",
+    Reason.PROVIDER_NOT_FOUND: "the provider does not know this model",
+    Reason.INVALID_REQUEST: "the provider rejected the request",
+    Reason.REQUEST_TOO_LARGE: "the provider refused the request as too large",
+    Reason.PROVIDER_TIMEOUT: "the provider timed out",
+    Reason.PROVIDER_UNAVAILABLE: "the provider is unavailable",
+}
+_MAX_RETRY_AFTER_S = 3600.0  # a provider's Retry-After beyond an hour (or 1e400) is capped
 _PYTHON_REPR = re.compile(r"<[A-Za-z_][\w.]*(?:Error|Exception)\b[^>]*>")
 
 
@@ -132,14 +142,7 @@ def classify(exc: BaseException, *, alias: str, provider: str, secrets: Iterable
         return RemoteError(reason, f"internal error while serving model {alias!r}", metadata=meta)
     # Provider wording helps with request problems; for outages it is transport noise.
     detail = _provider_text(exc, secrets) if reason in _EXPLAINED_BY_PROVIDER else ""
-    summary = {
-        Reason.CONTEXT_WINDOW_EXCEEDED: "the request exceeds the model's context window",
-        Reason.CONTENT_POLICY: "the provider's content policy refused the request",
-        Reason.PROVIDER_NOT_FOUND: "the provider does not know this model",
-        Reason.INVALID_REQUEST: "the provider rejected the request",
-        Reason.PROVIDER_TIMEOUT: "the provider timed out",
-        Reason.PROVIDER_UNAVAILABLE: "the provider is unavailable",
-    }[reason]
+    summary = _SUMMARIES.get(reason, "the provider failed")
     if reason in (Reason.PROVIDER_UNAVAILABLE, Reason.PROVIDER_TIMEOUT) and not detail:
         detail = redact(connection_failure(exc) or "", secrets)
     message = f"{summary} (model {alias!r}, provider {provider}{http})"
@@ -237,7 +240,7 @@ def _reason_of_status(exc: ProviderStatusError) -> Reason:
 
 
 def _provider_text(exc: BaseException, secrets: Iterable[str]) -> str:
-    text = str(getattr(exc, "message", "") or exc)
+    text = str(getattr(exc, "message", "") or exc)[: _MAX_PROVIDER_TEXT * 16]  # bounded before redaction
     # LiteLLM prefixes "litellm.BadRequestError: OpenAIException - ..."; keep the provider part.
     text = text.split(" - ", 1)[-1] if " - " in text else text
     text = _PYTHON_REPR.sub("", text)  # "<SomeError: ...>" is ours to hide, not the client's to read
@@ -246,6 +249,18 @@ def _provider_text(exc: BaseException, secrets: Iterable[str]) -> str:
 
 
 def _retry_after(exc: BaseException) -> float | None:
+    """The provider's Retry-After(-ms), in seconds from 0 to an hour; None if absent or
+    unreadable (a header is the provider's text: inf, NaN and garbage included)."""
+    try:
+        seconds = _retry_after_header(exc)
+    except Exception:
+        return None
+    if seconds is None or not seconds >= 0:  # NaN too
+        return None
+    return min(seconds, _MAX_RETRY_AFTER_S)
+
+
+def _retry_after_header(exc: BaseException) -> float | None:
     headers: Any = None
     response = getattr(exc, "response", None)
     if response is not None:

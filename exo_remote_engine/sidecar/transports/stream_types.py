@@ -19,6 +19,7 @@ from exo_remote_engine.sidecar.config.loader import ModelEntry
 Write = Callable[[pb.GenerateResponse], Awaitable[None]]
 # Text received but not yet written, beyond which the transport waits for the writer.
 MAX_PENDING_CHARS = 256 * 1024
+MAX_TOOL_INDEX = 2**31 - 1
 
 
 @dataclass
@@ -52,6 +53,8 @@ class DeltaBuffer:
         self.size += len(text)
 
     def add_tool(self, index: int, call_id: str | None, name: str | None, args: str | None) -> None:
+        if not 0 <= index <= MAX_TOOL_INDEX:  # the wire's int32; a provider's 2**31 is malformed
+            raise ValueError(f"tool call index {index} is out of range")
         frag = self._tools.get(index)
         if frag is None:
             frag = self._tools[index] = _ToolFragment(index)
