@@ -43,6 +43,7 @@ ROW_KINDS = {
     "sidecar": "sidecar",
     "sidecar-litellm": "sidecar",
     "sidecar-hosts": "sidecar",
+    "grpc-bare": "grpc-bare",
     "exo": "exo",
 }
 
@@ -348,6 +349,28 @@ class SidecarReader(Reader):
         await self.client.close()
 
 
+class BareGrpcReader(SidecarReader):
+    """The sidecar read with a bare generated stub on one channel: no retry, no channel
+    rotation, no error mapping. Not a row of the suite: the floor the engine's client is
+    measured against when profiling it (``--row grpc-bare``)."""
+
+    async def stream(self, prompt: str, request_id: str) -> Pieces:
+        pb = self.pb
+        if not hasattr(self, "stub"):
+            from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
+
+            self.stub = pb_grpc.RemoteInferenceServiceStub(self.client.target.aio_channel())
+        request = pb.GenerateRequest(
+            request_id=request_id,
+            model="bench",
+            messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart(text=prompt)])],
+        )
+        async for event in self.stub.Generate(request, timeout=900.0):
+            text = event.delta.text
+            if text:
+                yield time.monotonic_ns(), text
+
+
 class ExoReader(Reader):
     """exo's ChatGPT API with the openai SDK, as an exo user reads it."""
 
@@ -383,6 +406,8 @@ def make_reader(row: str, target: str, model: str = "bench") -> Reader:
         return LiteLLMReader(target)
     if kind == "sidecar":
         return SidecarReader(target)
+    if kind == "grpc-bare":
+        return BareGrpcReader(target)
     return ExoReader(target, model)
 
 
