@@ -25,6 +25,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry: Any = prom.CollectorRegistry() if prom else None
+        # (metric, label values) -> its child: prometheus_client's labels() validates and
+        # takes a lock on every call, and a short request asked it six times.
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         if prom is None:
             return
         labels = ("model", "node")
@@ -69,6 +72,14 @@ class Metrics:
         )
         self.active = prom.Gauge("exo_remote_active_streams", "Streams in flight", registry=self.registry)
 
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once per label set."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def serve(self, host: str, port: int) -> int:
         """Start the scrape endpoint; returns the bound port."""
         if prom is None:
@@ -80,13 +91,13 @@ class Metrics:
         if prom is None:
             return
         if cost_usd is None:
-            self.unpriced.labels(model, node).inc()
+            self.child(self.unpriced, model, node).inc()
         elif cost_usd:
-            self.spend.labels(model, node).inc(cost_usd)
+            self.child(self.spend, model, node).inc(cost_usd)
 
     def limit_hit(self, node: str, limit: str) -> None:
         if prom is not None:
-            self.limit_hits.labels(node, limit).inc()
+            self.child(self.limit_hits, node, limit).inc()
 
     def stream(self, model: str, node: str) -> StreamRecorder:
         # Labels are ours (aliases, node names), but an alias may come from a provider's
@@ -108,8 +119,8 @@ class StreamRecorder:
             return
         now = time.perf_counter()
         if self.last is None:
-            self.metrics.ttft.labels(self.model, self.node).observe(now - self.started)
-            self._gap = self.metrics.gap.labels(self.model)
+            self.metrics.child(self.metrics.ttft, self.model, self.node).observe(now - self.started)
+            self._gap = self.metrics.child(self.metrics.gap, self.model)
         else:
             self._gap.observe(now - self.last)
         self.last = now
@@ -117,8 +128,9 @@ class StreamRecorder:
     def finished(self, code: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         if prom is None:
             return
-        self.metrics.requests.labels(self.model, self.node, code).inc()
+        metrics = self.metrics
+        metrics.child(metrics.requests, self.model, self.node, code).inc()
         if prompt_tokens:
-            self.metrics.tokens_in.labels(self.model, self.node).inc(prompt_tokens)
+            metrics.child(metrics.tokens_in, self.model, self.node).inc(prompt_tokens)
         if completion_tokens:
-            self.metrics.tokens_out.labels(self.model, self.node).inc(completion_tokens)
+            metrics.child(metrics.tokens_out, self.model, self.node).inc(completion_tokens)
