@@ -210,7 +210,8 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, ok: bool, shown: str) -> None:
-        out.append({"target": name, "value": value, "pass": ok if value is not None else None, "measured": shown})
+        measured = shown if value is not None else "n/a"
+        out.append({"target": name, "value": value, "pass": ok if value is not None else None, "measured": measured})
 
     v = side.get("relay_x_raw_client")
     add(

@@ -8,7 +8,7 @@ their first chunk, and requests for a model whose provider is down (connection r
 the provider-error path). Every ``--sample-s`` it records the sidecar's RSS and open file
 descriptors (/proc). Warm-up is the first fifth of the run (at least one sample); the
 verdict compares the last quarter's median with the median just after warm-up: at most
-``--max-growth`` (5%) growth in each, and the ledger holds one row per finished or
+``--max-growth`` (5%) growth in each (descriptors: or ``--fd-slack``, 8), and the ledger holds one row per finished or
 cancelled-after-output request (failed ones before any output are not charged). Writes
 JSON (``bench-results/soak.json``) and exits 1 when the verdict fails.
 """
@@ -110,14 +110,18 @@ async def drive(target: str, pid: int, args: argparse.Namespace) -> dict[str, An
             streams.add(task)
             task.add_done_callback(streams.discard)
         await asyncio.sleep(max(0.0, min(next_at - time.monotonic(), 0.05)))
-    await asyncio.wait([*tasks, *streams], timeout=60)
+    pending = [*tasks, *streams]
+    if pending:
+        await asyncio.wait(pending, timeout=60)
     await sampling
     await client.close()
     return {"counts": counts, "errors": sorted(set(errors))[:10], "samples": samples}
 
 
-def verdict(samples: list[dict[str, float]], max_growth: float) -> dict[str, Any]:
-    """Median of the samples just after warm-up against the last quarter's median."""
+def verdict(samples: list[dict[str, float]], max_growth: float, fd_slack: int) -> dict[str, Any]:
+    """Median of the samples just after warm-up against the last quarter's median. Open
+    descriptors may also grow by ``fd_slack``: the pool of upstream connections follows
+    the load of the moment, and on a base of ~45 two more are already 4%."""
     if len(samples) < 4:
         return {"pass": None, "reason": "too few samples (run longer or sample more often)"}
     warm = max(1, len(samples) // 5)
@@ -130,7 +134,7 @@ def verdict(samples: list[dict[str, float]], max_growth: float) -> dict[str, Any
         tail = statistics.median(s[key] for s in last)
         growth = (tail - base) / base if base else 0.0
         out[key] = {"after_warmup": base, "last_quarter": tail, "growth": growth}
-        ok = ok and growth <= max_growth
+        ok = ok and (growth <= max_growth or (key == "fds" and tail - base <= fd_slack))
     out["pass"] = ok
     return out
 
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=16, help="long paced streams kept open")
     parser.add_argument("--stream-chunks", type=int, default=200, help="chunks per long stream (20/s)")
     parser.add_argument("--sample-s", type=float, default=5.0)
-    parser.add_argument("--max-growth", type=float, default=0.05)
+    parser.add_argument("--max-growth", type=float, default=0.05, help="RSS and fds, after warm-up")
+    parser.add_argument("--fd-slack", type=int, default=8, help="descriptors that may come on top of --max-growth")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "soak.json")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="exo-bench-soak-"))
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             serving.stop()
     finally:
         stop_process(upstream_process, grace_s=10.0)
-    result["verdict"] = verdict(result["samples"], args.max_growth)
+    result["verdict"] = verdict(result["samples"], args.max_growth, args.fd_slack)
     counts = result["counts"]
     rows = ledger_rows(workdir / "soak-state")
     charged = counts["short"] + counts["stream"]

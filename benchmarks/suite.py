@@ -863,6 +863,11 @@ def main(argv: list[str] | None = None) -> int:
         for k, e in [*(s.get("load") or {}).items(), ("unbounded", {"foreign_cores": s.get("unbounded_foreign_cores")})]
         if e.get("foreign_cores") is not None
     ]
+    for row, data in ((request_rate or {}).get("rows") or {}).items():
+        for step in data.get("steps") or ():
+            cores = step["result"].get("foreign_cores")
+            if cores is not None:
+                foreign.append((f"requests {row}", f"{step['rate']:g}/s", cores))
     worst_foreign = max(foreign, key=lambda f: f[2]) if foreign else None
     clean = worst_foreign is None or worst_foreign[2] < FOREIGN_LIMIT_CORES
     report = {
