@@ -1,6 +1,6 @@
 """One phase of one benchmark row, in a fresh process, printed as one JSON line.
 
-``python -m benchmarks.load_client --row ROW --target T --mode ttft|unbounded|load ...``
+``python -m benchmarks.load_client --row ROW --target T --mode ttft|unbounded|load|requests ...``
 
 Each phase runs in its own process so that its CPU time (``getrusage``) and peak RSS
 (``ru_maxrss``) are its own, and so that one row's event loop (LiteLLM's, say, with its
@@ -43,6 +43,7 @@ ROW_KINDS = {
     "sidecar": "sidecar",
     "sidecar-litellm": "sidecar",
     "sidecar-hosts": "sidecar",
+    "grpc-bare": "grpc-bare",
     "exo": "exo",
 }
 
@@ -348,6 +349,28 @@ class SidecarReader(Reader):
         await self.client.close()
 
 
+class BareGrpcReader(SidecarReader):
+    """The sidecar read with a bare generated stub on one channel: no retry, no channel
+    rotation, no error mapping. Not a row of the suite: the floor the engine's client is
+    measured against when profiling it (``--row grpc-bare``)."""
+
+    async def stream(self, prompt: str, request_id: str) -> Pieces:
+        pb = self.pb
+        if not hasattr(self, "stub"):
+            from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
+
+            self.stub = pb_grpc.RemoteInferenceServiceStub(self.client.target.aio_channel())
+        request = pb.GenerateRequest(
+            request_id=request_id,
+            model="bench",
+            messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart(text=prompt)])],
+        )
+        async for event in self.stub.Generate(request, timeout=900.0):
+            text = event.delta.text
+            if text:
+                yield time.monotonic_ns(), text
+
+
 class ExoReader(Reader):
     """exo's ChatGPT API with the openai SDK, as an exo user reads it."""
 
@@ -383,6 +406,8 @@ def make_reader(row: str, target: str, model: str = "bench") -> Reader:
         return LiteLLMReader(target)
     if kind == "sidecar":
         return SidecarReader(target)
+    if kind == "grpc-bare":
+        return BareGrpcReader(target)
     return ExoReader(target, model)
 
 
@@ -573,6 +598,68 @@ async def phase_load(reader: Reader, args: argparse.Namespace, window: Window) -
     }
 
 
+async def phase_requests(reader: Reader, args: argparse.Namespace, window: Window) -> dict[str, Any]:
+    """Open-loop short requests: request ``i`` is due at ``t0 + i/rps`` whatever happened
+    to the earlier ones (an absolute schedule: a slow server meets a growing queue, as it
+    would in production, instead of a client that politely waits). Each request streams
+    ``n`` chunks; its latency runs from its *scheduled* start to its last chunk, so time
+    spent queued (in this client, in the relay) is counted, not hidden."""
+    rps, total = args.rps, max(1, round(args.rps * args.duration_s))
+    prompt = f"bench n={args.n} rate=0"
+    latencies: list[float] = []
+    first_chunk: list[float] = []
+    errors: list[str] = []
+
+    async def one(i: int, due_ns: int) -> None:
+        got_first = False
+        try:
+            async for received, _ in reader.stream(prompt, f"rps-{i}"):
+                if not got_first:
+                    first_chunk.append((received - due_ns) / 1e6)
+                    got_first = True
+            latencies.append((time.monotonic_ns() - due_ns) / 1e6)
+        except asyncio.CancelledError:
+            errors.append("timed out")
+            raise
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    for i in range(args.warmup):
+        async for _ in reader.stream(prompt, f"rps-warm-{i}"):
+            pass
+    gc.collect()
+    window.start()
+    tasks: list[asyncio.Task[None]] = []
+    t0 = time.monotonic_ns() + 5_000_000
+    for i in range(total):
+        due = t0 + int(i * 1e9 / rps)
+        delay = (due - time.monotonic_ns()) / 1e9
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(i, due)))
+    _, pending = await asyncio.wait(tasks, timeout=args.timeout_s) if tasks else (set(), set())
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    window.stop()
+    done = len(latencies)
+    report = window.report(done)
+    report["cpu_us_per_request"] = report.pop("cpu_us_per_token")
+    return {
+        "rps": rps,
+        "n": args.n,
+        "requests": total,
+        "completed": done,
+        "errors": len(errors),
+        "error_kinds": sorted(set(errors))[:5],
+        "achieved_rps": total / (window.wall_s or 1),
+        # Undelivered requests count as infinitely late: a percentile they reach is None.
+        "latency_ms": quantiles(latencies, missing=total - done),
+        "first_chunk_ms": quantiles(first_chunk, missing=total - len(first_chunk)),
+        **report,
+    }
+
+
 def timeline(results: list[StreamResult], t0_ns: int) -> list[dict[str, Any]]:
     """Latency per second of the phase (by receive time): shows stalls (GC pauses, a
     backlog building up) that one percentile hides."""
@@ -621,6 +708,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             result = await phase_ttft(reader, args)
         elif args.mode == "unbounded":
             result = await phase_unbounded(reader, args, window)
+        elif args.mode == "requests":
+            result = await phase_requests(reader, args, window)
         else:
             result = await phase_load(reader, args, window)
     finally:
@@ -640,7 +729,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.load_client", description=__doc__.splitlines()[0])
     parser.add_argument("--row", required=True, choices=sorted(ROW_KINDS))
     parser.add_argument("--target", required=True, help="base URL (http rows, exo) or host:port (sidecar)")
-    parser.add_argument("--mode", required=True, choices=("ttft", "unbounded", "load"))
+    parser.add_argument("--mode", required=True, choices=("ttft", "unbounded", "load", "requests"))
     parser.add_argument("--model", default="bench", help="model id for the http and exo rows")
     parser.add_argument("--upstream", help="the upstream's base URL, for its /stats")
     parser.add_argument("--pid", action="append", default=[], metavar="ROLE=PID", help="a process tree to watch")
@@ -652,6 +741,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=20, help="measured sequential requests (ttft)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up requests (ttft, load)")
     parser.add_argument("--runs", type=int, default=3, help="measured runs (unbounded)")
+    parser.add_argument("--rps", type=float, default=100.0, help="request arrivals per second (requests)")
+    parser.add_argument("--duration-s", type=float, default=5.0, help="length of the arrival schedule (requests)")
     return parser.parse_args(argv)
 
 

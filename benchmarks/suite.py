@@ -17,7 +17,11 @@ serving process of each row and a fresh client process per phase
 
 Phases per row: TTFT (first request after the serving process started, then warm
 sequential requests), single-stream unbounded throughput, and K concurrent streams at a
-fixed rate with per-token delivery latency from the upstream's send stamps. Prints a
+fixed rate with per-token delivery latency from the upstream's send stamps. Then the
+request-rate phase (:mod:`benchmarks.request_rate`): short streamed requests arriving
+open-loop at swept rates, rows raw, sidecar, sidecar-w2 (``--workers 2``) and proxy; the
+capacity of each and its CPU per request. ``--phases streaming`` or ``--phases requests``
+runs one of the two. Prints a
 markdown table, the ratios against raw and litellm, and the targets; writes JSON
 (``bench-results/suite.json`` by default) with the machine it ran on.
 """
@@ -44,6 +48,10 @@ from typing import Any
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+from benchmarks.request_rate import REQUEST_ROWS, RateSettings, parse_rates
+from benchmarks.request_rate import run_sweep as run_request_sweep
+from benchmarks.request_rate import table as request_table
+from benchmarks.request_rate import targets as request_targets
 from tests.support.processes import stop_process
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +101,8 @@ class Settings:
     out: Path
     quick: bool
     workdir: Path | None = None
+    phases: tuple[str, ...] = ("streaming", "requests")
+    requests: Any = None  # benchmarks.request_rate.RateSettings
 
     @property
     def load_n(self) -> int:
@@ -126,6 +136,15 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="--workers of the sidecar row (default: half the cores)",
     )
     parser.add_argument("--exo-full", action="store_true", help="run exo at every concurrency (default: up to 32)")
+    parser.add_argument("--phases", default="streaming,requests", help="comma list of streaming, requests")
+    parser.add_argument(
+        "--request-rows", default=",".join(REQUEST_ROWS), help=f"request-rate rows: {', '.join(REQUEST_ROWS)}"
+    )
+    parser.add_argument(
+        "--request-rates", help="request arrivals/s to sweep (default 100,200,300,400,500,600,800; quick 25)"
+    )
+    parser.add_argument("--request-seconds", type=float, help="arrival schedule per rate (default 5; quick 1)")
+    parser.add_argument("--request-n", type=int, default=8, help="chunks per short request (default 8)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "suite.json")
     parser.add_argument("--workdir", type=Path, help="configs and process logs (default: a new temporary folder)")
     args = parser.parse_args(argv)
@@ -134,11 +153,28 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {', '.join(ALL_ROWS)}")
     quick = bool(args.quick)
+    phases = tuple(p.strip() for p in args.phases.split(",") if p.strip())
+    if not phases or set(phases) - {"streaming", "requests"}:
+        parser.error(f"--phases takes streaming and/or requests, got {args.phases!r}")
+    request_rows = [r.strip() for r in args.request_rows.split(",") if r.strip()]
+    if set(request_rows) - set(REQUEST_ROWS):
+        parser.error(f"unknown request rows {sorted(set(request_rows) - set(REQUEST_ROWS))}")
 
     def pick(value: Any, full: Any, small: Any) -> Any:
         return value if value is not None else (small if quick else full)
 
     streams = [int(s) for s in pick(args.streams, "1,32,128", "1,4").split(",") if s.strip()]
+    try:
+        rates = parse_rates(pick(args.request_rates, "100,200,300,400,500,600,800", "25"))
+    except ValueError as exc:
+        parser.error(str(exc))
+    requests = RateSettings(
+        rows=[r for r in REQUEST_ROWS if r in request_rows],
+        rates=rates,
+        seconds=pick(args.request_seconds, 5.0, 1.0),
+        n=args.request_n,
+        warmup=3 if quick else 20,
+    )
     return Settings(
         rows=[r for r in ALL_ROWS if r in rows],
         streams=sorted(set(streams)),
@@ -154,6 +190,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         out=args.out,
         quick=quick,
         workdir=args.workdir,
+        phases=phases,
+        requests=requests,
     )
 
 
@@ -777,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     with upstream_process(workdir) as (upstream, upstream_pid):
         config = write_config(workdir / "config.yaml", upstream)
-        for row in settings.rows:
+        for row in settings.rows if "streaming" in settings.phases else ():
             row_started = time.monotonic()
             try:
                 serving = start_row(row, workdir, config, upstream, settings)
@@ -804,6 +842,9 @@ def main(argv: list[str] | None = None) -> int:
                 data["reason"] = "failed phases: " + ", ".join(failed)
             data["seconds"] = time.monotonic() - row_started
             results[row] = data
+        request_rate = None
+        if "requests" in settings.phases:
+            request_rate = run_request_sweep(settings.requests, workdir, config, upstream, upstream_pid)
     raw_summary: dict[str, Any] | None = None
     summaries: dict[str, dict[str, Any]] = {}
     for row, data in results.items():
@@ -812,7 +853,9 @@ def main(argv: list[str] | None = None) -> int:
             if row == "raw":
                 raw_summary = summaries[row]
     compare(summaries)
-    checks = targets(summaries, settings)
+    checks = targets(summaries, settings) if results else []
+    if request_rate is not None:
+        checks += request_targets(request_rate)
     machine = machine_info()
     foreign = [
         (row, k, e["foreign_cores"])
@@ -820,6 +863,11 @@ def main(argv: list[str] | None = None) -> int:
         for k, e in [*(s.get("load") or {}).items(), ("unbounded", {"foreign_cores": s.get("unbounded_foreign_cores")})]
         if e.get("foreign_cores") is not None
     ]
+    for row, data in ((request_rate or {}).get("rows") or {}).items():
+        for step in data.get("steps") or ():
+            cores = step["result"].get("foreign_cores")
+            if cores is not None:
+                foreign.append((f"requests {row}", f"{step['rate']:g}/s", cores))
     worst_foreign = max(foreign, key=lambda f: f[2]) if foreign else None
     clean = worst_foreign is None or worst_foreign[2] < FOREIGN_LIMIT_CORES
     report = {
@@ -827,13 +875,17 @@ def main(argv: list[str] | None = None) -> int:
         # False when other processes used more than FOREIGN_LIMIT_CORES during some phase.
         "clean": clean,
         "max_foreign_cores": worst_foreign[2] if worst_foreign else None,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(settings).items()},
+        "settings": {
+            k: (str(v) if isinstance(v, Path) else vars(v) if isinstance(v, RateSettings) else v)
+            for k, v in vars(settings).items()
+        },
         "load_n": settings.load_n,
         "seconds_total": time.monotonic() - started,
         "workdir": str(workdir),
         "summary": summaries,
         "targets": checks,
         "rows": results,
+        "request_rate": request_rate,
     }
     settings.out.parent.mkdir(parents=True, exist_ok=True)
     settings.out.write_text(json.dumps(report, indent=2))
@@ -846,9 +898,18 @@ def main(argv: list[str] | None = None) -> int:
         "CPU µs/token: client / relay (proxy, sidecar tree, or exo+sidecar) / upstream, unbounded phase; "
         "path = client + relay.\n"
     )
-    print(table(results, summaries, settings))
-    print()
-    print(ratio_table(results, summaries, settings))
+    if results:
+        print(table(results, summaries, settings))
+        print()
+        print(ratio_table(results, summaries, settings))
+    if request_rate is not None:
+        r = settings.requests
+        print(
+            f"\nRequest rate: short requests of {r.n} chunks, open-loop arrivals at "
+            f"{', '.join(f'{x:g}' for x in r.rates)}/s for {r.seconds:g} s each, latency from the scheduled start; "
+            "CPU per request from /proc and getrusage (on a shared box compare the ratios, measured in this one run)\n"
+        )
+        print(request_table(request_rate))
     uppers = [
         (row, k, e.get("upstream_cpu_fraction"), e.get("upstream_late_p99_ms"))
         for row, s in summaries.items()

@@ -3,6 +3,9 @@
 #   bash scripts/bench.sh [--quick] [--rows raw,litellm,proxy,sidecar,sidecar-litellm,exo]
 #                         [--streams 1,32,128] [--rate 50] [--seconds 10] [--sidecar-workers N]
 #                         [--out bench-results/suite.json]
+#                         [--phases streaming,requests] [--request-rows raw,sidecar,sidecar-w2,proxy]
+#                         [--request-rates 100,200,300,400,500,600,800] [--request-seconds 5]
+# (--phases requests alone: the request-rate sweep of issue #23, short requests per second.)
 # Builds .venv (and, with EXO_SRC set, .venvs/exo-pins with classic exo for the exo row) via
 # scripts/bootstrap.sh, builds .venvs/litellm-proxy for the proxy row, then runs
 # benchmarks/suite.py: a markdown table and targets on stdout, JSON in bench-results/.

@@ -114,6 +114,29 @@ def test_rows_that_ran_have_sane_numbers(report: dict[str, Any]) -> None:
     assert machine["cores"] and machine["cpu_model"] and machine["litellm"] and machine["grpcio"]
 
 
+def test_the_request_rate_phase_measures_every_row(suite_run: SuiteRun) -> None:
+    """Short requests at a swept rate (issue #23): each row ran its first rate with every
+    request answered, and CPU per request is there for each process."""
+    rate = suite_run.report["request_rate"]
+    expected = ["raw", "sidecar", "sidecar-w2", "proxy"]
+    assert list(rate["rows"]) == expected
+    for row in expected[:3]:
+        data = rate["rows"][row]
+        assert data["status"] == "ok", (row, data.get("reason"))
+        first = data["steps"][0]["result"]
+        assert first["ok"] and first["requests"] == 25 and first["completed"] == 25, (row, first)
+        assert first["errors"] == 0, (row, first["error_kinds"])
+        cpu = first["cpu_us_per_request"]
+        assert _positive(cpu["client"]), (row, cpu)
+        if row != "raw":
+            assert _positive(cpu["server"]), (row, cpu)
+            assert rate["summary"]["rows"][row]["relay_x_raw_client"] > 0, row
+    if not (PROXY_VENV / "bin" / "litellm").exists():
+        assert rate["rows"]["proxy"]["status"] == "skipped"
+    assert "Request rate:" in suite_run.stdout and "| sidecar-w2 |" in suite_run.stdout
+    assert "sidecar CPU per short request <= 1.5x" in suite_run.stdout
+
+
 def _numbers(value: Any, where: str = "") -> list[tuple[str, float]]:
     """Every number in a JSON value, with its path."""
     if isinstance(value, bool):
@@ -201,7 +224,7 @@ def _expected_targets(report: dict[str, Any]) -> dict[str, tuple[float | None, b
 def test_targets_follow_from_the_figures_and_are_printed_as_recorded(suite_run: SuiteRun) -> None:
     report, out = suite_run.report, suite_run.stdout
     targets = {t["target"]: t for t in report["targets"]}
-    assert len(targets) == len(report["targets"]) == 11
+    assert len(targets) == len(report["targets"]) == 15  # 11 streaming, 4 request-rate (issue #23)
     ran = set(report["summary"])
     assert {"raw", "sidecar", "litellm"} <= ran, ran
     expected = _expected_targets(report)
@@ -239,3 +262,29 @@ async def test_the_routing_benchmark_runs_and_reports_every_case(
         assert row["n"] == 12 and 0 < row["p50"] <= row["p99"] <= row["max"]
     queued = await routing.queueing(tmp_path, burst=3)
     assert queued["completed"] == {"n1": 3, "n2": 3} and queued["errors"] == {"n1": 0, "n2": 0}
+
+
+def test_the_soak_drives_every_kind_of_request_and_samples_the_sidecar(tmp_path: Path) -> None:
+    """``benchmarks/soak.py`` for a few seconds: every kind of request was made, none failed
+    unexpectedly, the sidecar was sampled, and the ledger holds the rows it should. (Not
+    whether memory stayed flat: a few seconds are all warm-up.)"""
+    out = tmp_path / "soak.json"
+    args = ["--minutes", "0.25", "--rps", "20", "--streams", "2", "--stream-chunks", "20", "--sample-s", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "EXO_SRC"}
+    env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.soak", *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=200,
+    )
+    assert out.exists(), result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    counts = report["counts"]
+    assert counts["unexpected"] == 0, report["errors"]
+    assert all(counts[kind] > 0 for kind in ("short", "stream", "cancelled", "provider_error")), counts
+    assert len(report["samples"]) >= 4 and all(s["rss_mb"] > 0 and s["fds"] > 0 for s in report["samples"])
+    assert report["ledger"]["as_expected"] and report["ledger"]["rows"] >= counts["short"], report["ledger"]
+    assert "soak: " in result.stdout and "rss_mb:" in result.stdout, result.stdout

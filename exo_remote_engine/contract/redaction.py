@@ -66,6 +66,10 @@ _PREFIXED_KEY = re.compile(
 )
 _URL_USERINFO = re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+@")
 _LONG_TOKEN = re.compile(r"[A-Za-z0-9_\-+/]{32,}")
+# Redacted results of short texts are remembered: log arguments and status texts repeat
+# (a model alias, a node name, "OK", a format string), and a miss costs tens of us.
+_CACHED_CHARS = 512
+_CACHE_ENTRIES = 4096
 _UUID_OR_HEX = re.compile(r"(?i)[0-9a-f]{8}(?:-?[0-9a-f]{4}){3}-?[0-9a-f]{12}|[0-9a-f\-]+")
 
 
@@ -98,6 +102,10 @@ class SecretRegistry:
         self._values: frozenset[str] = frozenset()
         self._grams: frozenset[str] = frozenset()  # every FRAGMENT_CHARS-long piece of a long secret
         self._short: re.Pattern[str] | None = None  # secrets shorter than a fragment, as whole words
+        # text -> its redacted form under the current secrets. Replaced (never cleared in
+        # place) when a secret is added, after the new secrets are in: a redaction that
+        # began before the add stores its stale result only in the abandoned dict.
+        self._cache: dict[str, str] = {}
 
     def __contains__(self, value: object) -> bool:
         return value in self._values
@@ -121,10 +129,9 @@ class SecretRegistry:
                 self._grams = self._grams | grams
             else:
                 short = sorted((v for v in values if len(v) < FRAGMENT_CHARS), key=len, reverse=True)
-                self._short = re.compile(
-                    r"(?<![A-Za-z0-9])(?:" + "|".join(map(re.escape, short)) + r")(?![A-Za-z0-9])"
-                )
+                self._short = re.compile(r"(?<![A-Za-z0-9])(?:" + "|".join(map(re.escape, short)) + r")(?![A-Za-z0-9])")
             self._values = values
+            self._cache = {}
 
     def add_all(self, values: Iterable[Any]) -> None:
         for value in values:
@@ -147,9 +154,20 @@ class SecretRegistry:
         or anything shaped like a credential."""
         if not text:
             return text
+        if not extra and len(text) <= _CACHED_CHARS:
+            cache = self._cache  # before the secrets are read: see __init__
+            done = cache.get(text)
+            if done is None:
+                if len(cache) >= _CACHE_ENTRIES:
+                    cache.clear()
+                done = cache[text] = self._redact(text)
+            return done
         for value in extra:
             if value and len(value) >= 4:
                 text = text.replace(value, REDACTED)
+        return self._redact(text)
+
+    def _redact(self, text: str) -> str:
         text = self._remove_fragments(text)
         short = self._short
         if short is not None:

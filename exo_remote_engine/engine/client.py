@@ -41,16 +41,10 @@ import contextlib
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from typing import TypeAlias
 
 import grpc
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-)
 
 from exo_remote_engine.contract.addresses import TargetKind, sidecar_target
 from exo_remote_engine.contract.errors import Reason, RemoteError
@@ -63,6 +57,8 @@ from exo_remote_engine.engine.target import (
 )
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
+
+_GenerateMethod: TypeAlias = grpc.aio.UnaryStreamMultiCallable[pb.GenerateRequest, pb.GenerateResponse]
 
 
 def _error_from(exc: grpc.RpcError) -> RemoteError:
@@ -102,6 +98,7 @@ class SidecarClient:
         self._workers_due = 0.0  # when to ask ListWorkers again
         self._refreshing: asyncio.Future[None] | None = None
         self._turn = 0
+        self._generate_methods: dict[grpc.aio.Channel, _GenerateMethod] = {}  # per channel, made once
         self.hosts_seen: dict[str, bool | None] = {}  # the last host_health answer
 
     def _stub(self) -> pb_grpc.RemoteInferenceServiceStub:
@@ -114,6 +111,7 @@ class SidecarClient:
             self._channel = self.target.aio_channel()
             self._loop = loop
             self._workers, self._hosts = {}, {}  # channels belong to the loop that made them
+            self._generate_methods = {}
             self._workers_due = 0.0
             self._refreshing = None
         return self._channel
@@ -128,6 +126,7 @@ class SidecarClient:
     async def close(self) -> None:
         channels = [self._channel, *self._workers.values(), *self._hosts.values(), *self._retired]
         self._channel, self._workers, self._hosts, self._retired = None, {}, {}, {}
+        self._generate_methods = {}
         if self._loop is asyncio.get_running_loop():
             for channel in channels:
                 if channel is not None:
@@ -268,36 +267,39 @@ class SidecarClient:
             raise _error_from(exc) from None
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
-        """Stream events; retried only while nothing has been received."""
+        """Stream events; retried only while nothing has been received.
+
+        Provider errors were already retried by the sidecar (sidecar/serving/streaming.py,
+        with model fallbacks); here only the sidecar itself being away or full is worth
+        another try. Two loops for two failure classes, neither retries the other's. The
+        loop is written out rather than built with tenacity: an ``AsyncRetrying`` per call
+        cost about a tenth of this client's CPU on a short request, and the first attempt,
+        which nearly every call stops at, now costs nothing beyond the call itself."""
         policy = self.target.retry
+        metadata = self.target.metadata(request.request_id)
         call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse] | None = None
         first: pb.GenerateResponse | None = None
         worker_port: int | None = None
-        retrying = AsyncRetrying(
-            # Provider errors were already retried by the sidecar (sidecar/serving/streaming.py, with
-            # model fallbacks); here only the sidecar itself being away or full is worth
-            # another try. Two loops for two failure classes, neither retries the other's.
-            retry=retry_if_exception(
-                lambda e: isinstance(e, RemoteError) and e.reason in (Reason.SIDECAR_UNAVAILABLE, Reason.OVERLOADED)
-            ),
-            stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.max_total_s),
-            wait=_wait_honouring_retry_after(policy),
-            reraise=True,
-        )
+        started = time.monotonic()
+        attempt = 0
         try:
-            async for attempt in retrying:
-                with attempt:
+            while True:
+                attempt += 1
+                try:
                     channel, worker_port = await self._generate_channel()
-                    call = pb_grpc.RemoteInferenceServiceStub(channel).Generate(
-                        request,
-                        timeout=self.target.deadline_s,
-                        metadata=self.target.metadata(request.request_id),
-                    )
+                    call = self._generate_method(channel)(request, timeout=self.target.deadline_s, metadata=metadata)
                     try:
                         first = await self._first_event(call)
                     except RemoteError as exc:
                         await self._drop_worker_if_gone(exc, worker_port)
                         raise
+                    break
+                except RemoteError as exc:
+                    if exc.reason not in _RETRIED or attempt >= policy.attempts:
+                        raise
+                    if time.monotonic() - started >= policy.max_total_s:
+                        raise
+                    await asyncio.sleep(_retry_wait(policy, attempt, exc))
             if first is None:
                 return
             yield first
@@ -315,6 +317,16 @@ class SidecarClient:
         finally:
             if call is not None and not call.done():
                 call.cancel()
+
+    def _generate_method(self, channel: grpc.aio.Channel) -> _GenerateMethod:
+        """The Generate callable of ``channel``, made once per channel: a generated stub
+        builds a callable for every method of the service each time it is created."""
+        method = self._generate_methods.get(channel)
+        if method is None:
+            if len(self._generate_methods) > 64:  # channels come and go (workers, host lists)
+                self._generate_methods.clear()
+            method = self._generate_methods[channel] = pb_grpc.RemoteInferenceServiceStub(channel).Generate
+        return method
 
     @staticmethod
     async def _first_event(
@@ -353,15 +365,17 @@ def _contentless(event: pb.GenerateResponse) -> bool:
     return not (delta.text or delta.reasoning_text or len(delta.tool_calls))
 
 
-def _wait_honouring_retry_after(policy: RetryPolicy) -> Callable[[RetryCallState], float]:
-    def wait(state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        hinted = exc.retry_after_s if isinstance(exc, RemoteError) else None
-        backoff = min(policy.max_delay_s, policy.base_delay_s * 2 ** (state.attempt_number - 1))
-        jittered = random.uniform(0, backoff)
-        return max(jittered, min(hinted, policy.max_total_s)) if hinted is not None else jittered
+# The failures of the sidecar itself (away, or full): the only ones this client retries.
+_RETRIED = frozenset({Reason.SIDECAR_UNAVAILABLE, Reason.OVERLOADED})
 
-    return wait
+
+def _retry_wait(policy: RetryPolicy, attempt: int, error: RemoteError) -> float:
+    """Seconds before attempt ``attempt + 1``: full jitter over an exponential backoff,
+    but at least the sidecar's Retry-After hint (capped by the whole budget)."""
+    backoff = min(policy.max_delay_s, policy.base_delay_s * 2 ** (attempt - 1))
+    jittered = random.uniform(0, backoff)
+    hinted = error.retry_after_s
+    return max(jittered, min(hinted, policy.max_total_s)) if hinted is not None else jittered
 
 
 @contextlib.asynccontextmanager

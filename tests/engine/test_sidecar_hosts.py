@@ -411,7 +411,7 @@ async def test_a_host_list_spreads_calls_over_every_hosts_workers(tmp_path: Path
             texts = await asyncio.gather(*(one(i) for i in range(40)))
             assert all(f"hello {i}" in t for i, t in enumerate(texts))
         for process in processes:
-            pattern = r"exo_remote_engine\.sidecar(\[worker \d+\])? request_id=w-\d+ .* start"
+            pattern = r"exo_remote_engine\.sidecar(\[worker \d+\])? request_id=w-\d+ .* end code=OK"
             starts = re.findall(pattern, process.log.read_text())
             served = Counter(tag.strip("[]") or "main" for tag in starts)
             assert served["main"] > 0 and served["worker 1"] > 0, f"{process.log.name}: {served}"

@@ -19,6 +19,11 @@ _UNDECODABLE = object()
 
 
 class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        # method -> (grpc's handler, our wrapper of it): built once per method, not per
+        # call (a wrapper is three closures and a new handler tuple).
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -27,44 +32,54 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None or handler.request_streaming:
             return handler
-        deserialize = handler.request_deserializer
-        method = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        known = self._guarded.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        guarded = _guard(handler, method)
+        if len(self._guarded) < 256:  # registered methods only, in practice; never unbounded
+            self._guarded[method] = (handler, guarded)
+        return guarded
 
-        def safe_deserialize(data: bytes) -> Any:
-            try:
-                return deserialize(data)
-            except Exception:
-                return _UNDECODABLE
 
-        async def refuse(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            await abort(
-                context, RemoteError(Reason.INVALID_REQUEST, f"request bytes do not decode as {method}'s request")
-            )
+def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """``handler`` with a deserializer that cannot raise, and a refusal for what it could
+    not decode."""
+    deserialize = handler.request_deserializer
 
-        kwargs = {"request_deserializer": safe_deserialize, "response_serializer": handler.response_serializer}
-        if handler.unary_unary is not None:
-            inner_unary = handler.unary_unary
+    def safe_deserialize(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:
+            return _UNDECODABLE
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if request is _UNDECODABLE:
-                    await refuse(context)
-                return await inner_unary(request, context)
+    async def refuse(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await abort(context, RemoteError(Reason.INVALID_REQUEST, f"request bytes do not decode as {method}'s request"))
 
-            return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
-        inner_stream = handler.unary_stream
-        if inspect.isasyncgenfunction(inner_stream):
+    kwargs = {"request_deserializer": safe_deserialize, "response_serializer": handler.response_serializer}
+    if handler.unary_unary is not None:
+        inner_unary = handler.unary_unary
 
-            async def stream_gen(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                if request is _UNDECODABLE:
-                    await refuse(context)
-                async for response in inner_stream(request, context):
-                    yield response
-
-            return grpc.unary_stream_rpc_method_handler(stream_gen, **kwargs)
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             if request is _UNDECODABLE:
                 await refuse(context)
-            await inner_stream(request, context)
+            return await inner_unary(request, context)
 
-        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
+        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+    inner_stream = handler.unary_stream
+    if inspect.isasyncgenfunction(inner_stream):
+
+        async def stream_gen(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            if request is _UNDECODABLE:
+                await refuse(context)
+            async for response in inner_stream(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(stream_gen, **kwargs)
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if request is _UNDECODABLE:
+            await refuse(context)
+        await inner_stream(request, context)
+
+    return grpc.unary_stream_rpc_method_handler(stream, **kwargs)

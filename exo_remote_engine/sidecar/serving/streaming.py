@@ -179,7 +179,7 @@ class StreamingBackend:
         # Two retry loops on purpose: this one handles *provider* failures (429, 5xx, a
         # dropped connection: classified here, where the provider's answer is seen), falls
         # back to the next model between attempts and stops as soon as a delta went out.
-        # The engine's tenacity retry (engine/client.py) handles only *sidecar* failures
+        # The engine's retry (engine/client.py) handles only *sidecar* failures
         # (unreachable, overloaded) and never retries a provider error, so a failure class
         # is retried in exactly one place. Hand-written because of the fallback step.
         # A request the provider refused for what it asks (400, 413, 422) goes back to its

@@ -29,6 +29,9 @@ class Metrics:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.registry: Any = prom.CollectorRegistry() if prom else None
         self.recent = RecentOutcomes(clock)  # the status page's last hour (no Prometheus needed)
+        # (metric, label values) -> its child: prometheus_client's labels() validates and
+        # takes a lock on every call, and a short request asked it six times.
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         if prom is None:
             return
         labels = ("model", "node")
@@ -97,17 +100,25 @@ class Metrics:
             registry=self.registry,
         )
 
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once per label set."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def charged(self, model: str, node: str, cost_usd: float | None) -> None:
         if prom is None:
             return
         if cost_usd is None:
-            self.unpriced.labels(model, node).inc()
+            self.child(self.unpriced, model, node).inc()
         elif cost_usd:
-            self.spend.labels(model, node).inc(cost_usd)
+            self.child(self.spend, model, node).inc(cost_usd)
 
     def limit_hit(self, node: str, limit: str) -> None:
         if prom is not None:
-            self.limit_hits.labels(node, limit).inc()
+            self.child(self.limit_hits, node, limit).inc()
 
     def refused(self, node: str, reason: str) -> None:
         """A request refused at admission (a limit or budget): in the last hour's tally."""
@@ -152,19 +163,21 @@ class StreamRecorder:
         self.metrics.recent.first_token(self.model, deployment, ttft)
         if prom is None:
             return
-        self.metrics.ttft.labels(self.model, self.node).observe(ttft)
-        self.metrics.deployment_ttft.labels(self.model, deployment).observe(ttft)
-        self._gap = self.metrics.gap.labels(self.model)
+        metrics = self.metrics
+        metrics.child(metrics.ttft, self.model, self.node).observe(ttft)
+        metrics.child(metrics.deployment_ttft, self.model, deployment).observe(ttft)
+        self._gap = metrics.child(metrics.gap, self.model)
 
     def finished(self, code: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         reason = self.reason or ("CANCELLED" if code == "CANCELLED" else "") or ("" if code == OK else code)
         self.metrics.recent.add(self.node, reason or OK, self.model)
         if prom is None:
             return
+        metrics = self.metrics
         if reason:
-            self.metrics.errors.labels(self.model, self.node, reason).inc()
-        self.metrics.requests.labels(self.model, self.node, code).inc()
+            metrics.child(metrics.errors, self.model, self.node, reason).inc()
+        metrics.child(metrics.requests, self.model, self.node, code).inc()
         if prompt_tokens:
-            self.metrics.tokens_in.labels(self.model, self.node).inc(prompt_tokens)
+            metrics.child(metrics.tokens_in, self.model, self.node).inc(prompt_tokens)
         if completion_tokens:
-            self.metrics.tokens_out.labels(self.model, self.node).inc(completion_tokens)
+            metrics.child(metrics.tokens_out, self.model, self.node).inc(completion_tokens)

@@ -55,6 +55,10 @@ class Route:
     headers: Mapping[str, str] = field(repr=False)
     proxy: str | None = field(default=None, repr=False)  # may carry credentials
 
+    @functools.cached_property
+    def client_timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s)
+
 
 class OpenAICompatibleTransport:
     writes_inline = True
@@ -62,6 +66,9 @@ class OpenAICompatibleTransport:
     def __init__(self, request_timeout_s: float = 600.0) -> None:
         self._default_timeout_s = request_timeout_s
         self._session: aiohttp.ClientSession | None = None
+        # id(entry) -> (entry, the implicit key it was built with, its route): a route is
+        # built once per deployment, not per request (URL parsing, headers, the proxy).
+        self._routes: dict[int, tuple[ModelEntry, str | None, Route]] = {}
 
     def accepts(self, entry: ModelEntry) -> bool:
         return (
@@ -88,6 +95,19 @@ class OpenAICompatibleTransport:
             headers["Authorization"] = basic
         return Route(url, model, float(timeout), headers, _proxy_for(url))
 
+    def _route(self, entry: ModelEntry) -> Route:
+        """:meth:`route`, remembered per entry while the key it may take from the
+        environment stays the same."""
+        implicit = os.environ.get(_PROVIDER_KEY_ENV[entry.provider])
+        cached = self._routes.get(id(entry))
+        if cached is not None and cached[0] is entry and cached[1] == implicit:
+            return cached[2]
+        if len(self._routes) >= 256:  # entries come and go with discovery
+            self._routes.clear()
+        route = self.route(entry)
+        self._routes[id(entry)] = (entry, implicit, route)
+        return route
+
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # No connection cap (the sidecar's policy bounds concurrency). Proxies from the
@@ -102,16 +122,15 @@ class OpenAICompatibleTransport:
             self._session = None
 
     async def produce(self, entry: ModelEntry, request: pb.GenerateRequest, state: StreamState) -> None:
-        route = self.route(entry)
+        route = self._route(entry)
         body = chat_completion_body(request)
         body.update(model=route.model, stream=True, stream_options={"include_usage": True})
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=route.timeout_s, sock_read=route.timeout_s)
         try:
             async with self._client().post(
                 route.url,
                 data=json.dumps(body).encode(),
                 headers=dict(route.headers),
-                timeout=timeout,
+                timeout=route.client_timeout,
                 proxy=route.proxy,
             ) as response:
                 if response.status >= 400:

@@ -70,8 +70,8 @@ def _worker_ports(sidecar: SidecarProcess, token: str | None = TOKEN) -> list[in
 
 
 def _serving_processes(log: Path) -> Counter[str]:
-    """Which process logged each request's start: "main" or "worker N"."""
-    starts = re.findall(r"exo_remote_engine\.sidecar(\[worker \d+\])? request_id=w-\d+ .* start", log.read_text())
+    """Which process logged each request's end: "main" or "worker N"."""
+    starts = re.findall(r"exo_remote_engine\.sidecar(\[worker \d+\])? request_id=w-\d+ .* end code=OK", log.read_text())
     return Counter(tag.strip("[]") or "main" for tag in starts)
 
 
