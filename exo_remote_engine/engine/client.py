@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import socket
 import time
 from collections.abc import AsyncIterator
 from typing import TypeAlias
 
 import grpc
+from tenacity import RetryCallState, wait_random_exponential
 
 from exo_remote_engine.contract.addresses import TargetKind, sidecar_target
 from exo_remote_engine.contract.errors import Reason, RemoteError
@@ -272,9 +272,9 @@ class SidecarClient:
         Provider errors were already retried by the sidecar (sidecar/serving/streaming.py,
         with model fallbacks); here only the sidecar itself being away or full is worth
         another try. Two loops for two failure classes, neither retries the other's. The
-        loop is written out rather than built with tenacity: an ``AsyncRetrying`` per call
-        cost about a tenth of this client's CPU on a short request, and the first attempt,
-        which nearly every call stops at, now costs nothing beyond the call itself."""
+        loop is written out rather than an ``AsyncRetrying`` per call (about a tenth of this
+        client's CPU on a short request); tenacity computes the backoff of a failed attempt
+        only, so the first attempt, which nearly every call stops at, costs nothing more."""
         policy = self.target.retry
         metadata = self.target.metadata(request.request_id)
         call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse] | None = None
@@ -370,10 +370,12 @@ _RETRIED = frozenset({Reason.SIDECAR_UNAVAILABLE, Reason.OVERLOADED})
 
 
 def _retry_wait(policy: RetryPolicy, attempt: int, error: RemoteError) -> float:
-    """Seconds before attempt ``attempt + 1``: full jitter over an exponential backoff,
-    but at least the sidecar's Retry-After hint (capped by the whole budget)."""
-    backoff = min(policy.max_delay_s, policy.base_delay_s * 2 ** (attempt - 1))
-    jittered = random.uniform(0, backoff)
+    """Seconds before attempt ``attempt + 1``: tenacity's full jitter over an exponential
+    backoff, but at least the sidecar's Retry-After hint (capped by the whole budget).
+    Only a failed attempt gets here, so the common first attempt builds nothing."""
+    state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]  # only attempt_number is read
+    state.attempt_number = attempt
+    jittered = float(wait_random_exponential(multiplier=policy.base_delay_s, max=policy.max_delay_s)(state))
     hinted = error.retry_after_s
     return max(jittered, min(hinted, policy.max_total_s)) if hinted is not None else jittered
 
