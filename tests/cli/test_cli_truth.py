@@ -69,6 +69,7 @@ def test_chat_sends_its_default_max_tokens_and_says_so(upstream_sidecar: tuple[O
 
 MASTER = "sk-master-usage-0123456789"
 NODE_TOKEN = "node-usage-token-0123456789"
+ADMIN_TOKEN = "ops-usage-token-0123456789"
 
 
 def cli_as(token: str | None, *args: str) -> subprocess.CompletedProcess[str]:
@@ -76,12 +77,16 @@ def cli_as(token: str | None, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.timeout(240)
-def test_usage_over_the_admin_rpc_for_the_master_key_only(tmp_path: Path) -> None:
+def test_usage_over_the_admin_rpc_for_admins_only(tmp_path: Path) -> None:
     with OpenAIUpstream.in_thread() as upstream:
         config = write_proxy_config(tmp_path / "config.yaml", upstream.url, ["m"])
-        config.write_text(config.read_text() + f"general_settings:\n  master_key: {MASTER}\n")
+        config.write_text(
+            config.read_text()
+            + f"general_settings:\n  master_key: {MASTER}\n"
+            + "exo_remote_settings:\n  nodes:\n    ops: {role: admin}\n    laptop: {rpm: 1000}\n"
+        )
         tokens = tmp_path / "tokens"
-        tokens.write_text(f"laptop {NODE_TOKEN}\n")
+        tokens.write_text(f"laptop {NODE_TOKEN}\nops {ADMIN_TOKEN}\n")
         tokens.chmod(0o600)
         env = {"TEST_UPSTREAM_KEY": PLANTED_KEY, "EXO_REMOTE_STATE_DIR": str(tmp_path)}
         sidecar = start_sidecar_process(
@@ -95,6 +100,12 @@ def test_usage_over_the_admin_rpc_for_the_master_key_only(tmp_path: Path) -> Non
             assert row[:3] == ["laptop", "m", "1"], admin.stdout
             assert f"{sidecar.address}: {tmp_path}" in admin.stdout, "says whose ledger it read"
             assert MASTER not in admin.stdout + admin.stderr
+            # A node with role: admin may read it too (the status page's admins).
+            by_role = cli_as(ADMIN_TOKEN, "usage", "--sidecar", sidecar.address)
+            assert by_role.returncode == 0, by_role.stderr
+            assert [line.split()[:3] for line in by_role.stdout.splitlines() if line.startswith("laptop ")] == [
+                ["laptop", "m", "1"]
+            ]
             only = cli_as(MASTER, "--sidecar", sidecar.address, "usage", "--node", "nobody", "--since", "1h")
             assert only.returncode == 0 and "laptop" not in only.stdout
             # A node's own token is refused, clearly; so is no token at all.
@@ -103,7 +114,7 @@ def test_usage_over_the_admin_rpc_for_the_master_key_only(tmp_path: Path) -> Non
                 assert denied.returncode == 1 and denied.stdout == ""
                 assert "PERMISSION_DENIED" in denied.stderr or "UNAUTHENTICATED" in denied.stderr, denied.stderr
             assert (
-                "usage is for the sidecar's admin: send its master_key as token"
+                "usage is for the sidecar's admins: send its master_key, or the token of a node with role: admin"
                 in cli_as(NODE_TOKEN, "usage", "--sidecar", sidecar.address).stderr
             )
             # --sidecar asks the sidecar: a local --state-dir with it is a mistake, said so.

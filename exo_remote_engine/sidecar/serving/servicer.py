@@ -93,12 +93,17 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
     async def GetUsage(
         self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetUsageResponse:
-        """The ledger's spend per node and model, for the master key's bearer token only (a
-        client certificate's name never counts as the master key)."""
+        """The ledger's spend per node and model, for the sidecar's admins only: the master
+        key's bearer token (a client certificate's name never counts as the master key) or a
+        node whose rules say ``role: admin`` (the same admins as the status page's)."""
         auth = context.auth_context()
-        if auth.get("x509_common_name") or self.policy.identify(context.invocation_metadata(), auth) != MASTER_KEY_NODE:
+        node = self.policy.identify(context.invocation_metadata(), auth)
+        rules = self.policy.nodes.get(node)
+        master = node == MASTER_KEY_NODE and not auth.get("x509_common_name")
+        if not (master or (rules is not None and rules.admin)):
             raise RemoteError(
-                Reason.PERMISSION_DENIED, "usage is for the sidecar's admin: send its master_key as token"
+                Reason.PERMISSION_DENIED,
+                "usage is for the sidecar's admins: send its master_key, or the token of a node with role: admin",
             )
         ledger = self.accounting.ledger
         if ledger is None:
