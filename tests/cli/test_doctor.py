@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import load_config
 from exo_remote_engine.sidecar.control.auth import ServerTLS
+from exo_remote_engine.sidecar.ledger.spend import Charge, Ledger
 from tests.support.certs import Pki, make_pki, openssl_skip_reason
 from tests.support.processes import PINS_VENV, REPO, exo_skip_reason, free_port
 from tests.support.servers import PostgresServer, RedisServer
@@ -239,12 +241,19 @@ async def test_a_spent_budget_fails_with_the_fix(tmp_path: Path) -> None:
             as_laptop = _env(EXO_REMOTE_TOKEN=TOKEN)
             code, out = await doctor("--sidecar", sidecar.address, "--skip-exo", env=as_laptop)
             assert code == 0 and "ok    budget: node laptop: $0.050000 left of $0.05" in out, out
-            # One request at a cent per token spends far more than five cents.
-            chat = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "exo_remote_engine.cli", "--sidecar", sidecar.address, "chat", "hello there",
-                env=as_laptop, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            )  # fmt: skip
-            assert await asyncio.wait_for(chat.wait(), 120) == 0
+            # The ledger shows the budget spent (reservations keep live requests within it,
+            # so the spending is written as an earlier run of the sidecar would have).
+            await asyncio.to_thread(sidecar.stop)
+            ledger = Ledger.open(tmp_path)
+            try:
+                await ledger.record(
+                    Charge("earlier", time.time(), "laptop", "m", "m", "openai/m", 4, 2, 0.06, False, "completed")
+                )
+            finally:
+                ledger.close()
+            sidecar = await asyncio.to_thread(
+                start_sidecar_process, config, tmp_path / "s2.log", env, "127.0.0.1:0", ["--token-file", str(tokens)]
+            )
             code, out = await doctor("--sidecar", sidecar.address, "--skip-exo", env=as_laptop)
             assert code == 1
             check = _line(out, "FAIL  budget: node laptop:")
