@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-# Sidecars started by tests keep their spend ledger here, never in the user's data dir.
-os.environ.setdefault("EXO_REMOTE_STATE_DIR", tempfile.mkdtemp(prefix="exo-remote-test-state-"))
 
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -22,6 +21,24 @@ from tests.support.openai_upstream import OpenAIUpstream
 if TYPE_CHECKING:  # tests.support.traffic imports this module (through the harness)
     from tests.support.servers import PostgresServer, RedisServer
     from tests.support.traffic import Sidecars
+
+# With CI=true a skip for a missing real part is a failure (only EXO_SRC's may stay a skip).
+pytest_plugins = ["tests.support.real_parts"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Sidecars started by tests keep their spend ledger in a temporary directory, never in
+    the user's data dir; it is removed when the run ends."""
+    if "EXO_REMOTE_STATE_DIR" not in os.environ:
+        state_dir = tempfile.mkdtemp(prefix="exo-remote-test-state-")
+        os.environ["EXO_REMOTE_STATE_DIR"] = state_dir
+
+        def remove() -> None:
+            os.environ.pop("EXO_REMOTE_STATE_DIR", None)
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+        config.add_cleanup(remove)
+
 
 PLANTED_KEY = "sk-planted-0123456789abcdefPLANTEDKEY"
 # The sidecar's two ways of reading an OpenAI-compatible upstream (EXO_REMOTE_OPENAI_FAST_PATH).
@@ -105,11 +122,12 @@ async def sidecars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIter
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """A real PostgreSQL on 127.0.0.1 for the session (Debian's package; see servers.py)."""
+    from tests.support.real_parts import missing
     from tests.support.servers import PostgresServer, postgres_skip_reason
 
     reason = postgres_skip_reason()
     if reason is not None:
-        pytest.skip(reason)
+        missing(reason)
     server = PostgresServer()
     server.start()
     yield server
@@ -119,11 +137,12 @@ def postgres_server() -> Iterator[PostgresServer]:
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """A real Redis on 127.0.0.1 for the session (Debian's redis-server; see servers.py)."""
+    from tests.support.real_parts import missing
     from tests.support.servers import RedisServer, redis_skip_reason
 
     reason = redis_skip_reason()
     if reason is not None:
-        pytest.skip(reason)
+        missing(reason)
     server = RedisServer()
     server.start()
     yield server
