@@ -24,7 +24,8 @@ MALFORMED: dict[str, bytes] = {
     "json-list": b"data: [1, 2]\n\n",
     "not-json": b"data: {not json " + PLANTED_KEY.encode() + b"\n\n",
 }
-# Bodies LiteLLM tolerates; the direct reader must at least never call them INTERNAL.
+# Bodies LiteLLM tolerates (the stream completes; a non-string content is dropped, a
+# number as model is ignored); the direct reader refuses them like the malformed ones.
 ODD: dict[str, bytes] = {
     "content-a-number": b'data: {"choices": [{"index": 0, "delta": {"content": 5}}]}\n\n',
     "usage-a-number": b'data: {"choices": [], "usage": 5}\n\n',
@@ -70,6 +71,11 @@ async def test_odd_events_are_never_internal(transport: str, sidecar_for: Any) -
         sidecar = await sidecar_for(upstream, *ODD)
         for name in ODD:
             outcome = await raw_generate(sidecar.address, chat_request(name))
-            assert outcome.code in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE), (name, outcome.details)
-            if outcome.code != grpc.StatusCode.OK:
+            text = "".join(e.delta.text for e in outcome.events)
+            if transport == "direct":
+                assert outcome.code == grpc.StatusCode.UNAVAILABLE, (name, outcome.code, outcome.details)
                 assert outcome.error().reason is Reason.PROVIDER_UNAVAILABLE, name
+                assert text == "first", (name, text)
+            else:
+                assert outcome.code == grpc.StatusCode.OK, (name, outcome.code, outcome.details)
+                assert text == ("firstx second" if name == "model-a-number" else "first second"), (name, text)

@@ -206,15 +206,28 @@ async def test_sidecar_listen_without_a_port_means_50505() -> None:
 
 @pytest.mark.timeout(60)
 async def test_sidecar_flag_and_variable_without_a_port_dial_50505() -> None:
-    for args, env in (
-        (["--sidecar", "127.0.0.1", "models"], _env()),
-        (["models"], _env(EXO_REMOTE_SIDECAR="127.0.0.1")),
-    ):
-        code, _out, err = await run("exo-remote", *args, env=env)
-        # Nothing listens on 50505 here (then it says so), or a sidecar does and answered.
-        assert code == 0 or "127.0.0.1:50505" in err, (args, err)
-        assert ":443" not in err, err
-        _no_traceback(err)
+    # A listener of our own on 127.0.0.2:50505 (all of 127/8 is loopback; nothing else uses
+    # that address) sees the dial; it hangs up, so the command fails naming the address.
+    dialled: list[str] = []
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dialled.append("127.0.0.2:50505")
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.2", 50505)
+    try:
+        for args, env in (
+            (["--sidecar", "127.0.0.2", "models"], _env()),
+            (["models"], _env(EXO_REMOTE_SIDECAR="127.0.0.2")),
+        ):
+            dialled.clear()
+            code, _out, err = await run("exo-remote", *args, env=env)
+            assert dialled, (args, "the command never dialled 127.0.0.2:50505", err)
+            assert code == 1 and "127.0.0.2:50505" in err and ":443" not in err, (args, code, err)
+            _no_traceback(err)
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 @pytest.mark.timeout(60)

@@ -297,7 +297,10 @@ def test_no_connection_leaves_loopback_and_no_hugging_face(stack: dict[str, Any]
     assert "traceback" not in log, log[-3000:]
 
 
-def test_sidecar_down_before_first_delta_gives_a_clear_503(stack: dict[str, Any], tmp_path: Path) -> None:
+def test_a_node_whose_sidecar_never_answered_gives_a_clear_404(stack: dict[str, Any], tmp_path: Path) -> None:
+    """A node started with no sidecar listening knows no remote model: asked for one, it
+    answers OpenAI's 404 model_not_found saying it serves none and asking whether the
+    sidecar runs (engine/exo_hooks/api.py), and the other node's sidecar is untouched."""
     node: ExoNode = stack["node"]
     sidecar: SidecarProcess = stack["sidecar"]
     assert node.process.poll() is None
@@ -317,7 +320,9 @@ def test_sidecar_down_before_first_delta_gives_a_clear_503(stack: dict[str, Any]
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=60)
         assert caught.value.code == 404
-        assert "sidecar" in caught.value.read().decode()
+        error = json.loads(caught.value.read().decode())["error"]
+        assert error["code"] == "model_not_found", error
+        assert "'echo-model'" in error["message"] and "none (is the sidecar running?)" in error["message"], error
     finally:
         lonely.stop()
     assert sidecar.process.poll() is None
