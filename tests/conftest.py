@@ -147,3 +147,19 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.close()
+
+
+@pytest.fixture
+def own_redis_server() -> Iterator[RedisServer]:
+    """A Redis of the test's own, for a test that stops and restarts it: the session's
+    Redis, which other tests share, stays up whatever the test does."""
+    from tests.support.real_parts import missing
+    from tests.support.servers import RedisServer, redis_skip_reason
+
+    reason = redis_skip_reason()
+    if reason is not None:
+        missing(reason)
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()

@@ -1,6 +1,11 @@
-"""Faults between the provider, the sidecar and the engine side: each one ends within 1 s
-in its documented status (README error table), and the upstream HTTP connection is
-closed within 1 s of the fault.
+"""Faults between the provider, the sidecar and the engine side: each one ends promptly in
+its documented status (README error table), and the upstream HTTP connection is closed
+promptly after the fault.
+
+"Promptly" is FAULT_BUDGET_S, a wide margin for a loaded two-core box: every scenario is
+built so that letting the fault run its course (the stall, the rest of the stream) would
+take 20 s or more, so the bound still tells a prompt end from a leak. The times are printed
+for reading; the figures belong to the benchmarks.
 
 Everything is real: an aiohttp OpenAI-compatible upstream on 127.0.0.1, a grpc.aio
 sidecar (in-process, or its own process for SIGKILL), real LiteLLM, and the engine
@@ -48,8 +53,10 @@ from tests.support.harness import (
 )
 from tests.support.openai_upstream import OpenAIUpstream, Scenario, StreamRecord
 from tests.support.processes import free_port, start_sidecar_process
+from tests.support.waits import eventually
 
-FAULT_BUDGET_S = 1.0
+FAULT_BUDGET_S = 5.0
+LONG_STALL_S = 30.0  # a provider stall no test waits out: the fault must end it first
 NO_SIDECAR_RETRIES = "  num_retries: 0\n"
 LEAKY = f"Incorrect API key provided: {PLANTED_KEY}. You can find your API key at https://example.invalid"
 
@@ -125,7 +132,7 @@ async def _drain(client: SidecarClient, request: pb.GenerateRequest) -> tuple[st
     return text, None, time.monotonic()
 
 
-async def _closed(upstream: OpenAIUpstream, model: str, timeout: float = 3.0) -> StreamRecord:
+async def _closed(upstream: OpenAIUpstream, model: str, timeout: float = 3 * FAULT_BUDGET_S) -> StreamRecord:
     return await upstream.wait_closed(model, timeout=timeout)
 
 
@@ -188,7 +195,7 @@ async def test_provider_status_ends_promptly_in_its_documented_status(
 async def test_stall_before_first_byte_ends_at_the_client_deadline(
     upstream: OpenAIUpstream, start: StartSidecar, caplog: pytest.LogCaptureFixture
 ) -> None:
-    upstream.scenarios["stall"] = Scenario(stall_before_first_byte_s=2.0)
+    upstream.scenarios["stall"] = Scenario(stall_before_first_byte_s=LONG_STALL_S)
     sidecar = await start(upstream, "stall")
     client = sidecar_client(sidecar.address, deadline_s=0.5)
     started = time.monotonic()
@@ -203,10 +210,10 @@ async def test_stall_before_first_byte_ends_at_the_client_deadline(
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("how", ["deadline", "cancel"])
-async def test_stall_before_first_byte_upstream_is_closed_within_1s_of_the_end(
+async def test_stall_before_first_byte_upstream_is_closed_promptly_at_the_end(
     upstream: OpenAIUpstream, start: StartSidecar, how: str
 ) -> None:
-    upstream.scenarios["stall"] = Scenario(stall_before_first_byte_s=3.0, chunks=[f"x{i}" for i in range(50)])
+    upstream.scenarios["stall"] = Scenario(stall_before_first_byte_s=LONG_STALL_S, chunks=[f"x{i}" for i in range(50)])
     sidecar = await start(upstream, "stall")
     if how == "deadline":
         started = time.monotonic()
@@ -215,12 +222,12 @@ async def test_stall_before_first_byte_upstream_is_closed_within_1s_of_the_end(
         ended = started + 0.5
     else:
         task = asyncio.create_task(_drain(sidecar_client(sidecar.address), chat_request("stall")))
-        await asyncio.sleep(0.5)
+        await eventually(lambda: upstream.requests_for("stall"), "the request reached the upstream")
         ended = time.monotonic()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    record = await _closed(upstream, "stall", timeout=5)
+    record = await _closed(upstream, "stall")
     assert record.outcome == "disconnected", record
     assert record.ended_at - ended < FAULT_BUDGET_S, f"upstream closed {record.ended_at - ended:.3f}s after the end"
 
@@ -230,7 +237,7 @@ async def test_stall_longer_than_the_configured_provider_timeout_is_provider_tim
     upstream: OpenAIUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(KEY_ENV, PLANTED_KEY)
-    upstream.scenarios["stall"] = Scenario(stall_before_first_byte_s=2.5)
+    upstream.scenarios["stall"] = Scenario(stall_before_first_byte_s=LONG_STALL_S)
     config = write_config(tmp_path / "timeout.yaml", upstream.url, ["stall"], NO_SIDECAR_RETRIES)
     # LiteLLM's per-model timeout, as a LiteLLM proxy config sets it.
     config.write_text(config.read_text().replace("      api_key:", "      timeout: 0.5\n      api_key:"))
@@ -252,7 +259,7 @@ async def test_stall_longer_than_the_configured_provider_timeout_is_provider_tim
 async def test_deadline_expiry_mid_stream_ends_the_stream_and_the_upstream(
     upstream: OpenAIUpstream, start: StartSidecar, caplog: pytest.LogCaptureFixture
 ) -> None:
-    chunks = [f"d{i} " for i in range(500)]
+    chunks = [f"d{i} " for i in range(2000)]  # 40 s to run its course
     upstream.scenarios["slow"] = Scenario(chunks=chunks, interval_s=0.02)
     sidecar = await start(upstream, "slow")
     client = sidecar_client(sidecar.address, deadline_s=0.5)
@@ -324,7 +331,7 @@ async def test_drop_mid_stream_message_has_no_python_exception_repr(
 async def test_malformed_sse_mid_stream_is_provider_unavailable_and_closes_the_upstream(
     upstream: OpenAIUpstream, start: StartSidecar, caplog: pytest.LogCaptureFixture
 ) -> None:
-    chunks = [f"m{i} " for i in range(100)]
+    chunks = [f"m{i} " for i in range(2000)]  # 40 s to run its course
     upstream.scenarios["garbled"] = Scenario(chunks=chunks, malformed_after_chunks=5, interval_s=0.02)
     sidecar = await start(upstream, "garbled")
     text, error, failed_at = await _drain(sidecar_client(sidecar.address), chat_request("garbled"))
@@ -365,12 +372,7 @@ async def test_client_cancel_closes_the_upstream_and_frees_the_stream(
     late = record.ended_at - cancelled_at
     assert late < FAULT_BUDGET_S, f"upstream closed {late:.3f}s late"
     wanted = 'exo_remote_requests_total{code="CANCELLED",model="slow",node="anonymous"} 1.0'
-    for _ in range(50):  # the sidecar books the cancelled stream within 1 s
-        if wanted in metrics_text_of(sidecar):
-            break
-        await asyncio.sleep(0.02)
-    assert wanted in metrics_text_of(sidecar)
-    assert time.monotonic() - cancelled_at < FAULT_BUDGET_S + 0.2
+    await eventually(lambda: wanted in metrics_text_of(sidecar), "the cancelled stream is booked", FAULT_BUDGET_S)
     _no_key_anywhere(caplog, sidecar)
 
 
