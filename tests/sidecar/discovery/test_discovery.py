@@ -15,7 +15,6 @@ import os
 import random
 import re
 import socket
-import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +38,7 @@ from exo_remote_engine.sidecar.discovery import (
 )
 from tests.conftest import PLANTED_KEY
 from tests.support.provider_listings import ListingServer, env_base
+from tests.support.waits import eventually
 
 pytestmark = pytest.mark.timeout(30)
 # A discovery blocked by a server that never answers would wait until the test's timeout;
@@ -532,9 +532,9 @@ async def test_cancelled_caller_does_not_cancel_the_shared_refresh(fleet: Fleet)
     discovery = fleet.discovery(servers=[], providers=[SPEC["deepseek"]], timeout=0.5)
     impatient = asyncio.ensure_future(discovery.snapshot())
     patient = asyncio.ensure_future(discovery.snapshot())
-    await asyncio.sleep(0.1)
+    await eventually(lambda: deepseek.hits >= 1, "the shared refresh reached the provider")
     impatient.cancel()
-    models = await asyncio.wait_for(patient, 2.0)
+    models = await asyncio.wait_for(patient, 15.0)  # the 0.5 s timeout ends it; a loaded box's margin
     assert models and not any(m.ready for m in models)
 
 
@@ -543,10 +543,7 @@ async def test_background_refresh_loop(fleet: Fleet) -> None:
     discovery = fleet.discovery(servers=[], providers=[SPEC["deepseek"]], ttl=0.1)
     discovery.start()
     try:
-        deadline = time.monotonic() + 3.0
-        while deepseek.hits < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        assert deepseek.hits >= 3
+        await eventually(lambda: deepseek.hits >= 3, "three refreshes of the background loop")
         assert [m.alias for m in discovery.cached()] == ["deepseek/deepseek-chat", "deepseek/deepseek-reasoner"]
     finally:
         await discovery.stop()
