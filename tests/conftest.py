@@ -8,7 +8,7 @@ import tempfile
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # tests.support.traffic imports this module (through the harn
     from tests.support.traffic import Sidecars
 
 # With CI=true a skip for a missing real part is a failure (only EXO_SRC's may stay a skip).
-pytest_plugins = ["tests.support.real_parts"]
+# The `transport` fixture: once per transport (direct reader, LiteLLM).
+pytest_plugins = ["tests.support.real_parts", "tests.support.transports"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -41,27 +42,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 PLANTED_KEY = "sk-planted-0123456789abcdefPLANTEDKEY"
-# The sidecar's two ways of reading an OpenAI-compatible upstream (EXO_REMOTE_OPENAI_FAST_PATH).
-TRANSPORTS = ("direct", "litellm")
-FAST_PATH_ENV = "EXO_REMOTE_OPENAI_FAST_PATH"
-
-
-def use_transport(monkeypatch: pytest.MonkeyPatch, transport: str) -> str:
-    """Point every sidecar started afterwards (in-process, or a subprocess, which inherits
-    os.environ) at ``transport``: "direct" (aiohttp reader) or "litellm"."""
-    assert transport in TRANSPORTS, transport
-    monkeypatch.setenv(FAST_PATH_ENV, "1" if transport == "direct" else "0")
-    return transport
-
-
-def assert_served_by(headers: Mapping[str, str], transport: str) -> None:
-    """The upstream saw ``transport``'s HTTP client: aiohttp for the direct reader, the
-    OpenAI SDK (httpx) under LiteLLM. ``headers`` are a recorded request's (lower-cased)."""
-    agent = headers.get("user-agent", "")
-    served = "direct" if "aiohttp" in agent else "litellm"
-    assert served == transport, f"expected the {transport} transport, the upstream saw user-agent {agent!r}"
-
-
 def write_proxy_config(path: Path, upstream_url: str, aliases: Iterable[str]) -> Path:
     """A LiteLLM proxy config.yaml, as a user would write it, pointing at the upstream."""
     lines = ["model_list:"]

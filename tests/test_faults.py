@@ -38,7 +38,7 @@ from exo_remote_engine.engine.target import RetryPolicy
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import load_config
-from tests.conftest import FAST_PATH_ENV, PLANTED_KEY, TRANSPORTS, assert_served_by, use_transport
+from tests.conftest import PLANTED_KEY
 from tests.support.harness import (
     EXCEPTION_REPR,
     KEY_ENV,
@@ -53,6 +53,7 @@ from tests.support.harness import (
 )
 from tests.support.openai_upstream import OpenAIUpstream, Scenario, StreamRecord
 from tests.support.processes import free_port, start_sidecar_process
+from tests.support.transports import FAST_PATH_ENV, assert_served_by
 from tests.support.waits import eventually
 
 FAULT_BUDGET_S = 5.0
@@ -64,12 +65,8 @@ StartSidecar = Callable[..., Awaitable[RunningSidecar]]
 # fault -> (seconds from the fault to the client's error, to the upstream's close record)
 TIMINGS: dict[str, tuple[float | None, float | None]] = {}
 
-
-@pytest.fixture(autouse=True, params=TRANSPORTS)
-def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every fault on both transports. Autouse, so it is set up before ``start`` and before
-    any sidecar process (which inherits os.environ) is spawned."""
-    return use_transport(monkeypatch, request.param)
+# Every test runs on both transports, set up before the sidecar fixtures that read it.
+pytestmark = pytest.mark.usefixtures("transport")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from exo_remote_engine.contract.errors import Reason
-from tests.conftest import PLANTED_KEY, TRANSPORTS, use_transport
+from tests.conftest import PLANTED_KEY
 from tests.support.harness import assert_no_key, chat_request, raw_generate
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 
@@ -32,11 +32,6 @@ ODD: dict[str, bytes] = {
     "tool-call-a-number": b'data: {"choices": [{"index": 0, "delta": {"tool_calls": [5]}}]}\n\n',
     "model-a-number": b'data: {"model": 5, "choices": [{"index": 0, "delta": {"content": "x"}}]}\n\n',
 }
-
-
-@pytest.fixture(params=TRANSPORTS)
-def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    return use_transport(monkeypatch, request.param)
 
 
 def _scenario(body: bytes) -> Scenario:

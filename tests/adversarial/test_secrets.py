@@ -24,10 +24,10 @@ import pytest
 from exo_remote_engine.contract.errors import Reason
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import load_config
-from tests.conftest import TRANSPORTS, assert_served_by, use_transport
 from tests.support.harness import chat_request, metrics_text_of, raw_generate
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import REPO
+from tests.support.transports import assert_served_by
 
 # Shapes the old patterns missed: no "sk-" prefix, dots breaking a 32-character run.
 IMPLICIT_KEY = "vllm.Impl1c1t.k3y.Qz7Wx2"
@@ -84,11 +84,6 @@ def _config(path: Path, upstream: OpenAIUpstream) -> Path:
             lines += ["      extra_headers:", "        X-Upstream-Token: os.environ/PLANTED_HEADER_SECRET"]
     path.write_text("\n".join(lines) + "\nexo_remote_settings:\n  num_retries: 0\n")
     return path
-
-
-@pytest.fixture(params=TRANSPORTS)
-def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    return use_transport(monkeypatch, request.param)
 
 
 @pytest.fixture
@@ -170,24 +165,37 @@ async def test_exo_remote_chat_prints_no_secret(sidecar: tuple[RunningSidecar, O
         _assert_clean(f"`exo-remote chat --model {alias}` output", out, err)
 
 
-def test_fragments_and_key_shapes_are_redacted_but_ids_are_not() -> None:
+@pytest.fixture
+def restored_secrets() -> Iterator[None]:
+    """The process-wide secret registry as it was before the test: what a test registers
+    (and stops using) does not redact, or hide a leak, in the tests after it."""
     from exo_remote_engine.contract.redaction import SECRETS
 
+    saved = (SECRETS._values, SECRETS._grams, SECRETS._short)
+    yield
+    with SECRETS._lock:
+        SECRETS._values, SECRETS._grams, SECRETS._short = saved
+
+
+def test_fragments_and_key_shapes_are_redacted_but_ids_are_not() -> None:
+    from exo_remote_engine.contract.redaction import SecretRegistry
+
+    secrets = SecretRegistry()  # a registry of its own: the process-wide one stays as it was
     secret = "zz.Fr4gm3nt.0f.A.Secret.9x"
-    SECRETS.add(secret)
+    secrets.add(secret)
     request_id = "3f1c2b7e-9d4a-4c1e-8f0b-2a6d5e7c9b10"
     text = (
         f"request {request_id}: echoed {secret[4:20]} and {secret[-9:]}; "
         "key=abcd1234efgh Bearer tok_98765zyx http://bob:hunter2pass@host/v1"
     )
-    shown = SECRETS.redact(text)
+    shown = secrets.redact(text)
     assert request_id in shown, shown
     for leaked in (secret[4:20], secret[-9:], "abcd1234efgh", "tok_98765zyx", "hunter2pass"):
         assert leaked not in shown, shown
 
 
 @pytest.mark.timeout(30)
-async def test_discovery_keys_from_an_env_file_are_registered(tmp_path: Path) -> None:
+async def test_discovery_keys_from_an_env_file_are_registered(tmp_path: Path, restored_secrets: None) -> None:
     from exo_remote_engine.contract.redaction import SECRETS
     from exo_remote_engine.sidecar.config.loader import SidecarConfig, embedded_entry
     from exo_remote_engine.sidecar.discovery.registry import ModelRegistry

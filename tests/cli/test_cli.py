@@ -30,9 +30,9 @@ from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_side
 from exo_remote_engine.server import build_parser as sidecar_parser
 from exo_remote_engine.sidecar.config.loader import load_config
 from exo_remote_engine.sidecar.control.auth import ServerTLS
-from tests.cli.test_topology_view import _box_of, _remote, _serve_topology
 from tests.support.certs import Pki, make_pki, openssl_skip_reason
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
+from tests.support.topology import box_of, remote_node, serve_topology
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -151,13 +151,13 @@ async def test_topology_box_of_a_tls_sidecar_without_credentials_says_tls_expect
     guarded = await sidecars(tokens=(TOKEN,))
     topology = {
         "nodes": {
-            "tls-node": _remote(tls_sidecar.address, "remote: 1/1 models ready (embedded-echo)"),
-            "token-node": _remote(guarded.address, "remote: 1/1 models ready (embedded-echo)"),
+            "tls-node": remote_node(tls_sidecar.address, "remote: 1/1 models ready (embedded-echo)"),
+            "token-node": remote_node(guarded.address, "remote: 1/1 models ready (embedded-echo)"),
         },
         "peer_graph": {},
         "active_node_id": None,
     }
-    runner, url = await _serve_topology(topology)
+    runner, url = await serve_topology(topology)
     try:
         code, out, err = await run("exo-remote", "topology", "--api", url, "--timeout", "3", "--width", "120")
     finally:
@@ -165,7 +165,7 @@ async def test_topology_box_of_a_tls_sidecar_without_credentials_says_tls_expect
     assert code == 0, err
 
     def said(node: str) -> str:  # a box's text, its wrapped lines joined
-        return " ".join(" ".join(line.strip("│+| ").split()) for line in _box_of(out, node).splitlines())
+        return " ".join(" ".join(line.strip("│+| ").split()) for line in box_of(out, node).splitlines())
 
     assert "sidecar unreachable: TLS expected: set EXO_REMOTE_TLS_CA" in said("tls-node"), out
     assert "token missing: set EXO_REMOTE_TOKEN" in said("token-node"), out

@@ -23,6 +23,7 @@ from tests.conftest import PLANTED_KEY, write_proxy_config
 from tests.support.openai_upstream import OpenAIUpstream, Scenario, ToolCallSpec
 from tests.support.processes import (
     PINS_VENV,
+    REPO,
     ExoNode,
     SidecarProcess,
     exo_skip_reason,
@@ -488,6 +489,22 @@ for remote in (True, False):
         "missing": missing, "patches": len(plan.patches), "applied": applied, "restored": before == after}
 print(json.dumps(report))
 """
+
+
+def test_real_exo_matches_the_pinned_signatures_the_fakes_are_checked_against(tmp_path: Path) -> None:
+    """tests/support/exo_signatures.json, which CI holds tests/support/fake_exo.py to, is
+    what this exo has at every target of the hooks (kinds, parameters, instance attributes)."""
+    result = subprocess.run(
+        [str(PINS_VENV / "bin" / "python"), "-m", "tests.support.exo_signatures", "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else {}
+    assert result.returncode == 0 and report.get("differences") == [], (report, result.stderr[-3000:])
+    assert report["targets"] >= 40
 
 
 def test_the_hook_plan_fits_real_exo_and_reverts_exactly(tmp_path: Path) -> None:

@@ -196,7 +196,7 @@ class GRPCPeerHandle:
         self.connected = True
 
     async def send_prompt(
-        self, shard: Any, prompt: str, request_id: str | None = None, inference_state: Any = None
+        self, shard: Any, prompt: str, inference_state: Any = None, request_id: str | None = None
     ) -> None:
         self.sent.append(("prompt", (shard, prompt), {"request_id": request_id, "inference_state": inference_state}))
 

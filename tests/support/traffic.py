@@ -1,5 +1,5 @@
-"""Helpers for the traffic and spend tests: a controllable clock, config fragments in
-LiteLLM's shape, and in-process sidecars that use them."""
+"""Helpers for the traffic and spend tests: config fragments in LiteLLM's shape, and
+in-process sidecars on a controllable clock (tests/support/clock.py) that use them."""
 
 from __future__ import annotations
 
@@ -10,21 +10,11 @@ from exo_remote_engine.contract.errors import RemoteError
 from exo_remote_engine.engine.client import SidecarClient
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import load_config
+from tests.support.clock import FakeClock
 from tests.support.harness import chat_request
 from tests.support.openai_upstream import OpenAIUpstream
 
 KEY_ENV = "TEST_UPSTREAM_KEY"
-MINUTE_START = 1_800_000_000.0 - (1_800_000_000.0 % 60)  # a clock reading on a minute boundary
-
-
-class FakeClock:
-    """Wall-clock seconds that move only when a test says so."""
-
-    def __init__(self, now: float = MINUTE_START + 10) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def deployment(alias: str, model: str, url: str, **params: object) -> str:

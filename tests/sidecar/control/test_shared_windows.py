@@ -15,9 +15,9 @@ from exo_remote_engine.sidecar.control.limits import UsageWindows
 from exo_remote_engine.sidecar.control.shared_windows import RedisWindows, check_redis_url, minute_key
 from exo_remote_engine.sidecar.ledger.shared_services import display_url
 from exo_remote_engine.sidecar.serving.settings import SidecarSettings, parse_args
+from tests.support.clock import FakeClock
 from tests.support.processes import free_port
 from tests.support.servers import RedisServer
-from tests.support.traffic import FakeClock
 from tests.support.waits import eventually
 
 

@@ -16,12 +16,11 @@ import pytest
 
 from exo_remote_engine.contract.errors import Reason
 from exo_remote_engine.sidecar.config.loader import ConfigError
+from tests.support.clock import MINUTE_START, FakeClock
 from tests.support.harness import sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.traffic import (
     KEY_ENV,
-    MINUTE_START,
-    FakeClock,
     Sidecars,
     complete,
     deployment,

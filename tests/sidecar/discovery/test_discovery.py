@@ -37,6 +37,7 @@ from exo_remote_engine.sidecar.discovery import (
     merge,
 )
 from tests.conftest import PLANTED_KEY
+from tests.support.clock import FakeClock
 from tests.support.provider_listings import ListingServer, env_base
 from tests.support.waits import eventually
 
@@ -508,15 +509,15 @@ async def test_one_hanging_provider_delays_nobody(fleet: Fleet) -> None:
 
 
 async def test_cache_ttl_and_one_shared_refresh(fleet: Fleet) -> None:
-    now = [1000.0]
+    clock = FakeClock(1000.0)
     deepseek = fleet.servers["deepseek"]
-    discovery = fleet.discovery(servers=[], providers=[SPEC["deepseek"]], ttl=60.0, clock=lambda: now[0])
+    discovery = fleet.discovery(servers=[], providers=[SPEC["deepseek"]], ttl=60.0, clock=clock)
     first = await discovery.snapshot()
     assert await discovery.snapshot() == first and deepseek.hits == 1  # cached
-    now[0] += 59.0
+    clock.now += 59.0
     await discovery.snapshot()
     assert deepseek.hits == 1
-    now[0] += 2.0  # stale
+    clock.now += 2.0  # stale
     await discovery.snapshot()
     assert deepseek.hits == 2
     results = await asyncio.gather(*(discovery.snapshot(refresh=True) for _ in range(8)))

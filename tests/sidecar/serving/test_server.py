@@ -20,17 +20,14 @@ from exo_remote_engine.server import SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.serving.streaming import MAX_PENDING_CHARS
 from exo_remote_engine.sidecar.transports.litellm_transport import LiteLLMTransport
 from exo_remote_engine.sidecar.transports.openai_transport import OpenAICompatibleTransport
-from tests.conftest import PLANTED_KEY, TRANSPORTS, assert_served_by, use_transport, write_proxy_config
+from tests.conftest import PLANTED_KEY, write_proxy_config
 from tests.support.harness import PROVIDER_STATUSES, chat_request, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario, ToolCallSpec
 from tests.support.processes import start_sidecar_process
+from tests.support.transports import assert_served_by
 
-
-@pytest.fixture(autouse=True, params=TRANSPORTS)
-def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs on both transports. Autouse, so it is set up before the sidecar
-    fixtures (which read the environment when they start a sidecar)."""
-    return use_transport(monkeypatch, request.param)
+# Every test runs on both transports, set up before the sidecar fixtures that read it.
+pytestmark = pytest.mark.usefixtures("transport")
 
 
 async def _collect(client: SidecarClient, request: pb.GenerateRequest) -> list[pb.GenerateResponse]:
