@@ -34,11 +34,7 @@ SIDECAR = "127.0.0.1:50599"
 @pytest.fixture
 def exo(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, types.ModuleType]]:
     """Fake exo modules in sys.modules for one test; removed, and the hooks reverted, after."""
-    modules = fake_exo.build_modules()
-    for name in [n for n in sys.modules if n == "exo" or n.startswith("exo.")]:
-        monkeypatch.delitem(sys.modules, name)
-    for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
+    modules = fake_exo.use_fakes(monkeypatch)
     monkeypatch.setattr(engine_adapter, "_shared", None)
     exo_hooks.uninstall()
     yield modules

@@ -15,10 +15,7 @@ from tests.support import exo_signatures, fake_exo
 @pytest.fixture
 def fakes(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fake exo modules in sys.modules for one test (no hooks installed)."""
-    for name in [n for n in sys.modules if n == "exo" or n.startswith("exo.")]:
-        monkeypatch.delitem(sys.modules, name)
-    for name, module in fake_exo.build_modules().items():
-        monkeypatch.setitem(sys.modules, name, module)
+    fake_exo.use_fakes(monkeypatch)
 
 
 def test_the_fakes_match_exos_pinned_signatures(fakes: None) -> None:
