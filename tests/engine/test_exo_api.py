@@ -7,6 +7,7 @@ upstream. Only exo itself is a stand-in; its shape is pinned (test_exo_signature
 
 from __future__ import annotations
 
+import asyncio
 import json
 import types
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from exo_remote_engine import engine_adapter
 from exo_remote_engine.engine import exo_hooks
+from exo_remote_engine.engine.cluster import CANCEL_TYPE
 from exo_remote_engine.engine.target import SidecarTarget
 from exo_remote_engine.server import RunningSidecar
 from tests.support import fake_exo
@@ -154,3 +156,20 @@ async def test_a_client_that_leaves_mid_stream_stops_the_provider(exo_api: ExoAp
     record = await exo_api.upstream.wait_closed("long-model", timeout=15)
     assert record.client_disconnected and record.chunks_written < 3000, record  # 30 s if it ran its course
     await eventually(lambda: not exo_api.node.loop_tasks, "exo's token loop ended")
+
+
+async def test_a_cancel_status_from_the_cluster_stops_the_provider_and_ends_the_stream(exo_api: ExoApi) -> None:
+    """exo's opaque status reaches every node; the one serving the request stops the real
+    upstream call and its stream ends, as exo's TUI or another node's API asked."""
+    body = {"model": "long-model", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    reply = await exo_api.client.post("/v1/chat/completions", json=body)
+    assert reply.status == 200
+    first = json.loads((await reply.content.readuntil(b"\n\n")).removeprefix(b"data: "))
+    request_id = first["id"].removeprefix("chatcmpl-")
+    status = json.dumps({"type": CANCEL_TYPE, "request_id": request_id})
+    exo_api.node.on_opaque_status.trigger_all(request_id, status)
+    record = await exo_api.upstream.wait_closed("long-model", timeout=15)
+    assert record.client_disconnected and record.chunks_written < 3000, record  # 30 s if it ran its course
+    events = _sse(await asyncio.wait_for(reply.text(), 15))
+    assert events[-1] == "[DONE]", events[-3:]
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] is not None

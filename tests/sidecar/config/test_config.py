@@ -381,10 +381,12 @@ def test_json_entry_without_model(tmp_path: Path) -> None:
     assert "'nomodel'" in message and "model" in message
 
 
-@pytest.mark.parametrize("text", ["model_list: []\n", "model_list:\n"])
-def test_empty_model_list(tmp_path: Path, text: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "expected"), [("model_list: []\n", "no models configured"), ("model_list:\n", "model_list must be a list")]
+)
+def test_empty_model_list(tmp_path: Path, text: str, expected: str) -> None:
     message = _error(_write(tmp_path, "c.yaml", text))
-    assert "model_list" in message or "no models" in message
+    assert message.endswith(f"c.yaml: {expected}"), message
 
 
 def test_empty_json_alias_map(tmp_path: Path) -> None:
