@@ -8,15 +8,16 @@ import tempfile
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
-from exo_remote_engine.sidecar.config.loader import load_config
+from exo_remote_engine.server import RunningSidecar
+from tests.support.configs import KEY_ENV, write_config
 from tests.support.openai_upstream import OpenAIUpstream
+from tests.support.sidecars import InProcessSidecars
 
 if TYPE_CHECKING:  # tests.support.traffic imports this module (through the harness)
     from tests.support.servers import PostgresServer, RedisServer
@@ -42,19 +43,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 PLANTED_KEY = "sk-planted-0123456789abcdefPLANTEDKEY"
-def write_proxy_config(path: Path, upstream_url: str, aliases: Iterable[str]) -> Path:
-    """A LiteLLM proxy config.yaml, as a user would write it, pointing at the upstream."""
-    lines = ["model_list:"]
-    for alias in aliases:
-        lines += [
-            f"  - model_name: {alias}",
-            "    litellm_params:",
-            f"      model: openai/{alias}",
-            f"      api_base: {upstream_url}/v1",
-            "      api_key: os.environ/TEST_UPSTREAM_KEY",
-        ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture
@@ -63,35 +51,34 @@ async def upstream() -> AsyncIterator[OpenAIUpstream]:
         yield up
 
 
-SidecarFactory = Callable[..., "AsyncIterator[RunningSidecar]"]
+@pytest.fixture
+async def in_process_sidecars() -> AsyncIterator[InProcessSidecars]:
+    """In-process sidecars (tests/support/sidecars.py), stopped at teardown."""
+    started = InProcessSidecars()
+    yield started
+    await started.stop()
 
 
 @pytest.fixture
-async def sidecar_for(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[Callable[..., object]]:
-    """Start sidecars serving the given aliases from an upstream; stopped at teardown."""
-    monkeypatch.setenv("TEST_UPSTREAM_KEY", PLANTED_KEY)
-    running: list[RunningSidecar] = []
+def sidecar_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_process_sidecars: InProcessSidecars
+) -> Callable[..., Awaitable[RunningSidecar]]:
+    """Start sidecars serving the given aliases from an upstream, the planted key in the
+    environment; ``exo_settings`` adds exo_remote_settings YAML lines, the rest are
+    SidecarSettings fields. Stopped at teardown."""
+    monkeypatch.setenv(KEY_ENV, PLANTED_KEY)
 
-    async def start(upstream: OpenAIUpstream, *aliases: str, **settings: object) -> RunningSidecar:
-        config_path = write_proxy_config(tmp_path / f"config{len(running)}.yaml", upstream.url, aliases)
-        sidecar = await start_sidecar(
-            SidecarSettings(listen="127.0.0.1:0", config_path=config_path, **settings),  # type: ignore[arg-type]
-            load_config(config_path),
-        )
-        running.append(sidecar)
-        return sidecar
+    async def start(upstream: OpenAIUpstream, *aliases: str, exo_settings: str = "", **settings: Any) -> RunningSidecar:
+        path = tmp_path / f"config{len(in_process_sidecars.running)}.yaml"
+        return await in_process_sidecars.start(write_config(path, upstream.url, aliases, exo_settings), **settings)
 
-    yield start
-    for sidecar in running:
-        await sidecar.stop(grace_s=None)
+    return start
 
 
 @pytest.fixture
 async def sidecars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Sidecars]:
     """Sidecars over deployment groups on a controllable clock (tests/support/traffic.py)."""
-    from tests.support.traffic import KEY_ENV, Sidecars
+    from tests.support.traffic import Sidecars
 
     monkeypatch.setenv(KEY_ENV, "sk-upstream-test-key-000000")
     started = Sidecars(tmp_path)

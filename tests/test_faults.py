@@ -24,7 +24,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +33,21 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from exo_remote_engine.contract.errors import STATUS_DETAILS_KEY, Reason, RemoteError
-from exo_remote_engine.engine.client import SidecarClient
 from exo_remote_engine.engine.target import RetryPolicy
-from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import load_config
 from tests.conftest import PLANTED_KEY
+from tests.support.configs import KEY_ENV, write_config
 from tests.support.harness import (
     EXCEPTION_REPR,
-    KEY_ENV,
     PROVIDER_STATUSES,
     assert_no_key,
     chat_request,
+    drain,
     error_surface,
     metrics_text_of,
     raw_generate,
     sidecar_client,
-    write_config,
 )
 from tests.support.openai_upstream import OpenAIUpstream, Scenario, StreamRecord
 from tests.support.processes import free_port, start_sidecar_process
@@ -86,20 +84,14 @@ def _timing(fault: str, error_s: float | None, closed_s: float | None) -> None:
 
 
 @pytest.fixture
-async def start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[StartSidecar]:
-    """In-process sidecars for ``upstream``'s aliases; ``settings`` is exo_remote_settings YAML."""
-    monkeypatch.setenv(KEY_ENV, PLANTED_KEY)
-    running: list[RunningSidecar] = []
+def start(sidecar_for: Callable[..., Awaitable[RunningSidecar]]) -> StartSidecar:
+    """In-process sidecars for ``upstream``'s aliases; ``settings`` is exo_remote_settings YAML
+    (default: no sidecar retries)."""
 
     async def _start(upstream: OpenAIUpstream, *aliases: str, settings: str = NO_SIDECAR_RETRIES) -> RunningSidecar:
-        config = write_config(tmp_path / f"faults{len(running)}.yaml", upstream.url, aliases, settings)
-        sidecar = await start_sidecar(SidecarSettings(listen="127.0.0.1:0"), load_config(config))
-        running.append(sidecar)
-        return sidecar
+        return await sidecar_for(upstream, *aliases, exo_settings=settings)
 
-    yield _start
-    for sidecar in running:
-        await sidecar.stop(grace_s=None)
+    return _start
 
 
 @pytest.fixture(autouse=True)
@@ -116,17 +108,6 @@ def _no_key_anywhere(caplog: pytest.LogCaptureFixture, sidecar: RunningSidecar, 
     assert_no_key(*surfaces, where="a client-visible error")
     assert_no_key(caplog.text, *(r.getMessage() for r in caplog.records), where="the DEBUG log")
     assert_no_key(metrics_text_of(sidecar), where="the metrics text")
-
-
-async def _drain(client: SidecarClient, request: pb.GenerateRequest) -> tuple[str, RemoteError | None, float]:
-    """(text received, the error or None, time.monotonic() when the stream ended)."""
-    text = ""
-    try:
-        async for event in client.generate(request):
-            text += event.delta.text
-    except RemoteError as exc:
-        return text, exc, time.monotonic()
-    return text, None, time.monotonic()
 
 
 async def _closed(upstream: OpenAIUpstream, model: str, timeout: float = 3 * FAULT_BUDGET_S) -> StreamRecord:
@@ -163,7 +144,7 @@ async def test_provider_status_ends_promptly_in_its_documented_status(
     upstream.scenarios["bad"] = Scenario(status=status, retry_after=retry_after, error_message=LEAKY)
     sidecar = await start(upstream, "bad")
 
-    _text, error, failed_at = await _drain(sidecar_client(sidecar.address), chat_request("bad"))
+    _text, error, failed_at, _events = await drain(sidecar_client(sidecar.address), chat_request("bad"))
     record = await _closed(upstream, "bad")
     assert error is not None, "the call must fail"
     assert (error.reason, error.grpc_code) == (reason, code), error
@@ -196,7 +177,7 @@ async def test_stall_before_first_byte_ends_at_the_client_deadline(
     sidecar = await start(upstream, "stall")
     client = sidecar_client(sidecar.address, deadline_s=0.5)
     started = time.monotonic()
-    text, error, failed_at = await _drain(client, chat_request("stall"))
+    text, error, failed_at, _events = await drain(client, chat_request("stall"))
     deadline = started + 0.5
     assert error is not None and text == ""
     assert (error.reason, error.grpc_code) == (Reason.DEADLINE_EXCEEDED, grpc.StatusCode.DEADLINE_EXCEEDED), error
@@ -214,11 +195,11 @@ async def test_stall_before_first_byte_upstream_is_closed_promptly_at_the_end(
     sidecar = await start(upstream, "stall")
     if how == "deadline":
         started = time.monotonic()
-        _text, error, _ = await _drain(sidecar_client(sidecar.address, deadline_s=0.5), chat_request("stall"))
+        _text, error, _, _events = await drain(sidecar_client(sidecar.address, deadline_s=0.5), chat_request("stall"))
         assert error is not None and error.reason is Reason.DEADLINE_EXCEEDED
         ended = started + 0.5
     else:
-        task = asyncio.create_task(_drain(sidecar_client(sidecar.address), chat_request("stall")))
+        task = asyncio.create_task(drain(sidecar_client(sidecar.address), chat_request("stall")))
         await eventually(lambda: upstream.requests_for("stall"), "the request reached the upstream")
         ended = time.monotonic()
         task.cancel()
@@ -241,7 +222,7 @@ async def test_stall_longer_than_the_configured_provider_timeout_is_provider_tim
     sidecar = await start_sidecar(SidecarSettings(listen="127.0.0.1:0"), load_config(config))
     try:
         client = sidecar_client(sidecar.address, deadline_s=10)
-        _text, error, failed_at = await _drain(client, chat_request("stall"))
+        _text, error, failed_at, _events = await drain(client, chat_request("stall"))
         record = await _closed(upstream, "stall")
         fault = record.started_at + 0.5
         assert error is not None and error.reason is Reason.PROVIDER_TIMEOUT, error
@@ -261,7 +242,7 @@ async def test_deadline_expiry_mid_stream_ends_the_stream_and_the_upstream(
     sidecar = await start(upstream, "slow")
     client = sidecar_client(sidecar.address, deadline_s=0.5)
     started = time.monotonic()
-    text, error, failed_at = await _drain(client, chat_request("slow"))
+    text, error, failed_at, _events = await drain(client, chat_request("slow"))
     deadline = started + 0.5
     record = await _closed(upstream, "slow")
     assert error is not None and error.reason is Reason.DEADLINE_EXCEEDED, error
@@ -283,7 +264,7 @@ async def test_drop_mid_stream_is_provider_unavailable_after_the_deltas_that_arr
     chunks = [f"p{i} " for i in range(40)]
     upstream.scenarios["drop"] = Scenario(chunks=chunks, drop_after_chunks=6, interval_s=0.02)
     sidecar = await start(upstream, "drop")
-    text, error, failed_at = await _drain(sidecar_client(sidecar.address), chat_request("drop"))
+    text, error, failed_at, _events = await drain(sidecar_client(sidecar.address), chat_request("drop"))
     record = await _closed(upstream, "drop")
     assert record.outcome == "dropped" and record.chunks_written == 6
     assert error is not None and (error.reason, error.grpc_code) == (
@@ -303,7 +284,7 @@ async def test_drop_after_first_delta_is_never_retried_with_default_retries(
     chunks = [f"q{i} " for i in range(40)]
     upstream.scenarios["drop"] = Scenario(chunks=chunks, drop_after_chunks=5, interval_s=0.01)
     sidecar = await start(upstream, "drop", settings="")
-    text, error, _ = await _drain(sidecar_client(sidecar.address, retry=RetryPolicy()), chat_request("drop"))
+    text, error, _, _events = await drain(sidecar_client(sidecar.address, retry=RetryPolicy()), chat_request("drop"))
     assert error is not None and error.reason is Reason.PROVIDER_UNAVAILABLE
     assert text == "".join(chunks[:5])
     # Both retry loops run before an error reaches the client, so a wrong retry has already
@@ -319,7 +300,7 @@ async def test_drop_mid_stream_message_has_no_python_exception_repr(
 ) -> None:
     upstream.scenarios["drop"] = Scenario(chunks=["a "] * 20, drop_after_chunks=3, interval_s=0.01)
     sidecar = await start(upstream, "drop")
-    _text, error, _ = await _drain(sidecar_client(sidecar.address), chat_request("drop"))
+    _text, error, _, _events = await drain(sidecar_client(sidecar.address), chat_request("drop"))
     assert error is not None
     assert not EXCEPTION_REPR.search(error.message), error.message
 
@@ -331,7 +312,7 @@ async def test_malformed_sse_mid_stream_is_provider_unavailable_and_closes_the_u
     chunks = [f"m{i} " for i in range(2000)]  # 40 s to run its course
     upstream.scenarios["garbled"] = Scenario(chunks=chunks, malformed_after_chunks=5, interval_s=0.02)
     sidecar = await start(upstream, "garbled")
-    text, error, failed_at = await _drain(sidecar_client(sidecar.address), chat_request("garbled"))
+    text, error, failed_at, _events = await drain(sidecar_client(sidecar.address), chat_request("garbled"))
     record = await _closed(upstream, "garbled")
     fault = record.started_at + 5 * 0.02  # when the garbage frame was scheduled (never later than sent)
     assert error is not None and (error.reason, error.grpc_code) == (
@@ -383,7 +364,7 @@ async def test_provider_down_names_the_address_and_the_cause_to_the_client_and_i
     config = write_config(tmp_path / "down.yaml", f"http://{dead}", ["tiny"], NO_SIDECAR_RETRIES)
     sidecar = await start_sidecar(SidecarSettings(listen="127.0.0.1:0"), load_config(config))
     try:
-        text, error, _ = await _drain(sidecar_client(sidecar.address), chat_request("tiny"))
+        text, error, _, _events = await drain(sidecar_client(sidecar.address), chat_request("tiny"))
         assert text == "" and error is not None and error.reason is Reason.PROVIDER_UNAVAILABLE, error
         assert error.message.startswith("the provider is unavailable (model 'tiny', provider openai"), error.message
         assert error.message.endswith(f": connection refused to {dead}"), error.message

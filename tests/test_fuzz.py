@@ -59,16 +59,8 @@ from exo_remote_engine.generated.grpc_health import health_pb2, health_pb2_grpc
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import EMBEDDED_ALIAS, embedded_entry, load_config
 from tests.conftest import PLANTED_KEY
-from tests.support.harness import (
-    DOCUMENTED_CODES,
-    EXCEPTION_REPR,
-    KEY_ENV,
-    SERVICE,
-    chat_request,
-    leaked_key,
-    metrics_text_of,
-    write_config,
-)
+from tests.support.configs import KEY_ENV, write_config
+from tests.support.harness import DOCUMENTED_CODES, EXCEPTION_REPR, SERVICE, chat_request, leaked_key, metrics_text_of
 from tests.support.openai_upstream import OpenAIUpstream
 
 SCALE = float(os.environ.get("EXO_REMOTE_FUZZ_SCALE", "1"))

@@ -19,7 +19,8 @@ import pytest
 from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from tests.conftest import PLANTED_KEY
-from tests.support.harness import KEY_ENV, chat_request, write_config
+from tests.support.configs import KEY_ENV, write_config
+from tests.support.harness import chat_request
 from tests.support.openai_upstream import OpenAIUpstream, Scenario, delta_frame
 from tests.support.processes import SidecarProcess, start_sidecar_process
 

@@ -22,11 +22,11 @@ import grpc
 import pytest
 
 from exo_remote_engine.contract.errors import Reason
-from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
-from exo_remote_engine.sidecar.config.loader import load_config
+from exo_remote_engine.server import RunningSidecar
 from tests.support.harness import chat_request, metrics_text_of, raw_generate
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import REPO
+from tests.support.sidecars import InProcessSidecars
 from tests.support.transports import assert_served_by
 
 # Shapes the old patterns missed: no "sk-" prefix, dots breaking a 32-character run.
@@ -97,20 +97,18 @@ def _debug_log(caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[st
 
 @pytest.fixture
 async def sidecar(
-    transport: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _debug_log: None
+    transport: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    _debug_log: None,
+    in_process_sidecars: InProcessSidecars,
 ) -> AsyncIterator[tuple[RunningSidecar, OpenAIUpstream]]:
     monkeypatch.setenv("OPENAI_API_KEY", IMPLICIT_KEY)
     monkeypatch.setenv("PLANTED_HEADER_SECRET", HEADER_SECRET)
     monkeypatch.setenv("PLANTED_CONFIG_KEY", CONFIG_KEY)
     async with OpenAIUpstream(dict(SCENARIOS)) as upstream:
         config = _config(tmp_path / "config.yaml", upstream)
-        running = await start_sidecar(
-            SidecarSettings(listen="127.0.0.1:0", metrics_listen=None), load_config(config)
-        )
-        try:
-            yield running, upstream
-        finally:
-            await running.stop(grace_s=None)
+        yield await in_process_sidecars.start(config, metrics_listen=None), upstream
 
 
 @pytest.mark.timeout(60)

@@ -18,7 +18,7 @@ import pty
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,12 @@ import pytest
 
 from exo_remote_engine.cli.main import build_parser as cli_parser
 from exo_remote_engine.engine.launcher import build_parser as node_parser
-from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
+from exo_remote_engine.server import RunningSidecar
 from exo_remote_engine.server import build_parser as sidecar_parser
-from exo_remote_engine.sidecar.config.loader import load_config
 from exo_remote_engine.sidecar.control.auth import ServerTLS
 from tests.support.certs import Pki, make_pki, openssl_skip_reason
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
+from tests.support.sidecars import InProcessSidecars
 from tests.support.topology import box_of, remote_node, serve_topology
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,18 +76,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture
-async def sidecars() -> AsyncIterator[Callable[..., Any]]:
+def sidecars(in_process_sidecars: InProcessSidecars) -> Callable[..., Awaitable[RunningSidecar]]:
     """Start in-process sidecars on the embedded model; stopped at teardown."""
-    running: list[RunningSidecar] = []
-
-    async def start(**settings: Any) -> RunningSidecar:
-        sidecar = await start_sidecar(SidecarSettings(listen="127.0.0.1:0", **settings), load_config(None))
-        running.append(sidecar)
-        return sidecar
-
-    yield start
-    for sidecar in running:
-        await sidecar.stop(grace_s=None)
+    return in_process_sidecars.start
 
 
 # --- topology --api pointed at the wrong kind of port ----------------------------------------

@@ -21,7 +21,8 @@ from exo_remote_engine.engine import codec
 from exo_remote_engine.engine.target import RetryPolicy, SidecarTarget
 from exo_remote_engine.engine.tokenizer import RemoteTokenizer
 from exo_remote_engine.engine_adapter import RemoteLLMInferenceEngine
-from tests.conftest import PLANTED_KEY, write_proxy_config
+from tests.conftest import PLANTED_KEY
+from tests.support.configs import write_proxy_config
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import SidecarProcess, free_port, start_sidecar_process
 

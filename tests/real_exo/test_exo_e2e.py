@@ -19,7 +19,8 @@ import openai
 import psutil
 import pytest
 
-from tests.conftest import PLANTED_KEY, write_proxy_config
+from tests.conftest import PLANTED_KEY
+from tests.support.configs import write_proxy_config
 from tests.support.openai_upstream import OpenAIUpstream, Scenario, ToolCallSpec
 from tests.support.processes import (
     PINS_VENV,

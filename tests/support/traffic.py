@@ -8,49 +8,28 @@ from pathlib import Path
 
 from exo_remote_engine.contract.errors import RemoteError
 from exo_remote_engine.engine.client import SidecarClient
-from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
-from exo_remote_engine.sidecar.config.loader import load_config
+from exo_remote_engine.server import RunningSidecar
 from tests.support.clock import FakeClock
-from tests.support.harness import chat_request
+from tests.support.harness import chat_request, drain
 from tests.support.openai_upstream import OpenAIUpstream
-
-KEY_ENV = "TEST_UPSTREAM_KEY"
-
-
-def deployment(alias: str, model: str, url: str, **params: object) -> str:
-    lines = [
-        f"  - model_name: {alias}",
-        "    litellm_params:",
-        f"      model: openai/{model}",
-        f"      api_base: {url}/v1",
-        f"      api_key: os.environ/{KEY_ENV}",
-        *(f"      {k}: {v}" for k, v in params.items()),
-    ]
-    return "\n".join(lines) + "\n"
+from tests.support.sidecars import InProcessSidecars
 
 
-class Sidecars:
+class Sidecars(InProcessSidecars):
     """In-process sidecars for config texts, their ledger in ``tmp_path/state``."""
 
     def __init__(self, tmp_path: Path) -> None:
+        super().__init__(state_dir=tmp_path / "state")
         self.tmp_path = tmp_path
-        self.running: list[RunningSidecar] = []
 
-    async def start(self, text: str, clock: FakeClock, **settings: object) -> RunningSidecar:
+    async def start(self, text: str, clock: FakeClock, **settings: object) -> RunningSidecar:  # type: ignore[override]
         path = self.tmp_path / f"config{len(self.running)}.yaml"
         path.write_text(text)
-        fields: dict[str, object] = {"listen": "127.0.0.1:0", "clock": clock, "state_dir": self.tmp_path / "state"}
-        sidecar = await start_sidecar(SidecarSettings(**{**fields, **settings}), load_config(path))  # type: ignore[arg-type]
-        self.running.append(sidecar)
-        return sidecar
-
-    async def stop(self) -> None:
-        for sidecar in self.running:
-            await sidecar.stop(grace_s=None)
+        return await super().start(path, clock=clock, **settings)
 
 
 async def complete(client: SidecarClient, model: str, text: str = "hi") -> str:
-    return "".join([e.delta.text async for e in client.generate(chat_request(model, text))])
+    return (await drain(client, chat_request(model, text), catch=False)).text
 
 
 async def outcome(client: SidecarClient, model: str) -> RemoteError | None:

@@ -20,7 +20,8 @@ from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from exo_remote_engine.server import SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import load_config
 from exo_remote_engine.sidecar.config.rules import Limits
-from tests.conftest import PLANTED_KEY, write_proxy_config
+from tests.conftest import PLANTED_KEY
+from tests.support.configs import write_proxy_config
 from tests.support.harness import chat_request, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 

@@ -17,16 +17,10 @@ import pytest
 from exo_remote_engine.contract.errors import Reason
 from exo_remote_engine.sidecar.config.loader import ConfigError
 from tests.support.clock import MINUTE_START, FakeClock
+from tests.support.configs import KEY_ENV, deployment
 from tests.support.harness import sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
-from tests.support.traffic import (
-    KEY_ENV,
-    Sidecars,
-    complete,
-    deployment,
-    outcome,
-    served_counts,
-)
+from tests.support.traffic import Sidecars, complete, outcome, served_counts
 
 GROUP = ("m-a", "m-b", "m-c")
 

@@ -27,11 +27,11 @@ import redis
 
 from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.engine.client import SidecarClient
+from tests.support.configs import KEY_ENV, deployment
 from tests.support.harness import chat_request, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import SidecarProcess, start_sidecar_process
 from tests.support.servers import PostgresServer, RedisServer
-from tests.support.traffic import KEY_ENV, deployment
 from tests.support.waits import eventually
 
 pytestmark = pytest.mark.timeout(150)

@@ -16,10 +16,11 @@ from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.sidecar.config.loader import ConfigError
 from exo_remote_engine.sidecar.ledger.spend import DB_NAME
 from tests.support.clock import FakeClock
+from tests.support.configs import KEY_ENV, deployment
 from tests.support.harness import chat_request, metrics_text_of, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import start_sidecar_process
-from tests.support.traffic import KEY_ENV, Sidecars, complete, deployment, outcome
+from tests.support.traffic import Sidecars, complete, outcome
 from tests.support.waits import eventually
 
 NODE_TOKEN = "token-of-node-one-0001"

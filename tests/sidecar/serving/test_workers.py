@@ -25,7 +25,7 @@ from exo_remote_engine.engine.client import SidecarClient
 from exo_remote_engine.engine.target import SidecarTarget
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
-from tests.support.harness import chat_request
+from tests.support.harness import chat_request, drain
 from tests.support.processes import SidecarProcess, start_sidecar_process
 from tests.support.waits import eventually
 
@@ -57,7 +57,7 @@ def shared_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar
 
 async def _text(client: SidecarClient, i: int) -> str:
     request = chat_request("embedded-echo", f"hello {i}", request_id=f"w-{i}")
-    return "".join([e.delta.text async for e in client.generate(request) if e.HasField("delta")])
+    return (await drain(client, request, catch=False)).text
 
 
 def _worker_ports(sidecar: SidecarProcess, token: str | None = TOKEN) -> list[int]:

@@ -36,7 +36,8 @@ from exo_remote_engine.sidecar.transports.provider_errors import (
     ProviderTimeoutError,
     classify,
 )
-from tests.conftest import PLANTED_KEY, write_proxy_config
+from tests.conftest import PLANTED_KEY
+from tests.support.configs import write_proxy_config
 from tests.support.harness import assert_no_key, error_surface
 from tests.support.waits import eventually
 
