@@ -7,7 +7,7 @@
 #                         [--request-rates 100,200,300,400,500,600,800] [--request-seconds 5]
 # (--phases requests alone: the request-rate sweep of issue #23, short requests per second.)
 # Builds .venv (and, with EXO_SRC set, .venvs/exo-pins with classic exo for the exo row) via
-# scripts/bootstrap.sh, builds .venvs/litellm-proxy for the proxy row, then runs
+# scripts/bootstrap.sh (which also builds .venvs/litellm-proxy for the proxy row), then runs
 # benchmarks/suite.py: a markdown table and targets on stdout, JSON in bench-results/.
 # Everything talks to 127.0.0.1 only. Re-runs skip environments that are up to date.
 set -euo pipefail
@@ -24,17 +24,5 @@ else
   BOOTSTRAP_PINS=${BOOTSTRAP_PINS:-0} bash scripts/bootstrap.sh
 fi
 
-# The LiteLLM proxy, in its own environment (its ~115 packages stay out of .venv).
-PY=${PYTHON:-python3}
-VE=.venvs/litellm-proxy
-want=$(sha256sum scripts/litellm-proxy-requirements.txt | cut -c1-16)
-if [ ! -x $VE/bin/litellm ] || [ "$(cat $VE/.stamp 2>/dev/null)" != "$want" ]; then
-  echo "[bench] building $VE with $PY"
-  rm -rf $VE
-  "$PY" -m venv $VE
-  $VE/bin/pip install -q --upgrade pip
-  $VE/bin/pip install -q -r scripts/litellm-proxy-requirements.txt
-  echo "$want" > $VE/.stamp
-fi
-
+# scripts/bootstrap.sh built .venvs/litellm-proxy for the proxy row.
 exec .venv/bin/python -m benchmarks.suite "$@"

@@ -4,6 +4,15 @@
 #   .venvs/exo-pins  Python 3.12: classic exo's requirements (scripts/exo-requirements.txt: grpcio
 #                    1.70.0, protobuf 5.28.1, numpy 2.0.0, ...) plus the base (engine-side) install
 #                    only; with EXO_SRC set, also classic exo.
+#   .venvs/codegen   grpcio-tools 1.68.1 for scripts/gen_protos.sh (tests/contract/test_protos.py
+#                    regenerates the stubs with it, offline)
+#   .venvs/litellm-proxy  the LiteLLM proxy the benchmark suite compares against (row "proxy";
+#                    tests/test_benchmarks.py runs it); scripts/litellm-proxy-requirements.txt
+#   .venvs/wheelhouse     every wheel tests/test_install.py's fresh exo environment installs
+#                    (exo's pins, this project's dependencies, the build backend), so the test
+#                    runs `pip install .` offline (--no-index --find-links)
+# The tests need these real parts; with CI=true a missing one fails its tests (tests/conftest.py),
+# only the real-exo tests skip without EXO_SRC.
 # Re-runs are cheap: each environment is rebuilt only when pyproject.toml or EXO_SRC changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,12 +67,49 @@ command -v systemd-analyze >/dev/null 2>&1 || apt_install systemd "the systemd u
 # The status page test drives Debian's Chromium (Playwright with executable_path; never a
 # browser download), as the tinychat tests do.
 command -v chromium >/dev/null 2>&1 || apt_install chromium "the status page browser test"
+command -v openssl >/dev/null 2>&1 || apt_install openssl "the TLS tests (test certificates)"
+# The unreadable-config test drops root to nobody (util-linux's setpriv); Debian has it by default.
+command -v setpriv >/dev/null 2>&1 || apt_install util-linux "the unreadable-config test"
+
+# Code generation, pinned (scripts/gen_protos.sh reuses it; the contract test runs it offline).
+if [ ! -x .venvs/codegen/bin/python ] || ! .venvs/codegen/bin/python -c "import grpc_tools" 2>/dev/null; then
+  echo "[bootstrap] building .venvs/codegen (grpcio-tools 1.68.1)"
+  mkdir -p .venvs && "$PY" -m venv .venvs/codegen
+  .venvs/codegen/bin/pip install -q grpcio-tools==1.68.1
+fi
+
+# The LiteLLM proxy, in its own environment (its ~115 packages stay out of .venv); the
+# benchmark test's "proxy" row and scripts/bench.sh use it.
+PROXY_VE=.venvs/litellm-proxy
+want=$(sha256sum scripts/litellm-proxy-requirements.txt | cut -c1-16)
+if [ "${BOOTSTRAP_PROXY:-1}" = "1" ] && { [ ! -x $PROXY_VE/bin/litellm ] || [ "$(cat $PROXY_VE/.stamp 2>/dev/null)" != "$want" ]; }; then
+  echo "[bootstrap] building $PROXY_VE with $PY"
+  rm -rf $PROXY_VE
+  "$PY" -m venv $PROXY_VE
+  $PROXY_VE/bin/pip install -q --upgrade pip
+  $PROXY_VE/bin/pip install -q -r scripts/litellm-proxy-requirements.txt
+  echo "$want" > $PROXY_VE/.stamp
+fi
 
 # 2. Classic exo's environment, built the way a user has it: exo's own requirements first,
 #    then exactly the README's `pip install .`, with no constraints file. If that install
 #    changed any of exo's pins, the bootstrap stops: the declared dependencies are wrong.
 [ "${BOOTSTRAP_PINS:-1}" = "1" ] || exit 0
 EXO_REQS=scripts/exo-requirements.txt
+# The wheelhouse for tests/test_install.py: exo's pins, and, resolved apart and unconstrained
+# (the newest releases, as `pip install .` picks them for new dependencies), this project's
+# dependencies and its build backend, all for exo's Python. Downloaded once per change.
+WH=.venvs/wheelhouse
+want=$(stamp_of $EXO_REQS)
+if [ ! -f $WH/.stamp ] || [ "$(cat $WH/.stamp 2>/dev/null)" != "$want" ]; then
+  echo "[bootstrap] filling $WH with $PY_EXO (the install test's wheels)"
+  rm -rf $WH && mkdir -p $WH
+  "$PY_EXO" -m pip download -q -d $WH -r $EXO_REQS
+  "$PY_EXO" -m pip download -q -d $WH "setuptools>=68" wheel
+  "$PY_EXO" -m pip download -q -d $WH .
+  rm -f $WH/exo_remote_engine-*  # the test installs the checkout itself
+  echo "$want" > $WH/.stamp
+fi
 VE=.venvs/exo-pins
 want=$(stamp_of $EXO_REQS)
 if [ ! -x $VE/bin/python ] || [ "$(cat $VE/.stamp 2>/dev/null)" != "$want" ]; then

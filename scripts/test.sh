@@ -9,4 +9,7 @@ export LITELLM_LOCAL_MODEL_COST_MAP=True
 export EXO_REMOTE_PINS_PYTHON="$PWD/.venvs/exo-pins/bin/python"
 echo "[test] ruff"; .venv/bin/ruff check .
 echo "[test] mypy"; .venv/bin/mypy exo_remote_engine
-echo "[test] pytest"; .venv/bin/python -m pytest -rs "$@"  # -rs: every skip with its reason
+# -rs: every skip with its reason (with CI=true only EXO_SRC's may remain: tests/support/real_parts.py).
+# The modules, and the tests in each, run in a shuffled order; the seed is printed, and
+# `--random-order-seed=N` replays it (pytest-random-order).
+echo "[test] pytest"; .venv/bin/python -m pytest -rs --random-order-bucket=module "$@"

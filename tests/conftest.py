@@ -2,68 +2,47 @@
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import tempfile
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-# Sidecars started by tests keep their spend ledger here, never in the user's data dir. The
-# folder is this run's: removed when pytest exits (a state dir given by the caller is kept).
-if "EXO_REMOTE_STATE_DIR" not in os.environ:
-    _STATE_DIR = tempfile.mkdtemp(prefix="exo-remote-test-state-")
-    os.environ["EXO_REMOTE_STATE_DIR"] = _STATE_DIR
-    atexit.register(shutil.rmtree, _STATE_DIR, ignore_errors=True)
 
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
-from exo_remote_engine.sidecar.config.loader import load_config
+from exo_remote_engine.server import RunningSidecar
+from tests.support.configs import KEY_ENV, write_config
 from tests.support.openai_upstream import OpenAIUpstream
+from tests.support.sidecars import InProcessSidecars
 
 if TYPE_CHECKING:  # tests.support.traffic imports this module (through the harness)
     from tests.support.servers import PostgresServer, RedisServer
     from tests.support.traffic import Sidecars
 
+# With CI=true a skip for a missing real part is a failure (only EXO_SRC's may stay a skip).
+# The `transport` fixture: once per transport (direct reader, LiteLLM).
+pytest_plugins = ["tests.support.real_parts", "tests.support.transports"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Sidecars started by tests keep their spend ledger in a temporary directory, never in
+    the user's data dir; it is removed when the run ends."""
+    if "EXO_REMOTE_STATE_DIR" not in os.environ:
+        state_dir = tempfile.mkdtemp(prefix="exo-remote-test-state-")
+        os.environ["EXO_REMOTE_STATE_DIR"] = state_dir
+
+        def remove() -> None:
+            os.environ.pop("EXO_REMOTE_STATE_DIR", None)
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+        config.add_cleanup(remove)
+
+
 PLANTED_KEY = "sk-planted-0123456789abcdefPLANTEDKEY"
-# The sidecar's two ways of reading an OpenAI-compatible upstream (EXO_REMOTE_OPENAI_FAST_PATH).
-TRANSPORTS = ("direct", "litellm")
-FAST_PATH_ENV = "EXO_REMOTE_OPENAI_FAST_PATH"
-
-
-def use_transport(monkeypatch: pytest.MonkeyPatch, transport: str) -> str:
-    """Point every sidecar started afterwards (in-process, or a subprocess, which inherits
-    os.environ) at ``transport``: "direct" (aiohttp reader) or "litellm"."""
-    assert transport in TRANSPORTS, transport
-    monkeypatch.setenv(FAST_PATH_ENV, "1" if transport == "direct" else "0")
-    return transport
-
-
-def assert_served_by(headers: Mapping[str, str], transport: str) -> None:
-    """The upstream saw ``transport``'s HTTP client: aiohttp for the direct reader, the
-    OpenAI SDK (httpx) under LiteLLM. ``headers`` are a recorded request's (lower-cased)."""
-    agent = headers.get("user-agent", "")
-    served = "direct" if "aiohttp" in agent else "litellm"
-    assert served == transport, f"expected the {transport} transport, the upstream saw user-agent {agent!r}"
-
-
-def write_proxy_config(path: Path, upstream_url: str, aliases: Iterable[str]) -> Path:
-    """A LiteLLM proxy config.yaml, as a user would write it, pointing at the upstream."""
-    lines = ["model_list:"]
-    for alias in aliases:
-        lines += [
-            f"  - model_name: {alias}",
-            "    litellm_params:",
-            f"      model: openai/{alias}",
-            f"      api_base: {upstream_url}/v1",
-            "      api_key: os.environ/TEST_UPSTREAM_KEY",
-        ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture
@@ -72,35 +51,34 @@ async def upstream() -> AsyncIterator[OpenAIUpstream]:
         yield up
 
 
-SidecarFactory = Callable[..., "AsyncIterator[RunningSidecar]"]
+@pytest.fixture
+async def in_process_sidecars() -> AsyncIterator[InProcessSidecars]:
+    """In-process sidecars (tests/support/sidecars.py), stopped at teardown."""
+    started = InProcessSidecars()
+    yield started
+    await started.stop()
 
 
 @pytest.fixture
-async def sidecar_for(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[Callable[..., object]]:
-    """Start sidecars serving the given aliases from an upstream; stopped at teardown."""
-    monkeypatch.setenv("TEST_UPSTREAM_KEY", PLANTED_KEY)
-    running: list[RunningSidecar] = []
+def sidecar_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_process_sidecars: InProcessSidecars
+) -> Callable[..., Awaitable[RunningSidecar]]:
+    """Start sidecars serving the given aliases from an upstream, the planted key in the
+    environment; ``exo_settings`` adds exo_remote_settings YAML lines, the rest are
+    SidecarSettings fields. Stopped at teardown."""
+    monkeypatch.setenv(KEY_ENV, PLANTED_KEY)
 
-    async def start(upstream: OpenAIUpstream, *aliases: str, **settings: object) -> RunningSidecar:
-        config_path = write_proxy_config(tmp_path / f"config{len(running)}.yaml", upstream.url, aliases)
-        sidecar = await start_sidecar(
-            SidecarSettings(listen="127.0.0.1:0", config_path=config_path, **settings),  # type: ignore[arg-type]
-            load_config(config_path),
-        )
-        running.append(sidecar)
-        return sidecar
+    async def start(upstream: OpenAIUpstream, *aliases: str, exo_settings: str = "", **settings: Any) -> RunningSidecar:
+        path = tmp_path / f"config{len(in_process_sidecars.running)}.yaml"
+        return await in_process_sidecars.start(write_config(path, upstream.url, aliases, exo_settings), **settings)
 
-    yield start
-    for sidecar in running:
-        await sidecar.stop(grace_s=None)
+    return start
 
 
 @pytest.fixture
 async def sidecars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Sidecars]:
     """Sidecars over deployment groups on a controllable clock (tests/support/traffic.py)."""
-    from tests.support.traffic import KEY_ENV, Sidecars
+    from tests.support.traffic import Sidecars
 
     monkeypatch.setenv(KEY_ENV, "sk-upstream-test-key-000000")
     started = Sidecars(tmp_path)
@@ -111,11 +89,12 @@ async def sidecars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIter
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """A real PostgreSQL on 127.0.0.1 for the session (Debian's package; see servers.py)."""
+    from tests.support.real_parts import missing
     from tests.support.servers import PostgresServer, postgres_skip_reason
 
     reason = postgres_skip_reason()
     if reason is not None:
-        pytest.skip(reason)
+        missing(reason)
     server = PostgresServer()
     server.start()
     yield server
@@ -125,11 +104,28 @@ def postgres_server() -> Iterator[PostgresServer]:
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """A real Redis on 127.0.0.1 for the session (Debian's redis-server; see servers.py)."""
+    from tests.support.real_parts import missing
     from tests.support.servers import RedisServer, redis_skip_reason
 
     reason = redis_skip_reason()
     if reason is not None:
-        pytest.skip(reason)
+        missing(reason)
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def own_redis_server() -> Iterator[RedisServer]:
+    """A Redis of the test's own, for a test that stops and restarts it: the session's
+    Redis, which other tests share, stays up whatever the test does."""
+    from tests.support.real_parts import missing
+    from tests.support.servers import RedisServer, redis_skip_reason
+
+    reason = redis_skip_reason()
+    if reason is not None:
+        missing(reason)
     server = RedisServer()
     server.start()
     yield server

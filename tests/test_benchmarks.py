@@ -3,9 +3,10 @@
 It runs the real thing, every row against the real upstream process, with tiny sizes: the
 point is that the one command keeps working and writes a complete, sane JSON (every row
 present, positive numbers where a row ran), not what the numbers are. The proxy row needs
-``.venvs/litellm-proxy`` (built by scripts/bench.sh) and is reported as skipped, with the
-reason, when that is absent. The exo row is always skipped here (EXO_SRC is taken out of the
-suite's environment): with it the run takes over a minute, and real exo has its own tests;
+``.venvs/litellm-proxy`` (built by scripts/bootstrap.sh); where that is absent the suite
+reports the row skipped, which fails this test with CI=true (tests/support/real_parts.py).
+The exo row is always skipped here (EXO_SRC is taken out of the suite's environment): with
+it the run takes over a minute, and real exo has its own tests;
 ``EXO_SRC=... bash scripts/bench.sh --quick`` runs it.
 """
 
@@ -26,6 +27,7 @@ import pytest
 from benchmarks import routing
 from benchmarks.suite import ALL_ROWS, PROXY_VENV
 from tests.support.processes import REPO
+from tests.support.real_parts import ci_failure
 from tests.support.traffic import KEY_ENV
 
 pytestmark = pytest.mark.timeout(240)
@@ -81,6 +83,8 @@ def test_every_row_is_reported(report: dict[str, Any]) -> None:
     assert list(report["rows"]) == list(ALL_ROWS)
     expected_skips = {"exo"}
     if not (PROXY_VENV / "bin" / "litellm").exists():
+        failure = ci_failure(f"the LiteLLM proxy's environment {PROXY_VENV} is missing: run scripts/bootstrap.sh")
+        assert failure is None, failure
         expected_skips.add("proxy")
     assert "EXO_SRC" in report["rows"]["exo"]["reason"]
     for row, data in report["rows"].items():

@@ -56,7 +56,8 @@ from exo_remote_engine.engine.client import SidecarClient
 from exo_remote_engine.engine.target import SidecarTarget
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from tests.conftest import PLANTED_KEY
-from tests.support.harness import KEY_ENV, NO_RETRY, assert_no_key, chat_request, fetch_metrics, write_config
+from tests.support.configs import KEY_ENV, write_config
+from tests.support.harness import NO_RETRY, assert_no_key, chat_request, fetch_metrics
 from tests.support.load_upstream import alias, chunks
 from tests.support.processes import REPO, free_port, start_sidecar_process
 

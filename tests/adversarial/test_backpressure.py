@@ -18,8 +18,9 @@ import pytest
 
 from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
-from tests.conftest import PLANTED_KEY, TRANSPORTS, use_transport
-from tests.support.harness import KEY_ENV, chat_request, write_config
+from tests.conftest import PLANTED_KEY
+from tests.support.configs import KEY_ENV, write_config
+from tests.support.harness import chat_request
 from tests.support.openai_upstream import OpenAIUpstream, Scenario, delta_frame
 from tests.support.processes import SidecarProcess, start_sidecar_process
 
@@ -39,11 +40,6 @@ def rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
-
-
-@pytest.fixture(params=TRANSPORTS)
-def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    return use_transport(monkeypatch, request.param)
 
 
 def _start(upstream: OpenAIUpstream, tmp_path: Path, *extra: str) -> SidecarProcess:

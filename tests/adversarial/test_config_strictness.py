@@ -21,7 +21,6 @@ import pytest
 from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.server import SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import ConfigError, load_config
-from tests.conftest import TRANSPORTS, use_transport
 from tests.support.harness import chat_request, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import REPO
@@ -180,11 +179,9 @@ STREAM_TIMEOUT_S = 0.5
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_stream_timeout_ends_a_stalled_stream_on_both_transports(
     upstream: OpenAIUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transport: str
 ) -> None:
-    use_transport(monkeypatch, transport)
     monkeypatch.setenv("CFG_KEY", KEY)
     upstream.scenarios["m"] = Scenario(chunks=["first", " second", " third"], interval_s=STALL_S)
     path = _config(tmp_path, params=f"      stream_timeout: {STREAM_TIMEOUT_S}\n")

@@ -19,7 +19,6 @@ import grpc
 import pytest
 
 from exo_remote_engine.contract.errors import Reason
-from tests.conftest import TRANSPORTS, use_transport
 from tests.support.harness import RawOutcome, chat_request, raw_generate
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 
@@ -30,11 +29,6 @@ HOSTILE: dict[str, Scenario] = {
 HEALTHY = Scenario(chunks=[f"t{i} " for i in range(300)], interval_s=0.01)  # distinct: LiteLLM stops repeats
 MAX_GAP_S = 2.0
 MAX_HOSTILE_S = 5.0
-
-
-@pytest.fixture(params=TRANSPORTS)
-def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    return use_transport(monkeypatch, request.param)
 
 
 async def _healthy_gaps(address: str) -> tuple[float, str]:

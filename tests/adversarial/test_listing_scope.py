@@ -16,7 +16,8 @@ from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.server import SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import load_config
-from tests.support.harness import chat_request, raw_generate, sidecar_client, write_config
+from tests.support.configs import write_config
+from tests.support.harness import chat_request, raw_generate, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream
 
 TOKENS = {"node-a": "node-a-token-0123456789abcdef", "node-b": "node-b-token-0123456789abcdef"}

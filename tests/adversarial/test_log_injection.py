@@ -17,7 +17,8 @@ import grpc
 import pytest
 
 from exo_remote_engine.sidecar.telemetry.safe_logging import MAX_ARG_CHARS, safe_logger
-from tests.conftest import PLANTED_KEY, write_proxy_config
+from tests.conftest import PLANTED_KEY
+from tests.support.configs import write_proxy_config
 from tests.support.harness import chat_request, raw_generate
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import start_sidecar_process

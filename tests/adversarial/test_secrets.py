@@ -22,12 +22,12 @@ import grpc
 import pytest
 
 from exo_remote_engine.contract.errors import Reason
-from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
-from exo_remote_engine.sidecar.config.loader import load_config
-from tests.conftest import TRANSPORTS, assert_served_by, use_transport
+from exo_remote_engine.server import RunningSidecar
 from tests.support.harness import chat_request, metrics_text_of, raw_generate
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import REPO
+from tests.support.sidecars import InProcessSidecars
+from tests.support.transports import assert_served_by
 
 # Shapes the old patterns missed: no "sk-" prefix, dots breaking a 32-character run.
 IMPLICIT_KEY = "vllm.Impl1c1t.k3y.Qz7Wx2"
@@ -86,11 +86,6 @@ def _config(path: Path, upstream: OpenAIUpstream) -> Path:
     return path
 
 
-@pytest.fixture(params=TRANSPORTS)
-def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    return use_transport(monkeypatch, request.param)
-
-
 @pytest.fixture
 def _debug_log(caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> Iterator[None]:
     caplog.set_level(logging.DEBUG)
@@ -102,20 +97,18 @@ def _debug_log(caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[st
 
 @pytest.fixture
 async def sidecar(
-    transport: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _debug_log: None
+    transport: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    _debug_log: None,
+    in_process_sidecars: InProcessSidecars,
 ) -> AsyncIterator[tuple[RunningSidecar, OpenAIUpstream]]:
     monkeypatch.setenv("OPENAI_API_KEY", IMPLICIT_KEY)
     monkeypatch.setenv("PLANTED_HEADER_SECRET", HEADER_SECRET)
     monkeypatch.setenv("PLANTED_CONFIG_KEY", CONFIG_KEY)
     async with OpenAIUpstream(dict(SCENARIOS)) as upstream:
         config = _config(tmp_path / "config.yaml", upstream)
-        running = await start_sidecar(
-            SidecarSettings(listen="127.0.0.1:0", metrics_listen=None), load_config(config)
-        )
-        try:
-            yield running, upstream
-        finally:
-            await running.stop(grace_s=None)
+        yield await in_process_sidecars.start(config, metrics_listen=None), upstream
 
 
 @pytest.mark.timeout(60)
@@ -170,24 +163,37 @@ async def test_exo_remote_chat_prints_no_secret(sidecar: tuple[RunningSidecar, O
         _assert_clean(f"`exo-remote chat --model {alias}` output", out, err)
 
 
-def test_fragments_and_key_shapes_are_redacted_but_ids_are_not() -> None:
+@pytest.fixture
+def restored_secrets() -> Iterator[None]:
+    """The process-wide secret registry as it was before the test: what a test registers
+    (and stops using) does not redact, or hide a leak, in the tests after it."""
     from exo_remote_engine.contract.redaction import SECRETS
 
+    saved = (SECRETS._values, SECRETS._grams, SECRETS._short)
+    yield
+    with SECRETS._lock:
+        SECRETS._values, SECRETS._grams, SECRETS._short = saved
+
+
+def test_fragments_and_key_shapes_are_redacted_but_ids_are_not() -> None:
+    from exo_remote_engine.contract.redaction import SecretRegistry
+
+    secrets = SecretRegistry()  # a registry of its own: the process-wide one stays as it was
     secret = "zz.Fr4gm3nt.0f.A.Secret.9x"
-    SECRETS.add(secret)
+    secrets.add(secret)
     request_id = "3f1c2b7e-9d4a-4c1e-8f0b-2a6d5e7c9b10"
     text = (
         f"request {request_id}: echoed {secret[4:20]} and {secret[-9:]}; "
         "key=abcd1234efgh Bearer tok_98765zyx http://bob:hunter2pass@host/v1"
     )
-    shown = SECRETS.redact(text)
+    shown = secrets.redact(text)
     assert request_id in shown, shown
     for leaked in (secret[4:20], secret[-9:], "abcd1234efgh", "tok_98765zyx", "hunter2pass"):
         assert leaked not in shown, shown
 
 
 @pytest.mark.timeout(30)
-async def test_discovery_keys_from_an_env_file_are_registered(tmp_path: Path) -> None:
+async def test_discovery_keys_from_an_env_file_are_registered(tmp_path: Path, restored_secrets: None) -> None:
     from exo_remote_engine.contract.redaction import SECRETS
     from exo_remote_engine.sidecar.config.loader import SidecarConfig, embedded_entry
     from exo_remote_engine.sidecar.discovery.registry import ModelRegistry

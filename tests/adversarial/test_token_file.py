@@ -20,7 +20,8 @@ import pytest
 from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.sidecar.config.loader import ConfigError
 from exo_remote_engine.sidecar.config.token_file import load_token_file
-from tests.support.harness import chat_request, sidecar_client, write_config
+from tests.support.configs import write_config
+from tests.support.harness import chat_request, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream
 from tests.support.processes import REPO, start_sidecar_process
 

@@ -18,7 +18,7 @@ import pty
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,13 @@ import pytest
 
 from exo_remote_engine.cli.main import build_parser as cli_parser
 from exo_remote_engine.engine.launcher import build_parser as node_parser
-from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
+from exo_remote_engine.server import RunningSidecar
 from exo_remote_engine.server import build_parser as sidecar_parser
-from exo_remote_engine.sidecar.config.loader import load_config
 from exo_remote_engine.sidecar.control.auth import ServerTLS
-from tests.cli.test_topology_view import _box_of, _remote, _serve_topology
 from tests.support.certs import Pki, make_pki, openssl_skip_reason
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
+from tests.support.sidecars import InProcessSidecars
+from tests.support.topology import box_of, remote_node, serve_topology
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -76,18 +76,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture
-async def sidecars() -> AsyncIterator[Callable[..., Any]]:
+def sidecars(in_process_sidecars: InProcessSidecars) -> Callable[..., Awaitable[RunningSidecar]]:
     """Start in-process sidecars on the embedded model; stopped at teardown."""
-    running: list[RunningSidecar] = []
-
-    async def start(**settings: Any) -> RunningSidecar:
-        sidecar = await start_sidecar(SidecarSettings(listen="127.0.0.1:0", **settings), load_config(None))
-        running.append(sidecar)
-        return sidecar
-
-    yield start
-    for sidecar in running:
-        await sidecar.stop(grace_s=None)
+    return in_process_sidecars.start
 
 
 # --- topology --api pointed at the wrong kind of port ----------------------------------------
@@ -151,13 +142,13 @@ async def test_topology_box_of_a_tls_sidecar_without_credentials_says_tls_expect
     guarded = await sidecars(tokens=(TOKEN,))
     topology = {
         "nodes": {
-            "tls-node": _remote(tls_sidecar.address, "remote: 1/1 models ready (embedded-echo)"),
-            "token-node": _remote(guarded.address, "remote: 1/1 models ready (embedded-echo)"),
+            "tls-node": remote_node(tls_sidecar.address, "remote: 1/1 models ready (embedded-echo)"),
+            "token-node": remote_node(guarded.address, "remote: 1/1 models ready (embedded-echo)"),
         },
         "peer_graph": {},
         "active_node_id": None,
     }
-    runner, url = await _serve_topology(topology)
+    runner, url = await serve_topology(topology)
     try:
         code, out, err = await run("exo-remote", "topology", "--api", url, "--timeout", "3", "--width", "120")
     finally:
@@ -165,7 +156,7 @@ async def test_topology_box_of_a_tls_sidecar_without_credentials_says_tls_expect
     assert code == 0, err
 
     def said(node: str) -> str:  # a box's text, its wrapped lines joined
-        return " ".join(" ".join(line.strip("│+| ").split()) for line in _box_of(out, node).splitlines())
+        return " ".join(" ".join(line.strip("│+| ").split()) for line in box_of(out, node).splitlines())
 
     assert "sidecar unreachable: TLS expected: set EXO_REMOTE_TLS_CA" in said("tls-node"), out
     assert "token missing: set EXO_REMOTE_TOKEN" in said("token-node"), out
@@ -206,15 +197,28 @@ async def test_sidecar_listen_without_a_port_means_50505() -> None:
 
 @pytest.mark.timeout(60)
 async def test_sidecar_flag_and_variable_without_a_port_dial_50505() -> None:
-    for args, env in (
-        (["--sidecar", "127.0.0.1", "models"], _env()),
-        (["models"], _env(EXO_REMOTE_SIDECAR="127.0.0.1")),
-    ):
-        code, _out, err = await run("exo-remote", *args, env=env)
-        # Nothing listens on 50505 here (then it says so), or a sidecar does and answered.
-        assert code == 0 or "127.0.0.1:50505" in err, (args, err)
-        assert ":443" not in err, err
-        _no_traceback(err)
+    # A listener of our own on 127.0.0.2:50505 (all of 127/8 is loopback; nothing else uses
+    # that address) sees the dial; it hangs up, so the command fails naming the address.
+    dialled: list[str] = []
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dialled.append("127.0.0.2:50505")
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.2", 50505)
+    try:
+        for args, env in (
+            (["--sidecar", "127.0.0.2", "models"], _env()),
+            (["models"], _env(EXO_REMOTE_SIDECAR="127.0.0.2")),
+        ):
+            dialled.clear()
+            code, _out, err = await run("exo-remote", *args, env=env)
+            assert dialled, (args, "the command never dialled 127.0.0.2:50505", err)
+            assert code == 1 and "127.0.0.2:50505" in err and ":443" not in err, (args, code, err)
+            _no_traceback(err)
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 @pytest.mark.timeout(60)

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from exo_remote_engine.cli.main import main
 from exo_remote_engine.cli.topology_view import (
@@ -22,20 +21,15 @@ from exo_remote_engine.cli.topology_view import (
 )
 from exo_remote_engine.engine.target import SidecarTarget
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
+from tests.support.topology import box_of, remote_node, serve_topology
 
 API = "http://127.0.0.1:52415"
 
 
-def _remote(address: str, chip: str = "remote: 1/1 models ready (x)") -> dict[str, Any]:
-    """A remote node as the add-on describes it: ``remote LLM``, its sidecar in ``chip``."""
-    models = chip.removeprefix("remote: ")
-    return {"model": "remote LLM", "chip": f"sidecar {address}: {models}", "memory": 24105, "flops": {"fp16": 0.0}}
-
-
 MIXED: dict[str, Any] = {
     "nodes": {
-        "node-alpha": _remote("10.0.0.5:50505", "remote: 2/3 models ready (echo-model, tools-model)"),
-        "node-beta": _remote("10.0.0.6:50506", "remote: 1/1 models ready (gpt-4o-mini)"),
+        "node-alpha": remote_node("10.0.0.5:50505", "remote: 2/3 models ready (echo-model, tools-model)"),
+        "node-beta": remote_node("10.0.0.6:50506", "remote: 1/1 models ready (gpt-4o-mini)"),
         "node-local": {
             "model": "Linux Box (Device: CLANG)",
             "chip": "Unknown Chip (Device: CLANG)",
@@ -58,22 +52,10 @@ SIDECARS = {
 }
 
 
-def _box_of(text: str, node_id: str) -> str:
-    """The column of boxes holding ``node_id``'s title, as text (boxes may sit side by side)."""
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        col = line.find(f" {node_id} ")
-        if col > 1 and line[col - 2] in "┌+":
-            start = col - 2
-            end = line.index("┐" if line[start] == "┌" else "+", start + 1) + 1
-            return "\n".join(row[start:end] for row in lines[i : i + 6])
-    raise AssertionError(f"no box for {node_id}:\n{text}")
-
-
 def test_mixed_topology_names_every_node_and_its_sidecar() -> None:
     text = render_topology(MIXED, SIDECARS, API)
     assert text.splitlines()[0] == f"exo cluster at {API} — 3 nodes (2 remote, 1 local)"
-    alpha, beta, local = (_box_of(text, n) for n in ("node-alpha", "node-beta", "node-local"))
+    alpha, beta, local = (box_of(text, n) for n in ("node-alpha", "node-beta", "node-local"))
     assert "REMOTE" in alpha and "10.0.0.5:50505" in alpha
     assert "echo-model, tools-model" in alpha and "2/3 ready" in alpha and "SERVING" in alpha
     assert "REMOTE" in beta and "10.0.0.6:50506" in beta and "gpt-4o-mini" in beta and "NOT SERVING" in beta
@@ -87,7 +69,7 @@ def test_mixed_topology_names_every_node_and_its_sidecar() -> None:
 
 def test_unreachable_sidecar_shows_what_exo_reports() -> None:
     sidecars = {**SIDECARS, "10.0.0.6:50506": SidecarInfo("10.0.0.6:50506", UNREACHABLE, detail="connection refused")}
-    beta = _box_of(render_topology(MIXED, sidecars, API), "node-beta")
+    beta = box_of(render_topology(MIXED, sidecars, API), "node-beta")
     assert "unreachable: connection refused" in beta
     assert "exo says: 1/1 models ready (gpt-4o-mini)" in beta
 
@@ -112,12 +94,12 @@ def test_long_model_lists_fit_the_width(width: int) -> None:
     sidecars = {**SIDECARS, "10.0.0.5:50505": SidecarInfo("10.0.0.5:50505", SERVING, many, not_ready=4)}
     text = render_topology(MIXED, sidecars, API, width=width)
     assert all(len(line) <= width for line in text.splitlines()), text
-    alpha = _box_of(text, "node-alpha")
+    alpha = box_of(text, "node-alpha")
     assert "models: provider/very-" in alpha and " more" in alpha and "30/34 ready" in alpha
 
 
 def test_many_nodes_wrap_onto_rows() -> None:
-    topology = {"nodes": {f"n{i}": _remote(f"10.0.1.{i}:50505") for i in range(7)}}
+    topology = {"nodes": {f"n{i}": remote_node(f"10.0.1.{i}:50505") for i in range(7)}}
     text = render_topology(topology, {}, API)
     assert all(len(line) <= 100 for line in text.splitlines())
     assert sum(line.count("┌─") for line in text.splitlines()) == 7
@@ -133,13 +115,13 @@ def test_tolerates_odd_shapes() -> None:
     }
     text = render_topology(topology, {}, API)
     for node_id in ("a", "b", "c"):
-        assert _box_of(text, node_id)
+        assert box_of(text, node_id)
     assert "a ─▶ b" in text and "c ─▶ a" in text
     assert "active node: zz" in text
 
 
 def test_escapes_from_the_network_are_not_printed() -> None:
-    topology = {"nodes": {"evil\x1b[2J": _remote("10.0.0.9:1\nx", "remote: \x07")}}
+    topology = {"nodes": {"evil\x1b[2J": remote_node("10.0.0.9:1\nx", "remote: \x07")}}
     text = render_topology(topology, {}, API)
     assert "\x1b" not in text and "\x07" not in text and "1\nx" not in text
 
@@ -160,20 +142,6 @@ def dead_address() -> Iterator[str]:
         yield f"127.0.0.1:{sock.getsockname()[1]}"
 
 
-async def _serve_topology(topology: dict[str, Any]) -> tuple[web.AppRunner, str]:
-    async def handler(_: web.Request) -> web.Response:
-        return web.json_response(topology)
-
-    app = web.Application()
-    app.router.add_get("/v1/topology", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}"
-
-
 @pytest.mark.timeout(20)
 async def test_topology_command_end_to_end(
     sidecar: RunningSidecar, dead_address: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
@@ -182,14 +150,14 @@ async def test_topology_command_end_to_end(
         monkeypatch.delenv(name, raising=False)
     topology = {
         "nodes": {
-            "live": _remote(sidecar.address, "remote: 1/1 models ready (embedded-echo)"),
-            "dead": _remote(dead_address, "remote: 1/1 models ready (gone-model)"),
+            "live": remote_node(sidecar.address, "remote: 1/1 models ready (embedded-echo)"),
+            "dead": remote_node(dead_address, "remote: 1/1 models ready (gone-model)"),
             "box": {"model": "Linux Box (Device: CLANG)", "chip": "Unknown Chip", "memory": 8192, "flops": {}},
         },
         "peer_graph": {"live": [{"from_id": "live", "to_id": "box", "description": "Direct connection"}]},
         "active_node_id": None,
     }
-    runner, url = await _serve_topology(topology)
+    runner, url = await serve_topology(topology)
     try:
         # main() runs its own event loop: give it a thread, keep this loop serving HTTP and gRPC.
         started = asyncio.get_running_loop().time()
@@ -201,12 +169,12 @@ async def test_topology_command_end_to_end(
     assert code == 0, err
     assert elapsed < 5
     assert f"exo cluster at {url}" in out and "3 nodes (2 remote, 1 local)" in out
-    live, dead = _box_of(out, "live"), _box_of(out, "dead")
+    live, dead = box_of(out, "live"), box_of(out, "dead")
     assert sidecar.address in live and "SERVING" in live and "NOT SERVING" not in live
     assert "models: embedded-echo" in live and "1/1 ready" in live
     assert dead_address in dead and "unreachable" in dead and "Traceback" not in out + err
     assert "exo says: 1/1 models ready (gone-model)" in dead
-    assert "LOCAL" in _box_of(out, "box") and "8.0 GB" in out
+    assert "LOCAL" in box_of(out, "box") and "8.0 GB" in out
     assert "live ─▶ box" in out or "live -> box" in out
 
 
@@ -218,11 +186,11 @@ async def test_topology_command_when_exo_is_away(dead_address: str, capsys: pyte
 
 
 async def test_loopback_sidecars_of_another_machine_are_not_probed() -> None:
-    topology = {"nodes": {"far": _remote("127.0.0.1:50505", "remote: 1/1 models ready (x)")}}
+    topology = {"nodes": {"far": remote_node("127.0.0.1:50505", "remote: 1/1 models ready (x)")}}
     # TEST-NET-1: certainly not this machine, and never contacted (loopback is skipped first).
     sidecars = await collect_sidecars(topology, "http://192.0.2.1:52415", SidecarTarget(), timeout_s=1)
     assert sidecars["127.0.0.1:50505"].status == NOT_PROBED
-    far = _box_of(render_topology(topology, sidecars, "http://192.0.2.1:52415"), "far")
+    far = box_of(render_topology(topology, sidecars, "http://192.0.2.1:52415"), "far")
     assert "not probed: loopback of that node's machine" in far and "exo says: 1/1 models ready (x)" in far
 
 
@@ -242,8 +210,8 @@ async def test_every_host_of_a_several_host_sidecar_is_shown_with_its_health(
         away = f"127.0.0.4:{refusing.getsockname()[1]}"
         hosts = [f"127.0.0.2:{up.port}", f"127.0.0.3:{draining.port}", away]
         target = "ipv4:" + ",".join(hosts)
-        topology = {"nodes": {"multi": _remote(target, "remote: 1/1 models ready (embedded-echo)")}}
-        runner, url = await _serve_topology(topology)
+        topology = {"nodes": {"multi": remote_node(target, "remote: 1/1 models ready (embedded-echo)")}}
+        runner, url = await serve_topology(topology)
         try:
             code = await asyncio.to_thread(main, ["topology", "--api", url, "--timeout", "3", "--width", "120"])
             sidecars = await collect_sidecars(topology, url, SidecarTarget(), timeout_s=3)

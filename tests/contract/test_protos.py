@@ -24,6 +24,7 @@ import exo_remote_engine.generated as generated_pkg
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from exo_remote_engine.generated.grpc_health import health_pb2, health_pb2_grpc
+from tests.support.real_parts import missing as missing_part
 
 REPO = Path(__file__).resolve().parents[2]
 GENERATED = REPO / "exo_remote_engine" / "generated"
@@ -74,11 +75,12 @@ def _files(root: Path) -> dict[str, Path]:
 def test_generated_stubs_match_a_fresh_regeneration(tmp_path: Path) -> None:
     # scripts/gen_protos.sh writes protoc's output relative to the repo (virtual proto paths
     # map onto exo_remote_engine/generated), so it runs in a copy of what it reads.
+    if not (REPO / ".venvs" / "codegen" / "bin" / "python").is_file():
+        missing_part("no .venvs/codegen (grpcio-tools): run scripts/bootstrap.sh (the test regenerates offline)")
     work = tmp_path / "repo"
     shutil.copytree(REPO / "protos", work / "protos")
     shutil.copytree(REPO / "scripts", work / "scripts")
-    # Reuse (or create once, for later runs) the repo's pinned codegen venv.
-    (REPO / ".venvs").mkdir(exist_ok=True)
+    # Reuse the repo's pinned codegen venv (scripts/bootstrap.sh builds it).
     (work / ".venvs").symlink_to(REPO / ".venvs", target_is_directory=True)
     result = subprocess.run(
         ["bash", "scripts/gen_protos.sh"],
@@ -164,7 +166,7 @@ print(json.dumps({
 @pytest.fixture(scope="module")
 def pins_probe() -> dict[str, Any]:
     if not Path(PINS_PYTHON).is_file():
-        pytest.skip(
+        missing_part(
             f"no classic-exo pins interpreter at {PINS_PYTHON}: run scripts/bootstrap.sh "
             "or set EXO_REMOTE_PINS_PYTHON"
         )
@@ -311,7 +313,11 @@ def test_generated_modules_live_inside_our_package_never_under_exo() -> None:
     for path in GENERATED.rglob("*.py*"):
         if path.suffix in (".py", ".pyi"):
             assert not top_level_exo.search(path.read_text(encoding="utf-8")), path
-    assert health_pb2_grpc.HealthStub is not None
+    # The compiled-in health service is grpc.health.v1.Health with its two methods.
+    health = health_pb2.DESCRIPTOR.services_by_name["Health"]
+    assert health.full_name == "grpc.health.v1.Health"
+    assert sorted(m.name for m in health.methods) == ["Check", "Watch"]
+    assert health_pb2_grpc.HealthStub.__module__ == "exo_remote_engine.generated.grpc_health.health_pb2_grpc"
 
 
 # --- no field can carry a key, a base URL or provider config ----------------------------

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from exo_remote_engine.engine.cluster import ADDON_GRACE_S, REMOTE_NODE_LABEL, STALE_S, ClusterView
+from tests.support.clock import FakeClock
 
 REMOTE = "RemoteLLMInferenceEngine"
 
@@ -20,16 +21,8 @@ class Caps:
     memory: int
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_joining_peer_is_awaited_then_reported_without_the_addon_unless_it_announces() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     view = ClusterView("r", clock=clock)
     topology = ["r", "d", "e"]
     assert view.nodes_not_yet_announced(topology) == ["d", "e"]
@@ -45,7 +38,7 @@ def test_a_joining_peer_is_awaited_then_reported_without_the_addon_unless_it_ann
 
 
 def test_ignores_itself_and_unrelated_statuses() -> None:
-    view = ClusterView("r", clock=Clock())
+    view = ClusterView("r", clock=FakeClock(100.0))
     assert view.absorb('{"type": "node_status", "node_id": "d"}') is None
     assert view.absorb("not json") is None
     assert view.nodes_not_yet_announced(["r"]) == []
@@ -56,7 +49,7 @@ def announce(view: ClusterView, node: str, models: dict[str, str], *, peers: lis
 
 
 def test_servers_of_lists_fresh_announcers_that_reach_us_sorted() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     view = ClusterView("a", clock=clock)
     announce(view, "c", {"remote-gpt": "gpt"}, peers=["a"])
     announce(view, "b", {"remote-gpt": "gpt", "remote-claude": "claude"}, peers=["a", "c"])
@@ -69,7 +62,7 @@ def test_servers_of_lists_fresh_announcers_that_reach_us_sorted() -> None:
 
 
 def test_servers_of_forgets_silent_nodes_unless_still_in_the_topology_for_a_while() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     view = ClusterView("a", clock=clock)
     announce(view, "b", {"remote-gpt": "gpt"}, peers=["a"])
     clock.now += STALE_S + 0.5  # three announcements missed
@@ -86,7 +79,7 @@ def test_servers_of_forgets_silent_nodes_unless_still_in_the_topology_for_a_whil
 
 @pytest.mark.parametrize(("self_id", "expected"), [("r2", "r2"), ("l1", "r1")])
 def test_a_remote_models_ring_is_one_serving_node_the_same_on_every_node(self_id: str, expected: str) -> None:
-    view = ClusterView(self_id, clock=Clock())
+    view = ClusterView(self_id, clock=FakeClock(100.0))
     nodes = {"l1": Caps("laptop", 16), "r1": Caps("Remote LLM via s:1", 0), "r2": Caps("Remote LLM via s:2", 0)}
     for remote in ("r2", "r1"):
         announce(view, remote, {"remote-gpt": "gpt"}, peers=["l1", "r1", "r2"])
@@ -95,7 +88,7 @@ def test_a_remote_models_ring_is_one_serving_node_the_same_on_every_node(self_id
 
 
 def test_a_local_models_ring_is_every_local_node_weighted_by_memory() -> None:
-    view = ClusterView("big", clock=Clock())
+    view = ClusterView("big", clock=FakeClock(100.0))
     announce(view, "r1", {"remote-gpt": "gpt"}, peers=["big"])
     nodes = {
         "big": Caps("workstation", 48),
@@ -113,13 +106,13 @@ def test_a_local_models_ring_is_every_local_node_weighted_by_memory() -> None:
 
 
 def test_without_a_model_remote_nodes_join_the_picture_with_no_layers() -> None:
-    view = ClusterView("l1", clock=Clock())
+    view = ClusterView("l1", clock=FakeClock(100.0))
     announce(view, "r1", {"remote-gpt": "gpt"}, peers=["l1"])
     nodes = {"l1": Caps("laptop", 8), "r1": Caps("server", 8), "r0": Caps(REMOTE_NODE_LABEL, 8)}
     assert view.ring(None, nodes) == [("l1", 1.0), ("r0", 0.0), ("r1", 0.0)]
 
 
 def test_a_remote_only_cluster_keeps_exos_ring() -> None:
-    view = ClusterView("r1", clock=Clock())
+    view = ClusterView("r1", clock=FakeClock(100.0))
     nodes = {"r1": Caps(REMOTE_NODE_LABEL, 8), "r2": Caps(REMOTE_NODE_LABEL, 24)}
     assert view.ring("llama-3.2-1b", nodes) == [("r2", 0.75), ("r1", 0.25)]

@@ -21,7 +21,8 @@ from exo_remote_engine.engine import codec
 from exo_remote_engine.engine.target import RetryPolicy, SidecarTarget
 from exo_remote_engine.engine.tokenizer import RemoteTokenizer
 from exo_remote_engine.engine_adapter import RemoteLLMInferenceEngine
-from tests.conftest import PLANTED_KEY, write_proxy_config
+from tests.conftest import PLANTED_KEY
+from tests.support.configs import write_proxy_config
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import SidecarProcess, free_port, start_sidecar_process
 
@@ -180,8 +181,9 @@ async def test_exo_max_tokens_finish_cancels_the_upstream(
     ids = await drive(engine, "r3", Shard("slow"), _prompt("go"), max_tokens=5)
     stopped = time.monotonic()
     assert len(ids) == 5 and codec.EOS_ID not in codec.expand(ids)
-    record = await asyncio.to_thread(upstream_thread.wait_closed_sync, "slow", 5)
-    assert record.client_disconnected and record.ended_at - stopped < 1.0
+    record = await asyncio.to_thread(upstream_thread.wait_closed_sync, "slow", 15)
+    # Promptly: the stream would run 30 s; 5 s is a loaded box's margin.
+    assert record.client_disconnected and record.ended_at - stopped < 5.0, record
 
 
 async def test_a_request_nobody_pulls_is_cancelled_by_the_watchdog(

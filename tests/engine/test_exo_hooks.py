@@ -34,11 +34,7 @@ SIDECAR = "127.0.0.1:50599"
 @pytest.fixture
 def exo(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, types.ModuleType]]:
     """Fake exo modules in sys.modules for one test; removed, and the hooks reverted, after."""
-    modules = fake_exo.build_modules()
-    for name in [n for n in sys.modules if n == "exo" or n.startswith("exo.")]:
-        monkeypatch.delitem(sys.modules, name)
-    for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
+    modules = fake_exo.use_fakes(monkeypatch)
     monkeypatch.setattr(engine_adapter, "_shared", None)
     exo_hooks.uninstall()
     yield modules
@@ -444,16 +440,17 @@ def test_trigger_all_gives_each_callback_its_own_list(exo: dict[str, types.Modul
     assert got["api"] == [1, 2] and tokens == [1, 2]
 
 
-def test_status_notes_and_cancellations(exo: dict[str, types.ModuleType], engine: Any) -> None:
+def test_status_notes_are_remembered_and_exos_own_statuses_ignored(
+    exo: dict[str, types.ModuleType], engine: Any
+) -> None:
+    """A cancellation status is checked end to end, with a real engine stopping a real
+    upstream call: tests/engine/test_exo_api.py."""
     STATE.view = ClusterView("r")
     remote = types.SimpleNamespace(inference_engine=engine, id="r", peers=[])
     peers.on_status(remote, peers.reply_note("req-9", "d"))
     assert STATE.reply_to == {"req-9": "d"}
-    cancelled: list[str] = []
-    engine.cancel = cancelled.append
-    peers.on_status(remote, '{"type": "exo_remote_cancel", "request_id": "req-9"}')
     peers.on_status(remote, '{"type": "node_status"}')  # exo's own: ignored
-    assert cancelled == ["req-9"]
+    assert STATE.reply_to == {"req-9": "d"}
 
 
 # --- API hooks (a real aiohttp server on 127.0.0.1 around the fake ChatGPTAPI) -------------

@@ -33,8 +33,9 @@ from exo_remote_engine.sidecar.config.loader import load_config
 from exo_remote_engine.sidecar.control.auth import ServerTLS
 from tests.conftest import PLANTED_KEY
 from tests.support.certs import make_pki, openssl_skip_reason
+from tests.support.configs import KEY_ENV, write_config
 from tests.support.dns_server import DnsServer
-from tests.support.harness import KEY_ENV, chat_request, write_config
+from tests.support.harness import chat_request, drain
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import SidecarProcess, start_sidecar_process, stop_process
 
@@ -111,7 +112,7 @@ async def _client(target: SidecarTarget, retry: RetryPolicy) -> AsyncIterator[Si
 
 async def _text(client: SidecarClient, model: str, i: int) -> str:
     request = chat_request(model, f"hello {i}", request_id=f"h-{model}-{i}")
-    return "".join([e.delta.text async for e in client.generate(request) if e.HasField("delta")])
+    return (await drain(client, request, catch=False)).text
 
 
 async def _warm(client: SidecarClient, hosts: list[Host]) -> float:
@@ -406,7 +407,7 @@ async def test_a_host_list_spreads_calls_over_every_hosts_workers(tmp_path: Path
             async def one(i: int) -> str:
                 async with gate:
                     request = chat_request("embedded-echo", f"hello {i}", request_id=f"w-{i}")
-                    return "".join([e.delta.text async for e in client.generate(request) if e.HasField("delta")])
+                    return (await drain(client, request, catch=False)).text
 
             texts = await asyncio.gather(*(one(i) for i in range(40)))
             assert all(f"hello {i}" in t for i, t in enumerate(texts))

@@ -19,10 +19,12 @@ import openai
 import psutil
 import pytest
 
-from tests.conftest import PLANTED_KEY, write_proxy_config
+from tests.conftest import PLANTED_KEY
+from tests.support.configs import write_proxy_config
 from tests.support.openai_upstream import OpenAIUpstream, Scenario, ToolCallSpec
 from tests.support.processes import (
     PINS_VENV,
+    REPO,
     ExoNode,
     SidecarProcess,
     exo_skip_reason,
@@ -297,7 +299,10 @@ def test_no_connection_leaves_loopback_and_no_hugging_face(stack: dict[str, Any]
     assert "traceback" not in log, log[-3000:]
 
 
-def test_sidecar_down_before_first_delta_gives_a_clear_503(stack: dict[str, Any], tmp_path: Path) -> None:
+def test_a_node_whose_sidecar_never_answered_gives_a_clear_404(stack: dict[str, Any], tmp_path: Path) -> None:
+    """A node started with no sidecar listening knows no remote model: asked for one, it
+    answers OpenAI's 404 model_not_found saying it serves none and asking whether the
+    sidecar runs (engine/exo_hooks/api.py), and the other node's sidecar is untouched."""
     node: ExoNode = stack["node"]
     sidecar: SidecarProcess = stack["sidecar"]
     assert node.process.poll() is None
@@ -317,7 +322,9 @@ def test_sidecar_down_before_first_delta_gives_a_clear_503(stack: dict[str, Any]
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=60)
         assert caught.value.code == 404
-        assert "sidecar" in caught.value.read().decode()
+        error = json.loads(caught.value.read().decode())["error"]
+        assert error["code"] == "model_not_found", error
+        assert "'echo-model'" in error["message"] and "none (is the sidecar running?)" in error["message"], error
     finally:
         lonely.stop()
     assert sidecar.process.poll() is None
@@ -483,6 +490,22 @@ for remote in (True, False):
         "missing": missing, "patches": len(plan.patches), "applied": applied, "restored": before == after}
 print(json.dumps(report))
 """
+
+
+def test_real_exo_matches_the_pinned_signatures_the_fakes_are_checked_against(tmp_path: Path) -> None:
+    """tests/support/exo_signatures.json, which CI holds tests/support/fake_exo.py to, is
+    what this exo has at every target of the hooks (kinds, parameters, instance attributes)."""
+    result = subprocess.run(
+        [str(PINS_VENV / "bin" / "python"), "-m", "tests.support.exo_signatures", "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else {}
+    assert result.returncode == 0 and report.get("differences") == [], (report, result.stderr[-3000:])
+    assert report["targets"] >= 40
 
 
 def test_the_hook_plan_fits_real_exo_and_reverts_exactly(tmp_path: Path) -> None:

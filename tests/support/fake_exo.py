@@ -198,7 +198,7 @@ class GRPCPeerHandle:
         self.connected = True
 
     async def send_prompt(
-        self, shard: Any, prompt: str, request_id: str | None = None, inference_state: Any = None
+        self, shard: Any, prompt: str, inference_state: Any = None, request_id: str | None = None
     ) -> None:
         self.sent.append(("prompt", (shard, prompt), {"request_id": request_id, "inference_state": inference_state}))
 
@@ -333,6 +333,13 @@ class ChatGPTAPI:
         self.default_model = default_model or "llama-3.2-1b"
         self.system_prompt = system_prompt
         self.token_queues: defaultdict[str, asyncio.Queue[Any]] = defaultdict(asyncio.Queue)
+        # As exo's __init__: the node's tokens land in the request's queue.
+        self.token_callback = node.on_token.register("chatgpt-api-token-handler")
+        self.token_callback.on_next(
+            lambda _request_id, tokens, is_finished: asyncio.create_task(
+                self.handle_tokens(_request_id, tokens, is_finished)
+            )
+        )
         self.app = web.Application()
         self.app.router.add_get("/v1/models", self.handle_get_models)
         self.app.router.add_post("/v1/chat/completions", self.handle_post_chat_completions)
@@ -431,6 +438,63 @@ class TopologyViz:
                         canvas[y + j][x + k] = char
             canvas[y][x] = "-"
         return "\n".join("".join(row) for row in canvas)
+
+
+def use_fakes(monkeypatch: Any) -> dict[str, types.ModuleType]:
+    """Fresh fake exo modules in sys.modules for one test (``monkeypatch`` puts back what
+    was there); any real exo module is taken out meanwhile."""
+    modules = build_modules()
+    for name in [n for n in sys.modules if n == "exo" or n.startswith("exo.")]:
+        monkeypatch.delitem(sys.modules, name)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return modules
+
+
+def token_loop_node(node_cls: type, max_generate_tokens: int = 1024) -> type:
+    """``node_cls`` (the fake Node, hooks installed) with exo's token loop for a one-node
+    ring: process_prompt runs infer_prompt, then process_inference_result samples a token,
+    triggers the on_token callbacks and, until EOS or the token limit, schedules the next
+    infer_tensor as a task (exo's forward_tensor to itself), returning after the first
+    token as exo's does."""
+
+    class TokenLoopNode(node_cls):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.buffered_token_output: dict[str, tuple[list[int], bool]] = {}
+            self.max_generate_tokens = max_generate_tokens
+            self.loop_tasks: set[asyncio.Task[None]] = set()
+
+        async def process_prompt(
+            self, base_shard: Any, prompt: str, request_id: str | None = None, inference_state: Any = None
+        ) -> None:
+            assert request_id is not None
+            shard = self.get_current_shard(base_shard)
+            result, state = await self.inference_engine.infer_prompt(request_id, shard, prompt, inference_state or {})
+            await self.process_inference_result(shard, result, request_id, state)
+
+        async def process_inference_result(
+            self, shard: Any, result: Any, request_id: Any = None, inference_state: Any = None
+        ) -> None:
+            tokens, _ = self.buffered_token_output.setdefault(request_id, ([], False))
+            token = await self.inference_engine.sample(result, temp=0.0)
+            await self.inference_engine.ensure_shard(shard)
+            tokens.append(int(token.item()))
+            eos = self.inference_engine.tokenizer.eos_token_id
+            is_finished = tokens[-1] == eos or len(tokens) >= self.max_generate_tokens
+            self.on_token.trigger_all(request_id, [tokens[-1]], is_finished)
+            if is_finished:
+                self.buffered_token_output[request_id] = (tokens, True)
+                return
+            task = asyncio.create_task(self._next(shard, token.reshape(1, -1), request_id, inference_state))
+            self.loop_tasks.add(task)
+            task.add_done_callback(self.loop_tasks.discard)
+
+        async def _next(self, shard: Any, tensor: Any, request_id: str, state: Any) -> None:
+            result, state = await self.inference_engine.infer_tensor(request_id, shard, tensor, state)
+            await self.process_inference_result(shard, result, request_id, state)
+
+    return TokenLoopNode
 
 
 def build_modules() -> dict[str, types.ModuleType]:

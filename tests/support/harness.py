@@ -8,11 +8,11 @@ environment variable its configs reference (``os.environ/TEST_UPSTREAM_KEY``).
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -22,9 +22,8 @@ from exo_remote_engine.engine.client import SidecarClient
 from exo_remote_engine.engine.target import RetryPolicy, SidecarTarget
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
-from tests.conftest import PLANTED_KEY, write_proxy_config
+from tests.conftest import PLANTED_KEY
 
-KEY_ENV = "TEST_UPSTREAM_KEY"
 NO_RETRY = RetryPolicy(attempts=1)
 # The whole key, its distinctive tail, and its head: none may appear anywhere a client,
 # a log reader or a metrics scraper can see.
@@ -108,17 +107,33 @@ def chat_request(model: str, text: str = "Hello", request_id: str | None = None,
     return chat_body_to_request(body, request_id=request_id or f"t-{model}", model=model)
 
 
+class Drained(NamedTuple):
+    """A Generate stream read to its end through the engine's client."""
+
+    text: str  # the deltas' text, in order
+    error: RemoteError | None  # what ended it, if not a finish
+    ended_at: float  # time.monotonic() when it ended
+    events: list[pb.GenerateResponse]
+
+
+async def drain(client: SidecarClient, request: pb.GenerateRequest, *, catch: bool = True) -> Drained:
+    """Read ``request``'s stream to its end; the error that ends it is returned (raised
+    with ``catch=False``)."""
+    events: list[pb.GenerateResponse] = []
+    error: RemoteError | None = None
+    try:
+        async for event in client.generate(request):
+            events.append(event)
+    except RemoteError as exc:
+        if not catch:
+            raise
+        error = exc
+    text = "".join(e.delta.text for e in events if e.HasField("delta"))
+    return Drained(text, error, time.monotonic(), events)
+
+
 def sidecar_client(address: str, retry: RetryPolicy = NO_RETRY, **target: Any) -> SidecarClient:
     return SidecarClient(SidecarTarget(address=address, retry=retry, **target))
-
-
-def write_config(path: Path, upstream_url: str, aliases: Iterable[str], settings: str = "") -> Path:
-    """A LiteLLM proxy config (api_key: os.environ/TEST_UPSTREAM_KEY) plus optional
-    ``exo_remote_settings`` YAML lines, e.g. ``"  num_retries: 0\\n"``."""
-    write_proxy_config(path, upstream_url, aliases)
-    if settings:
-        path.write_text(path.read_text() + "exo_remote_settings:\n" + settings)
-    return path
 
 
 def metrics_text_of(sidecar: Any) -> str:

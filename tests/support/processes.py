@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.real_parts import EXO_SRC_UNSET
+
 REPO = Path(__file__).resolve().parents[2]
 PINS_VENV = REPO / ".venvs" / "exo-pins"
 
@@ -27,7 +29,7 @@ PINS_VENV = REPO / ".venvs" / "exo-pins"
 def exo_skip_reason() -> str | None:
     """Why real-exo tests cannot run here, or None when they can."""
     if not os.environ.get("EXO_SRC"):
-        return "real classic exo not available: set EXO_SRC to an exo source tree (commit e4238f9ef)"
+        return f"{EXO_SRC_UNSET} real classic exo not available; set EXO_SRC to an exo source tree (commit e4238f9ef)"
     if not (PINS_VENV / "bin" / "exo").exists():
         return f"EXO_SRC is set but {PINS_VENV}/bin/exo is missing: run scripts/bootstrap.sh with EXO_SRC"
     return None

@@ -1,97 +1,36 @@
-"""Helpers for the traffic and spend tests: a controllable clock, config fragments in
-LiteLLM's shape, and in-process sidecars that use them."""
+"""Helpers for the traffic and spend tests: config fragments in LiteLLM's shape, and
+in-process sidecars on a controllable clock (tests/support/clock.py) that use them."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 from pathlib import Path
 
 from exo_remote_engine.contract.errors import RemoteError
 from exo_remote_engine.engine.client import SidecarClient
-from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
-from exo_remote_engine.sidecar.config.loader import load_config
-from tests.support.harness import chat_request
+from exo_remote_engine.server import RunningSidecar
+from tests.support.clock import MINUTE_START, FakeClock
+from tests.support.configs import KEY_ENV, deployment
+from tests.support.harness import chat_request, drain
 from tests.support.openai_upstream import OpenAIUpstream
-
-KEY_ENV = "TEST_UPSTREAM_KEY"
-MINUTE_START = 1_800_000_000.0 - (1_800_000_000.0 % 60)  # a clock reading on a minute boundary
+from tests.support.sidecars import InProcessSidecars
 
 
-class FakeClock:
-    """Wall-clock seconds that move only when a test says so. ``sleep`` waits on this
-    clock (the sidecar's queue uses it when its clock has one): setting ``now`` wakes
-    every sleeper whose time has come."""
-
-    def __init__(self, now: float = MINUTE_START + 10) -> None:
-        self._now = now
-        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
-
-    def __call__(self) -> float:
-        return self._now
-
-    @property
-    def now(self) -> float:
-        return self._now
-
-    @now.setter
-    def now(self, value: float) -> None:
-        self._now = value
-        for at, future in list(self._sleepers):
-            if at <= value and not future.done():
-                future.set_result(None)
-
-    @property
-    def sleepers(self) -> int:
-        """Sleeps not yet over (a test waits for a queue's waiters to be asleep)."""
-        return sum(1 for _, future in self._sleepers if not future.done())
-
-    async def sleep(self, seconds: float) -> None:
-        if seconds <= 0:
-            await asyncio.sleep(0)
-            return
-        entry = (self._now + seconds, asyncio.get_running_loop().create_future())
-        self._sleepers.append(entry)
-        try:
-            await entry[1]
-        finally:
-            self._sleepers.remove(entry)
-
-
-def deployment(alias: str, model: str, url: str, **params: object) -> str:
-    lines = [
-        f"  - model_name: {alias}",
-        "    litellm_params:",
-        f"      model: openai/{model}",
-        f"      api_base: {url}/v1",
-        f"      api_key: os.environ/{KEY_ENV}",
-        *(f"      {k}: {v}" for k, v in params.items()),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-class Sidecars:
+class Sidecars(InProcessSidecars):
     """In-process sidecars for config texts, their ledger in ``tmp_path/state``."""
 
     def __init__(self, tmp_path: Path) -> None:
+        super().__init__(state_dir=tmp_path / "state")
         self.tmp_path = tmp_path
-        self.running: list[RunningSidecar] = []
 
-    async def start(self, text: str, clock: FakeClock, **settings: object) -> RunningSidecar:
+    async def start(self, text: str, clock: FakeClock, **settings: object) -> RunningSidecar:  # type: ignore[override]
         path = self.tmp_path / f"config{len(self.running)}.yaml"
         path.write_text(text)
-        fields: dict[str, object] = {"listen": "127.0.0.1:0", "clock": clock, "state_dir": self.tmp_path / "state"}
-        sidecar = await start_sidecar(SidecarSettings(**{**fields, **settings}), load_config(path))  # type: ignore[arg-type]
-        self.running.append(sidecar)
-        return sidecar
-
-    async def stop(self) -> None:
-        for sidecar in self.running:
-            await sidecar.stop(grace_s=None)
+        return await super().start(path, clock=clock, **settings)
 
 
 async def complete(client: SidecarClient, model: str, text: str = "hi") -> str:
-    return "".join([e.delta.text async for e in client.generate(chat_request(model, text))])
+    return (await drain(client, chat_request(model, text), catch=False)).text
 
 
 async def outcome(client: SidecarClient, model: str) -> RemoteError | None:
@@ -104,3 +43,6 @@ async def outcome(client: SidecarClient, model: str) -> RemoteError | None:
 
 def served_counts(upstream: OpenAIUpstream) -> collections.Counter[str]:
     return collections.Counter(r.model for r in upstream.requests if r.model)
+
+
+__all__ = ["KEY_ENV", "MINUTE_START", "FakeClock", "Sidecars", "complete", "deployment", "outcome", "served_counts"]

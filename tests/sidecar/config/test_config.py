@@ -23,6 +23,7 @@ from exo_remote_engine.sidecar.config.loader import (
     SidecarConfig,
     load_config,
 )
+from tests.support.unprivileged import call_unprivileged, reachable_dir
 
 REPO = Path(__file__).resolve().parents[3]
 KEY_ONE = "sk-one-SECRET-4f1c2a9e77d0"
@@ -385,10 +386,12 @@ def test_json_entry_without_model(tmp_path: Path) -> None:
     assert "'nomodel'" in message and "model" in message
 
 
-@pytest.mark.parametrize("text", ["model_list: []\n", "model_list:\n"])
-def test_empty_model_list(tmp_path: Path, text: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "expected"), [("model_list: []\n", "no models configured"), ("model_list:\n", "model_list must be a list")]
+)
+def test_empty_model_list(tmp_path: Path, text: str, expected: str) -> None:
     message = _error(_write(tmp_path, "c.yaml", text))
-    assert "model_list" in message or "no models" in message
+    assert message.endswith(f"c.yaml: {expected}"), message
 
 
 def test_empty_json_alias_map(tmp_path: Path) -> None:
@@ -426,14 +429,24 @@ def test_unreadable_file_not_utf8(tmp_path: Path) -> None:
     assert "UTF-8" in _error(path)
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_file_permissions(tmp_path: Path) -> None:
-    path = _write(tmp_path, "c.yaml", _model_list(_yaml_entry("a", "openai/a")))
-    path.chmod(0)
-    try:
-        assert "cannot read" in _error(path)
-    finally:
-        path.chmod(0o600)
+def test_unreadable_file_permissions() -> None:
+    """Root reads any file, so the reader is ``nobody`` when the suite runs as root (as CI
+    does): first the readable file loads, then mode 000 gives a clear error naming it."""
+
+    def load(path: Path) -> str:
+        try:
+            return f"loaded {[m.alias for m in load_config(path, {}).models]}"
+        except ConfigError as error:
+            return f"ConfigError: {error}"
+
+    with reachable_dir() as directory:
+        path = _write(directory, "c.yaml", _model_list(_yaml_entry("a", "openai/a")))
+        path.chmod(0o644)
+        assert load(path) == "loaded ['a']"  # here first: the child cannot import from root's home
+        assert call_unprivileged(lambda: load(path)) == "loaded ['a']"
+        path.chmod(0)
+        message = call_unprivileged(lambda: load(path))
+    assert message.startswith("ConfigError: ") and "cannot read" in message and str(path) in message, message
 
 
 # --- the command ------------------------------------------------------------------------

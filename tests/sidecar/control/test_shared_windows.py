@@ -12,12 +12,13 @@ from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.contract.redaction import SECRETS
 from exo_remote_engine.sidecar.config.loader import ConfigError
 from exo_remote_engine.sidecar.control.limits import UsageWindows
-from exo_remote_engine.sidecar.control.shared_windows import RedisWindows, check_redis_url
+from exo_remote_engine.sidecar.control.shared_windows import RedisWindows, check_redis_url, minute_key
 from exo_remote_engine.sidecar.ledger.shared_services import display_url
 from exo_remote_engine.sidecar.serving.settings import SidecarSettings, parse_args
+from tests.support.clock import FakeClock
 from tests.support.processes import free_port
 from tests.support.servers import RedisServer
-from tests.support.traffic import FakeClock
+from tests.support.waits import eventually
 
 
 async def _admitted(windows: RedisWindows, key: str, rpm: int | None, tpm: int | None = None) -> RemoteError | None:
@@ -34,6 +35,21 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
+async def _until_tokens(url: str, key: str, now: float, expected: int) -> None:
+    """Until the shared minute's token count of ``key``, read from Redis itself, is ``expected``."""
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(url)
+
+    async def landed() -> bool:
+        return int(await client.get(minute_key(key, int(now // 60), "tokens")) or 0) == expected
+
+    try:
+        await eventually(landed, f"{expected} tokens of {key} in Redis")
+    finally:
+        await client.aclose()
+
+
 async def test_admission_is_atomic_across_processes_sharing_redis(redis_url: str) -> None:
     clock = FakeClock()
     hosts = [RedisWindows(redis_url, UsageWindows(clock)) for _ in range(3)]
@@ -46,11 +62,11 @@ async def test_admission_is_atomic_across_processes_sharing_redis(redis_url: str
         clock.now += 60  # the next minute: counts start again
         assert await _admitted(hosts[1], "node:n", 25) is None
         # Tokens reported on one host stop the node on another once over its tpm.
-        hosts[0].add_tokens("node:t", 700)
-        await asyncio.sleep(0.2)  # added without waiting: let the write land
+        hosts[0].add_tokens("node:t", 700)  # added without making the caller wait: until it lands
+        await _until_tokens(redis_url, "node:t", clock.now, 700)
         assert await _admitted(hosts[2], "node:t", None, 1000) is None
         hosts[1].add_tokens("node:t", 400)
-        await asyncio.sleep(0.2)
+        await _until_tokens(redis_url, "node:t", clock.now, 1100)
         over = await _admitted(hosts[2], "node:t", None, 1000)
         assert over is not None and over.metadata == {"limit": "tpm"} and "1100 of its 1000 tokens" in over.message
         assert all(h.shared for h in hosts)
@@ -76,8 +92,10 @@ async def test_an_unreachable_redis_falls_back_to_this_process_and_says_so_once(
     assert "sekret" not in caplog.text
 
 
-async def test_a_returning_redis_is_used_again(redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
-    redis_server.flush()
+async def test_a_returning_redis_is_used_again(
+    own_redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis_server = own_redis_server  # stopped and restarted here: not the session's
     clock = FakeClock()
     windows = RedisWindows(redis_server.url, UsageWindows(clock))
     try:
@@ -87,15 +105,18 @@ async def test_a_returning_redis_is_used_again(redis_server: RedisServer, caplog
             assert await _admitted(windows, "node:r", 2) is None  # this process's windows: 1 of 2
             assert not windows.shared
             await asyncio.to_thread(redis_server.start)
-            await asyncio.sleep(2.5)  # the back-off
+
+            async def back() -> bool:  # another node's admissions, once the back-off (2 s) ends
+                await _admitted(windows, "node:probe", None)
+                return windows.shared
+
+            await eventually(back, "Redis is used again after the back-off")
             assert await _admitted(windows, "node:r", 2) is None  # a fresh Redis: 1 of 2
             assert await _admitted(windows, "node:r", 2) is None
             refused = await _admitted(windows, "node:r", 2)
         assert refused is not None and refused.reason is Reason.RATE_LIMITED
         assert windows.shared and "is back" in caplog.text
     finally:
-        if redis_server.process is None:
-            redis_server.start()
         await windows.close()
 
 

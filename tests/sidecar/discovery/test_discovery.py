@@ -15,7 +15,6 @@ import os
 import random
 import re
 import socket
-import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +37,9 @@ from exo_remote_engine.sidecar.discovery import (
     merge,
 )
 from tests.conftest import PLANTED_KEY
+from tests.support.clock import FakeClock
 from tests.support.provider_listings import ListingServer, env_base
+from tests.support.waits import eventually
 
 pytestmark = pytest.mark.timeout(30)
 # A discovery blocked by a server that never answers would wait until the test's timeout;
@@ -508,15 +509,15 @@ async def test_one_hanging_provider_delays_nobody(fleet: Fleet) -> None:
 
 
 async def test_cache_ttl_and_one_shared_refresh(fleet: Fleet) -> None:
-    now = [1000.0]
+    clock = FakeClock(1000.0)
     deepseek = fleet.servers["deepseek"]
-    discovery = fleet.discovery(servers=[], providers=[SPEC["deepseek"]], ttl=60.0, clock=lambda: now[0])
+    discovery = fleet.discovery(servers=[], providers=[SPEC["deepseek"]], ttl=60.0, clock=clock)
     first = await discovery.snapshot()
     assert await discovery.snapshot() == first and deepseek.hits == 1  # cached
-    now[0] += 59.0
+    clock.now += 59.0
     await discovery.snapshot()
     assert deepseek.hits == 1
-    now[0] += 2.0  # stale
+    clock.now += 2.0  # stale
     await discovery.snapshot()
     assert deepseek.hits == 2
     results = await asyncio.gather(*(discovery.snapshot(refresh=True) for _ in range(8)))
@@ -532,9 +533,9 @@ async def test_cancelled_caller_does_not_cancel_the_shared_refresh(fleet: Fleet)
     discovery = fleet.discovery(servers=[], providers=[SPEC["deepseek"]], timeout=0.5)
     impatient = asyncio.ensure_future(discovery.snapshot())
     patient = asyncio.ensure_future(discovery.snapshot())
-    await asyncio.sleep(0.1)
+    await eventually(lambda: deepseek.hits >= 1, "the shared refresh reached the provider")
     impatient.cancel()
-    models = await asyncio.wait_for(patient, 2.0)
+    models = await asyncio.wait_for(patient, 15.0)  # the 0.5 s timeout ends it; a loaded box's margin
     assert models and not any(m.ready for m in models)
 
 
@@ -543,10 +544,7 @@ async def test_background_refresh_loop(fleet: Fleet) -> None:
     discovery = fleet.discovery(servers=[], providers=[SPEC["deepseek"]], ttl=0.1)
     discovery.start()
     try:
-        deadline = time.monotonic() + 3.0
-        while deepseek.hits < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        assert deepseek.hits >= 3
+        await eventually(lambda: deepseek.hits >= 3, "three refreshes of the background loop")
         assert [m.alias for m in discovery.cached()] == ["deepseek/deepseek-chat", "deepseek/deepseek-reasoner"]
     finally:
         await discovery.stop()

@@ -216,14 +216,18 @@ async def test_two_concurrent_requests_both_complete(sidecar: SidecarProcess) ->
 
 
 @needs_local
-@pytest.mark.timeout(60)
-def test_killed_sidecar_leaves_no_model_process(sidecar: SidecarProcess) -> None:
-    """Last in this module: SIGKILL gives the sidecar no chance to stop its child; the child
-    sees its stdin pipe close and exits on its own."""
-    [child] = _model_children(sidecar.process.pid)
-    sidecar.process.send_signal(signal.SIGKILL)
-    sidecar.process.wait(10)
-    child.wait(timeout=20)  # raises psutil.TimeoutExpired if it became an orphan
+@pytest.mark.timeout(120)
+def test_killed_sidecar_leaves_no_model_process(tmp_path: Path) -> None:
+    """SIGKILL gives the sidecar no chance to stop its child; the child sees its stdin pipe
+    close and exits on its own. A sidecar of its own: the module's stays up for the others."""
+    process = start_sidecar_process(None, tmp_path / "s.log", embedded_model=True, extra_args=["--embedded-ctx", "512"])
+    try:
+        [child] = _model_children(process.process.pid)
+        process.process.send_signal(signal.SIGKILL)
+        process.process.wait(10)
+        child.wait(timeout=20)  # raises psutil.TimeoutExpired if it became an orphan
+    finally:
+        process.stop()
 
 
 def test_sigterm_stops_the_model_with_the_sidecar(tmp_path: Path) -> None:

@@ -147,6 +147,6 @@ def test_failed_start_raises_with_stderr_and_leaves_nothing(tmp_path: Path) -> N
     with pytest.raises(GemmaServerError, match="exited with status") as info:
         start_gemma_server(timeout_s=30, model_path=bogus)
     assert "stderr tail" in str(info.value)
-    assert "Failed to init server" in str(info.value) or "Traceback" in str(info.value)
+    assert "Failed to init server" in str(info.value), "the tail holds llama.cpp's own reason"
     if Path("/proc").is_dir():
         assert _children_mentioning(str(bogus)) == []

@@ -27,11 +27,12 @@ import redis
 
 from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.engine.client import SidecarClient
+from tests.support.configs import KEY_ENV, deployment
 from tests.support.harness import chat_request, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import SidecarProcess, start_sidecar_process
 from tests.support.servers import PostgresServer, RedisServer
-from tests.support.traffic import KEY_ENV, deployment
+from tests.support.waits import eventually
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -348,13 +349,19 @@ async def test_redis_stopped_mid_load_falls_back_per_host_and_recovers(cluster: 
             await asyncio.sleep(0.02)
 
     loaders = [asyncio.create_task(load(h)) for h in range(3)]
+    back = "limits are shared across hosts again"
+    backs_before = [log.count(back) for log in cluster.logs()]
     try:
-        await asyncio.sleep(0.5)
+        await eventually(lambda: len(steady_calls) >= 3, "the steady load runs")
         await asyncio.to_thread(cluster.redis.stop)
         during = await asyncio.gather(*(call(clients[i % 3], "fallback", i % 3) for i in range(3 * (FALLBACK_RPM + 3))))
         assert all(h.process.poll() is None for h in cluster.hosts), "no host crashed"
         await asyncio.to_thread(cluster.redis.start)
-        await asyncio.sleep(3)  # the hosts' back-off (2 s) ends
+        # Each host's steady load finds Redis again once its back-off (2 s) ends, and says so.
+        await eventually(
+            lambda: all(log.count(back) > n for log, n in zip(cluster.logs(), backs_before, strict=True)),
+            "every host uses Redis again", poll_s=0.1,
+        )
         after = await asyncio.gather(*(call(clients[i % 3], "fallback", i % 3) for i in range(3 * (FALLBACK_RPM + 3))))
         await asyncio.sleep(0.5)
     finally:

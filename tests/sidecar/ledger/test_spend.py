@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import math
 import sqlite3
-import time
 from pathlib import Path
 
 import litellm
@@ -16,10 +15,13 @@ from exo_remote_engine.cli.main import main, render_models, render_usage
 from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.sidecar.config.loader import ConfigError
 from exo_remote_engine.sidecar.ledger.spend import DB_NAME
+from tests.support.clock import FakeClock
+from tests.support.configs import KEY_ENV, deployment
 from tests.support.harness import chat_request, metrics_text_of, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import start_sidecar_process
-from tests.support.traffic import KEY_ENV, FakeClock, Sidecars, complete, deployment, outcome
+from tests.support.traffic import Sidecars, complete, outcome
+from tests.support.waits import eventually
 
 NODE_TOKEN = "token-of-node-one-0001"
 
@@ -121,9 +123,7 @@ async def test_a_stream_cancelled_midway_is_charged_for_what_was_produced(
         await stream.aclose()  # type: ignore[attr-defined]
     finally:
         await client.close()
-    deadline = time.monotonic() + 5
-    while not rows(tmp_path / "state") and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await eventually(lambda: rows(tmp_path / "state"), "the cancelled request is booked", poll_s=0.05)
     (row,) = rows(tmp_path / "state")
     assert (row["request_id"], row["outcome"], row["estimated"]) == ("cut-short", "cancelled", 1)
     # Estimated at 4 characters a token from what was written (at least what arrived).
@@ -158,8 +158,7 @@ async def test_sigkill_mid_load_then_restart_keeps_every_finished_request(
 
     workers = [asyncio.create_task(worker(w)) for w in range(8)]
     try:
-        while len(finished) < 40:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: len(finished) >= 40, "40 requests finished", timeout_s=60)
         first.process.kill()
         await asyncio.gather(*workers)
     finally:

@@ -18,9 +18,9 @@ from exo_remote_engine.sidecar.config.loader import ModelEntry, NodeQuota
 from exo_remote_engine.sidecar.control.budgets import Budgets
 from exo_remote_engine.sidecar.ledger.spend import DB_NAME, Charge, Ledger
 from exo_remote_engine.sidecar.ledger.spend_database import TABLE, SpendDatabase
+from tests.support.clock import FakeClock
 from tests.support.processes import free_port
 from tests.support.servers import PostgresServer
-from tests.support.traffic import FakeClock
 
 ENTRY = ModelEntry(alias="mini", litellm_model="gpt-4o-mini", provider="openai", input_cost_per_token=0.001,
                    output_cost_per_token=0.002)

@@ -25,21 +25,15 @@ from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.engine.client import SidecarClient
 from exo_remote_engine.engine.target import ClientTLS
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
-from exo_remote_engine.sidecar.config.loader import ConfigError, load_config
+from exo_remote_engine.sidecar.config.loader import ConfigError
 from exo_remote_engine.sidecar.control.auth import ServerTLS
 from tests.conftest import PLANTED_KEY
 from tests.support.certs import Pki, make_pki, openssl_skip_reason
-from tests.support.harness import (
-    KEY_ENV,
-    assert_no_key,
-    chat_request,
-    error_surface,
-    metrics_text_of,
-    sidecar_client,
-    write_config,
-)
+from tests.support.configs import KEY_ENV, write_config
+from tests.support.harness import assert_no_key, chat_request, error_surface, metrics_text_of, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream
 from tests.support.processes import REPO
+from tests.support.sidecars import InProcessSidecars
 
 pytestmark = pytest.mark.skipif(openssl_skip_reason() is not None, reason=openssl_skip_reason() or "")
 
@@ -62,20 +56,17 @@ async def start_tls(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     capfd: pytest.CaptureFixture[str],
+    in_process_sidecars: InProcessSidecars,
 ) -> AsyncIterator[StartTLS]:
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv(KEY_ENV, PLANTED_KEY)
     config = write_config(tmp_path / "tls.yaml", upstream.url, ["open-model", "closed-model"], NODES)
-    running: list[RunningSidecar] = []
 
     async def start(tls: ServerTLS, **settings: Any) -> RunningSidecar:
-        sidecar = await start_sidecar(SidecarSettings(listen="127.0.0.1:0", tls=tls, **settings), load_config(config))
-        running.append(sidecar)
-        return sidecar
+        return await in_process_sidecars.start(config, tls=tls, **settings)
 
     yield start
-    for sidecar in running:
-        await sidecar.stop(grace_s=None)
+    await in_process_sidecars.stop()
     out, err = capfd.readouterr()
     assert_no_key(caplog.text, out, err, where="the DEBUG log or the process's stdout/stderr")
 

@@ -13,7 +13,6 @@ import re
 import signal
 import socket
 import subprocess
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,8 +25,9 @@ from exo_remote_engine.engine.client import SidecarClient
 from exo_remote_engine.engine.target import SidecarTarget
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
-from tests.support.harness import chat_request
+from tests.support.harness import chat_request, drain
 from tests.support.processes import SidecarProcess, start_sidecar_process
+from tests.support.waits import eventually
 
 TOKEN = "worker-test-token-0123456789"
 
@@ -57,7 +57,7 @@ def shared_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar
 
 async def _text(client: SidecarClient, i: int) -> str:
     request = chat_request("embedded-echo", f"hello {i}", request_id=f"w-{i}")
-    return "".join([e.delta.text async for e in client.generate(request) if e.HasField("delta")])
+    return (await drain(client, request, catch=False)).text
 
 
 def _worker_ports(sidecar: SidecarProcess, token: str | None = TOKEN) -> list[int]:
@@ -130,17 +130,15 @@ async def test_a_killed_worker_costs_no_request_and_comes_back_on_a_new_port(sid
         before = _worker_ports(sidecar)
         victim = _children(sidecar.process.pid)[0]
         os.kill(victim, signal.SIGKILL)
-        await asyncio.sleep(0.2)
+        await eventually(lambda: not _alive(victim), "the killed worker is gone")
         texts = await asyncio.gather(*(_text(client, i) for i in range(3, 15)))
         assert texts == [f"Echo from the embedded model: hello {i}" for i in range(3, 15)]
 
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        def replaced() -> list[int] | None:
             after = _worker_ports(sidecar)
-            if len(after) == 2 and after != before:
-                break
-            await asyncio.sleep(0.5)
-        assert len(after) == 2 and set(after) != set(before), (before, after)
+            return after if len(after) == 2 and set(after) != set(before) else None
+
+        await eventually(replaced, "a new worker on a new port", timeout_s=60, poll_s=0.5)
     finally:
         await client.close()
     assert "exited with code -9; restarting it" in sidecar.log.read_text()
@@ -151,11 +149,8 @@ async def test_workers_leave_with_the_main_process_however_it_ends(sidecar: Side
     workers = _children(sidecar.process.pid)
     assert len(workers) == 2
     sidecar.process.send_signal(signal.SIGKILL)  # no chance to clean up: stdin EOF must do it
-    sidecar.process.wait(5)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
-        await asyncio.sleep(0.2)
-    assert not any(_alive(pid) for pid in workers)
+    sidecar.process.wait(15)
+    await eventually(lambda: not any(_alive(pid) for pid in workers), "the workers left", timeout_s=30, poll_s=0.2)
 
 
 def _alive(pid: int) -> bool:

@@ -36,8 +36,10 @@ from exo_remote_engine.sidecar.transports.provider_errors import (
     ProviderTimeoutError,
     classify,
 )
-from tests.conftest import PLANTED_KEY, write_proxy_config
+from tests.conftest import PLANTED_KEY
+from tests.support.configs import write_proxy_config
 from tests.support.harness import assert_no_key, error_surface
+from tests.support.waits import eventually
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -654,14 +656,17 @@ async def test_connection_refused_is_provider_unavailable() -> None:
     started = time.monotonic()
     _, exc = await produce(model)
     assert isinstance(exc, ProviderConnectionError), repr(exc)
-    assert time.monotonic() - started < 1.0
+    # Refused at once, not after a timeout or retries (the default timeout is minutes).
+    assert time.monotonic() - started < 10
     error = classified(exc, model)
     assert error.reason is Reason.PROVIDER_UNAVAILABLE
     assert "ClientConnectorError" not in error.message and "Errno" not in error.message
 
 
 @pytest.mark.parametrize("when", ["before-headers", "mid-stream"])
-async def test_silent_server_is_provider_timeout_within_1s(when: str) -> None:
+async def test_silent_server_is_provider_timeout_and_the_connection_is_closed(when: str) -> None:
+    """A 0.3 s read timeout ends a silent stream (no sooner, and not never: the server would
+    stay silent forever) and the connection is closed, not leaked."""
     closed_at: list[float] = []
 
     async def handler(ex: Exchange) -> None:
@@ -675,12 +680,9 @@ async def test_silent_server_is_provider_timeout_within_1s(when: str) -> None:
         started = time.monotonic()
         state, exc = await produce(model)
         failed_at = time.monotonic()
-        async with asyncio.timeout(1):
-            while not closed_at:
-                await asyncio.sleep(0.01)
+        await eventually(lambda: closed_at, "the silent connection was closed, not leaked")
     assert isinstance(exc, ProviderTimeoutError), repr(exc)
-    assert 0.25 < failed_at - started < 1.0, f"failed after {failed_at - started:.3f}s"
-    assert closed_at[0] - failed_at < 1.0, "the silent connection was closed, not leaked"
+    assert 0.25 < failed_at - started < 10, f"failed after {failed_at - started:.3f}s"
     assert classified(exc, model).reason is Reason.PROVIDER_TIMEOUT
     if when == "mid-stream":
         assert state.started
@@ -690,16 +692,19 @@ async def test_silent_server_is_provider_timeout_within_1s(when: str) -> None:
 
 
 @pytest.mark.parametrize("when", ["mid-stream", "before-headers"])
-async def test_cancelling_produce_closes_the_connection_within_1s(when: str) -> None:
+async def test_cancelling_produce_closes_the_connection_promptly(when: str) -> None:
     closed_at: list[float] = []
     events_written = 0
+    reached: list[bool] = []
+    total = 5000  # 50 s to run its course: "promptly" below is a loaded box's 5 s
 
     async def handler(ex: Exchange) -> None:
         nonlocal events_written
+        reached.append(True)
         watcher = asyncio.create_task(ex.client_closed())
         if when == "mid-stream":
             await ex.send(sse_head("chunked"))
-            while not watcher.done() and events_written < 500:
+            while not watcher.done() and events_written < total:
                 with contextlib.suppress(ConnectionError):
                     await ex.send(http_chunk(text_event(f"t{events_written} ")))
                 events_written += 1
@@ -713,23 +718,18 @@ async def test_cancelling_produce_closes_the_connection_within_1s(when: str) -> 
         task = asyncio.create_task(transport.produce(entry(server.api_base), request(), state))
         try:
             if when == "mid-stream":
-                async with asyncio.timeout(2):
-                    while events_written < 5:
-                        await asyncio.sleep(0.005)
-                assert state.started
+                await eventually(lambda: events_written >= 5 and state.started, "five events arrived")
             else:
-                await asyncio.sleep(0.2)
+                await eventually(lambda: reached, "the request reached the server")
             cancelled_at = time.monotonic()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            async with asyncio.timeout(1.5):
-                while not closed_at:
-                    await asyncio.sleep(0.005)
+            await eventually(lambda: closed_at, "the server saw the connection close")
         finally:
             await transport.close()
-    assert closed_at[0] - cancelled_at < 1.0, f"the server saw the close {closed_at[0] - cancelled_at:.3f}s late"
-    assert events_written < 500
+    assert closed_at[0] - cancelled_at < 5.0, f"the server saw the close {closed_at[0] - cancelled_at:.3f}s late"
+    assert events_written < total
 
 
 # --------------------------------------------------------------------------- keep-alive
