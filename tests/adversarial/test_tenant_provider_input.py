@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import ConfigError, load_config
-from tests.conftest import TRANSPORTS
 from tests.support.harness import DOCUMENTED_CODES, chat_request, raw_generate
 from tests.support.raw_upstream import RawResponse, RawUpstream
+from tests.support.transports import TRANSPORTS
 
 T = TypeVar("T")
 UNMAPPED = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)

@@ -29,9 +29,10 @@ from exo_remote_engine.sidecar.config.token_file import load_token_file
 from exo_remote_engine.sidecar.control.auth import ServerTLS
 from exo_remote_engine.sidecar.control.policy import REFRESH_INTERVAL_S
 from exo_remote_engine.sidecar.discovery import ServerSpec
-from tests.conftest import PLANTED_KEY, TRANSPORTS, use_transport
+from tests.conftest import PLANTED_KEY
 from tests.support.certs import Pki, client_certificate, make_pki, openssl_skip_reason
-from tests.support.harness import KEY_ENV, chat_request, raw_generate, sidecar_client
+from tests.support.configs import KEY_ENV
+from tests.support.harness import chat_request, raw_generate, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.tenants import (
     ATTACKER,
@@ -44,6 +45,7 @@ from tests.support.tenants import (
     outcome,
     tenant_config,
 )
+from tests.support.transports import TRANSPORTS, use_transport
 
 OVERSIZED = "OVERSIZED-PROMPT"
 TOO_LONG = Scenario(status=400, error_message=CONTEXT_ERROR, error_code="context_length_exceeded")

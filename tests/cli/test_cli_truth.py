@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from exo_remote_engine.cli.main import DEFAULT_CHAT_MAX_TOKENS
-from tests.conftest import PLANTED_KEY, write_proxy_config
+from tests.conftest import PLANTED_KEY
+from tests.support.configs import write_proxy_config
 from tests.support.openai_upstream import OpenAIUpstream
 from tests.support.processes import REPO, SidecarProcess, start_sidecar_process
 

@@ -14,7 +14,8 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import PLANTED_KEY, write_proxy_config
+from tests.conftest import PLANTED_KEY
+from tests.support.configs import write_proxy_config
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import ExoNode, exo_skip_reason, start_lone_exo_node, start_sidecar_process
 

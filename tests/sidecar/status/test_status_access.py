@@ -16,7 +16,7 @@ from exo_remote_engine.sidecar.control.auth import ServerTLS
 from exo_remote_engine.sidecar.status.access import StatusAccess, admin_nodes
 from tests.conftest import PLANTED_KEY
 from tests.support.certs import Pki, make_pki, openssl_skip_reason
-from tests.support.harness import write_config
+from tests.support.configs import write_config
 from tests.support.openai_upstream import OpenAIUpstream
 
 ROUTES = ("/", "/status.json", "/metrics")
