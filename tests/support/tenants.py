@@ -20,7 +20,8 @@ from exo_remote_engine.contract.errors import RemoteError
 from exo_remote_engine.engine.client import SidecarClient
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import load_config
-from tests.support.harness import KEY_ENV, chat_request, sidecar_client
+from tests.support.configs import KEY_ENV
+from tests.support.harness import chat_request, sidecar_client
 
 ATTACKER, VICTIM = "attacker", "victim"
 # Tokens share no text with the node names: a token's fragments are redacted wherever they appear.
