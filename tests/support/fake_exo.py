@@ -479,7 +479,7 @@ def token_loop_node(node_cls: type, max_generate_tokens: int = 1024) -> type:
             tokens, _ = self.buffered_token_output.setdefault(request_id, ([], False))
             token = await self.inference_engine.sample(result, temp=0.0)
             await self.inference_engine.ensure_shard(shard)
-            tokens.append(int(token.item()))
+            tokens.append(token.item())  # as exo does: the engine's own object, not int()
             eos = self.inference_engine.tokenizer.eos_token_id
             is_finished = tokens[-1] == eos or len(tokens) >= self.max_generate_tokens
             self.on_token.trigger_all(request_id, [tokens[-1]], is_finished)
