@@ -178,6 +178,7 @@ async def test_parameters_from_the_envelope_reach_the_provider(
 async def test_exo_max_tokens_finish_cancels_the_upstream(
     engine: RemoteLLMInferenceEngine, upstream_thread: OpenAIUpstream
 ) -> None:
+    upstream_thread.clear()  # the module's upstream: an earlier test's "slow" stream is not this one
     ids = await drive(engine, "r3", Shard("slow"), _prompt("go"), max_tokens=5)
     stopped = time.monotonic()
     assert len(ids) == 5 and codec.EOS_ID not in codec.expand(ids)
@@ -189,6 +190,7 @@ async def test_exo_max_tokens_finish_cancels_the_upstream(
 async def test_a_request_nobody_pulls_is_cancelled_by_the_watchdog(
     engine: RemoteLLMInferenceEngine, upstream_thread: OpenAIUpstream
 ) -> None:
+    upstream_thread.clear()  # the module's upstream: an earlier test's "slow" stream is not this one
     await drive(engine, "r4", Shard("slow"), _prompt("go"), pause_after=3)  # exo stops calling
     record = await asyncio.to_thread(upstream_thread.wait_closed_sync, "slow", 10)
     assert record.client_disconnected
