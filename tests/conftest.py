@@ -104,22 +104,19 @@ def postgres_server() -> Iterator[PostgresServer]:
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """A real Redis on 127.0.0.1 for the session (Debian's redis-server; see servers.py)."""
-    from tests.support.real_parts import missing
-    from tests.support.servers import RedisServer, redis_skip_reason
-
-    reason = redis_skip_reason()
-    if reason is not None:
-        missing(reason)
-    server = RedisServer()
-    server.start()
-    yield server
-    server.close()
+    yield from _started_redis()
 
 
 @pytest.fixture
 def own_redis_server() -> Iterator[RedisServer]:
     """A Redis of the test's own, for a test that stops and restarts it: the session's
     Redis, which other tests share, stays up whatever the test does."""
+    yield from _started_redis()
+
+
+def _started_redis() -> Iterator[RedisServer]:
+    """One real Redis on 127.0.0.1, stopped when the caller is done; a missing redis-server
+    is a failure under CI=true (real_parts.missing)."""
     from tests.support.real_parts import missing
     from tests.support.servers import RedisServer, redis_skip_reason
 
