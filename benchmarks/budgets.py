@@ -30,7 +30,7 @@ import asyncpg
 import litellm
 
 from exo_remote_engine.contract.errors import RemoteError
-from exo_remote_engine.engine.client import SidecarClient
+from exo_remote_engine.engine.connection.client import SidecarClient
 from exo_remote_engine.server import SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import load_config
 from exo_remote_engine.sidecar.ledger.spend import DB_NAME
@@ -138,8 +138,11 @@ async def one_host(runs: int) -> bool:
 
             async def spent(node: str) -> float:
                 with sqlite3.connect(ledger) as db:
-                    return float(db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM requests WHERE node = ?",
-                                            (node,)).fetchone()[0])
+                    return float(
+                        db.execute(
+                            "SELECT COALESCE(SUM(cost_usd), 0) FROM requests WHERE node = ?", (node,)
+                        ).fetchone()[0]
+                    )
 
             try:
                 print("one sidecar (SQLite ledger):")

@@ -41,8 +41,8 @@ import aiohttp
 import psutil
 
 from exo_remote_engine.contract.openai_chat import chat_body_to_request
-from exo_remote_engine.engine.client import SidecarClient
-from exo_remote_engine.engine.target import RetryPolicy, SidecarTarget
+from exo_remote_engine.engine.connection.client import SidecarClient
+from exo_remote_engine.engine.connection.target import RetryPolicy, SidecarTarget
 from exo_remote_engine.sidecar.embedded.model import (
     DEFAULT_ALIAS,
     EmbeddedModelServer,
@@ -146,7 +146,7 @@ def start_sidecar_process(args: list[str], env: dict[str, str], log_path: Path) 
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if line.startswith(READY):
-            return process, f"127.0.0.1:{int(line[len(READY):])}"
+            return process, f"127.0.0.1:{int(line[len(READY) :])}"
         if not line and process.poll() is not None:
             break
     process.kill()

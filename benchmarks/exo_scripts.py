@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot run: {reason}")
         return 2
     scenarios = {f"{name}-model": Scenario(chunks=chunks) for name, chunks in WORKLOADS.items()}
-    with tempfile.TemporaryDirectory(prefix="bench-exo-scripts-") as tmp, OpenAIUpstream.in_thread(
-        scenarios=scenarios
-    ) as upstream:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-exo-scripts-") as tmp,
+        OpenAIUpstream.in_thread(scenarios=scenarios) as upstream,
+    ):
         workdir = Path(tmp)
         config = write_proxy_config(workdir / "config.yaml", upstream.url, list(scenarios))
         sidecar = start_sidecar_process(config, workdir / "sidecar.log", env={"TEST_UPSTREAM_KEY": PLANTED_KEY})

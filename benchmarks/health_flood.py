@@ -29,8 +29,8 @@ from pathlib import Path
 import grpc
 
 from benchmarks.load_client import Stamps
-from exo_remote_engine.engine.client import SidecarClient
-from exo_remote_engine.engine.target import RetryPolicy, SidecarTarget
+from exo_remote_engine.engine.connection.client import SidecarClient
+from exo_remote_engine.engine.connection.target import RetryPolicy, SidecarTarget
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated.grpc_health import health_pb2, health_pb2_grpc
 from tests.support.processes import REPO, start_sidecar_process, stop_process

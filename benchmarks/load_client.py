@@ -325,8 +325,8 @@ class SidecarReader(Reader):
 
     def __init__(self, address: str) -> None:
         from exo_remote_engine.contract.addresses import sidecar_target
-        from exo_remote_engine.engine.client import SidecarClient
-        from exo_remote_engine.engine.target import SidecarTarget
+        from exo_remote_engine.engine.connection.client import SidecarClient
+        from exo_remote_engine.engine.connection.target import SidecarTarget
         from exo_remote_engine.generated import remote_inference_pb2 as pb
 
         self.pb = pb

@@ -39,8 +39,16 @@ QUOTAS = {"node-1": NodeQuota(max_budget=1e9, budget_duration="30d")}
 
 
 def _charge(i: int) -> Charge:
-    return Charge.of(request_id=f"bench-{i}", ended_at=time.time(), node="node-1", entry=ENTRY,
-                     prompt_tokens=100, completion_tokens=20, estimated=False, outcome="completed")
+    return Charge.of(
+        request_id=f"bench-{i}",
+        ended_at=time.time(),
+        node="node-1",
+        entry=ENTRY,
+        prompt_tokens=100,
+        completion_tokens=20,
+        estimated=False,
+        outcome="completed",
+    )
 
 
 def _line(name: str, samples: list[float]) -> None:
@@ -101,8 +109,10 @@ async def run(n: int, rows: int, redis_url: str, database_url: str, state: Path)
     now = time.time()
     # Another host's rows, spread over the last 29 days, stored the way the copier stores them.
     spread = 29 * 86400 / max(rows, 1)
-    other = [(i, f"r{i}", now - i * spread, "d", "node-1", "a", "a", "m", 1, 1, 0.0001, 0, "completed", 1, "other", "h")
-             for i in range(rows)]
+    other = [
+        (i, f"r{i}", now - i * spread, "d", "node-1", "a", "a", "m", 1, 1, 0.0001, 0, "completed", 1, "other", "h")
+        for i in range(rows)
+    ]
     await connection.execute(_INSERT, *[list(column) for column in zip(*other, strict=True)], [])  # no reservations
     await connection.execute(f"ANALYZE {TABLE}; ANALYZE {HOURS}")
     await connection.close()

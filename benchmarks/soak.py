@@ -51,8 +51,8 @@ def _request(pb: Any, model: str, prompt: str, request_id: str) -> Any:
 
 async def drive(target: str, pid: int, args: argparse.Namespace) -> dict[str, Any]:
     from exo_remote_engine.contract.errors import RemoteError
-    from exo_remote_engine.engine.client import SidecarClient
-    from exo_remote_engine.engine.target import RetryPolicy, SidecarTarget
+    from exo_remote_engine.engine.connection.client import SidecarClient
+    from exo_remote_engine.engine.connection.target import RetryPolicy, SidecarTarget
     from exo_remote_engine.generated import remote_inference_pb2 as pb
 
     client = SidecarClient(SidecarTarget(address=target, retry=RetryPolicy(attempts=1)))

@@ -28,8 +28,8 @@ import grpc
 
 from benchmarks.health_flood import anonymous_memory_flood
 from exo_remote_engine.contract.errors import RemoteError
-from exo_remote_engine.engine.client import SidecarClient
-from exo_remote_engine.engine.target import RetryPolicy, SidecarTarget
+from exo_remote_engine.engine.connection.client import SidecarClient
+from exo_remote_engine.engine.connection.target import RetryPolicy, SidecarTarget
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from tests.support.openai_upstream import OpenAIUpstream, Scenario

@@ -32,8 +32,8 @@ from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.contract.openai_chat import FINISH_REASON_NAMES, chat_body_to_request, usage_to_openai
 from exo_remote_engine.engine import codec
 from exo_remote_engine.engine.catalog import RemoteCatalog
-from exo_remote_engine.engine.client import SidecarClient
-from exo_remote_engine.engine.target import SidecarTarget
+from exo_remote_engine.engine.connection.client import SidecarClient
+from exo_remote_engine.engine.connection.target import SidecarTarget
 from exo_remote_engine.engine.tokenizer import PromptEnvelope, RemoteTokenizer
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 

@@ -33,7 +33,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from exo_remote_engine.contract.errors import STATUS_DETAILS_KEY, Reason, RemoteError
-from exo_remote_engine.engine.target import RetryPolicy
+from exo_remote_engine.engine.connection.target import RetryPolicy
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import load_config
 from tests.conftest import PLANTED_KEY
@@ -358,7 +358,7 @@ async def test_client_cancel_closes_the_upstream_and_frees_the_stream(
 async def test_provider_down_names_the_address_and_the_cause_to_the_client_and_in_the_log(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """"the provider is unavailable" alone cannot tell a stopped server from a wrong address."""
+    """ "the provider is unavailable" alone cannot tell a stopped server from a wrong address."""
     monkeypatch.setenv(KEY_ENV, PLANTED_KEY)
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     config = write_config(tmp_path / "down.yaml", f"http://{dead}", ["tiny"], NO_SIDECAR_RETRIES)

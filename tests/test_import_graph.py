@@ -23,6 +23,8 @@ SIDECAR = f"{ROOT}.sidecar"
 LAYERS: dict[str, set[str]] = {
     f"{ROOT}.contract": set(),
     f"{ROOT}.engine": {f"{ROOT}.contract", f"{ROOT}.engine_adapter"},
+    f"{ROOT}.engine.connection": {f"{ROOT}.contract", f"{ROOT}.engine.settings"},
+    f"{ROOT}.engine.settings": {f"{ROOT}.contract"},
     f"{ROOT}.engine_adapter": {f"{ROOT}.contract", f"{ROOT}.engine"},
     f"{ROOT}._startup": {f"{ROOT}.engine"},
     f"{ROOT}.cli": {
@@ -49,6 +51,13 @@ LAYERS: dict[str, set[str]] = {
         f"{SIDECAR}.config",
         f"{SIDECAR}.control",
         f"{SIDECAR}.ledger",
+        f"{SIDECAR}.telemetry",
+    },
+    f"{SIDECAR}.relay": {
+        f"{ROOT}.contract",
+        f"{SIDECAR}.config",
+        f"{SIDECAR}.control",
+        f"{SIDECAR}.transports",
         f"{SIDECAR}.telemetry",
     },
     f"{SIDECAR}.serving": {SIDECAR, f"{ROOT}.contract"},
@@ -160,9 +169,12 @@ def test_the_layering_holds() -> None:
     [
         # the issue's own examples: transports never import control, engine never the sidecar
         ("sidecar/transports/openai_transport.py", "exo_remote_engine.sidecar.control.routing", "transports"),
-        ("engine/client.py", "exo_remote_engine.sidecar.config.loader", "engine"),
+        ("engine/connection/client.py", "exo_remote_engine.sidecar.config.loader", "engine.connection"),
         ("contract/errors.py", "exo_remote_engine.engine.codec", "contract"),
         ("sidecar/config/loader.py", "exo_remote_engine.sidecar.serving.settings", "config"),
+        # the connection layer knows nothing of exo's side; the relay nothing of gRPC serving
+        ("engine/connection/target.py", "exo_remote_engine.engine.codec", "engine.connection"),
+        ("sidecar/relay/streaming.py", "exo_remote_engine.sidecar.serving.rpc_errors", "relay"),
     ],
 )
 def test_a_planted_violation_fails(tmp_path: Path, planted_in: str, planted_import: str, expected: str) -> None:

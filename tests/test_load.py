@@ -52,8 +52,8 @@ from typing import Any
 
 import pytest
 
-from exo_remote_engine.engine.client import SidecarClient
-from exo_remote_engine.engine.target import SidecarTarget
+from exo_remote_engine.engine.connection.client import SidecarClient
+from exo_remote_engine.engine.connection.target import SidecarTarget
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from tests.conftest import PLANTED_KEY
 from tests.support.configs import KEY_ENV, write_config
@@ -197,11 +197,7 @@ async def test_concurrent_streams_lose_nothing_and_are_relayed_as_produced(tmp_p
         f"({len(delays) / messages:.2f} chunks per delta)"
     )
     if CHUNKS > 1:  # relayed as produced: each stream's first text before its upstream's last chunk
-        held = [
-            r.k
-            for r in results
-            if r.deltas[0][0] >= records[alias(r.k)]["started_at"] + (CHUNKS - 1) * INTERVAL_S
-        ]
+        held = [r.k for r in results if r.deltas[0][0] >= records[alias(r.k)]["started_at"] + (CHUNKS - 1) * INTERVAL_S]
         assert not held, f"streams whose text was held back until the upstream finished: {held[:10]}"
 
     ok = sum(

@@ -84,16 +84,12 @@ def usage_of(chunks: list[ModelResponseStream]) -> Any:
 
 async def test_streamed_text_arrives_complete_in_order(upstream: OpenAIUpstream) -> None:
     words = [f"w{i} " for i in range(40)]
-    upstream.scenarios["text"] = Scenario(
-        chunks=words, finish_reason="length", usage=(17, 40), cached_tokens=5
-    )
+    upstream.scenarios["text"] = Scenario(chunks=words, finish_reason="length", usage=(17, 40), cached_tokens=5)
     async with asyncio.timeout(TEST_BUDGET_S):
         chunks = await collect(upstream, "text")
         record = await upstream.wait_closed("text", timeout=2)
 
-    contents = [
-        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
-    ]
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert contents == words
     assert finish_reasons(chunks) == ["length"]
     usage = usage_of(chunks)
@@ -121,9 +117,7 @@ async def test_tool_call_fragments_reassemble(upstream: OpenAIUpstream) -> None:
         ToolCallSpec("call_abc", "get_weather", json.dumps({"city": "Paris", "unit": "C"})),
         ToolCallSpec("call_def", "lookup", json.dumps({"ids": [1, 2, 3], "deep": {"x": None}})),
     ]
-    upstream.scenarios["tools"] = Scenario(
-        chunks=["Let me check."], tool_calls=calls, finish_reason="tool_calls"
-    )
+    upstream.scenarios["tools"] = Scenario(chunks=["Let me check."], tool_calls=calls, finish_reason="tool_calls")
     async with asyncio.timeout(TEST_BUDGET_S):
         chunks = await collect(upstream, "tools")
 
@@ -145,9 +139,7 @@ async def test_tool_call_fragments_reassemble(upstream: OpenAIUpstream) -> None:
     assert fragments > 2 * len(calls)  # really streamed in pieces
     assert ids == {0: "call_abc", 1: "call_def"}
     assert names == {0: "get_weather", 1: "lookup"}
-    assert {i: json.loads(a) for i, a in arguments.items()} == {
-        i: json.loads(c.arguments) for i, c in enumerate(calls)
-    }
+    assert {i: json.loads(a) for i, a in arguments.items()} == {i: json.loads(c.arguments) for i, c in enumerate(calls)}
     assert text_of(chunks) == "Let me check."
     assert finish_reasons(chunks) == ["tool_calls"]
 
@@ -180,9 +172,7 @@ async def test_non_stream_completion(upstream: OpenAIUpstream) -> None:
     assert choice.message.content == "Hello you"
     assert choice.finish_reason == "tool_calls"
     tool_calls: list[Any] = choice.message.tool_calls or []
-    assert [(t.id, t.function.name, t.function.arguments) for t in tool_calls] == [
-        ("call_1", "f", '{"a": 1}')
-    ]
+    assert [(t.id, t.function.name, t.function.arguments) for t in tool_calls] == [("call_1", "f", '{"a": 1}')]
     usage: Any = getattr(response, "usage", None)
     assert (usage.prompt_tokens, usage.completion_tokens) == (3, 4)
 

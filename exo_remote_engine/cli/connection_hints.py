@@ -15,7 +15,7 @@ import urllib.parse
 
 from exo_remote_engine.contract.addresses import AddressError, sidecar_target
 from exo_remote_engine.contract.errors import Reason, RemoteError
-from exo_remote_engine.engine.target import SidecarTarget
+from exo_remote_engine.engine.connection.target import SidecarTarget
 
 
 def _host_port(address: str) -> tuple[str, int] | None:

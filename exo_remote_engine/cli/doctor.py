@@ -29,8 +29,8 @@ from exo_remote_engine.cli.connection_hints import sidecar_hint, speaks_tls
 from exo_remote_engine.cli.doctor_report import TIMEOUT_S, Check, render
 from exo_remote_engine.contract.addresses import TargetKind
 from exo_remote_engine.contract.errors import RemoteError
-from exo_remote_engine.engine.client import SidecarClient
-from exo_remote_engine.engine.target import SidecarTarget
+from exo_remote_engine.engine.connection.client import SidecarClient
+from exo_remote_engine.engine.connection.target import SidecarTarget
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 
 STARTUP_FILE = "exo_remote_engine.pth"

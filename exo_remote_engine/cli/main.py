@@ -34,8 +34,8 @@ from exo_remote_engine.contract.addresses import AddressError, sidecar_target
 from exo_remote_engine.contract.errors import RemoteError
 from exo_remote_engine.contract.openai_chat import FINISH_REASON_NAMES, chat_body_to_request
 from exo_remote_engine.contract.redaction import SECRETS, redact
-from exo_remote_engine.engine.client import SidecarClient
-from exo_remote_engine.engine.target import SidecarTarget
+from exo_remote_engine.engine.connection.client import SidecarClient
+from exo_remote_engine.engine.connection.target import SidecarTarget
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 
 

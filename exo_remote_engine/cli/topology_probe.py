@@ -19,9 +19,15 @@ from typing import Any, TypeVar
 from exo_remote_engine.cli.connection_hints import not_exo_api_hint, sidecar_hint
 from exo_remote_engine.contract.addresses import AddressError, sidecar_target
 from exo_remote_engine.contract.errors import Reason, RemoteError
-from exo_remote_engine.engine.client import HOST_NOT_SERVING, HOST_SERVING, HOST_UNREACHABLE, SidecarClient, host_status
 from exo_remote_engine.engine.cluster import remote_sidecar
-from exo_remote_engine.engine.target import SidecarTarget
+from exo_remote_engine.engine.connection.client import (
+    HOST_NOT_SERVING,
+    HOST_SERVING,
+    HOST_UNREACHABLE,
+    SidecarClient,
+    host_status,
+)
+from exo_remote_engine.engine.connection.target import SidecarTarget
 
 DEFAULT_API = "http://127.0.0.1:52415"
 MAX_BODY_BYTES = 16 * 1024 * 1024

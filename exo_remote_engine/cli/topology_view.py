@@ -29,7 +29,7 @@ from exo_remote_engine.cli.topology_probe import (
     positive_seconds,
 )
 from exo_remote_engine.cli.topology_render import render_topology
-from exo_remote_engine.engine.target import SidecarTarget
+from exo_remote_engine.engine.connection.target import SidecarTarget
 
 __all__ = [
     "DEFAULT_API",

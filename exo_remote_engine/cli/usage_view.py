@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exo_remote_engine.contract.redaction import redact
-from exo_remote_engine.engine.client import SidecarClient
-from exo_remote_engine.engine.target import SidecarTarget
+from exo_remote_engine.engine.connection.client import SidecarClient
+from exo_remote_engine.engine.connection.target import SidecarTarget
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 
 if TYPE_CHECKING:  # the sidecar's modules are imported inside the commands (cli/__init__.py)

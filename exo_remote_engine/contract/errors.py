@@ -107,6 +107,7 @@ _REASON_FOR_BARE_CODE: dict[grpc.StatusCode, Reason] = {
     grpc.StatusCode.FAILED_PRECONDITION: Reason.MODEL_NOT_READY,
 }
 
+
 @dataclass(frozen=True)
 class FieldViolation:
     field: str

@@ -1,1 +1,2 @@
-"""The exo side: client, engine, codec, exo hooks."""
+"""The exo side: the connection to the sidecar, engine settings, codec, tokenizer, catalog,
+cluster, the OpenAI-faithful handler, the launcher and the exo hooks."""

@@ -14,8 +14,8 @@ import runpy
 import sys
 
 from exo_remote_engine.contract.addresses import AddressError
+from exo_remote_engine.engine.connection.target import SidecarTarget
 from exo_remote_engine.engine.exo_hooks import ADDON_FLAGS, ENGINE_NAME, engine_requested, install, strip_addon_flags
-from exo_remote_engine.engine.target import SidecarTarget
 
 # Help for the add-on's own flags (exo's come from exo's own --help).
 _FLAG_HELP = {

@@ -38,7 +38,7 @@ def _path(value: str | None) -> Path | None:
 @dataclass(frozen=True)
 class EngineSettings:
     """What the environment says, unchecked: an address or a token file is validated
-    where it is used (:meth:`~exo_remote_engine.engine.target.SidecarTarget.from_settings`)."""
+    where it is used (:meth:`~exo_remote_engine.engine.connection.target.SidecarTarget.from_settings`)."""
 
     sidecar: str | None = None
     token: str | None = field(default=None, repr=False)

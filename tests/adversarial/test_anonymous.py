@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from exo_remote_engine.engine.target import ClientTLS
+from exo_remote_engine.engine.connection.target import ClientTLS
 from exo_remote_engine.server import SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import ConfigError
 from exo_remote_engine.sidecar.control.auth import ServerTLS

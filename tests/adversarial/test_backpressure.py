@@ -66,8 +66,10 @@ async def test_stalled_reader_keeps_sidecar_rss_bounded(transport: str, tmp_path
                     await asyncio.sleep(1.0)
                     peak = max(peak, rss_mib(sidecar.process.pid))
                 growth = peak - before
-                print(f"\n[backpressure] {transport}: sidecar RSS {before:.0f} MiB -> peak {peak:.0f} MiB "
-                      f"(+{growth:.1f} MiB) over {STALLED_FOR_S:.0f} s of a stalled reader")
+                print(
+                    f"\n[backpressure] {transport}: sidecar RSS {before:.0f} MiB -> peak {peak:.0f} MiB "
+                    f"(+{growth:.1f} MiB) over {STALLED_FOR_S:.0f} s of a stalled reader"
+                )
                 assert growth < RSS_BUDGET_MIB, f"{transport}: +{growth:.1f} MiB while the client read nothing"
                 call.cancel()
         finally:

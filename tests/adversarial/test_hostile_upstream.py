@@ -58,8 +58,10 @@ async def test_hostile_upstream_does_not_stall_other_streams(transport: str, bod
         hostile: RawOutcome = await raw_generate(sidecar.address, chat_request(body), timeout_s=60)
         hostile_s = time.monotonic() - started
         gap, text = await healthy
-        print(f"\n[hostile] {transport} {body}: healthy stream's largest gap {gap * 1000:.0f} ms, "
-              f"hostile stream ended after {hostile_s:.2f} s")
+        print(
+            f"\n[hostile] {transport} {body}: healthy stream's largest gap {gap * 1000:.0f} ms, "
+            f"hostile stream ended after {hostile_s:.2f} s"
+        )
         assert text == HEALTHY.text
         assert gap < MAX_GAP_S, f"a hostile upstream stalled an unrelated stream for {gap:.1f} s"
         # Contained means cheap too: not seconds of a core spent on one provider's garbage.

@@ -35,7 +35,7 @@ import litellm
 import pytest
 
 from exo_remote_engine.contract.errors import Reason, RemoteError
-from exo_remote_engine.engine.client import SidecarClient
+from exo_remote_engine.engine.connection.client import SidecarClient
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.server import RunningSidecar
 from exo_remote_engine.sidecar.ledger.spend import DB_NAME
@@ -397,9 +397,7 @@ async def test_concurrent_streams_on_three_hosts_never_spend_above_the_budget(cl
     node = f"swarm{streams}"
     attackers, victims = cluster.clients_of(node), cluster.clients_of("victim")
     try:
-        swarm = asyncio.gather(
-            *(run(attackers[i % 3], "mini", max_tokens=REPLY_TOKENS) for i in range(streams))
-        )
+        swarm = asyncio.gather(*(run(attackers[i % 3], "mini", max_tokens=REPLY_TOKENS) for i in range(streams)))
         victim = await victim_is_served(victims[streams % 3], swarm)
     finally:
         await _closing(attackers + victims)

@@ -22,7 +22,7 @@ import grpc
 import pytest
 
 from exo_remote_engine.contract.errors import Reason, RemoteError
-from exo_remote_engine.engine.target import ClientTLS
+from exo_remote_engine.engine.connection.target import ClientTLS
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.sidecar.config.loader import ConfigError, load_config
 from exo_remote_engine.sidecar.config.token_file import load_token_file

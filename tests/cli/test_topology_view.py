@@ -19,7 +19,7 @@ from exo_remote_engine.cli.topology_view import (
     collect_sidecars,
     render_topology,
 )
-from exo_remote_engine.engine.target import SidecarTarget
+from exo_remote_engine.engine.connection.target import SidecarTarget
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
 from tests.support.topology import box_of, remote_node, serve_topology
 

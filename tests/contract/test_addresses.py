@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from exo_remote_engine.contract.addresses import AddressError, TargetKind, grpc_address, sidecar_target
-from exo_remote_engine.engine.target import ClientTLS, SidecarTarget
+from exo_remote_engine.engine.connection.target import ClientTLS, SidecarTarget
 
 
 @pytest.mark.parametrize(
@@ -34,8 +34,10 @@ def test_addresses_become_grpc_targets(typed: str, target: str) -> None:
 @pytest.mark.parametrize(
     ("typed", "said"),
     [
-        ("http://127.0.0.1:7000/", "drop the http:// scheme, the sidecar speaks gRPC, not HTTP: "
-         "--sidecar 127.0.0.1:7000"),
+        (
+            "http://127.0.0.1:7000/",
+            "drop the http:// scheme, the sidecar speaks gRPC, not HTTP: --sidecar 127.0.0.1:7000",
+        ),
         ("https://sidecar.lan", "--sidecar sidecar.lan:50505 (TLS is set with EXO_REMOTE_TLS_CA, not https://)"),
         ("grpc://[::1]:9", "--sidecar [::1]:9"),
         ("127.0.0.1:http", "port 'http' is not a number from 0 to 65535"),
@@ -85,9 +87,12 @@ def test_several_hosts_become_one_grpc_target(typed: str, target: str, hosts: tu
 @pytest.mark.parametrize(
     ("typed", "said"),
     [
-        ("a.lan:7001,b.lan:7002", "'a.lan' is a host name, and gRPC cannot dial a list of names as one target; "
-         "write IP addresses (127.0.0.2:50505,127.0.0.3:50505) or one name with several address records as "
-         "dns:///a.lan:7001"),
+        (
+            "a.lan:7001,b.lan:7002",
+            "'a.lan' is a host name, and gRPC cannot dial a list of names as one target; "
+            "write IP addresses (127.0.0.2:50505,127.0.0.3:50505) or one name with several address records as "
+            "dns:///a.lan:7001",
+        ),
         ("127.0.0.2:7001,b.lan", "'b.lan' is a host name"),
         ("127.0.0.1,::1", "mixes IPv4 and IPv6 addresses"),
         ("127.0.0.2,,127.0.0.3", "empty address in the list"),
@@ -121,7 +126,7 @@ def test_the_environment_variable_takes_several_hosts() -> None:
 
 def test_channels_spread_calls_with_round_robin_and_health_check_only_under_mtls(tmp_path: Path) -> None:
     """gRPC's health Watch carries no token, so it is switched on only where a client
-    certificate alone authenticates it (exo_remote_engine.engine.client says why)."""
+    certificate alone authenticates it (exo_remote_engine.engine.connection.client says why)."""
     plain = SidecarTarget(address="ipv4:127.0.0.2:1,127.0.0.3:1", token="t")
     config = json.loads(dict(plain.channel_options())["grpc.service_config"])  # type: ignore[arg-type]
     assert config == {"loadBalancingConfig": [{"round_robin": {}}]}

@@ -29,9 +29,7 @@ from tests.support.real_parts import missing as missing_part
 REPO = Path(__file__).resolve().parents[2]
 GENERATED = REPO / "exo_remote_engine" / "generated"
 SERVICE = "exo.remote.v1.RemoteInferenceService"
-PINS_PYTHON = os.environ.get("EXO_REMOTE_PINS_PYTHON") or str(
-    REPO / ".venvs" / "exo-pins" / "bin" / "python"
-)
+PINS_PYTHON = os.environ.get("EXO_REMOTE_PINS_PYTHON") or str(REPO / ".venvs" / "exo-pins" / "bin" / "python")
 
 
 def _buf() -> str:
@@ -53,23 +51,15 @@ def _buf() -> str:
     ids=["lint", "format", "build"],
 )
 def test_buf(args: list[str]) -> None:
-    result = subprocess.run(
-        [_buf(), *args], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, (
-        f"buf {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
-    )
+    result = subprocess.run([_buf(), *args], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, f"buf {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
 
 
 # --- regenerate and diff ----------------------------------------------------------------
 
 
 def _files(root: Path) -> dict[str, Path]:
-    return {
-        p.relative_to(root).as_posix(): p
-        for p in root.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts
-    }
+    return {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
 
 
 def test_generated_stubs_match_a_fresh_regeneration(tmp_path: Path) -> None:
@@ -98,9 +88,7 @@ def test_generated_stubs_match_a_fresh_regeneration(tmp_path: Path) -> None:
     missing = sorted(set(fresh) - set(committed))
     extra = sorted(set(committed) - set(fresh))
     differ = sorted(
-        name
-        for name in set(fresh) & set(committed)
-        if not filecmp.cmp(fresh[name], committed[name], shallow=False)
+        name for name in set(fresh) & set(committed) if not filecmp.cmp(fresh[name], committed[name], shallow=False)
     )
     assert not (missing or extra or differ), (
         "exo_remote_engine/generated/ is not what scripts/gen_protos.sh produces from protos/; "
@@ -167,8 +155,7 @@ print(json.dumps({
 def pins_probe() -> dict[str, Any]:
     if not Path(PINS_PYTHON).is_file():
         missing_part(
-            f"no classic-exo pins interpreter at {PINS_PYTHON}: run scripts/bootstrap.sh "
-            "or set EXO_REMOTE_PINS_PYTHON"
+            f"no classic-exo pins interpreter at {PINS_PYTHON}: run scripts/bootstrap.sh or set EXO_REMOTE_PINS_PYTHON"
         )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     result = subprocess.run(
@@ -425,22 +412,22 @@ def test_no_field_can_carry_a_key_base_url_or_provider_config() -> None:
 
 # --- the compiled-in health service beside the standard grpc_health package -------------
 
-STANDARD_HEALTH_PB2 = '''
+STANDARD_HEALTH_PB2 = """
 from google.protobuf import descriptor_pool
 from google.protobuf.internal import builder
 DESCRIPTOR = descriptor_pool.Default().AddSerializedFile({serialized!r})
 builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "grpc_health.v1.health_pb2", globals())
-'''
+"""
 
 HEALTH_BESIDE_STANDARD = r"""
 import sys
 OURS = "exo_remote_engine.generated.grpc_health.health_pb2"
 if sys.argv[1] == "standard-first":
     import grpc_health.v1.health_pb2 as standard
-    from exo_remote_engine.engine.client import health_pb2
+    from exo_remote_engine.engine.connection.client import health_pb2
 else:
-    from exo_remote_engine.engine.client import health_pb2
+    from exo_remote_engine.engine.connection.client import health_pb2
     import grpc_health.v1.health_pb2 as standard
 assert health_pb2 is standard, health_pb2
 assert OURS not in sys.modules, "our copy was loaded beside the standard one"
@@ -481,7 +468,11 @@ def test_the_standard_grpc_health_package_is_used_when_present_and_never_collide
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(standard_grpc_health), str(REPO)])}
     result = subprocess.run(
         [sys.executable, "-c", HEALTH_BESIDE_STANDARD, order],
-        capture_output=True, text=True, timeout=60, env=env, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # Loading both copies would fail: the reason exo_remote_engine.contract.health_stubs exists.

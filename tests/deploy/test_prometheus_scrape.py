@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 import yaml
 
-from exo_remote_engine.engine.target import ClientTLS
+from exo_remote_engine.engine.connection.target import ClientTLS
 from exo_remote_engine.sidecar.control.auth import ServerTLS
 from exo_remote_engine.sidecar.ledger.spend import Ledger
 from tests.support.certs import Pki, make_pki, openssl_skip_reason

@@ -195,8 +195,7 @@ LAYOUT_EDGES = [
     INT32_LIMIT,
 ]  # fmt: skip
 SWEEP = sorted(
-    {e + d for e in LAYOUT_EDGES for d in (-2, -1, 0, 1)}
-    | set(range(-(2**20), INT32_LIMIT + 2**20, 10_007))
+    {e + d for e in LAYOUT_EDGES for d in (-2, -1, 0, 1)} | set(range(-(2**20), INT32_LIMIT + 2**20, 10_007))
 )
 
 
@@ -269,9 +268,7 @@ def test_prose_density() -> None:
 def test_markdown_density() -> None:
     ids = check_round_trip(MARKDOWN_ANSWER)
     chars_per_id = len(MARKDOWN_ANSWER) / len(ids)
-    print(
-        f"\nmarkdown: {len(MARKDOWN_ANSWER)} chars -> {len(ids)} ids = {chars_per_id:.3f} chars/id"
-    )
+    print(f"\nmarkdown: {len(MARKDOWN_ANSWER)} chars -> {len(ids)} ids = {chars_per_id:.3f} chars/id")
     assert chars_per_id >= 5.0  # codec v1 achieves 5.45
 
 

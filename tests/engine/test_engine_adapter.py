@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from exo_remote_engine.engine import codec
-from exo_remote_engine.engine.target import RetryPolicy, SidecarTarget
+from exo_remote_engine.engine.connection.target import RetryPolicy, SidecarTarget
 from exo_remote_engine.engine.tokenizer import RemoteTokenizer
 from exo_remote_engine.engine_adapter import RemoteLLMInferenceEngine
 from tests.conftest import PLANTED_KEY

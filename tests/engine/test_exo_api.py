@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from exo_remote_engine import engine_adapter
 from exo_remote_engine.engine import exo_hooks
 from exo_remote_engine.engine.cluster import CANCEL_TYPE
-from exo_remote_engine.engine.target import SidecarTarget
+from exo_remote_engine.engine.connection.target import SidecarTarget
 from exo_remote_engine.server import RunningSidecar
 from tests.support import fake_exo
 from tests.support.openai_upstream import OpenAIUpstream, Scenario, ToolCallSpec
@@ -116,7 +116,9 @@ async def test_the_openai_sdk_reads_replies_finish_reasons_and_tool_calls(exo_ap
         assert (cut.choices[0].message.content, cut.choices[0].finish_reason) == ("one two three", "length")
         tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
         called = await client.chat.completions.create(
-            model="tool-model", messages=[{"role": "user", "content": "x"}], tools=tools  # type: ignore[arg-type]
+            model="tool-model",
+            messages=[{"role": "user", "content": "x"}],
+            tools=tools,  # type: ignore[arg-type]
         )
         [call] = called.choices[0].message.tool_calls or []
         assert (call.function.name, call.function.arguments, called.choices[0].finish_reason) == (

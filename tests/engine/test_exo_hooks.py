@@ -19,11 +19,11 @@ from exo_remote_engine import engine_adapter
 from exo_remote_engine.engine import codec, exo_hooks
 from exo_remote_engine.engine.catalog import RemoteCatalog, pretty_name, repo_for
 from exo_remote_engine.engine.cluster import REMOTE_NODE_LABEL, ClusterView, remote_chip, remote_sidecar
+from exo_remote_engine.engine.connection.target import SidecarTarget
 from exo_remote_engine.engine.exo_argv import ADDON_FLAGS, engine_requested, strip_addon_flags
 from exo_remote_engine.engine.exo_hooks import api, device, download, inference, node, partitioning, peers, tui
 from exo_remote_engine.engine.exo_hooks.plan import Needs, Patch, PatchPlan, Target, bind
 from exo_remote_engine.engine.exo_hooks.state import STATE, current_model
-from exo_remote_engine.engine.target import SidecarTarget
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from tests.support import fake_exo
 

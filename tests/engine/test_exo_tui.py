@@ -72,7 +72,10 @@ def test_a_remote_node_entry_lists_each_sidecar_host_with_its_health(viz: types.
     _two_node_ring(screen, viz.exo)
     plain = screen._generate_main_layout()
     announcement = ClusterView.announcement(
-        "r", "RemoteLLMInferenceEngine", {"m": "m"}, "10.0.0.5:1,10.0.0.6:2",
+        "r",
+        "RemoteLLMInferenceEngine",
+        {"m": "m"},
+        "10.0.0.5:1,10.0.0.6:2",
         sidecar_hosts={"10.0.0.5:1": "SERVING", "10.0.0.6:2": "unreachable"},
     )
     STATE.view.absorb(announcement)

@@ -26,8 +26,8 @@ import pytest
 from exo_remote_engine.cli.connection_hints import sidecar_hint
 from exo_remote_engine.contract.addresses import TargetKind
 from exo_remote_engine.contract.errors import Reason, RemoteError
-from exo_remote_engine.engine.client import SidecarClient, list_models_blocking
-from exo_remote_engine.engine.target import RetryPolicy, SidecarTarget
+from exo_remote_engine.engine.connection.client import SidecarClient, list_models_blocking
+from exo_remote_engine.engine.connection.target import RetryPolicy, SidecarTarget
 from exo_remote_engine.server import SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import load_config
 from exo_remote_engine.sidecar.control.auth import ServerTLS
@@ -208,8 +208,10 @@ async def test_sigkill_of_a_host_under_32_streams_then_its_return(hosts: list[Ho
 
         # New calls stop reaching it within 1 s: every call started later succeeded.
         failed_new = [t - killed_at for t, o in calls if t > killed_at and not isinstance(o, str)]
-        print(f"\n[hosts] new calls after the kill that failed (no retries): {len(failed_new)}, the last one "
-              f"started {max(failed_new, default=0.0) * 1000:.0f} ms after the kill")
+        print(
+            f"\n[hosts] new calls after the kill that failed (no retries): {len(failed_new)}, the last one "
+            f"started {max(failed_new, default=0.0) * 1000:.0f} ms after the kill"
+        )
         late = [(t - killed_at, o) for t, o in calls if t > killed_at + 1.0]
         assert len(late) >= 5, calls
         assert all(isinstance(o, str) for _, o in late), [o for _, o in late if not isinstance(o, str)][:3]
@@ -290,9 +292,10 @@ async def test_under_mtls_health_checking_takes_a_not_serving_host_out(
     pki = make_pki(tmp_path / "pki")
     monkeypatch.setenv(KEY_ENV, PLANTED_KEY)
     tls = ServerTLS(pki.server.cert, pki.server.key, pki.ca)
-    async with OpenAIUpstream({"short": Scenario(chunks=SHORT)}) as one, OpenAIUpstream(
-        {"short": Scenario(chunks=SHORT)}
-    ) as two:
+    async with (
+        OpenAIUpstream({"short": Scenario(chunks=SHORT)}) as one,
+        OpenAIUpstream({"short": Scenario(chunks=SHORT)}) as two,
+    ):
         sidecars = []
         for i, upstream in enumerate((one, two)):
             config = load_config(write_config(tmp_path / f"mtls{i}.yaml", upstream.url, ["short"]))
@@ -335,7 +338,6 @@ async def test_under_mtls_health_checking_takes_a_not_serving_host_out(
         finally:
             for sidecar in sidecars:
                 await sidecar.stop(grace_s=None)
-
 
 
 def _port_free_on_all(hosts: Sequence[str]) -> int:

@@ -18,8 +18,8 @@ import grpc
 
 from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.contract.openai_chat import chat_body_to_request
-from exo_remote_engine.engine.client import SidecarClient
-from exo_remote_engine.engine.target import RetryPolicy, SidecarTarget
+from exo_remote_engine.engine.connection.client import SidecarClient
+from exo_remote_engine.engine.connection.target import RetryPolicy, SidecarTarget
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from tests.conftest import PLANTED_KEY

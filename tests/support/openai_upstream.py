@@ -233,21 +233,15 @@ def _dumps(obj: Any) -> str:
 
 def _build_frames(scenario: Scenario, model: str, include_usage: bool, created: int) -> _Frames:
     completion_id = f"chatcmpl-{abs(hash((id(scenario), model))) % 10**12:012d}"
-    head = _dumps(
-        {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-    )[:-1]
+    head = _dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model})[:-1]
     prefix = f"data: {head},".encode()
 
     def frame(body: str) -> bytes:
         return prefix + body.encode() + b"}\n\n"
 
     dicts = _delta_dicts(scenario)
-    deltas = tuple(
-        frame(f'"choices":[{{"index":0,"delta":{_dumps(d)},"finish_reason":null}}]') for d in dicts
-    )
-    tail = frame(
-        f'"choices":[{{"index":0,"delta":{{}},"finish_reason":{_dumps(scenario.finish_reason)}}}]'
-    )
+    deltas = tuple(frame(f'"choices":[{{"index":0,"delta":{_dumps(d)},"finish_reason":null}}]') for d in dicts)
+    tail = frame(f'"choices":[{{"index":0,"delta":{{}},"finish_reason":{_dumps(scenario.finish_reason)}}}]')
     if include_usage and not scenario.omit_usage:
         tail += frame(f'"choices":[],"usage":{_dumps(_usage_json(scenario, len(dicts)))}')
     return _Frames(deltas=deltas, tail=tail + _DONE_FRAME)
@@ -323,9 +317,7 @@ def _last_user_text(body: dict[str, Any]) -> str:
             return content
         if isinstance(content, list):
             return "".join(
-                str(part.get("text", ""))
-                for part in content
-                if isinstance(part, dict) and part.get("type") == "text"
+                str(part.get("text", "")) for part in content if isinstance(part, dict) and part.get("type") == "text"
             )
         return ""
     return ""
@@ -513,9 +505,7 @@ class OpenAIUpstream:
                     raise TimeoutError
                 await asyncio.wait_for(future, remaining)
             except TimeoutError:
-                raise TimeoutError(
-                    f"no response for model {model!r} ended within {timeout}s"
-                ) from None
+                raise TimeoutError(f"no response for model {model!r} ended within {timeout}s") from None
             finally:
                 with self._cond:
                     with contextlib.suppress(ValueError):
@@ -575,17 +565,12 @@ class OpenAIUpstream:
                 received_at=time.monotonic(),
             )
         )
-        data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "test"}
-            for name in list(self.scenarios)
-        ]
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "test"} for name in list(self.scenarios)]
         return web.json_response({"object": "list", "data": data})
 
     def _error_response(self, scenario: Scenario) -> web.Response:
         status = scenario.status
-        kind, code = _ERROR_KINDS.get(
-            status, ("server_error" if status >= 500 else "invalid_request_error", None)
-        )
+        kind, code = _ERROR_KINDS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
         body = {
             "error": {
                 "message": scenario.error_message or f"simulated upstream error {status}",
@@ -617,9 +602,7 @@ class OpenAIUpstream:
             )
         )
         if body is None:
-            return self._error_response(
-                Scenario(status=400, error_message="We could not parse the JSON body.")
-            )
+            return self._error_response(Scenario(status=400, error_message="We could not parse the JSON body."))
 
         model = str(body.get("model", ""))
         prompt = _last_user_text(body) if self.by_prompt else ""
@@ -670,9 +653,7 @@ class OpenAIUpstream:
                 else _build_frames(scenario, reported, include_usage, int(time.time()))
             )
             n = len(frames.deltas)
-            drop_at = (
-                None if scenario.drop_after_chunks is None else min(scenario.drop_after_chunks, n)
-            )
+            drop_at = None if scenario.drop_after_chunks is None else min(scenario.drop_after_chunks, n)
             malformed_at = scenario.malformed_after_chunks
             interval = scenario.interval_s
             loop = asyncio.get_running_loop()
@@ -770,9 +751,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk-text", default="tok ", help="text of every delta")
     parser.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS)
     parser.add_argument("--finish-reason", default="stop")
-    parser.add_argument(
-        "--echo", action="store_true", help="echo the last user message instead of --chunks"
-    )
+    parser.add_argument("--echo", action="store_true", help="echo the last user message instead of --chunks")
     return parser.parse_args(argv)
 
 

@@ -133,7 +133,10 @@ def write_peers(path: Path, nodes: dict[str, int]) -> Path:
             "address": "127.0.0.1",
             "port": port,
             "device_capabilities": {
-                "model": "x", "chip": "x", "memory": 0, "flops": {"fp32": 0, "fp16": 0, "int8": 0},
+                "model": "x",
+                "chip": "x",
+                "memory": 0,
+                "flops": {"fp32": 0, "fp16": 0, "int8": 0},
             },
         }
         for node_id, port in nodes.items()
@@ -159,15 +162,25 @@ def start_exo_node(
     home = workdir / f"home-{node_id}"
     home.mkdir(parents=True, exist_ok=True)
     log = workdir / f"exo-{node_id}.log"
-    full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("EXO_REMOTE_", "PYTEST", "VIRTUAL_ENV"))
-    }
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("EXO_REMOTE_", "PYTEST", "VIRTUAL_ENV"))}
     full_env.update({"HOME": str(home), "EXO_HOME": str(home), "TMPDIR": str(home), **(env or {})})
     args = [
-        str(PINS_VENV / "bin" / executable), *(["--inference-engine", engine] if engine else []), "--disable-tui",
-        "--discovery-module", "manual", "--discovery-config-path", str(peers),
-        "--node-id", node_id, "--node-host", "127.0.0.1", "--node-port", str(node_port),
-        "--chatgpt-api-port", str(api_port), *(extra_args or []),
+        str(PINS_VENV / "bin" / executable),
+        *(["--inference-engine", engine] if engine else []),
+        "--disable-tui",
+        "--discovery-module",
+        "manual",
+        "--discovery-config-path",
+        str(peers),
+        "--node-id",
+        node_id,
+        "--node-host",
+        "127.0.0.1",
+        "--node-port",
+        str(node_port),
+        "--chatgpt-api-port",
+        str(api_port),
+        *(extra_args or []),
     ]
     process = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=full_env, cwd=home)
     node = ExoNode(process, node_id, node_port, api_port, home, log, full_env)

@@ -235,19 +235,44 @@ def _router(
 
 _OPENROUTER = [
     _router(
-        "openai/gpt-4o-mini", "OpenAI: GPT-4o-mini", 128000, ["text", "image", "file"], ["text"],
-        ["max_tokens", "temperature", "tools", "tool_choice", "response_format"], ("0.00000015", "0.0000006"), 16384,
+        "openai/gpt-4o-mini",
+        "OpenAI: GPT-4o-mini",
+        128000,
+        ["text", "image", "file"],
+        ["text"],
+        ["max_tokens", "temperature", "tools", "tool_choice", "response_format"],
+        ("0.00000015", "0.0000006"),
+        16384,
     ),
     _router(
-        "zz/unmapped-7b-instruct", "ZZ: Unmapped 7B", 32768, ["text"], ["text"],
-        ["max_tokens", "temperature", "top_p"], ("0.00000003", "0.00000005"), None,
+        "zz/unmapped-7b-instruct",
+        "ZZ: Unmapped 7B",
+        32768,
+        ["text"],
+        ["text"],
+        ["max_tokens", "temperature", "top_p"],
+        ("0.00000003", "0.00000005"),
+        None,
     ),
     _router(
-        "google/gemini-2.5-flash-image", "Google: Nano Banana", 32768, ["image", "text"], ["image", "text"],
-        ["max_tokens", "temperature"], ("0.0000003", "0.0000025"), 8192,
+        "google/gemini-2.5-flash-image",
+        "Google: Nano Banana",
+        32768,
+        ["image", "text"],
+        ["image", "text"],
+        ["max_tokens", "temperature"],
+        ("0.0000003", "0.0000025"),
+        8192,
     ),
     _router(
-        "zz/speech-only", "ZZ: speech", 4096, ["text"], ["audio"], ["max_tokens"], ("0.000001", "0.00001"), 4096,
+        "zz/speech-only",
+        "ZZ: speech",
+        4096,
+        ["text"],
+        ["audio"],
+        ["max_tokens"],
+        ("0.000001", "0.00001"),
+        4096,
     ),
 ]
 
@@ -308,7 +333,7 @@ _OLLAMA = [
         "show": {
             "capabilities": ["completion", "vision"],
             "model_info": {"general.architecture": "llama", "llama.context_length": 32768},
-            "parameters": "num_ctx 8192\nstop \"</s>\"",
+            "parameters": 'num_ctx 8192\nstop "</s>"',
         },
     },
     {
@@ -338,8 +363,14 @@ _LLAMACPP = [
         "created": 1795318400,
         "owned_by": "llamacpp",
         "meta": {
-            "vocab_type": 1, "n_vocab": 262144, "n_ctx": 4096, "n_ctx_train": 32768, "n_embd": 640,
-            "n_params": 268098176, "size": 246587904, "ftype": "Q4_K - Medium",
+            "vocab_type": 1,
+            "n_vocab": 262144,
+            "n_ctx": 4096,
+            "n_ctx_train": 32768,
+            "n_embd": 640,
+            "n_params": 268098176,
+            "size": 246587904,
+            "ftype": "Q4_K - Medium",
         },
     },
     {
@@ -376,19 +407,38 @@ _VLLM = [
 
 _LMSTUDIO = [
     {
-        "id": "qwen2.5-7b-instruct", "object": "model", "type": "llm", "publisher": "lmstudio-community",
-        "arch": "qwen2", "compatibility_type": "gguf", "quantization": "Q4_K_M", "state": "loaded",
-        "max_context_length": 32768, "capabilities": ["tool_use"],
+        "id": "qwen2.5-7b-instruct",
+        "object": "model",
+        "type": "llm",
+        "publisher": "lmstudio-community",
+        "arch": "qwen2",
+        "compatibility_type": "gguf",
+        "quantization": "Q4_K_M",
+        "state": "loaded",
+        "max_context_length": 32768,
+        "capabilities": ["tool_use"],
     },
     {
-        "id": "qwen2-vl-2b-instruct", "object": "model", "type": "vlm", "publisher": "mlx-community",
-        "arch": "qwen2_vl", "compatibility_type": "mlx", "quantization": "4bit", "state": "not-loaded",
+        "id": "qwen2-vl-2b-instruct",
+        "object": "model",
+        "type": "vlm",
+        "publisher": "mlx-community",
+        "arch": "qwen2_vl",
+        "compatibility_type": "mlx",
+        "quantization": "4bit",
+        "state": "not-loaded",
         "max_context_length": 32768,
     },
     {
-        "id": "text-embedding-nomic-embed-text-v1.5", "object": "model", "type": "embeddings",
-        "publisher": "nomic-ai", "arch": "nomic-bert", "compatibility_type": "gguf", "quantization": "Q4_0",
-        "state": "not-loaded", "max_context_length": 2048,
+        "id": "text-embedding-nomic-embed-text-v1.5",
+        "object": "model",
+        "type": "embeddings",
+        "publisher": "nomic-ai",
+        "arch": "nomic-bert",
+        "compatibility_type": "gguf",
+        "quantization": "Q4_0",
+        "state": "not-loaded",
+        "max_context_length": 2048,
     },
 ]
 
@@ -628,7 +678,5 @@ class ListingServer:
         name = body.get("model") or body.get("name")
         for m in self.models:
             if m["tag"]["name"] == name:
-                return web.json_response(
-                    {"modelfile": "", "template": "", "details": {"format": "gguf"}} | m["show"]
-                )
+                return web.json_response({"modelfile": "", "template": "", "details": {"format": "gguf"}} | m["show"])
         return web.json_response({"error": f"model '{name}' not found"}, status=404)

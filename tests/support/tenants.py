@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from exo_remote_engine.contract.errors import RemoteError
-from exo_remote_engine.engine.client import SidecarClient
+from exo_remote_engine.engine.connection.client import SidecarClient
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import load_config
 from tests.support.configs import KEY_ENV

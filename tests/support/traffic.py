@@ -7,7 +7,7 @@ import collections
 from pathlib import Path
 
 from exo_remote_engine.contract.errors import RemoteError
-from exo_remote_engine.engine.client import SidecarClient
+from exo_remote_engine.engine.connection.client import SidecarClient
 from exo_remote_engine.server import RunningSidecar
 from tests.support.clock import MINUTE_START, FakeClock
 from tests.support.configs import KEY_ENV, deployment

@@ -12,7 +12,7 @@ from typing import Any
 
 from exo_remote_engine.contract.errors import RemoteError
 from exo_remote_engine.engine.catalog import pretty_name, repo_for
-from exo_remote_engine.engine.client import list_models_blocking
+from exo_remote_engine.engine.connection.client import list_models_blocking
 from exo_remote_engine.engine.exo_hooks.state import STATE
 from exo_remote_engine.engine_adapter import ENGINE_CLASS_NAME, RemoteLLMInferenceEngine, shared_engine
 

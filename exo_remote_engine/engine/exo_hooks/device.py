@@ -32,9 +32,7 @@ def _memory_mb() -> int:
 def _describe(model: str, chip: str, memory_mb: int) -> Any:
     from exo.topology import device_capabilities as dc
 
-    return dc.DeviceCapabilities(
-        model=model, chip=chip, memory=memory_mb, flops=dc.DeviceFlops(fp32=0, fp16=0, int8=0)
-    )
+    return dc.DeviceCapabilities(model=model, chip=chip, memory=memory_mb, flops=dc.DeviceFlops(fp32=0, fp16=0, int8=0))
 
 
 async def remote_device_capabilities(original: Any) -> Any:

@@ -150,9 +150,7 @@ async def _relay(node: Any, target: str, base_shard: Any, prompt: str, request_i
         ) from exc
 
 
-async def ordered_broadcast_result(
-    original: Any, self: Any, request_id: str, result: Any, is_finished: bool
-) -> None:
+async def ordered_broadcast_result(original: Any, self: Any, request_id: str, result: Any, is_finished: bool) -> None:
     if not isinstance(result, list):  # not tokens (exo's image models): as exo does it
         await original(self, request_id=request_id, result=result, is_finished=is_finished)
         return

@@ -13,8 +13,8 @@ import logging
 import sys
 from typing import Any
 
-from exo_remote_engine.engine.client import host_status
 from exo_remote_engine.engine.cluster import CANCEL_TYPE, ClusterView
+from exo_remote_engine.engine.connection.client import host_status
 from exo_remote_engine.engine.exo_hooks.cards import sync_cluster_cards
 from exo_remote_engine.engine.exo_hooks.state import STATE
 from exo_remote_engine.engine_adapter import RemoteLLMInferenceEngine

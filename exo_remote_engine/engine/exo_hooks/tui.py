@@ -22,7 +22,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from exo_remote_engine.engine.client import HOST_SERVING
+from exo_remote_engine.engine.connection.client import HOST_SERVING
 from exo_remote_engine.engine.exo_hooks.plan import Needs, Patch, Target
 from exo_remote_engine.engine.exo_hooks.state import STATE
 from exo_remote_engine.engine.tokenizer import ENVELOPE_MARKER, PromptEnvelope

@@ -69,7 +69,7 @@ class ModelEntry:
     rpm: int | None = None
     tpm: int | None = None
     weight: float | None = None
-    # First-token guard (router_settings' defaults apply when None): see serving/first_token.py.
+    # First-token guard (router_settings' defaults apply when None): see relay/first_token.py.
     ttft_timeout_s: float | None = None
     hedge_after_s: float | None = None
     base_model: str | None = None

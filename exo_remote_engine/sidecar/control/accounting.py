@@ -336,9 +336,7 @@ class RequestAccount:
         charge = self._charge(None, "cut")
         await self._record(charge)
         self.usage.prompt_tokens, self.usage.completion_tokens = charge.prompt_tokens, charge.completion_tokens
-        return pb.Finished(
-            finish_reason=pb.FINISH_REASON_LENGTH, usage=self.usage, model=self.served.litellm_model
-        )
+        return pb.Finished(finish_reason=pb.FINISH_REASON_LENGTH, usage=self.usage, model=self.served.litellm_model)
 
     def _charge(self, usage: pb.Usage | None, outcome: str) -> Charge:
         return self._accounting.charge(

@@ -44,6 +44,7 @@ def clip_delta(delta: pb.Delta, room: int) -> pb.Delta:
         room -= name_cost
         arguments = _fitting_prefix(call.arguments_fragment, room)
         room -= estimate_text_tokens(arguments)
-        clipped.tool_calls.append(pb.ToolCallDelta(index=call.index, id=call.id, name=call.name,
-                                                   arguments_fragment=arguments))
+        clipped.tool_calls.append(
+            pb.ToolCallDelta(index=call.index, id=call.id, name=call.name, arguments_fragment=arguments)
+        )
     return clipped

@@ -280,7 +280,11 @@ class SpendDatabase:
                         cost = decide(float(total) + local)
                         await connection.execute(
                             f"INSERT INTO {RESERVATIONS} VALUES ($1, $2, $3, $4, $5)",  # noqa: S608
-                            reservation_id, node, cost, now + hold_s, self.host,
+                            reservation_id,
+                            node,
+                            cost,
+                            now + hold_s,
+                            self.host,
                         )
         except _driver_errors() as exc:
             self._outage.failed(exc)
@@ -317,9 +321,7 @@ class SpendDatabase:
             held = [r for r in reservations if r]  # their charges replace them, in one statement
             async with self._pool.acquire() as connection:
                 await self._ensure_schema(connection)
-                await connection.execute(
-                    _INSERT, *columns, [self.origin] * len(rows), [self.host] * len(rows), held
-                )
+                await connection.execute(_INSERT, *columns, [self.origin] * len(rows), [self.host] * len(rows), held)
             last = rows[-1][0]
             assert isinstance(last, int)
             await self.ledger.mark_shipped(self.name, last)

@@ -44,9 +44,7 @@ def estimate_text_tokens(text: str) -> int:
     astral = len(text.encode("utf-16-le", "surrogatepass")) // 2 - len(text)  # characters past U+FFFF
     other_bytes = len(text.encode("utf-8", "surrogatepass")) - ascii_chars - 4 * astral
     return (
-        -(-ascii_chars // ASCII_CHARS_PER_TOKEN)
-        + -(-other_bytes // NON_ASCII_BYTES_PER_TOKEN)
-        + astral * ASTRAL_TOKENS
+        -(-ascii_chars // ASCII_CHARS_PER_TOKEN) + -(-other_bytes // NON_ASCII_BYTES_PER_TOKEN) + astral * ASTRAL_TOKENS
     )
 
 

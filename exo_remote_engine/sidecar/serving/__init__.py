@@ -1,7 +1,7 @@
 """The gRPC server itself: settings from flags and variables, exposure checks, lifecycle,
-interceptor guards, the servicer, the streaming backend that drives a transport under
-routing (with its first-token guard: deadline and hedging), health, worker processes and
-the stall watch.
+interceptor guards, the servicer (one call per completion: Generate), the multiplexed
+Session (many completions of one node on one stream), health and worker processes. What a
+completion does once admitted is the relay's (sidecar/relay/).
 
 May import: every sidecar package; nothing imports it but ``exo_remote_engine.server``.
 """

@@ -4,7 +4,7 @@ Auth and the decode guard are interceptors (:mod:`~exo_remote_engine.sidecar.con
 :mod:`~exo_remote_engine.sidecar.serving.decoding`); every method's errors become statuses in
 :func:`~exo_remote_engine.sidecar.serving.rpc_errors.rpc_errors`; node limits and charging are
 :mod:`~exo_remote_engine.sidecar.control.accounting`; reading the provider, retries and fallbacks
-are :mod:`~exo_remote_engine.sidecar.serving.streaming`. Generate itself says the order: find the
+are :mod:`~exo_remote_engine.sidecar.relay.streaming`. Generate itself says the order: find the
 model, check the request, admit the node, stream, account.
 """
 
@@ -33,9 +33,9 @@ from exo_remote_engine.sidecar.discovery.registry import ModelRegistry
 from exo_remote_engine.sidecar.embedded.model import LISTED_PROVIDER
 from exo_remote_engine.sidecar.ledger.spend import Ledger
 from exo_remote_engine.sidecar.ledger.spend_database import SpendDatabase
+from exo_remote_engine.sidecar.relay.stall_watch import StallWatch
 from exo_remote_engine.sidecar.serving.rpc_errors import rpc_errors
 from exo_remote_engine.sidecar.serving.settings import DEFAULT_STALL_LIMIT_S
-from exo_remote_engine.sidecar.serving.stall_watch import StallWatch
 from exo_remote_engine.sidecar.telemetry.metrics import Metrics, StreamRecorder
 from exo_remote_engine.sidecar.telemetry.safe_logging import printable, safe_logger
 
@@ -63,7 +63,7 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
     ) -> None:
         # Imported here for its cost only: streaming brings LiteLLM (seconds to import), which
         # ``exo-remote-sidecar --help`` and a config error should not wait for.
-        from exo_remote_engine.sidecar.serving.streaming import StreamingBackend
+        from exo_remote_engine.sidecar.relay.streaming import StreamingBackend
 
         self.registry = registry
         self.config = registry.config

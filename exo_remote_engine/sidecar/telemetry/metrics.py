@@ -89,7 +89,9 @@ class Metrics:
             registry=self.registry,
         )
         self.queued = prom.Gauge(
-            "exo_remote_queue_depth", "Requests waiting for capacity (control/queueing.py)", ("node",),
+            "exo_remote_queue_depth",
+            "Requests waiting for capacity (control/queueing.py)",
+            ("node",),
             registry=self.registry,
         )
         self.queue_wait = prom.Histogram(

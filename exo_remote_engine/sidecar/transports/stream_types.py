@@ -1,7 +1,7 @@
 """What a transport and the streaming backend share: the merge buffer, the stream's
 state, the transport protocol.
 
-Its own module so that :mod:`~exo_remote_engine.sidecar.serving.streaming` (which picks a
+Its own module so that :mod:`~exo_remote_engine.sidecar.relay.streaming` (which picks a
 transport) and the transports (which fill a :class:`StreamState`) both import it and
 not each other: the import graph stays acyclic.
 """

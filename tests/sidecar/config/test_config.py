@@ -108,9 +108,7 @@ def _yaml_entry(alias: str, model: str | None, **params: str) -> str:
 # --- LiteLLM proxy config.yaml ----------------------------------------------------------
 
 
-def test_litellm_proxy_config_works_unchanged(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_litellm_proxy_config_works_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CFG_TEST_KEY_ONE", KEY_ONE)
     monkeypatch.setenv("CFG_TEST_KEY_TWO", KEY_TWO)
     path = _write(tmp_path, "config.yaml", PROXY_YAML)
@@ -307,9 +305,11 @@ def test_duplicate_model_name_forms_a_deployment_group(tmp_path: Path) -> None:
 
 
 def test_deployment_ids_must_be_unique(tmp_path: Path) -> None:
-    text = _model_list(_yaml_entry("a", "openai/a"), _yaml_entry("a", "openai/b")).replace(
-        "      model: openai/a\n", "      model: openai/a\n    model_info:\n      id: same\n"
-    ).replace("      model: openai/b\n", "      model: openai/b\n    model_info:\n      id: same\n")
+    text = (
+        _model_list(_yaml_entry("a", "openai/a"), _yaml_entry("a", "openai/b"))
+        .replace("      model: openai/a\n", "      model: openai/a\n    model_info:\n      id: same\n")
+        .replace("      model: openai/b\n", "      model: openai/b\n    model_info:\n      id: same\n")
+    )
     assert "'same' names two deployments" in _error(_write(tmp_path, "c.yaml", text))
 
 
@@ -345,10 +345,7 @@ def test_node_quotas_and_durations(tmp_path: Path) -> None:
 
 
 def test_duplicate_key_in_yaml_mapping(tmp_path: Path) -> None:
-    text = (
-        "model_list:\n  - model_name: a\n    model_name: b\n"
-        "    litellm_params:\n      model: openai/a\n"
-    )
+    text = "model_list:\n  - model_name: a\n    model_name: b\n    litellm_params:\n      model: openai/a\n"
     message = _error(_write(tmp_path, "c.yaml", text))
     assert "duplicate key 'model_name'" in message and "line 3" in message
 

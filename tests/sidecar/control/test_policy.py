@@ -13,7 +13,7 @@ import pytest
 
 from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.contract.openai_chat import chat_body_to_request
-from exo_remote_engine.engine.client import SidecarClient
+from exo_remote_engine.engine.connection.client import SidecarClient
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from exo_remote_engine.server import SidecarSettings, start_sidecar
@@ -196,8 +196,7 @@ async def test_retries_then_fallback_before_the_first_delta_only(
     upstream.scenarios["cut"] = Scenario(chunks=["part "] * 3, drop_after_chunks=2, interval_s=0.01)
     config = write_proxy_config(tmp_path / "c.yaml", upstream.url, ["flaky", "backup", "cut"])
     config.write_text(
-        config.read_text()
-        + "litellm_settings:\n  num_retries: 2\n  fallbacks: [{flaky: [backup]}, {cut: [backup]}]\n"
+        config.read_text() + "litellm_settings:\n  num_retries: 2\n  fallbacks: [{flaky: [backup]}, {cut: [backup]}]\n"
     )
     sidecar = await start_sidecar(SidecarSettings(listen="127.0.0.1:0"), load_config(config))
     client = sidecar_client(sidecar.address)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from exo_remote_engine.contract.errors import Reason
-from exo_remote_engine.engine.client import SidecarClient
+from exo_remote_engine.engine.connection.client import SidecarClient
 from exo_remote_engine.server import RunningSidecar
 from exo_remote_engine.sidecar.config.rules import Limits
 from exo_remote_engine.sidecar.control.queueing import FairQueue

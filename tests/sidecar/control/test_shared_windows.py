@@ -92,9 +92,7 @@ async def test_an_unreachable_redis_falls_back_to_this_process_and_says_so_once(
     assert "sekret" not in caplog.text
 
 
-async def test_a_returning_redis_is_used_again(
-    own_redis_server: RedisServer, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_a_returning_redis_is_used_again(own_redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     redis_server = own_redis_server  # stopped and restarted here: not the session's
     clock = FakeClock()
     windows = RedisWindows(redis_server.url, UsageWindows(clock))
@@ -129,8 +127,10 @@ def test_redis_and_database_urls_are_checked_without_showing_passwords() -> None
     assert "postgresql://" in str(caught.value) and "sekret" not in str(caught.value)
     with pytest.raises(ConfigError, match="needs accounting"):
         SidecarSettings.from_args(parse_args(["--database", "postgresql://h/db", "--no-accounting"]))
-    env = {"EXO_REMOTE_REDIS": "redis://:sekret-pass-0003@10.0.0.9:6379/2",
-           "EXO_REMOTE_DATABASE": "postgresql://exo:sekret-pass-0004@10.0.0.8/exo"}
+    env = {
+        "EXO_REMOTE_REDIS": "redis://:sekret-pass-0003@10.0.0.9:6379/2",
+        "EXO_REMOTE_DATABASE": "postgresql://exo:sekret-pass-0004@10.0.0.8/exo",
+    }
     settings = SidecarSettings.from_args(parse_args([], env), env)
     assert settings.redis_url == env["EXO_REMOTE_REDIS"] and settings.database_url == env["EXO_REMOTE_DATABASE"]
     assert "sekret" not in repr(settings)

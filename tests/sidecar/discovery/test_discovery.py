@@ -146,22 +146,31 @@ EXPECTED_READY: dict[str, dict[str, dict[str, Any]]] = {
     },
     "anthropic": {
         "anthropic/claude-haiku-4-5": {
-            "context_window": 200000, "max_output_tokens": 64000, "supports_images": True,
+            "context_window": 200000,
+            "max_output_tokens": 64000,
+            "supports_images": True,
             "supports_tools": from_map("claude-haiku-4-5")["supports_tools"],
         },
         "anthropic/claude-sonnet-4-5": {
-            "context_window": 1000000, "max_output_tokens": 64000, "supports_images": True,
+            "context_window": 1000000,
+            "max_output_tokens": 64000,
+            "supports_images": True,
             "supports_tools": from_map("claude-sonnet-4-5")["supports_tools"],
         },
         "anthropic/claude-opus-4-5": from_map("claude-opus-4-5"),
         "anthropic/claude-zz-unmapped": UNKNOWN,
         "anthropic/claude-zz-text-only": {
-            "context_window": 100000, "max_output_tokens": 8000, "supports_images": False, "supports_tools": None,
+            "context_window": 100000,
+            "max_output_tokens": 8000,
+            "supports_images": False,
+            "supports_tools": None,
         },
     },
     "gemini": {
         "gemini/gemini-2.5-flash": {
-            **from_map("gemini/gemini-2.5-flash"), "context_window": 1048576, "max_output_tokens": 65536,
+            **from_map("gemini/gemini-2.5-flash"),
+            "context_window": 1048576,
+            "max_output_tokens": 65536,
         },
         "gemini/gemini-2.5-pro": from_map("gemini/gemini-2.5-pro") | {"context_window": 1048576},
         "gemini/gemini-zz-unmapped": UNKNOWN | {"context_window": 32768, "max_output_tokens": 8192},
@@ -169,31 +178,45 @@ EXPECTED_READY: dict[str, dict[str, dict[str, Any]]] = {
     "mistral": {
         # the listing's 131072 wins over the map's value; output limit only from the map
         "mistral/mistral-small-latest": {
-            "context_window": 131072, "supports_tools": True, "supports_images": True,
+            "context_window": 131072,
+            "supports_tools": True,
+            "supports_images": True,
             "max_output_tokens": from_map("mistral/mistral-small-latest")["max_output_tokens"],
         },
         "mistral/open-zz-unmapped": {
-            "context_window": 32768, "max_output_tokens": None, "supports_tools": False, "supports_images": False,
+            "context_window": 32768,
+            "max_output_tokens": None,
+            "supports_tools": False,
+            "supports_images": False,
         },
     },
     "groq": {
-        "groq/openai/gpt-oss-20b": from_map("groq/openai/gpt-oss-20b") | {
-            "context_window": 131072, "max_output_tokens": 65536,
+        "groq/openai/gpt-oss-20b": from_map("groq/openai/gpt-oss-20b")
+        | {
+            "context_window": 131072,
+            "max_output_tokens": 65536,
         },
         "groq/zz-unmapped-70b": UNKNOWN | {"context_window": 8192, "max_output_tokens": 4096},
     },
     "openrouter": {
         "openrouter/openai/gpt-4o-mini": {
-            "context_window": 128000, "max_output_tokens": 16384, "supports_tools": True, "supports_images": True,
+            "context_window": 128000,
+            "max_output_tokens": 16384,
+            "supports_tools": True,
+            "supports_images": True,
         },
         "openrouter/zz/unmapped-7b-instruct": {
-            "context_window": 32768, "max_output_tokens": None, "supports_tools": False, "supports_images": False,
+            "context_window": 32768,
+            "max_output_tokens": None,
+            "supports_tools": False,
+            "supports_images": False,
         },
     },
     "together_ai": {
         "together_ai/meta-llama/Llama-3.3-70B-Instruct-Turbo": from_map(
             "together_ai/meta-llama/Llama-3.3-70B-Instruct-Turbo"
-        ) | {"context_window": 131072},
+        )
+        | {"context_window": 131072},
         "together_ai/zz-org/Unmapped-Chat-8B": UNKNOWN,
     },
     "deepseek": {
@@ -206,26 +229,41 @@ EXPECTED_READY: dict[str, dict[str, dict[str, Any]]] = {
     },
     "ollama": {
         "ollama/llama3.2": {
-            "context_window": 131072, "max_output_tokens": None, "supports_tools": True, "supports_images": False,
+            "context_window": 131072,
+            "max_output_tokens": None,
+            "supports_tools": True,
+            "supports_images": False,
         },
         # the Modelfile's num_ctx is what the server runs with
         "ollama/llava:7b": {
-            "context_window": 8192, "max_output_tokens": None, "supports_tools": False, "supports_images": True,
+            "context_window": 8192,
+            "max_output_tokens": None,
+            "supports_tools": False,
+            "supports_images": True,
         },
     },
     "llamacpp": {
         # runtime n_ctx (4096) rather than n_ctx_train; tools from /props chat_template_caps
         "llamacpp/gemma-3-270m": {
-            "context_window": 4096, "max_output_tokens": None, "supports_tools": True, "supports_images": False,
+            "context_window": 4096,
+            "max_output_tokens": None,
+            "supports_tools": True,
+            "supports_images": False,
         },
     },
     "vllm": {"vllm/meta-llama/Llama-3.1-8B-Instruct": UNKNOWN | {"context_window": 8192}},
     "lmstudio": {
         "lmstudio/qwen2.5-7b-instruct": {
-            "context_window": 32768, "max_output_tokens": None, "supports_tools": True, "supports_images": False,
+            "context_window": 32768,
+            "max_output_tokens": None,
+            "supports_tools": True,
+            "supports_images": False,
         },
         "lmstudio/qwen2-vl-2b-instruct": {
-            "context_window": 32768, "max_output_tokens": None, "supports_tools": None, "supports_images": True,
+            "context_window": 32768,
+            "max_output_tokens": None,
+            "supports_tools": None,
+            "supports_images": True,
         },
     },
     "house": {"house/house-chat-v2": UNKNOWN},
@@ -274,7 +312,8 @@ async def test_every_listing_yields_only_its_chat_models_with_metadata(fleet: Fl
     assert lmstudio.entry.params == {"api_base": s["lmstudio"].url + "/v1"}
     house = by_prefix(models, "house")["house/house-chat-v2"]
     assert (house.entry.litellm_model, house.entry.params) == (
-        "openai/house-chat-v2", {"api_base": s["openai_compatible"].url + "/v1"},
+        "openai/house-chat-v2",
+        {"api_base": s["openai_compatible"].url + "/v1"},
     )
     llamacpp = by_prefix(models, "llamacpp")["llamacpp/gemma-3-270m"]
     assert llamacpp.entry.litellm_model == "openai/gemma-3-270m"
@@ -385,8 +424,11 @@ async def test_provider_without_key_lists_litellm_known_chat_models_not_ready(fl
         del fleet.env[KEY_ENV[name]]
     discovery = fleet.discovery(servers=[])
     models = await discovery.snapshot()
-    for name, var in (("anthropic", "ANTHROPIC_API_KEY"), ("gemini", "GEMINI_API_KEY"),
-                      ("together_ai", "TOGETHERAI_API_KEY")):
+    for name, var in (
+        ("anthropic", "ANTHROPIC_API_KEY"),
+        ("gemini", "GEMINI_API_KEY"),
+        ("together_ai", "TOGETHERAI_API_KEY"),
+    ):
         found = by_prefix(models, name)
         assert found, name
         assert {(m.ready, m.not_ready_reason) for m in found.values()} == {(False, f"set {var} on the sidecar")}
@@ -578,15 +620,20 @@ async def test_default_ollama_probe_is_silent_when_absent(fleet: Fleet) -> None:
 async def test_server_names_never_collide(fleet: Fleet) -> None:
     a, b = closed_port(), closed_port()
     discovery = fleet.discovery(
-        servers=[("openai", f"http://127.0.0.1:{a}/v1", None), ("openai", f"http://127.0.0.1:{b}/v1", None),
-                 ServerSpec("vllm", env_base(fleet.servers["vllm"]), VLLM_KEY, name="house"),
-                 ServerSpec("openai", env_base(fleet.servers["openai_compatible"]), None, name="house")],
+        servers=[
+            ("openai", f"http://127.0.0.1:{a}/v1", None),
+            ("openai", f"http://127.0.0.1:{b}/v1", None),
+            ServerSpec("vllm", env_base(fleet.servers["vllm"]), VLLM_KEY, name="house"),
+            ServerSpec("openai", env_base(fleet.servers["openai_compatible"]), None, name="house"),
+        ],
         providers=[],
     )
     models = await discovery.snapshot()
     assert [s.source for s in discovery.statuses] == [
-        f"openai@127.0.0.1:{a}", f"openai@127.0.0.1:{b}",
-        f"house@{fleet.servers['vllm'].url[7:]}", f"house@{fleet.servers['openai_compatible'].url[7:]}",
+        f"openai@127.0.0.1:{a}",
+        f"openai@127.0.0.1:{b}",
+        f"house@{fleet.servers['vllm'].url[7:]}",
+        f"house@{fleet.servers['openai_compatible'].url[7:]}",
     ]
     aliases = [m.alias for m in models]
     assert len(aliases) == len(set(aliases)) == 2
@@ -622,15 +669,22 @@ def discovered(
     provider = alias.split("/", 1)[0]
     entry = ModelEntry(alias=alias, litellm_model=alias, provider=provider, source=source)
     return DiscoveredModel(
-        entry, ready, "" if ready else "set X on the sidecar",
+        entry,
+        ready,
+        "" if ready else "set X on the sidecar",
         input_cost_per_token=None if cost is None else cost / 2,
         output_cost_per_token=None if cost is None else cost / 2,
     )
 
 
 async def test_merge_config_wins_without_duplicates(fleet: Fleet) -> None:
-    mine = ModelEntry(alias="openai/gpt-4o-mini", litellm_model="openai/gpt-4o-mini", provider="openai",
-                      params={"api_key": "cfg"}, display_name="mine")
+    mine = ModelEntry(
+        alias="openai/gpt-4o-mini",
+        litellm_model="openai/gpt-4o-mini",
+        provider="openai",
+        params={"api_key": "cfg"},
+        display_name="mine",
+    )
     fast = ModelEntry(alias="fast", litellm_model="groq/llama-3.1-8b-instant", provider="groq")
     merged = merge([mine, fast, fast], [discovered("openai/gpt-4o-mini"), discovered("x/y"), discovered("x/y")])
     assert [m.alias for m in merged] == ["openai/gpt-4o-mini", "fast", "x/y"]
@@ -701,16 +755,36 @@ async def test_planted_key_never_in_reasons_reprs_or_logs(fleet: Fleet, caplog: 
 
 
 def test_chat_filter_rules() -> None:
-    for model_id in ("text-embedding-3-small", "nomic-embed-text", "whisper-large-v3", "gpt-4o-mini-tts",
-                     "gpt-4o-transcribe", "omni-moderation-latest", "dall-e-3", "gpt-image-1",
-                     "imagen-4.0-generate-001", "meta-llama/llama-guard-4-12b", "bge-reranker-v2-m3",
-                     "gpt-4o-realtime-preview", "babbage-002", "mistral-ocr-latest", "BAAI/bge-m3"):
+    for model_id in (
+        "text-embedding-3-small",
+        "nomic-embed-text",
+        "whisper-large-v3",
+        "gpt-4o-mini-tts",
+        "gpt-4o-transcribe",
+        "omni-moderation-latest",
+        "dall-e-3",
+        "gpt-image-1",
+        "imagen-4.0-generate-001",
+        "meta-llama/llama-guard-4-12b",
+        "bge-reranker-v2-m3",
+        "gpt-4o-realtime-preview",
+        "babbage-002",
+        "mistral-ocr-latest",
+        "BAAI/bge-m3",
+    ):
         assert not is_chat_model(model_id), model_id
-    for model_id in ("gpt-4o-mini", "gemini-2.5-flash", "claude-haiku-4-5", "llama3.2:latest", "codestral-latest",
-                     "deepseek-chat", "gpt-4o-mini-search-preview", "openai/gpt-oss-20b"):
+    for model_id in (
+        "gpt-4o-mini",
+        "gemini-2.5-flash",
+        "claude-haiku-4-5",
+        "llama3.2:latest",
+        "codestral-latest",
+        "deepseek-chat",
+        "gpt-4o-mini-search-preview",
+        "openai/gpt-oss-20b",
+    ):
         assert is_chat_model(model_id), model_id
     assert not is_chat_model("some-model", listing_says=False)
     assert is_chat_model("some-model", listing_says=True)
     assert not is_chat_model("gemini-2.5-flash-preview-tts", listing_says=True)  # id rule beats listing
     assert not is_chat_model("x", map_mode="embedding") and is_chat_model("x", map_mode="responses")
-

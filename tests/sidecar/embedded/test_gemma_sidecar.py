@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from exo_remote_engine.contract.openai_chat import chat_body_to_request
-from exo_remote_engine.engine.client import SidecarClient
-from exo_remote_engine.engine.target import RetryPolicy, SidecarTarget
+from exo_remote_engine.engine.connection.client import SidecarClient
+from exo_remote_engine.engine.connection.target import RetryPolicy, SidecarTarget
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.server import SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import load_config

@@ -26,7 +26,7 @@ import pytest
 import redis
 
 from exo_remote_engine.contract.errors import Reason, RemoteError
-from exo_remote_engine.engine.client import SidecarClient
+from exo_remote_engine.engine.connection.client import SidecarClient
 from tests.support.configs import KEY_ENV, deployment
 from tests.support.harness import chat_request, sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario
@@ -112,8 +112,14 @@ def _start_hosts(
 
     def start(i: int) -> SidecarProcess:
         args = [
-            "--token-file", str(tokens), "--state-dir", str(tmp / f"state-{i}"),
-            "--redis", redis_url, "--database", database_url,
+            "--token-file",
+            str(tokens),
+            "--state-dir",
+            str(tmp / f"state-{i}"),
+            "--redis",
+            redis_url,
+            "--database",
+            database_url,
         ]
         return start_sidecar_process(config, tmp / f"host-{i}.log", env, f"{addresses[i]}:0", args)
 
@@ -140,8 +146,14 @@ def cluster(
         tokens = write_tokens(tmp / "tokens")
         hosts = _start_hosts(tmp, config, tokens, redis_server.url, database_url, HOSTS)
         try:
-            yield Cluster(hosts, [f"{h}:{p.port}" for h, p in zip(HOSTS, hosts, strict=True)], database_url,
-                          postgres_server, redis_server, upstream)
+            yield Cluster(
+                hosts,
+                [f"{h}:{p.port}" for h, p in zip(HOSTS, hosts, strict=True)],
+                database_url,
+                postgres_server,
+                redis_server,
+                upstream,
+            )
         finally:
             for host in hosts:
                 host.stop()
@@ -257,7 +269,8 @@ async def test_a_node_budget_holds_across_three_hosts(cluster: Cluster) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         rows = await database_rows(
-            cluster.database_url, "SELECT request_id, cost_usd, host FROM exo_remote_requests WHERE node = $1",
+            cluster.database_url,
+            "SELECT request_id, cost_usd, host FROM exo_remote_requests WHERE node = $1",
             "budgeted",
         )
         if len(rows) >= len(completed):
@@ -280,8 +293,9 @@ async def test_postgres_stopped_mid_load_fails_budgets_closed_and_loses_nothing(
             calls.append(await call(client, node, host))
             await asyncio.sleep(0.05)
 
-    loaders = [asyncio.create_task(load(c, n, h)) for n, cs in (("metered", metered), ("free", free))
-               for h, c in enumerate(cs)]
+    loaders = [
+        asyncio.create_task(load(c, n, h)) for n, cs in (("metered", metered), ("free", free)) for h, c in enumerate(cs)
+    ]
     try:
         await asyncio.sleep(2)
         await asyncio.to_thread(cluster.postgres.stop)
@@ -317,9 +331,14 @@ async def test_postgres_stopped_mid_load_fails_budgets_closed_and_loses_nothing(
     finished = {c.request_id for c in calls if c.finished}
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        stored = {r["request_id"] for r in await database_rows(
-            cluster.database_url, "SELECT request_id FROM exo_remote_requests WHERE node = ANY($1)", ["metered", "free"]
-        )}
+        stored = {
+            r["request_id"]
+            for r in await database_rows(
+                cluster.database_url,
+                "SELECT request_id FROM exo_remote_requests WHERE node = ANY($1)",
+                ["metered", "free"],
+            )
+        }
         if finished <= stored:
             break
         await asyncio.sleep(0.3)
@@ -360,7 +379,8 @@ async def test_redis_stopped_mid_load_falls_back_per_host_and_recovers(cluster: 
         # Each host's steady load finds Redis again once its back-off (2 s) ends, and says so.
         await eventually(
             lambda: all(log.count(back) > n for log, n in zip(cluster.logs(), backs_before, strict=True)),
-            "every host uses Redis again", poll_s=0.1,
+            "every host uses Redis again",
+            poll_s=0.1,
         )
         after = await asyncio.gather(*(call(clients[i % 3], "fallback", i % 3) for i in range(3 * (FALLBACK_RPM + 3))))
         await asyncio.sleep(0.5)
@@ -392,8 +412,16 @@ def test_two_workers_with_redis_and_database_start_and_share_limits(
         tokens = write_tokens(tmp_path / "tokens")
         env = {KEY_ENV: "sk-upstream-test-key-000000", "EXO_REMOTE_DISCOVER": "0"}
         args = [
-            "--token-file", str(tokens), "--state-dir", str(tmp_path / "state"), "--workers", "2",
-            "--redis", redis_server.url, "--database", database_url,
+            "--token-file",
+            str(tokens),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--workers",
+            "2",
+            "--redis",
+            redis_server.url,
+            "--database",
+            database_url,
         ]
         sidecar = start_sidecar_process(config, tmp_path / "workers.log", env, "127.0.0.1:0", args)
         try:

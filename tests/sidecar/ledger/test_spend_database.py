@@ -22,14 +22,27 @@ from tests.support.clock import FakeClock
 from tests.support.processes import free_port
 from tests.support.servers import PostgresServer
 
-ENTRY = ModelEntry(alias="mini", litellm_model="gpt-4o-mini", provider="openai", input_cost_per_token=0.001,
-                   output_cost_per_token=0.002)
+ENTRY = ModelEntry(
+    alias="mini",
+    litellm_model="gpt-4o-mini",
+    provider="openai",
+    input_cost_per_token=0.001,
+    output_cost_per_token=0.002,
+)
 COST = 100 * 0.001 + 10 * 0.002
 
 
 def charge(i: int, node: str, now: float) -> Charge:
-    return Charge.of(request_id=f"r{i}", ended_at=now, node=node, entry=ENTRY, prompt_tokens=100,
-                     completion_tokens=10, estimated=False, outcome="completed")
+    return Charge.of(
+        request_id=f"r{i}",
+        ended_at=now,
+        node=node,
+        entry=ENTRY,
+        prompt_tokens=100,
+        completion_tokens=10,
+        estimated=False,
+        outcome="completed",
+    )
 
 
 async def stored(url: str) -> list[asyncpg.Record]:
@@ -184,9 +197,17 @@ async def test_reservations_hold_across_hosts_and_turn_into_their_charges(
         # One request finishes on host a: its charge ($0.12) replaces its reservation ($0.16).
         first = held[0]
         ledger_a, database_a, budgets_a = hosts[0]
-        finished = Charge.of(request_id="done", ended_at=clock.now, node="r", entry=ENTRY, prompt_tokens=100,
-                             completion_tokens=10, estimated=False, outcome="completed",
-                             reservation=first.id)  # type: ignore[union-attr]
+        finished = Charge.of(
+            request_id="done",
+            ended_at=clock.now,
+            node="r",
+            entry=ENTRY,
+            prompt_tokens=100,
+            completion_tokens=10,
+            estimated=False,
+            outcome="completed",
+            reservation=first.id,
+        )  # type: ignore[union-attr]
         await ledger_a.record(finished)
         await database_a.copied()
         assert first.id not in {r["id"] for r in await reservations(url, "r")}  # type: ignore[union-attr]

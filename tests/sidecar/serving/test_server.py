@@ -16,7 +16,7 @@ import pytest
 from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.server import SidecarSettings, start_sidecar
-from exo_remote_engine.sidecar.serving.streaming import MAX_PENDING_CHARS
+from exo_remote_engine.sidecar.relay.streaming import MAX_PENDING_CHARS
 from exo_remote_engine.sidecar.transports.litellm_transport import LiteLLMTransport
 from exo_remote_engine.sidecar.transports.openai_transport import OpenAICompatibleTransport
 from tests.conftest import PLANTED_KEY
@@ -53,9 +53,7 @@ async def test_text_arrives_complete_and_in_order_with_upstream_finish_and_usage
     assert_served_by(upstream.requests_for("steady")[0].headers, transport)
 
 
-async def test_tool_call_fragments_reassemble_into_valid_json(
-    upstream: OpenAIUpstream, sidecar_for: Any
-) -> None:
+async def test_tool_call_fragments_reassemble_into_valid_json(upstream: OpenAIUpstream, sidecar_for: Any) -> None:
     calls = [
         ToolCallSpec("call_1", "get_weather", '{"city": "Paris", "unit": "celsius", "days": 3}'),
         ToolCallSpec("call_2", "get_time", '{"tz": "Europe/Paris"}'),
@@ -64,8 +62,15 @@ async def test_tool_call_fragments_reassemble_into_valid_json(
     sidecar = await sidecar_for(upstream, "tools")
     tools = [{"type": "function", "function": {"name": c.name, "parameters": {"type": "object"}}} for c in calls]
     request = chat_request(
-        "tools", "Weather?", tools=tools, tool_choice="auto", max_tokens=64, temperature=0.0,
-        stop=["END"], top_p=0.5, seed=11,
+        "tools",
+        "Weather?",
+        tools=tools,
+        tool_choice="auto",
+        max_tokens=64,
+        temperature=0.0,
+        stop=["END"],
+        top_p=0.5,
+        seed=11,
     )
     events = (await drain(sidecar_client(sidecar.address), request, catch=False)).events
     assembled: dict[int, dict[str, str]] = {}
@@ -82,10 +87,15 @@ async def test_tool_call_fragments_reassemble_into_valid_json(
     sent = upstream.requests_for("tools")[0].body
     assert sent is not None
     assert (sent["max_tokens"], sent["temperature"], sent["stop"], sent["top_p"], sent["seed"]) == (
-        64, 0.0, ["END"], 0.5, 11,
+        64,
+        0.0,
+        ["END"],
+        0.5,
+        11,
     )
     assert sent["tool_choice"] == "auto" and [t["function"]["name"] for t in sent["tools"]] == [
-        "get_weather", "get_time",
+        "get_weather",
+        "get_time",
     ]
 
 

@@ -22,8 +22,8 @@ import grpc
 import pytest
 
 from exo_remote_engine.contract.errors import Reason, RemoteError
-from exo_remote_engine.engine.client import SidecarClient
-from exo_remote_engine.engine.target import ClientTLS
+from exo_remote_engine.engine.connection.client import SidecarClient
+from exo_remote_engine.engine.connection.target import ClientTLS
 from exo_remote_engine.server import RunningSidecar, SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import ConfigError
 from exo_remote_engine.sidecar.control.auth import ServerTLS

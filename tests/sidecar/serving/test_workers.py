@@ -21,8 +21,8 @@ import grpc
 import pytest
 
 from exo_remote_engine.contract.errors import Reason, RemoteError
-from exo_remote_engine.engine.client import SidecarClient
-from exo_remote_engine.engine.target import SidecarTarget
+from exo_remote_engine.engine.connection.client import SidecarClient
+from exo_remote_engine.engine.connection.target import SidecarTarget
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from tests.support.harness import chat_request, drain

@@ -28,7 +28,7 @@ from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.contract.openai_chat import chat_body_to_request
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.sidecar.config.loader import ModelEntry, embedded_entry, load_config
-from exo_remote_engine.sidecar.serving.streaming import StreamingBackend, StreamState
+from exo_remote_engine.sidecar.relay.streaming import StreamingBackend, StreamState
 from exo_remote_engine.sidecar.transports.openai_transport import OpenAICompatibleTransport, _proxy_for
 from exo_remote_engine.sidecar.transports.provider_errors import (
     ProviderConnectionError,

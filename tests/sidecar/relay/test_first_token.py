@@ -1,4 +1,4 @@
-"""The first-token guard (serving/first_token.py) through a real sidecar and the real
+"""The first-token guard (relay/first_token.py) through a real sidecar and the real
 upstream: a member that never speaks is left after ``ttft_timeout`` and a hedge wins
 after ``hedge_after``; the client gets one reply, never text twice; the abandoned attempt
 is a failure of its deployment and its prompt is charged. No timing is asserted: the slow
@@ -15,7 +15,7 @@ from exo_remote_engine.contract.errors import Reason
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.server import RunningSidecar
 from exo_remote_engine.sidecar.config.loader import ModelEntry
-from exo_remote_engine.sidecar.serving.first_token import hedged
+from exo_remote_engine.sidecar.relay.first_token import hedged
 from exo_remote_engine.sidecar.transports.stream_types import StreamState
 from tests.support.harness import sidecar_client
 from tests.support.openai_upstream import OpenAIUpstream, Scenario

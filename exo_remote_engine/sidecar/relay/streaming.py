@@ -27,7 +27,7 @@ from exo_remote_engine.contract.redaction import redact
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.sidecar.config.loader import ModelEntry
 from exo_remote_engine.sidecar.control.routing import Router, deployment_fault
-from exo_remote_engine.sidecar.serving.first_token import first_token_within, hedged
+from exo_remote_engine.sidecar.relay.first_token import first_token_within, hedged
 from exo_remote_engine.sidecar.telemetry.safe_logging import safe_logger
 from exo_remote_engine.sidecar.transports.litellm_transport import LiteLLMTransport
 from exo_remote_engine.sidecar.transports.openai_transport import OpenAICompatibleTransport
@@ -179,7 +179,7 @@ class StreamingBackend:
         # Two retry loops on purpose: this one handles *provider* failures (429, 5xx, a
         # dropped connection: classified here, where the provider's answer is seen), falls
         # back to the next model between attempts and stops as soon as a delta went out.
-        # The engine's retry (engine/client.py) handles only *sidecar* failures
+        # The engine's retry (engine/connection/client.py) handles only *sidecar* failures
         # (unreachable, overloaded) and never retries a provider error, so a failure class
         # is retried in exactly one place. Hand-written because of the fallback step.
         # A request the provider refused for what it asks (400, 413, 422) goes back to its
@@ -253,9 +253,7 @@ class StreamingBackend:
         finally:
             state.ready.set()
 
-    async def _pick(
-        self, group: Sequence[ModelEntry], tried: Collection[str], wait: WaitForRoom | None
-    ) -> ModelEntry:
+    async def _pick(self, group: Sequence[ModelEntry], tried: Collection[str], wait: WaitForRoom | None) -> ModelEntry:
         router = self._router
         if router is None:
             return group[0]
@@ -272,7 +270,7 @@ class StreamingBackend:
         tried: set[str],
         hooks: _Hooks,
     ) -> None:
-        """One attempt under the first-token guard (serving/first_token.py): a deadline for
+        """One attempt under the first-token guard (relay/first_token.py): a deadline for
         the first delta, and a hedged second attempt when ``hedge_after`` is set."""
         router = self._router
         settings = router.settings if router is not None else None

@@ -5,7 +5,7 @@
 untouched, and builds every channel the engine side opens: TLS, token metadata, the
 service config (``round_robin`` and short reconnect backoffs for several hosts,
 ``pick_first`` for one; health checking only under mTLS alone, see
-:mod:`~exo_remote_engine.engine.client` for why).
+:mod:`~exo_remote_engine.engine.connection.client` for why).
 """
 
 from __future__ import annotations

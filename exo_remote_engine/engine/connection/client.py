@@ -1,6 +1,6 @@
 """The exo side's one connection layer to a sidecar.
 
-:class:`~exo_remote_engine.engine.target.SidecarTarget` says where the sidecar is and how
+:class:`~exo_remote_engine.engine.connection.target.SidecarTarget` says where the sidecar is and how
 to prove who we are. :class:`SidecarClient` owns lazily created grpc.aio channels per event loop, retries a
 Generate call only until its first delta arrives (never after: that would duplicate text),
 and turns every failure into the one error type, :class:`RemoteError`.
@@ -49,7 +49,7 @@ from tenacity import RetryCallState, wait_random_exponential
 from exo_remote_engine.contract.addresses import TargetKind, sidecar_target
 from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.contract.health_stubs import health_pb2, health_pb2_grpc
-from exo_remote_engine.engine.target import (
+from exo_remote_engine.engine.connection.target import (
     SERVICE_NAME,
     WORKERS_REFRESH_S,
     RetryPolicy,
@@ -269,7 +269,7 @@ class SidecarClient:
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         """Stream events; retried only while nothing has been received.
 
-        Provider errors were already retried by the sidecar (sidecar/serving/streaming.py,
+        Provider errors were already retried by the sidecar (sidecar/relay/streaming.py,
         with model fallbacks); here only the sidecar itself being away or full is worth
         another try. Two loops for two failure classes, neither retries the other's. The
         loop is written out rather than an ``AsyncRetrying`` per call (about a tenth of this

@@ -13,8 +13,8 @@ import grpc
 import pytest
 
 from exo_remote_engine.contract.errors import Reason, RemoteError, abort
-from exo_remote_engine.engine.client import SidecarClient, _retry_wait
-from exo_remote_engine.engine.target import RetryPolicy, SidecarTarget
+from exo_remote_engine.engine.connection.client import SidecarClient, _retry_wait
+from exo_remote_engine.engine.connection.target import RetryPolicy, SidecarTarget
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 
