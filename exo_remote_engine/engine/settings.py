@@ -26,6 +26,7 @@ VARIABLES: Mapping[str, str] = {
     "EXO_REMOTE_TLS_KEY": "its key (--sidecar-tls-key)",
     "EXO_REMOTE_TLS_SERVER_NAME": "name checked in the sidecar's certificate instead of its host",
     "EXO_REMOTE_DEADLINE_S": "deadline of one Generate call, seconds",
+    "EXO_REMOTE_MULTIPLEX": "0: one Generate call per completion instead of a multiplexed Session (default 1)",
     "EXO_REMOTE_DISABLE": "1: the startup trigger installs nothing",
     "EXO_REMOTE_LOG_LEVEL": "level of the add-on's loggers in an exo node",
 }
@@ -48,6 +49,7 @@ class EngineSettings:
     tls_key: Path | None = None
     tls_server_name: str | None = None
     deadline_s: float = DEFAULT_DEADLINE_S
+    multiplex: bool = True
     disabled: bool = False
     log_level: str | None = None
 
@@ -70,6 +72,7 @@ class EngineSettings:
             tls_key=_path(get("EXO_REMOTE_TLS_KEY")),
             tls_server_name=get("EXO_REMOTE_TLS_SERVER_NAME"),
             deadline_s=DEFAULT_DEADLINE_S if deadline is None else float(deadline),
+            multiplex=(get("EXO_REMOTE_MULTIPLEX") or "1") != "0",
             disabled=(get("EXO_REMOTE_DISABLE") or "0") != "0",
             log_level=get("EXO_REMOTE_LOG_LEVEL"),
         )

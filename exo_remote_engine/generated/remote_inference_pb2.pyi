@@ -264,6 +264,58 @@ class SamplingParams(_message.Message):
     parallel_tool_calls: bool
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., parallel_tool_calls: bool = ...) -> None: ...
 
+class SessionRequest(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[SessionRequestFrame]
+    def __init__(self, frames: _Optional[_Iterable[_Union[SessionRequestFrame, _Mapping]]] = ...) -> None: ...
+
+class SessionRequestFrame(_message.Message):
+    __slots__ = ("stream_id", "start", "cancel", "ack")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    stream_id: int
+    start: SessionStart
+    cancel: SessionCancel
+    ack: SessionAck
+    def __init__(self, stream_id: _Optional[int] = ..., start: _Optional[_Union[SessionStart, _Mapping]] = ..., cancel: _Optional[_Union[SessionCancel, _Mapping]] = ..., ack: _Optional[_Union[SessionAck, _Mapping]] = ...) -> None: ...
+
+class SessionStart(_message.Message):
+    __slots__ = ("request", "timeout_seconds")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    request: GenerateRequest
+    timeout_seconds: float
+    def __init__(self, request: _Optional[_Union[GenerateRequest, _Mapping]] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class SessionCancel(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SessionAck(_message.Message):
+    __slots__ = ("consumed_bytes",)
+    CONSUMED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    consumed_bytes: int
+    def __init__(self, consumed_bytes: _Optional[int] = ...) -> None: ...
+
+class SessionResponse(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[SessionResponseFrame]
+    def __init__(self, frames: _Optional[_Iterable[_Union[SessionResponseFrame, _Mapping]]] = ...) -> None: ...
+
+class SessionResponseFrame(_message.Message):
+    __slots__ = ("stream_id", "event", "status")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    stream_id: int
+    event: GenerateResponse
+    status: bytes
+    def __init__(self, stream_id: _Optional[int] = ..., event: _Optional[_Union[GenerateResponse, _Mapping]] = ..., status: _Optional[bytes] = ...) -> None: ...
+
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "finished")
     DELTA_FIELD_NUMBER: _ClassVar[int]

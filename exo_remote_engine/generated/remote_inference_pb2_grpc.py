@@ -47,6 +47,11 @@ class RemoteInferenceServiceStub(object):
                 request_serializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/exo.remote.v1.RemoteInferenceService/Session',
+                request_serializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.SessionRequest.SerializeToString,
+                response_deserializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.SessionResponse.FromString,
+                _registered_method=True)
         self.ListWorkers = channel.unary_unary(
                 '/exo.remote.v1.RemoteInferenceService/ListWorkers',
                 request_serializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.ListWorkersRequest.SerializeToString,
@@ -76,6 +81,21 @@ class RemoteInferenceServiceServicer(object):
         """Generate streams one completion: zero or more deltas, then exactly one
         finished event, then an OK status. Any other status means the completion failed;
         google.rpc details (ErrorInfo, RetryInfo, BadRequest) travel in the trailers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """Session carries many completions of one node over one long-lived stream. The client
+        opens completion N with a start frame and may cancel it with a cancel frame; the
+        sidecar answers with frames tagged N: zero or more deltas, then exactly one finished
+        event or one error (the google.rpc.Status Generate would have ended with). Each
+        completion is held to Generate's rules (model, node rules, limits, budget, its own
+        deadline). Frames ready at the same moment travel in one message; each completion has
+        its own flow-control window (SessionAck). The session's own status is OK when the
+        client half-closes with nothing open; any other status ended every completion still
+        open on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +133,11 @@ def add_RemoteInferenceServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.GenerateRequest.FromString,
                     response_serializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.SessionRequest.FromString,
+                    response_serializer=exo__remote__engine_dot_generated_dot_remote__inference__pb2.SessionResponse.SerializeToString,
             ),
             'ListWorkers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkers,
@@ -182,6 +207,33 @@ class RemoteInferenceService(object):
             '/exo.remote.v1.RemoteInferenceService/Generate',
             exo__remote__engine_dot_generated_dot_remote__inference__pb2.GenerateRequest.SerializeToString,
             exo__remote__engine_dot_generated_dot_remote__inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/exo.remote.v1.RemoteInferenceService/Session',
+            exo__remote__engine_dot_generated_dot_remote__inference__pb2.SessionRequest.SerializeToString,
+            exo__remote__engine_dot_generated_dot_remote__inference__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

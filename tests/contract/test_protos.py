@@ -236,7 +236,11 @@ def test_service_descriptor_under_the_newest_runtime() -> None:
     assert service.full_name == SERVICE
     assert pb.DESCRIPTOR.package == "exo.remote.v1"
     methods = {m.name: m for m in service.methods}
-    assert set(methods) == {"ListModels", "Generate", "ListWorkers", "GetUsage"}
+    assert set(methods) == {"ListModels", "Generate", "Session", "ListWorkers", "GetUsage"}
+    session = methods["Session"]
+    assert session.input_type.full_name == "exo.remote.v1.SessionRequest"
+    assert session.output_type.full_name == "exo.remote.v1.SessionResponse"
+    assert (session.client_streaming, session.server_streaming) == (True, True)
     get_usage = methods["GetUsage"]
     assert get_usage.output_type.full_name == "exo.remote.v1.GetUsageResponse"
     assert (get_usage.client_streaming, get_usage.server_streaming) == (False, False)
@@ -274,6 +278,7 @@ def test_generated_stub_uses_the_right_call_shapes() -> None:
     assert channel.calls == {
         f"/{SERVICE}/ListModels": "unary_unary",
         f"/{SERVICE}/Generate": "unary_stream",
+        f"/{SERVICE}/Session": "stream_stream",
         f"/{SERVICE}/ListWorkers": "unary_unary",
         f"/{SERVICE}/GetUsage": "unary_unary",
     }

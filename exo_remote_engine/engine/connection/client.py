@@ -5,6 +5,12 @@ to prove who we are. :class:`SidecarClient` owns lazily created grpc.aio channel
 Generate call only until its first delta arrives (never after: that would duplicate text),
 and turns every failure into the one error type, :class:`RemoteError`.
 
+A completion to one sidecar process travels on that channel's multiplexed Session
+(:mod:`~exo_remote_engine.engine.connection.session`): gRPC's per-call set-up was most of
+what a short request cost on both sides. It is its own Generate call when multiplexing is
+off (``EXO_REMOTE_MULTIPLEX=0``), for a request over 256 KiB, for a sidecar without
+Session, and for targets of several hosts (below), where calls must stay free to spread.
+
 Several sidecar hosts are gRPC's business, not ours: a channel to several hosts carries a
 service config choosing gRPC's ``round_robin`` policy, which spreads calls over the READY
 addresses and skips a host whose connection failed or was closed (a killed host, or a
@@ -49,6 +55,8 @@ from tenacity import RetryCallState, wait_random_exponential
 from exo_remote_engine.contract.addresses import TargetKind, sidecar_target
 from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.contract.health_stubs import health_pb2, health_pb2_grpc
+from exo_remote_engine.engine.connection.completion import CallCompletion, Completion, error_from, first_event
+from exo_remote_engine.engine.connection.session import MAX_MULTIPLEXED_REQUEST_BYTES, SessionPool, SessionUnsupported
 from exo_remote_engine.engine.connection.target import (
     SERVICE_NAME,
     WORKERS_REFRESH_S,
@@ -61,13 +69,6 @@ from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 _GenerateMethod: TypeAlias = grpc.aio.UnaryStreamMultiCallable[pb.GenerateRequest, pb.GenerateResponse]
 
 
-def _error_from(exc: grpc.RpcError) -> RemoteError:
-    code = exc.code() if hasattr(exc, "code") else None
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
-    return RemoteError.from_status(code, details, trailers)
-
-
 def list_models_blocking(target: SidecarTarget, timeout_s: float = 3.0) -> pb.ListModelsResponse:
     """ListModels without an event loop; raises RemoteError when the sidecar is away."""
     with target.sync_channel() as channel:
@@ -78,7 +79,7 @@ def list_models_blocking(target: SidecarTarget, timeout_s: float = 3.0) -> pb.Li
             )
             return response
         except grpc.RpcError as exc:
-            raise _error_from(exc) from None
+            raise error_from(exc) from None
 
 
 class SidecarClient:
@@ -99,6 +100,8 @@ class SidecarClient:
         self._refreshing: asyncio.Future[None] | None = None
         self._turn = 0
         self._generate_methods: dict[grpc.aio.Channel, _GenerateMethod] = {}  # per channel, made once
+        self._sessions = SessionPool(target.metadata())
+        self._multiplexed = target.multiplex and not self._parsed.several and self._parsed.kind is not TargetKind.DNS
         self.hosts_seen: dict[str, bool | None] = {}  # the last host_health answer
 
     def _stub(self) -> pb_grpc.RemoteInferenceServiceStub:
@@ -112,6 +115,7 @@ class SidecarClient:
             self._loop = loop
             self._workers, self._hosts = {}, {}  # channels belong to the loop that made them
             self._generate_methods = {}
+            self._sessions = SessionPool(self.target.metadata())
             self._workers_due = 0.0
             self._refreshing = None
         return self._channel
@@ -128,6 +132,7 @@ class SidecarClient:
         self._channel, self._workers, self._hosts, self._retired = None, {}, {}, {}
         self._generate_methods = {}
         if self._loop is asyncio.get_running_loop():
+            await self._sessions.close()
             for channel in channels:
                 if channel is not None:
                     await channel.close(grace=None)
@@ -178,6 +183,7 @@ class SidecarClient:
         target = sidecar_target(",".join(addresses)).target
         if target != self._channel_target and self._channel is not None:
             old = self._channel
+            self._sessions.retire(old)
             closing = asyncio.ensure_future(old.close(grace=self.target.deadline_s))
             self._retired[old] = closing
             closing.add_done_callback(lambda _: self._retired.pop(old, None))
@@ -187,7 +193,9 @@ class SidecarClient:
     async def _refresh_workers(self, main: grpc.aio.Channel) -> None:
         ports = await self._worker_ports(main)
         for port in set(self._workers) - ports:
-            await self._workers.pop(port).close(grace=None)
+            gone = self._workers.pop(port)
+            await self._sessions.close(gone)
+            await gone.close(grace=None)
         for port in ports - set(self._workers):
             self._workers[port] = self.target.aio_channel(port)
 
@@ -198,6 +206,7 @@ class SidecarClient:
         channel = self._workers.pop(port, None)
         self._workers_due = 0.0
         if channel is not None:
+            await self._sessions.close(channel)
             await channel.close(grace=None)
 
     async def health(self, timeout_s: float = 2.0) -> bool:
@@ -254,7 +263,7 @@ class SidecarClient:
             )
             return response
         except grpc.RpcError as exc:
-            raise _error_from(exc) from None
+            raise error_from(exc) from None
 
     async def get_usage(self, node: str = "", since_s: float = 0.0, timeout_s: float = 10.0) -> pb.GetUsageResponse:
         """The sidecar's spend per node and model (admin only: the master key's token)."""
@@ -264,7 +273,7 @@ class SidecarClient:
             )
             return response
         except grpc.RpcError as exc:
-            raise _error_from(exc) from None
+            raise error_from(exc) from None
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         """Stream events; retried only while nothing has been received.
@@ -276,47 +285,58 @@ class SidecarClient:
         client's CPU on a short request); tenacity computes the backoff of a failed attempt
         only, so the first attempt, which nearly every call stops at, costs nothing more."""
         policy = self.target.retry
-        metadata = self.target.metadata(request.request_id)
-        call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse] | None = None
-        first: pb.GenerateResponse | None = None
+        completion: Completion | None = None
         worker_port: int | None = None
         started = time.monotonic()
         attempt = 0
         try:
             while True:
                 attempt += 1
+                channel: grpc.aio.Channel | None = None
+                worker_port = None
                 try:
                     channel, worker_port = await self._generate_channel()
-                    call = self._generate_method(channel)(request, timeout=self.target.deadline_s, metadata=metadata)
-                    try:
-                        first = await self._first_event(call)
-                    except RemoteError as exc:
-                        await self._drop_worker_if_gone(exc, worker_port)
-                        raise
+                    completion = self._open(channel, request)
+                    first = await first_event(completion)
                     break
+                except SessionUnsupported:  # an older sidecar: one call per completion from now on
+                    assert channel is not None
+                    self._sessions.unsupported(channel)
+                    attempt -= 1
                 except RemoteError as exc:
+                    await self._drop_worker_if_gone(exc, worker_port)
                     if exc.reason not in _RETRIED or attempt >= policy.attempts:
                         raise
                     if time.monotonic() - started >= policy.max_total_s:
                         raise
                     await asyncio.sleep(_retry_wait(policy, attempt, exc))
-            if first is None:
-                return
             yield first
-            assert call is not None
             while True:
                 try:
-                    event = await call.read()
-                except grpc.RpcError as exc:
-                    error = _error_from(exc)
+                    event = await completion.read()
+                except RemoteError as error:
                     await self._drop_worker_if_gone(error, worker_port)
-                    raise error from None
-                if event is grpc.aio.EOF:
+                    raise
+                if event is None:
                     break
-                yield event  # type: ignore[misc]
+                yield event
         finally:
-            if call is not None and not call.done():
-                call.cancel()
+            if completion is not None and not completion.done:
+                completion.cancel()
+
+    def _open(self, channel: grpc.aio.Channel, request: pb.GenerateRequest) -> Completion:
+        """The completion on the session of ``channel`` (multiplexed), or as its own call:
+        multiplexing off, a request too large for a session, a sidecar without Session, or
+        a target of several hosts or a ``dns:`` name. There gRPC's round_robin spreads and
+        moves *calls* over the hosts (see the module doc); a session is one call, and would
+        pin every completion of this node to the host it happened to reach."""
+        if self._multiplexed and request.ByteSize() <= MAX_MULTIPLEXED_REQUEST_BYTES:
+            session = self._sessions.session(channel)
+            if session is not None:
+                return session.start(request, self.target.deadline_s)
+        metadata = self.target.metadata(request.request_id)
+        call = self._generate_method(channel)(request, timeout=self.target.deadline_s, metadata=metadata)
+        return CallCompletion(call)
 
     def _generate_method(self, channel: grpc.aio.Channel) -> _GenerateMethod:
         """The Generate callable of ``channel``, made once per channel: a generated stub
@@ -328,27 +348,6 @@ class SidecarClient:
             method = self._generate_methods[channel] = pb_grpc.RemoteInferenceServiceStub(channel).Generate
         return method
 
-    @staticmethod
-    async def _first_event(
-        call: grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse],
-    ) -> pb.GenerateResponse | None:
-        """The first event that carries something (a delta with content, or Finished): until
-        then the call may still be retried on another host without duplicating text. The
-        sidecar never sends a contentless delta; one from elsewhere is skipped, not counted."""
-        while True:
-            try:
-                event = await call.read()
-            except grpc.RpcError as exc:
-                raise _error_from(exc) from None
-            if event is grpc.aio.EOF or not _contentless(event):  # type: ignore[arg-type]
-                break
-        if event is grpc.aio.EOF:
-            code = await call.code()
-            if code == grpc.StatusCode.OK:
-                raise RemoteError(Reason.INTERNAL, "sidecar ended the stream without a result")
-            raise RemoteError.from_status(code, await call.details(), await call.trailing_metadata())
-        return event  # type: ignore[return-value]
-
 
 HOST_SERVING, HOST_NOT_SERVING, HOST_UNREACHABLE = "SERVING", "NOT SERVING", "unreachable"
 
@@ -356,13 +355,6 @@ HOST_SERVING, HOST_NOT_SERVING, HOST_UNREACHABLE = "SERVING", "NOT SERVING", "un
 def host_status(ready: bool | None) -> str:
     """A :meth:`SidecarClient.host_health` answer for one host, as views show it."""
     return HOST_SERVING if ready is True else HOST_UNREACHABLE if ready is None else HOST_NOT_SERVING
-
-
-def _contentless(event: pb.GenerateResponse) -> bool:
-    if event.WhichOneof("event") != "delta":
-        return False
-    delta = event.delta
-    return not (delta.text or delta.reasoning_text or len(delta.tool_calls))
 
 
 # The failures of the sidecar itself (away, or full): the only ones this client retries.

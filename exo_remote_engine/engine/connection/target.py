@@ -61,6 +61,9 @@ class SidecarTarget:
     tls: ClientTLS | None = None
     deadline_s: float = 900.0
     retry: RetryPolicy = RetryPolicy()
+    # Completions share a Session stream per connection (engine/connection/session.py);
+    # False: one Generate call each.
+    multiplex: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SidecarTarget:
@@ -87,6 +90,7 @@ class SidecarTarget:
             token=token,
             tls=tls,
             deadline_s=settings.deadline_s,
+            multiplex=settings.multiplex,
         )
 
     @property

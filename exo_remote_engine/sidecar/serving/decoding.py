@@ -30,8 +30,10 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None or handler.request_streaming:
+        if handler is None or handler.request_deserializer is None:
             return handler
+        if handler.request_streaming and not handler.response_streaming:
+            return handler  # no such method here (anonymous health is the access interceptor's)
         method: str = handler_call_details.method  # type: ignore[attr-defined]
         known = self._guarded.get(method)
         if known is not None and known[0] is handler:
@@ -57,6 +59,21 @@ def _guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
         await abort(context, RemoteError(Reason.INVALID_REQUEST, f"request bytes do not decode as {method}'s request"))
 
     kwargs = {"request_deserializer": safe_deserialize, "response_serializer": handler.response_serializer}
+    if handler.stream_stream is not None:  # Session: a frame that does not decode ends it
+        inner_session = handler.stream_stream
+
+        async def checked(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            async for request in requests:
+                if request is _UNDECODABLE:
+                    await refuse(context)
+                yield request
+
+        async def session(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            return await inner_session(checked(requests, context), context)
+
+        return grpc.stream_stream_rpc_method_handler(session, **kwargs)
     if handler.unary_unary is not None:
         inner_unary = handler.unary_unary
 

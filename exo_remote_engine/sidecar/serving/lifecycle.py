@@ -80,6 +80,7 @@ class RunningSidecar:
         """Drain: health NOT_SERVING, new calls refused, live streams get ``grace_s`` to
         finish, then they are cancelled (which closes their upstream connections)."""
         self.health.set_all(False)
+        self.servicer.sessions.drain()  # multiplexed sessions take no new completion either
         await self.server.stop(grace_s)
         if self.status is not None:
             await self.status.stop()

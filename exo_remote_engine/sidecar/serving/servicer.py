@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -35,6 +35,7 @@ from exo_remote_engine.sidecar.ledger.spend import Ledger
 from exo_remote_engine.sidecar.ledger.spend_database import SpendDatabase
 from exo_remote_engine.sidecar.relay.stall_watch import StallWatch
 from exo_remote_engine.sidecar.serving.rpc_errors import rpc_errors
+from exo_remote_engine.sidecar.serving.session import Sessions
 from exo_remote_engine.sidecar.serving.settings import DEFAULT_STALL_LIMIT_S
 from exo_remote_engine.sidecar.telemetry.metrics import Metrics, StreamRecorder
 from exo_remote_engine.sidecar.telemetry.safe_logging import printable, safe_logger
@@ -82,6 +83,12 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
         self.lines = Lines(policy, self.config.queue_timeout_s, clock, metrics, getattr(clock, "sleep", None))
         self.worker_ports: Callable[[], Sequence[int]] = tuple  # set when a WorkerPool runs
         self.warnings: tuple[str, ...] = ()  # what every caller should know, e.g. anonymous access
+        self.sessions = Sessions(self.Generate)  # each multiplexed completion runs Generate itself
+
+    async def Session(
+        self, request_iterator: AsyncIterator[pb.SessionRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        await self.sessions.serve(request_iterator, context)
 
     @rpc_errors
     async def ListWorkers(

@@ -1,0 +1,281 @@
+"""A node's multiplexed ``Session``: many completions on one long-lived stream.
+
+One Generate call per completion pays gRPC's call set-up on both sides, which costs more
+than the relay of a short reply; a Session pays it once per connection. Completions are
+numbered by this side; their frames come back tagged and are handed to each completion's
+:class:`SessionStream`. Start frames queued in the same loop tick leave as one message.
+
+What the per-call path gave for free is done here: each completion's own deadline (a timer
+that fails it and tells the sidecar), cancellation (a cancel frame), and the end of the
+session failing every completion still open on it (SIDECAR_UNAVAILABLE, which the client
+retries while nothing was received). A sidecar without ``Session`` (UNIMPLEMENTED) is
+remembered, and the client goes back to one Generate call per completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import Sequence
+from typing import TypeAlias
+
+import grpc
+
+from exo_remote_engine.contract.errors import STATUS_DETAILS_KEY, Reason, RemoteError
+from exo_remote_engine.generated import remote_inference_pb2 as pb
+from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
+
+SessionMethod: TypeAlias = grpc.aio.StreamStreamMultiCallable[pb.SessionRequest, pb.SessionResponse]
+
+# Requests larger than this go as their own Generate call: a session message over the
+# sidecar's receive limit would end the session and every completion on it.
+MAX_MULTIPLEXED_REQUEST_BYTES = 256 * 1024
+# Start frames batched into one message stay under this (well under any receive limit).
+MAX_BATCH_BYTES = 64 * 1024
+# The sidecar's per-completion window is 1 MiB of event bytes (serving/session.py); what
+# the reader took is acknowledged every quarter of it, so a short reply sends no ack and
+# a slow reader holds at most a window here.
+ACK_EVERY_BYTES = 256 * 1024
+
+
+class SessionUnsupported(Exception):
+    """The sidecar has no Session method: use one Generate call per completion."""
+
+
+class SessionStream:
+    """One completion's events, in order; :meth:`read` raises its RemoteError."""
+
+    __slots__ = ("_events", "_failure", "_session", "_taken", "_timer", "_waiter", "done", "stream_id")
+
+    def __init__(self, session: Session, stream_id: int) -> None:
+        self._session = session
+        self.stream_id = stream_id
+        self._events: collections.deque[pb.GenerateResponse] = collections.deque()
+        self._failure: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._taken = 0  # event bytes read and not yet acknowledged
+        self.done = False
+
+    async def read(self) -> pb.GenerateResponse | None:
+        """The next event; None after the finished event."""
+        while not self._events:
+            if self._failure is not None:
+                raise self._failure
+            if self.done:
+                return None
+            self._waiter = self._session.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        event = self._events.popleft()
+        if not self.done:
+            self._taken += event.ByteSize()
+            if self._taken >= ACK_EVERY_BYTES:
+                self._session.ack(self.stream_id, self._taken)
+                self._taken = 0
+        return event
+
+    def cancel(self) -> None:
+        """The consumer stopped early: the sidecar ends the completion (and charges it as
+        a cancelled call)."""
+        if not self.done:
+            self._end()
+            self._session.cancel(self.stream_id)
+
+    def _put(self, event: pb.GenerateResponse) -> None:
+        self._events.append(event)
+        if event.HasField("finished"):
+            self._end()
+        self._wake()
+
+    def _fail(self, failure: BaseException) -> None:
+        if self.done:
+            return
+        self._failure = failure
+        self._end()
+        self._wake()
+
+    def _end(self) -> None:
+        self.done = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._session.forget(self.stream_id)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _deadline_passed(self, deadline_s: float) -> None:
+        if not self.done:
+            self._fail(RemoteError(Reason.DEADLINE_EXCEEDED, f"deadline of {deadline_s:.1f}s exceeded"))
+            self._session.cancel(self.stream_id)
+
+
+class Session:
+    """One Session call on one channel, shared by every completion sent over it."""
+
+    def __init__(self, method: SessionMethod, metadata: Sequence[tuple[str, str]]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._call = method(metadata=metadata)
+        self._streams: dict[int, SessionStream] = {}
+        self._next_id = 0
+        self._outgoing: list[pb.SessionRequestFrame] = []
+        self._outgoing_bytes = 0
+        self._wake = asyncio.Event()
+        self.closed = False  # takes no new completion
+        self._half_close = False
+        self._reader = asyncio.ensure_future(self._read_all())
+        self._writer = asyncio.ensure_future(self._write_all())
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def start(self, request: pb.GenerateRequest, deadline_s: float) -> SessionStream:
+        self._next_id += 1
+        stream = SessionStream(self, self._next_id)
+        self._streams[stream.stream_id] = stream
+        if deadline_s > 0:
+            stream._timer = self.loop.call_later(deadline_s, stream._deadline_passed, deadline_s)
+        frame = pb.SessionRequestFrame(stream_id=stream.stream_id)
+        frame.start.request.CopyFrom(request)
+        frame.start.timeout_seconds = deadline_s
+        self._queue(frame)
+        return stream
+
+    def cancel(self, stream_id: int) -> None:
+        if not self._half_close and not self._reader.done():
+            self._queue(pb.SessionRequestFrame(stream_id=stream_id, cancel=pb.SessionCancel()))
+
+    def ack(self, stream_id: int, consumed_bytes: int) -> None:
+        if not self._half_close and not self._reader.done():
+            frame = pb.SessionRequestFrame(stream_id=stream_id)
+            frame.ack.consumed_bytes = consumed_bytes
+            self._queue(frame)
+
+    def forget(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+
+    async def close(self) -> None:
+        """End the session: its open completions fail as a closed channel's calls would."""
+        self._closed(RemoteError(Reason.SIDECAR_UNAVAILABLE, "sidecar unavailable: session closed"))
+        self._call.cancel()
+        for task in (self._reader, self._writer):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _queue(self, frame: pb.SessionRequestFrame) -> None:
+        self._outgoing.append(frame)
+        self._wake.set()
+
+    def retire(self) -> None:
+        """No new completion here; the open ones finish, then the sidecar ends the session
+        (the client half-closes it once what is queued has left)."""
+        self.closed = True
+        self._half_close = True
+        self._wake.set()
+
+    async def _write_all(self) -> None:
+        """Frames queued while the previous write was in flight leave together, up to
+        :data:`MAX_BATCH_BYTES` a message."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                pending, self._outgoing = self._outgoing, []
+                batch: list[pb.SessionRequestFrame] = []
+                size = 0
+                for frame in pending:
+                    n = frame.ByteSize()
+                    if batch and size + n > MAX_BATCH_BYTES:
+                        await self._call.write(pb.SessionRequest(frames=batch))
+                        batch, size = [], 0
+                    batch.append(frame)
+                    size += n
+                if batch:
+                    await self._call.write(pb.SessionRequest(frames=batch))
+                if self._half_close and not self._outgoing:
+                    await self._call.done_writing()
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the call ended: the reader reports why
+            self._call.cancel()
+
+    async def _read_all(self) -> None:
+        failure: BaseException
+        try:
+            while True:
+                message = await self._call.read()
+                if message is grpc.aio.EOF:
+                    break
+                streams = self._streams
+                for frame in message.frames:  # type: ignore[union-attr]
+                    stream = streams.get(frame.stream_id)
+                    if stream is None:
+                        continue  # cancelled or timed out here already
+                    if frame.HasField("event"):
+                        stream._put(frame.event)
+                    else:
+                        stream._fail(RemoteError.from_status(None, None, ((STATUS_DETAILS_KEY, frame.status),)))
+            failure = RemoteError(Reason.SIDECAR_UNAVAILABLE, "sidecar unavailable: the session ended")
+        except asyncio.CancelledError:
+            failure = RemoteError(Reason.SIDECAR_UNAVAILABLE, "sidecar unavailable: session closed")
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                failure = SessionUnsupported()
+            else:
+                details = exc.details() if hasattr(exc, "details") else str(exc)
+                trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+                failure = RemoteError.from_status(code, details, trailers)
+        self._closed(failure)
+
+    def _closed(self, failure: BaseException) -> None:
+        self.closed = True
+        for stream in list(self._streams.values()):
+            stream._fail(failure)
+        self._streams.clear()
+
+
+class SessionPool:
+    """One session per channel (a channel reaches one sidecar process), and the channels
+    whose sidecar has none (an older sidecar)."""
+
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self._metadata = metadata
+        self._sessions: dict[grpc.aio.Channel, Session] = {}
+        self._unsupported: set[grpc.aio.Channel] = set()
+
+    def session(self, channel: grpc.aio.Channel) -> Session | None:
+        """The open session of ``channel``, opened when it has none (or its last ended)."""
+        if channel in self._unsupported:
+            return None
+        session = self._sessions.get(channel)
+        if session is None or session.closed:
+            method: SessionMethod = pb_grpc.RemoteInferenceServiceStub(channel).Session
+            session = self._sessions[channel] = Session(method, self._metadata)
+        return session
+
+    def unsupported(self, channel: grpc.aio.Channel) -> None:
+        self._unsupported.add(channel)
+
+    def retire(self, channel: grpc.aio.Channel) -> None:
+        """``channel`` takes no new completion: its sessions end once their completions have."""
+        session = self._sessions.pop(channel, None)
+        if session is not None:
+            session.retire()
+        self._unsupported.discard(channel)
+
+    async def close(self, channel: grpc.aio.Channel | None = None) -> None:
+        """Close ``channel``'s sessions now (every channel's when None)."""
+        channels = list(self._sessions) if channel is None else [channel]
+        for each in channels:
+            session = self._sessions.pop(each, None)
+            if session is not None:
+                await session.close()
+            self._unsupported.discard(each)
