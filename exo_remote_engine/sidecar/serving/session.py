@@ -256,6 +256,10 @@ class Sessions:
         finally:
             self._open.discard(session)
 
+    @property
+    def open_sessions(self) -> int:
+        return len(self._open)
+
     def drain(self) -> None:
         """New starts on any session get SIDECAR_UNAVAILABLE (clients retry elsewhere);
         open completions finish within the server's grace."""
