@@ -171,11 +171,13 @@ async def test_a_sidecar_restart_fails_open_completions_and_the_next_one_gets_a_
     first = await tenants.start(_config(upstream))
     client = tenants.client(first, VICTIM)
     received = ""
+    stopping: list[asyncio.Future[None]] = []
     with pytest.raises(RemoteError) as caught:
         async for event in client.generate(chat_request("slow")):
             received += event.delta.text
             if received.count("tick") == 3:
-                asyncio.ensure_future(first.stop(grace_s=None))
+                stopping.append(asyncio.ensure_future(first.stop(grace_s=None)))
+    await asyncio.wait_for(stopping[0], 20)
     assert caught.value.reason in (Reason.SIDECAR_UNAVAILABLE, Reason.CANCELLED), caught.value
     assert received.startswith("tick tick tick ") and set(received.split()) == {"tick"}
     tenants.running.remove(first)
