@@ -122,7 +122,7 @@ class Session:
         self._call = method(metadata=metadata)
         self._streams: dict[int, SessionStream] = {}
         self._next_id = 0
-        self._outgoing: list[pb.SessionRequestFrame] = []
+        self._outgoing: list[pb.SessionRequest] = []
         self._outgoing_bytes = 0
         self._wake = asyncio.Event()
         self.closed = False  # takes no new completion
@@ -140,21 +140,18 @@ class Session:
         self._streams[stream.stream_id] = stream
         if deadline_s > 0:
             stream._timer = self.loop.call_later(deadline_s, stream._deadline_passed, deadline_s)
-        frame = pb.SessionRequestFrame(stream_id=stream.stream_id)
-        frame.start.request.CopyFrom(request)
-        frame.start.timeout_seconds = deadline_s
-        self._queue(frame)
+        start = self._frame(stream.stream_id, request.ByteSize()).start
+        start.request.CopyFrom(request)
+        start.timeout_seconds = deadline_s
         return stream
 
     def cancel(self, stream_id: int) -> None:
         if not self._half_close and not self._reader.done():
-            self._queue(pb.SessionRequestFrame(stream_id=stream_id, cancel=pb.SessionCancel()))
+            self._frame(stream_id).cancel.SetInParent()
 
     def ack(self, stream_id: int, consumed_bytes: int) -> None:
         if not self._half_close and not self._reader.done():
-            frame = pb.SessionRequestFrame(stream_id=stream_id)
-            frame.ack.consumed_bytes = consumed_bytes
-            self._queue(frame)
+            self._frame(stream_id).ack.consumed_bytes = consumed_bytes
 
     def forget(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
@@ -168,9 +165,15 @@ class Session:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    def _queue(self, frame: pb.SessionRequestFrame) -> None:
-        self._outgoing.append(frame)
+    def _frame(self, stream_id: int, size: int = 16) -> pb.SessionRequestFrame:
+        """A new frame in the next outgoing message (built in place: the request is copied
+        once), or in a new one past :data:`MAX_BATCH_BYTES`."""
+        if not self._outgoing or self._outgoing_bytes + size > MAX_BATCH_BYTES:
+            self._outgoing.append(pb.SessionRequest())
+            self._outgoing_bytes = 0
+        self._outgoing_bytes += size
         self._wake.set()
+        return self._outgoing[-1].frames.add(stream_id=stream_id)
 
     def retire(self) -> None:
         """No new completion here; the open ones finish, then the sidecar ends the session
@@ -187,17 +190,8 @@ class Session:
                 await self._wake.wait()
                 self._wake.clear()
                 pending, self._outgoing = self._outgoing, []
-                batch: list[pb.SessionRequestFrame] = []
-                size = 0
-                for frame in pending:
-                    n = frame.ByteSize()
-                    if batch and size + n > MAX_BATCH_BYTES:
-                        await self._call.write(pb.SessionRequest(frames=batch))
-                        batch, size = [], 0
-                    batch.append(frame)
-                    size += n
-                if batch:
-                    await self._call.write(pb.SessionRequest(frames=batch))
+                for message in pending:
+                    await self._call.write(message)
                 if self._half_close and not self._outgoing:
                     await self._call.done_writing()
                     return

@@ -75,8 +75,9 @@ class CompletionContext:
                 await self._acked
             finally:
                 self._acked = None
-        self._unacked += response.ByteSize()
-        await self._session.send(pb.SessionResponseFrame(stream_id=self._stream_id, event=response))
+        size = response.ByteSize()
+        self._unacked += size
+        await self._session.send_event(self._stream_id, response, size)
 
     def ack(self, consumed_bytes: int) -> None:
         self._unacked = max(0, self._unacked - consumed_bytes)
@@ -92,7 +93,7 @@ class CompletionContext:
         status = next((v for k, v in self._trailers if k == STATUS_DETAILS_KEY and isinstance(v, bytes)), None)
         if status is None:  # every abort goes through contract.errors.abort, which sets it
             status = RemoteError(Reason.INTERNAL, details or code.name).to_status_proto().SerializeToString()
-        self._session.send_now(pb.SessionResponseFrame(stream_id=self._stream_id, status=status))
+        self._session.send_status(self._stream_id, status)
         raise grpc.aio.AbortError()
 
 
@@ -107,7 +108,8 @@ class _Session:
         self._context = context
         self._open: dict[int, asyncio.Task[None]] = {}
         self._contexts: dict[int, CompletionContext] = {}
-        self._queued: list[pb.SessionResponseFrame] = []
+        # The next message, built in place: each frame is copied once, into it.
+        self._queued = pb.SessionResponse()
         self._queued_bytes = 0
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
@@ -117,16 +119,21 @@ class _Session:
         self._ended_idle = False
         self.draining = False
 
-    async def send(self, frame: pb.SessionResponseFrame) -> None:
-        """Queue ``frame``; waits while the session holds too much unwritten (backpressure
+    async def send_event(self, stream_id: int, event: pb.GenerateResponse, size: int) -> None:
+        """Queue ``event``; waits while the session holds too much unwritten (backpressure
         to this completion's relay, and its stall watch)."""
         while not self._room.is_set():
             await self._room.wait()
-        self.send_now(frame)
+        frame = self._queued.frames.add(stream_id=stream_id)
+        frame.event.CopyFrom(event)
+        self._queued_more(size)
 
-    def send_now(self, frame: pb.SessionResponseFrame) -> None:
-        self._queued.append(frame)
-        self._queued_bytes += frame.ByteSize()
+    def send_status(self, stream_id: int, status: bytes) -> None:
+        self._queued.frames.add(stream_id=stream_id, status=status)
+        self._queued_more(len(status))
+
+    def _queued_more(self, size: int) -> None:
+        self._queued_bytes += size
         if self._queued_bytes > MAX_QUEUED_BYTES:
             self._room.clear()
         self._wake.set()
@@ -190,7 +197,7 @@ class _Session:
             raise RemoteError(Reason.INVALID_REQUEST, f"stream id {stream_id} is already open on this session")
         refusal = self._refusal()
         if refusal is not None:
-            self.send_now(pb.SessionResponseFrame(stream_id=stream_id, status=refusal))
+            self.send_status(stream_id, refusal)
             return
         completion = CompletionContext(self, stream_id, frame.start.timeout_seconds)
         task = asyncio.ensure_future(self._complete(frame.start.request, completion))
@@ -224,14 +231,14 @@ class _Session:
 
     async def _write_all(self) -> None:
         """Whatever queued while the previous write was in flight leaves as one message."""
-        while not (self._closing and not self._queued):
+        while not (self._closing and not self._queued.frames):
             await self._wake.wait()
             self._wake.clear()
-            if not self._queued:
+            if not self._queued.frames:
                 continue
-            frames, self._queued, self._queued_bytes = self._queued, [], 0
+            message, self._queued, self._queued_bytes = self._queued, pb.SessionResponse(), 0
             self._room.set()
-            await self._context.write(pb.SessionResponse(frames=frames))
+            await self._context.write(message)
 
 
 class Sessions:
