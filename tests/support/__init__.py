@@ -8,7 +8,8 @@ another's helpers):
   ``harness`` (requests, clients, ``drain``, key-leak checks), ``transports`` (the
   ``transport`` fixture), ``traffic``, ``topology``;
 - time and privileges: ``clock`` (a fake clock), ``waits`` (wait for the event, bounded),
-  ``unprivileged`` (run as nobody when root);
+  ``minutes`` (rpm/tpm checks that hold whichever real-clock minute windows a burst
+  crossed), ``unprivileged`` (run as nobody when root);
 - classic exo: ``fake_exo`` and the pin it is checked against, ``exo_signatures``;
 - ``real_parts``: a missing real part skips locally and fails with CI=true.
 """

@@ -5,6 +5,7 @@ optional ``exo_remote_settings``. The one writer of such entries for the suite."
 from __future__ import annotations
 
 from collections.abc import Iterable
+from decimal import Decimal
 from pathlib import Path
 
 # The variable every test config reads the upstream key from; tests set it (often to the
@@ -12,18 +13,26 @@ from pathlib import Path
 KEY_ENV = "TEST_UPSTREAM_KEY"
 
 
-def deployment(alias: str, model: str, url: str, **params: object) -> str:
+def deployment(alias: str, model: str, url: str, price: tuple[float, float] | None = None, **params: object) -> str:
     """One ``model_list`` entry: ``alias`` served by ``openai/<model>`` at ``url``/v1, with
-    extra ``litellm_params`` (``rpm=5``, ``weight=2``, ...)."""
+    extra ``litellm_params`` (``rpm=5``, ``weight=2``, ...); ``price``: the operator's
+    (input, output) cost per token."""
+    if price is not None:
+        params = {"input_cost_per_token": price[0], "output_cost_per_token": price[1], **params}
     lines = [
         f"  - model_name: {alias}",
         "    litellm_params:",
         f"      model: openai/{model}",
         f"      api_base: {url}/v1",
         f"      api_key: os.environ/{KEY_ENV}",
-        *(f"      {k}: {v}" for k, v in params.items()),
+        *(f"      {k}: {_scalar(v)}" for k, v in params.items()),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _scalar(value: object) -> str:
+    """A YAML scalar; floats in fixed point (YAML 1.1 reads ``1e-06`` as a string)."""
+    return format(Decimal(repr(value)), "f") if isinstance(value, float) else str(value)
 
 
 def write_config(path: Path, upstream_url: str, aliases: Iterable[str], settings: str = "") -> Path:

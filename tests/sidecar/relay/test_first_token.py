@@ -82,21 +82,30 @@ async def test_a_hedge_wins_over_a_silent_member_and_both_are_charged(
     upstream.scenarios["m-fast"] = Scenario(chunks=["one ", "reply ", "only"])
     url = upstream.url
     text = "model_list:\n" + deployment("g", "m-slow", url, weight=1000) + deployment("g", "m-fast", url, weight=1)
-    text += "router_settings:\n  hedge_after: 0.2\n  ttft_timeout: 30\n"
+    # The first-token deadline cannot end the wait within the test: only the hedge can.
+    text += "router_settings:\n  hedge_after: 0.2\n  ttft_timeout: 600\n"
     sidecar = await sidecars.start(text, FakeClock())
     client = sidecar_client(sidecar.address)
     try:
-        events = [e async for e in client.generate(_request("g", "h1"))]
+        for i in range(3):  # (1 in 1001, m-fast is picked first and answers alone: ask again)
+            async with asyncio.timeout(30):  # the hedge starts after 0.2 s; without it, 600 s
+                events = [e async for e in client.generate(_request("g", f"h{i}"))]
+            if upstream.requests_for("m-slow"):
+                break
     finally:
         await client.close()
     text_out = "".join(e.delta.text for e in events if e.HasField("delta"))
     assert text_out == "one reply only"
     assert events[-1].HasField("finished") and sum(e.HasField("finished") for e in events) == 1
-    if upstream.requests_for("m-slow"):  # (1 in 1001: m-fast was picked first and won alone)
-        record = await upstream.wait_closed("m-slow", timeout=10)
-        assert record.client_disconnected
-        assert ("openai/m-slow", "abandoned") in [(m, o) for m, o, _ in _rows(sidecar)]
-    assert ("openai/m-fast", "completed") in [(m, o) for m, o, _ in _rows(sidecar)]
+    assert len(upstream.requests_for("m-slow")) == 1, "m-slow, picked first, stayed silent"
+    slow = await upstream.wait_closed("m-slow", timeout=10)
+    fast = await upstream.wait_closed("m-fast", timeout=10)
+    while fast.started_at < slow.started_at:  # an earlier request that m-fast answered alone
+        fast = await upstream.wait_closed("m-fast", timeout=10)
+    assert slow.client_disconnected and fast.outcome == "completed"
+    assert fast.started_at < slow.ended_at, "the hedge began while m-slow was still silent"
+    rows = [(m, o) for m, o, _ in _rows(sidecar)]
+    assert ("openai/m-slow", "abandoned") in rows and ("openai/m-fast", "completed") in rows, rows
 
 
 def _request(model: str, text: str) -> pb.GenerateRequest:
