@@ -155,11 +155,11 @@ class _Session:
                 raise
             task.uncancel()  # drained while idle: end OK, the client opens another
         finally:
-            for task in self._open.values():
-                task.cancel()
+            self._closing = True  # from here on the session ends by itself (end_if_idle waits)
+            for completion in self._open.values():
+                completion.cancel()
             if self._open:
                 await asyncio.wait(list(self._open.values()))
-            self._closing = True
             self._wake.set()
             if not writer.done():
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -172,7 +172,7 @@ class _Session:
 
     def end_if_idle(self) -> None:
         """Draining: a session with nothing open ends now instead of holding the grace."""
-        if self.draining and not self._open and self._task is not None and not self._ended_idle:
+        if self.draining and not self._open and self._task is not None and not (self._ended_idle or self._closing):
             self._ended_idle = True
             self._task.cancel()
 
