@@ -21,6 +21,7 @@ from tests.support.sidecars import InProcessSidecars
 
 if TYPE_CHECKING:  # tests.support.traffic imports this module (through the harness)
     from tests.support.servers import PostgresServer, RedisServer
+    from tests.support.tenants import Tenants
     from tests.support.traffic import Sidecars
 
 # With CI=true a skip for a missing real part is a failure (only EXO_SRC's may stay a skip).
@@ -73,6 +74,18 @@ def sidecar_for(
         return await in_process_sidecars.start(write_config(path, upstream.url, aliases, exo_settings), **settings)
 
     return start
+
+
+@pytest.fixture
+async def tenants(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Tenants]:
+    """Sidecars serving two nodes (an attacker and a victim, tests/support/tenants.py) with
+    the planted key in the environment; stopped with their clients at teardown."""
+    from tests.support.tenants import Tenants
+
+    monkeypatch.setenv(KEY_ENV, PLANTED_KEY)
+    started = Tenants(tmp_path)
+    yield started
+    await started.stop()
 
 
 @pytest.fixture

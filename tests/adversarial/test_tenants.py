@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +49,6 @@ from tests.support.transports import TRANSPORTS, use_transport
 OVERSIZED = "OVERSIZED-PROMPT"
 TOO_LONG = Scenario(status=400, error_message=CONTEXT_ERROR, error_code="context_length_exceeded")
 COOLDOWN = "router_settings:\n  allowed_fails: 1\n  cooldown_time: 60\n"
-
-
-@pytest.fixture
-async def tenants(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Tenants]:
-    monkeypatch.setenv(KEY_ENV, PLANTED_KEY)
-    started = Tenants(tmp_path)
-    yield started
-    await started.stop()
 
 
 def _prompts(upstream: OpenAIUpstream, marker: str) -> int:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,16 +23,6 @@ from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.tenants import TOKENS, VICTIM, Tenants, ledger_rows, tenant_config, wait_for
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def tenants(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Tenants]:
-    from tests.support.configs import KEY_ENV
-
-    monkeypatch.setenv(KEY_ENV, "sk-upstream-test-key-000000")
-    started = Tenants(tmp_path)
-    yield started
-    await started.stop()
 
 
 def _config(upstream: OpenAIUpstream) -> str:

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -79,16 +78,6 @@ class RawSession:
         with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
             await self.reader
         await self.channel.close()
-
-
-@pytest.fixture
-async def tenants(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Tenants]:
-    from tests.support.configs import KEY_ENV
-
-    monkeypatch.setenv(KEY_ENV, "sk-upstream-test-key-000000")
-    started = Tenants(tmp_path)
-    yield started
-    await started.stop()
 
 
 @pytest.fixture
