@@ -4,14 +4,15 @@ and ``cancel`` when the reader stops early."""
 
 from __future__ import annotations
 
-from typing import Protocol, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import grpc
 
 from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 
-GenerateCall: TypeAlias = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse]
+if TYPE_CHECKING:  # grpcio 1.70 (classic exo's pin) cannot subscript these at run time
+    GenerateCall: TypeAlias = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse]
 
 
 class Completion(Protocol):

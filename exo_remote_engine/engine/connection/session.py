@@ -18,7 +18,7 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import Sequence
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import grpc
 
@@ -26,7 +26,8 @@ from exo_remote_engine.contract.errors import STATUS_DETAILS_KEY, Reason, Remote
 from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 
-SessionMethod: TypeAlias = grpc.aio.StreamStreamMultiCallable[pb.SessionRequest, pb.SessionResponse]
+if TYPE_CHECKING:  # grpcio 1.70 (classic exo's pin) cannot subscript these at run time
+    SessionMethod: TypeAlias = grpc.aio.StreamStreamMultiCallable[pb.SessionRequest, pb.SessionResponse]
 
 # Requests larger than this go as their own Generate call: a session message over the
 # sidecar's receive limit would end the session and every completion on it.
