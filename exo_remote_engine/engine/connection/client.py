@@ -183,7 +183,6 @@ class SidecarClient:
         target = sidecar_target(",".join(addresses)).target
         if target != self._channel_target and self._channel is not None:
             old = self._channel
-            self._sessions.retire(old)
             closing = asyncio.ensure_future(old.close(grace=self.target.deadline_s))
             self._retired[old] = closing
             closing.add_done_callback(lambda _: self._retired.pop(old, None))

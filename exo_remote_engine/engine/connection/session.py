@@ -127,7 +127,6 @@ class Session:
         self._outgoing_bytes = 0
         self._wake = asyncio.Event()
         self.closed = False  # takes no new completion
-        self._half_close = False
         self._reader = asyncio.ensure_future(self._read_all())
         self._writer = asyncio.ensure_future(self._write_all())
 
@@ -147,11 +146,11 @@ class Session:
         return stream
 
     def cancel(self, stream_id: int) -> None:
-        if not self._half_close and not self._reader.done():
+        if not self._reader.done():
             self._frame(stream_id).cancel.SetInParent()
 
     def ack(self, stream_id: int, consumed_bytes: int) -> None:
-        if not self._half_close and not self._reader.done():
+        if not self._reader.done():
             self._frame(stream_id).ack.consumed_bytes = consumed_bytes
 
     def forget(self, stream_id: int) -> None:
@@ -176,13 +175,6 @@ class Session:
         self._wake.set()
         return self._outgoing[-1].frames.add(stream_id=stream_id)
 
-    def retire(self) -> None:
-        """No new completion here; the open ones finish, then the sidecar ends the session
-        (the client half-closes it once what is queued has left)."""
-        self.closed = True
-        self._half_close = True
-        self._wake.set()
-
     async def _write_all(self) -> None:
         """Frames queued while the previous write was in flight leave together, up to
         :data:`MAX_BATCH_BYTES` a message."""
@@ -193,9 +185,6 @@ class Session:
                 pending, self._outgoing = self._outgoing, []
                 for message in pending:
                     await self._call.write(message)
-                if self._half_close and not self._outgoing:
-                    await self._call.done_writing()
-                    return
         except asyncio.CancelledError:
             raise
         except Exception:  # the call ended: the reader reports why
@@ -258,13 +247,6 @@ class SessionPool:
 
     def unsupported(self, channel: grpc.aio.Channel) -> None:
         self._unsupported.add(channel)
-
-    def retire(self, channel: grpc.aio.Channel) -> None:
-        """``channel`` takes no new completion: its sessions end once their completions have."""
-        session = self._sessions.pop(channel, None)
-        if session is not None:
-            session.retire()
-        self._unsupported.discard(channel)
 
     async def close(self, channel: grpc.aio.Channel | None = None) -> None:
         """Close ``channel``'s sessions now (every channel's when None)."""
