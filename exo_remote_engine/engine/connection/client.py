@@ -329,10 +329,10 @@ class SidecarClient:
         a target of several hosts or a ``dns:`` name. There gRPC's round_robin spreads and
         moves *calls* over the hosts (see the module doc); a session is one call, and would
         pin every completion of this node to the host it happened to reach."""
-        if self._multiplexed and request.ByteSize() <= MAX_MULTIPLEXED_REQUEST_BYTES:
+        if self._multiplexed and (size := request.ByteSize()) <= MAX_MULTIPLEXED_REQUEST_BYTES:
             session = self._sessions.session(channel)
             if session is not None:
-                return session.start(request, self.target.deadline_s)
+                return session.start(request, self.target.deadline_s, size)
         metadata = self.target.metadata(request.request_id)
         call = self._generate_method(channel)(request, timeout=self.target.deadline_s, metadata=metadata)
         return CallCompletion(call)

@@ -130,17 +130,15 @@ class Session:
         self._reader = asyncio.ensure_future(self._read_all())
         self._writer = asyncio.ensure_future(self._write_all())
 
-    @property
-    def open_streams(self) -> int:
-        return len(self._streams)
-
-    def start(self, request: pb.GenerateRequest, deadline_s: float) -> SessionStream:
+    def start(self, request: pb.GenerateRequest, deadline_s: float, size: int) -> SessionStream:
+        """Open a completion of ``request`` (``size``: its serialized bytes, which the caller
+        already measured)."""
         self._next_id += 1
         stream = SessionStream(self, self._next_id)
         self._streams[stream.stream_id] = stream
         if deadline_s > 0:
             stream._timer = self.loop.call_later(deadline_s, stream._deadline_passed, deadline_s)
-        start = self._frame(stream.stream_id, request.ByteSize()).start
+        start = self._frame(stream.stream_id, size).start
         start.request.CopyFrom(request)
         start.timeout_seconds = deadline_s
         return stream
