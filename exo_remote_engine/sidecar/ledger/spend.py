@@ -17,6 +17,8 @@ tens of microseconds; the hop to a thread and back cost several times that per r
 through a connection that never waits for a lock and never checkpoints; when another
 connection or process holds the write lock, the row goes to one dedicated writer thread,
 which also does the checkpoints, so the loop never waits on a lock or a checkpoint.
+Rows commit in the order they were recorded: while the thread holds one, later rows queue
+behind it (a lost hedge's row is durable before the reply it lost to is reported finished).
 
 With ``--database`` (several sidecar hosts sharing spend in PostgreSQL) this file stays the
 first, durable home of every row: :mod:`~exo_remote_engine.sidecar.ledger.spend_database` copies
@@ -32,6 +34,7 @@ import datetime as dt
 import functools
 import os
 import sqlite3
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +226,8 @@ class Ledger:
             self._inline.execute("PRAGMA synchronous=NORMAL")
             self._inline.execute("PRAGMA wal_autocheckpoint=0")
         self._inline_rows = 0
+        self._queued = 0  # rows handed to the writer thread and not yet committed
+        self._queued_lock = threading.Lock()
 
     @classmethod
     def open(cls, state_dir: Path, readonly: bool = False) -> Ledger:
@@ -285,29 +290,49 @@ class Ledger:
         )  # autocommit: one transaction per request
 
     async def record(self, charge: Charge) -> None:
-        """Commit ``charge``; returns once it is durable (module doc: inline when the file is
-        free, else on the writer thread)."""
-        if self._inline is not None:
-            try:
-                self._insert(charge, self._inline)
-            except sqlite3.OperationalError:  # locked by another writer: the thread waits for it
-                pass
-            else:
-                self._inline_rows += 1
-                if self._inline_rows % CHECKPOINT_EVERY == 0:
-                    self._writer.submit(self._checkpoint)
-                return
-        await asyncio.get_running_loop().run_in_executor(self._writer, self._insert, charge)
+        """Commit ``charge``; returns once it is durable, and every row recorded before it
+        too (module doc: inline when the file is free, else on the writer thread)."""
+        if not self._commit_inline(charge):
+            await asyncio.wrap_future(self._queue(charge))
+
+    def record_soon(self, charge: Charge) -> None:
+        """Commit ``charge`` without waiting (for a call that is being cancelled); a row
+        recorded after it is never durable before it."""
+        if not self._commit_inline(charge):
+            self._queue(charge)
+
+    def _commit_inline(self, charge: Charge) -> bool:
+        """Commit on the event loop if the writer thread has no row waiting (rows commit in
+        the order they were recorded: an abandoned attempt's before the reply's) and the
+        file is free at once; False: the writer thread must take it."""
+        if self._inline is None or self._queued:
+            return False
+        try:
+            self._insert(charge, self._inline)
+        except sqlite3.OperationalError:  # locked by another writer: the thread waits for it
+            return False
+        self._inline_rows += 1
+        if self._inline_rows % CHECKPOINT_EVERY == 0:
+            self._writer.submit(self._checkpoint)
+        return True
+
+    def _queue(self, charge: Charge) -> concurrent.futures.Future[None]:
+        with self._queued_lock:
+            self._queued += 1
+        return self._writer.submit(self._insert_queued, charge)
+
+    def _insert_queued(self, charge: Charge) -> None:
+        try:
+            self._insert(charge)
+        finally:
+            with self._queued_lock:
+                self._queued -= 1
 
     def _checkpoint(self) -> None:
         try:
             self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error:
             pass  # the next one, or another connection's automatic checkpoint, does it
-
-    def record_soon(self, charge: Charge) -> None:
-        """Commit ``charge`` without waiting (for a call that is being cancelled)."""
-        self._writer.submit(self._insert, charge)
 
     def spent(self, node: str, since: float, after_id: int = 0) -> float:
         """``node``'s spend since ``since`` (in rows after ``after_id``: not yet shipped)."""

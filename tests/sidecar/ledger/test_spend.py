@@ -1,11 +1,16 @@
 """Spend: each request's cost from LiteLLM's cost map in the SQLite ledger, node budgets,
-streams cut short, and a SIGKILLed sidecar that keeps every finished request's spend."""
+streams cut short, a SIGKILLed sidecar that keeps every finished request's spend, and the
+ledger's commit order: rows durable in the order they were recorded, on the event loop or
+on the writer thread (a hedge that lost is recorded before the reply it lost to, and the
+client learns the reply finished only once both are durable)."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import litellm
@@ -14,7 +19,7 @@ import pytest
 from exo_remote_engine.cli.main import main, render_models, render_usage
 from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.sidecar.config.loader import ConfigError
-from exo_remote_engine.sidecar.ledger.spend import DB_NAME
+from exo_remote_engine.sidecar.ledger.spend import DB_NAME, Charge, Ledger
 from tests.support.clock import FakeClock
 from tests.support.configs import KEY_ENV, deployment
 from tests.support.harness import chat_request, metrics_text_of, sidecar_client
@@ -207,3 +212,47 @@ def test_budget_exceeded_crosses_the_wire_as_itself() -> None:
         "param": None,
     }
     assert not back.retryable, "waiting seconds does not refill a budget"
+
+
+def _charge(request_id: str, outcome: str = "completed") -> Charge:
+    return Charge(request_id, time.time(), "node", "m", "m", "openai/m", 10, 5, 0.01, False, outcome)
+
+
+def _committed(path: Path) -> list[str]:
+    with sqlite3.connect(path) as db:
+        return [row[0] for row in db.execute("SELECT request_id FROM requests ORDER BY id")]
+
+
+async def test_a_row_recorded_soon_is_durable_before_a_later_row_returns(tmp_path: Path) -> None:
+    ledger = Ledger.open(tmp_path)
+    busy = threading.Event()
+    # The writer thread held busy (as a checkpoint or a copy to a shared database holds it).
+    ledger._writer.submit(busy.wait, 30)
+    try:
+        ledger.record_soon(_charge("lost-hedge", "abandoned"))
+        await asyncio.wait_for(ledger.record(_charge("reply")), timeout=10)
+        assert _committed(ledger.path) == ["lost-hedge", "reply"]
+    finally:
+        busy.set()
+        ledger.close()
+
+
+async def test_rows_queued_behind_a_locked_file_keep_their_order(tmp_path: Path) -> None:
+    ledger = Ledger.open(tmp_path)
+    other = sqlite3.connect(ledger.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another worker process holds the write lock
+    try:
+        ledger.record_soon(_charge("first", "cancelled"))
+        second = asyncio.create_task(ledger.record(_charge("second")))
+        ticks = 0
+        while ticks < 20:  # the loop is not blocked while the rows wait for the lock
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not second.done() and _committed(ledger.path) == []
+        other.execute("COMMIT")
+        await asyncio.wait_for(second, timeout=10)
+        ledger.record_soon(_charge("third"))  # the queue is empty again: committed at once
+        assert _committed(ledger.path) == ["first", "second", "third"]
+    finally:
+        other.close()
+        ledger.close()
