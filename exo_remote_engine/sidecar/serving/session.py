@@ -10,7 +10,9 @@ check, model, node rules, limits and queue lines, budget reservation, stall watc
 accounting, the one log line.
 
 The writer batches: frames queued while its previous write was in flight leave together in
-one message (gRPC's cost is per message). What a session holds is bounded: at most
+one message (gRPC's cost is per message), and a message of continuation deltas only leaves
+:data:`COALESCE_S` after the previous one at the earliest, so deltas of a node's concurrent
+streams share messages; a completion's first event, its end and errors never wait. What a session holds is bounded: at most
 :data:`MAX_OPEN_COMPLETIONS` open completions, and at most :data:`MAX_QUEUED_BYTES` of frames
 not yet written; past that a completion's write waits, so a node that stops reading its
 session is ended by each completion's stall watch, as a stalled Generate call is. Only that
@@ -39,6 +41,12 @@ MAX_OPEN_COMPLETIONS = 1024
 COMPLETION_WINDOW_BYTES = 1024 * 1024
 MAX_QUEUED_BYTES = 4 * 1024 * 1024
 WRITE_FLUSH_S = 5.0  # a session's last frames get this long to leave once it ends
+# A message carrying only continuation deltas leaves at most this long after the previous
+# one, so frames that arrive meanwhile share it: gRPC's cost is per message (~200 us of the
+# sidecar's CPU here), not per frame (docs/benchmarks.md). A completion's first event, its
+# end, an error, and a queue past URGENT_BYTES never wait.
+COALESCE_S = 0.002
+URGENT_BYTES = 256 * 1024
 
 Generate = Callable[[pb.GenerateRequest, Any], Awaitable[None]]
 
@@ -46,7 +54,7 @@ Generate = Callable[[pb.GenerateRequest, Any], Awaitable[None]]
 class CompletionContext:
     """What Generate reads and calls on its context, for one completion of a session."""
 
-    __slots__ = ("_acked", "_deadline", "_loop", "_session", "_stream_id", "_trailers", "_unacked")
+    __slots__ = ("_acked", "_deadline", "_loop", "_sent_any", "_session", "_stream_id", "_trailers", "_unacked")
 
     def __init__(self, session: _Session, stream_id: int, timeout_s: float) -> None:
         self._session = session
@@ -56,6 +64,7 @@ class CompletionContext:
         self._trailers: Sequence[tuple[str, Any]] = ()
         self._unacked = 0  # event bytes sent that the client's reader has not taken yet
         self._acked: asyncio.Future[None] | None = None
+        self._sent_any = False
 
     def invocation_metadata(self) -> Sequence[tuple[str, Any]] | None:
         return self._session.metadata
@@ -77,7 +86,9 @@ class CompletionContext:
                 self._acked = None
         size = response.ByteSize()
         self._unacked += size
-        await self._session.send_event(self._stream_id, response, size)
+        urgent = not self._sent_any or response.HasField("finished")
+        self._sent_any = True
+        await self._session.send_event(self._stream_id, response, size, urgent)
 
     def ack(self, consumed_bytes: int) -> None:
         self._unacked = max(0, self._unacked - consumed_bytes)
@@ -112,6 +123,9 @@ class _Session:
         self._queued = pb.SessionResponse()
         self._queued_bytes = 0
         self._wake = asyncio.Event()
+        self._urgent = False  # something queued must not wait for company
+        self._now = asyncio.Event()  # set with _urgent: ends a wait for company
+        self._last_write = 0.0
         self._room = asyncio.Event()
         self._room.set()
         self._closing = False
@@ -119,23 +133,27 @@ class _Session:
         self._ended_idle = False
         self.draining = False
 
-    async def send_event(self, stream_id: int, event: pb.GenerateResponse, size: int) -> None:
-        """Queue ``event``; waits while the session holds too much unwritten (backpressure
-        to this completion's relay, and its stall watch)."""
+    async def send_event(self, stream_id: int, event: pb.GenerateResponse, size: int, urgent: bool) -> None:
+        """Queue ``event`` (``urgent``: a first event or an end, which never waits for
+        company); waits while the session holds too much unwritten (backpressure to this
+        completion's relay, and its stall watch)."""
         while not self._room.is_set():
             await self._room.wait()
         frame = self._queued.frames.add(stream_id=stream_id)
         frame.event.CopyFrom(event)
-        self._queued_more(size)
+        self._queued_more(size, urgent)
 
     def send_status(self, stream_id: int, status: bytes) -> None:
         self._queued.frames.add(stream_id=stream_id, status=status)
-        self._queued_more(len(status))
+        self._queued_more(len(status), True)
 
-    def _queued_more(self, size: int) -> None:
+    def _queued_more(self, size: int, urgent: bool) -> None:
         self._queued_bytes += size
         if self._queued_bytes > MAX_QUEUED_BYTES:
             self._room.clear()
+        if urgent or self._queued_bytes >= URGENT_BYTES:
+            self._urgent = True
+            self._now.set()
         self._wake.set()
 
     async def run(self, requests: AsyncIterator[pb.SessionRequest]) -> None:
@@ -161,6 +179,7 @@ class _Session:
             if self._open:
                 await asyncio.wait(list(self._open.values()))
             self._wake.set()
+            self._now.set()  # the last frames wait for no company
             if not writer.done():
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(writer, WRITE_FLUSH_S)
@@ -230,14 +249,24 @@ class _Session:
             pass  # the client cancelled it (or left): nobody is waiting for a frame
 
     async def _write_all(self) -> None:
-        """Whatever queued while the previous write was in flight leaves as one message."""
+        """Whatever queued while the previous write was in flight, or while a message of
+        continuation deltas waited for company (COALESCE_S), leaves as one message."""
+        loop = self.loop
         while not (self._closing and not self._queued.frames):
             await self._wake.wait()
             self._wake.clear()
             if not self._queued.frames:
                 continue
+            hold = self._last_write + COALESCE_S - loop.time()
+            if hold > 0 and not (self._urgent or self._closing):
+                self._now.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(hold):
+                        await self._now.wait()
             message, self._queued, self._queued_bytes = self._queued, pb.SessionResponse(), 0
+            self._urgent = False
             self._room.set()
+            self._last_write = loop.time()
             await self._context.write(message)
 
 

@@ -31,12 +31,21 @@ class RawSession:
         self.call = pb_grpc.RemoteInferenceServiceStub(self.channel).Session(metadata=metadata)
         self.frames: dict[int, list[pb.SessionResponseFrame]] = defaultdict(list)
         self.messages: list[int] = []  # frames per message received
+        # When each message came that carried only continuation deltas (no completion's
+        # first event, no end): the ones the sidecar may hold back for company.
+        self.continuations_at: list[float] = []
         self.ended: dict[int, asyncio.Event] = defaultdict(asyncio.Event)
         self.reader = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
         async for message in self.call:
             self.messages.append(len(message.frames))
+            if not any(
+                not self.frames[f.stream_id] or f.HasField("status") or f.event.HasField("finished")
+                for f in message.frames
+            ):
+                self.continuations_at.append(loop.time())
             for frame in message.frames:
                 self.frames[frame.stream_id].append(frame)
                 if frame.HasField("status") or frame.event.HasField("finished"):
@@ -117,6 +126,27 @@ async def test_many_completions_share_one_session_each_in_order_and_batched(
     rows = ledger_rows(tenants.state_dir(), len(ids))
     assert sorted(r["request_id"] for r in rows) == sorted(f"mux-{i}" for i in ids)
     assert {r["node"] for r in rows} == {VICTIM}, "each completion is charged to the session's node"
+
+
+async def test_continuation_deltas_leave_at_most_once_per_coalescing_interval(
+    upstream: OpenAIUpstream, tenants: Tenants, sessions: list[RawSession]
+) -> None:
+    """gRPC's cost is per message: a delta that is not a completion's first waits up to
+    COALESCE_S after the previous message for company. Holds on any box (a slow one sends
+    fewer messages, never more); one message per upstream chunk, as without the wait,
+    breaks it."""
+    chunks = [f"t{i} " for i in range(200)]
+    upstream.scenarios["steady"] = Scenario(chunks=chunks, interval_s=0.0005)
+    sidecar = await tenants.start(_config(upstream))
+    session = RawSession(sidecar.address, TOKENS[VICTIM])
+    sessions.append(session)
+    started = asyncio.get_running_loop().time()
+    await session.start(1, chat_request("steady", "hello", request_id="coalesced"))
+    assert await session.ended_ok(1) == "".join(chunks), "nothing lost or reordered by the wait"
+    span = session.continuations_at[-1] - started
+    allowed = span / session_module.COALESCE_S + 1
+    assert 0 < len(session.continuations_at) <= allowed, (len(session.continuations_at), span)
+    assert sum(session.messages) == len(session.frames[1]) and len(session.messages) < len(chunks) / 2
 
 
 async def test_a_failed_completion_is_an_error_frame_and_the_session_goes_on(
