@@ -286,13 +286,9 @@ class RequestAccount:
 
     def abandoned(self, entry: ModelEntry) -> None:
         """An attempt cancelled after its prompt was sent (no first token in time, or a
-        hedge that lost): the provider bills the prompt, so the node is charged for it,
-        estimated and marked ``abandoned``, beside the attempt that served."""
-        charge = self._accounting.charge(self.request, self.node, entry, None, 0, "abandoned")
-        if self._accounting.ledger is not None:
-            self._accounting.ledger.record_soon(charge)
-            if self._accounting.database is not None:
-                self._accounting.database.kick()
+        hedge that lost), beside the attempt that served: charged for its prompt
+        (:meth:`_charge_soon`), marked ``abandoned``."""
+        self._charge_soon(entry, "abandoned")
 
     def wrote(self, delta: pb.Delta) -> None:
         self.produced += delta_tokens(delta)
@@ -344,9 +340,9 @@ class RequestAccount:
         )
 
     def settle(self, code: str) -> None:
-        """At the end, whatever the end: a stream cut short after output began is charged
-        for what it produced; one cancelled or timed out after the provider was called, for
-        its prompt (estimated) even without output; otherwise the reservation is given back."""
+        """At the end, whatever the end: a stream cut short after output began, or
+        cancelled or timed out after the provider was called (even without output), is
+        charged (:meth:`_charge_soon`); otherwise the reservation is given back."""
         if self.charged:
             return
         cancelled = code in ("CANCELLED", "DEADLINE_EXCEEDED")
@@ -354,11 +350,22 @@ class RequestAccount:
             self._accounting.release(self.reservation)
             return
         self.charged = True
-        charge = self._charge(None, "cancelled" if cancelled else "failed")
-        if self._accounting.ledger is not None:
-            self._accounting.ledger.record_soon(charge)
+        self._charge_soon(self.served, "cancelled" if cancelled else "failed", self.produced, self.reservation)
+
+    def _charge_soon(
+        self, entry: ModelEntry, outcome: str, produced: int = 0, reservation: Reservation | None = None
+    ) -> None:
+        """The charge of an attempt that ended without the provider's usage: once its prompt
+        reached the provider, the provider bills it, so the node is charged for the prompt
+        (estimated) and for the ``produced`` tokens written, even before the first one. The
+        row is recorded soon, off the request's path (nobody waits for it); the shared
+        database is asked to copy it (its next poll does, if this comes too early)."""
+        charge = self._accounting.charge(self.request, self.node, entry, None, produced, outcome, reservation)
+        ledger = self._accounting.ledger
+        if ledger is not None:
+            ledger.record_soon(charge)
             if self._accounting.database is not None:
-                self._accounting.database.kick()  # (the next poll copies it if this comes too early)
+                self._accounting.database.kick()
 
 
 def _details(usage: pb.Usage) -> TokenDetails:

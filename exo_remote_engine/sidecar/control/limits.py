@@ -50,6 +50,15 @@ class UsageWindows:
     def tokens(self, key: str) -> int:
         return self._current(key).tokens
 
+    def counts(self, keys: list[str]) -> dict[str, tuple[int, int]]:
+        """Requests and tokens of the current minute per key, each window read once (the
+        shape of :meth:`RedisWindows.counts <.shared_windows.RedisWindows.counts>`)."""
+        found = {}
+        for key in keys:
+            window = self._current(key)
+            found[key] = (window.requests, window.tokens)
+        return found
+
     def add_request(self, key: str) -> None:
         self._current(key).requests += 1
 

@@ -73,6 +73,12 @@ class Policy:
             return not self.nodes or node in self.declared
         return policy.allows(alias)
 
+    def fallbacks(self, node: str, table: Mapping[str, Sequence[str]], alias: str) -> list[str]:
+        """The aliases ``alias`` falls back to in ``table`` (``fallbacks`` or
+        ``context_window_fallbacks``) that ``node`` may use, in the table's order: a fallback
+        is the node's request on another model, under the node's rules and budget."""
+        return [a for a in table.get(alias, ()) if self.may_use(node, a)]
+
     def check_request(self, request: pb.GenerateRequest, node: str, time_remaining: float | None) -> float:
         """Validate ``request`` for ``node``; returns the deadline (s) the call may use."""
         limits = self.limits

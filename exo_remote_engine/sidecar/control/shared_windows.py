@@ -151,7 +151,7 @@ class RedisWindows:
                 self._outage.succeeded()
                 numbers = [int(v or 0) for v in values]
                 return {k: (numbers[2 * i], numbers[2 * i + 1]) for i, k in enumerate(keys)}
-        return {k: (self.fallback.requests(k), self.fallback.tokens(k)) for k in keys}
+        return self.fallback.counts(keys)
 
     def add_tokens(self, key: str, tokens: int) -> None:
         """Add the provider's tokens to the shared minute, without making the caller wait."""

@@ -212,8 +212,8 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
     def _chargeable(self, entry: ModelEntry, node: str) -> list[ModelEntry]:
         """The deployments that may serve (and be charged for) a request for ``entry``: its
         group and its fallbacks' groups the node may use. A budget reserves at their highest price."""
-        fallbacks = [f for a in self.config.fallbacks.get(entry.alias, ()) if (f := self.config.get(a)) is not None]
-        heads = [entry, *(f for f in fallbacks if self.policy.may_use(node, f.alias))]
+        allowed = self.policy.fallbacks(node, self.config.fallbacks, entry.alias)
+        heads = [entry, *(f for a in allowed if (f := self.config.get(a)) is not None)]
         return [member for head in heads for member in self.config.deployments(head)]
 
     async def _ready_entry(self, alias: str, node: str) -> ModelEntry:
@@ -295,8 +295,8 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
     async def _fallbacks(self, table: Mapping[str, Sequence[str]], entry: ModelEntry, node: str) -> list[ModelEntry]:
         """``entry``'s fallbacks in ``table`` that are ready and that ``node`` may use: a
         fallback is the node's request on another model, under the node's rules and budget."""
-        found = [await self.registry.lookup(alias) for alias in table.get(entry.alias, ())]
-        return [f.entry for f in found if f is not None and f.ready and self.policy.may_use(node, f.entry.alias)]
+        found = [await self.registry.lookup(alias) for alias in self.policy.fallbacks(node, table, entry.alias)]
+        return [f.entry for f in found if f is not None and f.ready]
 
     @contextlib.contextmanager
     def _active(self) -> Iterator[None]:

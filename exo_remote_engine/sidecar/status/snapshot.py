@@ -238,41 +238,41 @@ async def _nodes(
     days: list[str],
     recent: dict[str, dict[str, int]],
 ) -> list[NodeView]:
+    """Every node's row in one pass: its spend, this minute's rpm/tpm use, the last hour
+    and its budget, each read once."""
     config, accounting = sources.config, sources.accounting
     names = set(sources.nodes) | set(config.node_policies) | set(config.node_quotas) | set(recent)
     names |= {row.node for row in daily or ()}
-    views: dict[str, NodeView] = {}
+    # Only nodes with an rpm or tpm limit are counted (accounting.admit): the others' use
+    # is unknown here, and shown as such rather than as 0. Their windows are read together
+    # (one Redis round trip when shared).
+    keys = [f"node:{name}" for name, q in config.node_quotas.items() if q.rpm or q.tpm]
+    shared = accounting.shared_windows
+    counts = await shared.counts(keys) if shared is not None and keys else accounting.windows.counts(keys)
+    views: list[NodeView] = []
     today = days[-1]
     for name in sorted(names):
         rows = [r for r in daily or () if r.node == name]
-        views[name] = NodeView(
+        outcomes = recent.get(name, {})
+        view = NodeView(
             node=name,
             spend_today_usd=sum(r.cost_usd for r in rows if r.day == today) if daily is not None else None,
             unpriced_today=sum(r.unpriced_requests for r in rows if r.day == today),
             spend_30d_usd=sum(r.cost_usd for r in rows) if daily is not None else None,
             requests_30d=sum(r.requests for r in rows),
+            last_hour_requests=sum(outcomes.values()),
+            last_hour_errors={k: v for k, v in sorted(outcomes.items()) if k != OK},
         )
-    # Only nodes with an rpm or tpm limit are counted (accounting.admit): the others' use
-    # is unknown here, and shown as such rather than as 0.
-    limited = {n: q for n, q in config.node_quotas.items() if n in views and (q.rpm or q.tpm)}
-    keys = [f"node:{name}" for name in limited]
-    shared = accounting.shared_windows
-    if shared is not None:
-        counts = await shared.counts(keys) if keys else {}
-    else:
-        counts = {k: (accounting.windows.requests(k), accounting.windows.tokens(k)) for k in keys}
-    for name, view in views.items():
         quota = config.node_quotas.get(name)
-        if name in limited and quota is not None:
-            requests, tokens = counts[f"node:{name}"]
-            view.rpm, view.tpm = Limit(requests, quota.rpm), Limit(tokens, quota.tpm)
-        outcomes = recent.get(name, {})
-        view.last_hour_requests = sum(outcomes.values())
-        view.last_hour_errors = {k: v for k, v in sorted(outcomes.items()) if k != OK}
-        if quota is not None and quota.max_budget is not None:
-            view.budget_usd, view.budget_duration = quota.max_budget, quota.budget_duration
-            await _budget(accounting, view)
-    return list(views.values())
+        if quota is not None:
+            window = counts.get(f"node:{name}")
+            if window is not None:
+                view.rpm, view.tpm = Limit(window[0], quota.rpm), Limit(window[1], quota.tpm)
+            if quota.max_budget is not None:
+                view.budget_usd, view.budget_duration = quota.max_budget, quota.budget_duration
+                await _budget(accounting, view)
+        views.append(view)
+    return views
 
 
 async def _budget(accounting: Accounting, view: NodeView) -> None:

@@ -18,7 +18,8 @@ from exo_remote_engine.generated import remote_inference_pb2 as pb
 from exo_remote_engine.generated import remote_inference_pb2_grpc as pb_grpc
 from exo_remote_engine.server import SidecarSettings, start_sidecar
 from exo_remote_engine.sidecar.config.loader import load_config
-from exo_remote_engine.sidecar.config.rules import Limits
+from exo_remote_engine.sidecar.config.rules import Limits, NodePolicy
+from exo_remote_engine.sidecar.control.policy import Policy
 from tests.conftest import PLANTED_KEY
 from tests.support.configs import write_proxy_config
 from tests.support.harness import chat_request, fetch_metrics, sidecar_client
@@ -212,3 +213,16 @@ async def test_retries_then_fallback_before_the_first_delta_only(
     finally:
         await client.close()
         await sidecar.stop(grace_s=None)
+
+
+def test_fallbacks_are_the_ones_the_node_may_use_in_the_tables_order() -> None:
+    """The one walk behind both the reservation's candidates and the stream's fallbacks."""
+    policy = Policy.build(
+        Limits(), {"a": NodePolicy(allowed_models=("cheap", "big-*")), "b": NodePolicy()}, {"a": "t" * 20}
+    )
+    table = {"cheap": ("expensive", "big-2", "cheap", "big-1")}
+    assert policy.fallbacks("a", table, "cheap") == ["big-2", "cheap", "big-1"], "order kept, 'expensive' skipped"
+    assert policy.fallbacks("b", table, "cheap") == ["expensive", "big-2", "cheap", "big-1"], "no limit: all"
+    assert policy.fallbacks("a", table, "big-1") == [], "a model without fallbacks has none"
+    assert policy.fallbacks("a certificate's CN", table, "cheap") == [], "an undeclared name may use nothing"
+    assert Policy().fallbacks("anyone", table, "cheap") == list(table["cheap"]), "no rules at all: every fallback"
