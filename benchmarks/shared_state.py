@@ -109,8 +109,9 @@ async def run(n: int, rows: int, redis_url: str, database_url: str, state: Path)
     now = time.time()
     # Another host's rows, spread over the last 29 days, stored the way the copier stores them.
     spread = 29 * 86400 / max(rows, 1)
+    tail = (0, 0, 0, "other", "h")  # no token details; the origin and the host
     other = [
-        (i, f"r{i}", now - i * spread, "d", "node-1", "a", "a", "m", 1, 1, 0.0001, 0, "completed", 1, "other", "h")
+        (i, f"r{i}", now - i * spread, "d", "node-1", "a", "a", "m", 1, 1, 0.0001, 0, "completed", 1, *tail)
         for i in range(rows)
     ]
     await connection.execute(_INSERT, *[list(column) for column in zip(*other, strict=True)], [])  # no reservations

@@ -70,10 +70,10 @@ CREATE INDEX IF NOT EXISTS requests_ended ON requests (ended_at);
 CREATE TABLE IF NOT EXISTS ledger_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS shipped (target TEXT PRIMARY KEY, last_id INTEGER NOT NULL);
 """
-_DETAIL_COLUMNS = ("cached_prompt_tokens", "cache_creation_prompt_tokens", "reasoning_tokens")
-_COLUMNS = (
+DETAIL_COLUMNS = ("cached_prompt_tokens", "cache_creation_prompt_tokens", "reasoning_tokens")
+_COLUMNS = (  # what the copy to a shared database reads (spend_database._INSERT), the reservation last
     "id, request_id, ended_at, day, node, alias, deployment, model, prompt_tokens, completion_tokens, cost_usd,"
-    " estimated, outcome, pid, reservation"
+    f" estimated, outcome, pid, {', '.join(DETAIL_COLUMNS)}, reservation"
 )
 
 
@@ -246,7 +246,7 @@ class Ledger:
             for column, kind in (("pid", "INTEGER"), ("reservation", "TEXT")):
                 if column not in columns:  # a ledger written before the column existed
                     connection.execute(f"ALTER TABLE requests ADD COLUMN {column} {kind}")
-            for column in _DETAIL_COLUMNS:  # the provider's token details (token_cost.py)
+            for column in DETAIL_COLUMNS:  # the provider's token details (token_cost.py)
                 if column not in columns:
                     connection.execute(f"ALTER TABLE requests ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
             # Who this ledger is, once and for good: rows copied to a shared database are

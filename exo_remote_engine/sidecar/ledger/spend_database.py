@@ -3,12 +3,14 @@
 Each host keeps writing every finished request to its own SQLite ledger first
 (:mod:`~exo_remote_engine.sidecar.ledger.spend`: committed before the client sees Finished,
 survives SIGKILL); a background task here copies the rows it has not copied yet to the
-shared table ``exo_remote_requests`` (the SQLite columns, plus the host, the ledger's
-identity and the row's id there). The copy is keyed by (ledger, id) with ``ON CONFLICT DO
-NOTHING``, so a retried or repeated copy (two worker processes, a crash between the insert
-and the bookmark) never counts a request twice. While the database is down the rows wait
-in SQLite and are copied once it is back, also after a restart of the sidecar: nothing
-finished is lost.
+shared table ``exo_remote_requests`` (the SQLite columns, token details included, plus the
+host, the ledger's identity and the row's id there). The copy is keyed by (ledger, id) with
+``ON CONFLICT DO NOTHING``, so a retried or repeated copy (two worker processes, a crash
+between the insert and the bookmark) never counts a request twice. While the database is
+down the rows wait in SQLite and are copied once it is back, also after a restart of the
+sidecar: nothing finished is lost. A table created by an older sidecar, without the
+token-detail columns, gets them at start (under the lock that makes hosts starting together
+create the schema once); an older sidecar still writing to it leaves them 0.
 
 Budgets read a node's spend from the database (plus this host's rows not copied yet), so
 they hold across hosts. A request's reservation of its maximum cost is a row of
@@ -34,7 +36,7 @@ from typing import Any
 
 from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.sidecar.ledger.shared_services import Outage, check_service_url, display_url
-from exo_remote_engine.sidecar.ledger.spend import Ledger, UsageRow
+from exo_remote_engine.sidecar.ledger.spend import DETAIL_COLUMNS, Ledger, UsageRow
 from exo_remote_engine.sidecar.telemetry.safe_logging import safe_logger
 
 log = safe_logger("exo_remote_engine.sidecar")
@@ -69,6 +71,9 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     cost_usd DOUBLE PRECISION,         -- NULL: no known price
     estimated INTEGER NOT NULL,
     outcome TEXT NOT NULL,
+    cached_prompt_tokens INTEGER NOT NULL DEFAULT 0,          -- the provider's token details
+    cache_creation_prompt_tokens INTEGER NOT NULL DEFAULT 0,  -- (token_cost.py; 0: none reported)
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (origin, local_id)
 );
 CREATE INDEX IF NOT EXISTS {TABLE}_node_ended ON {TABLE} (node, ended_at);
@@ -91,16 +96,19 @@ CREATE TABLE IF NOT EXISTS {RESERVATIONS} (
 CREATE INDEX IF NOT EXISTS {RESERVATIONS}_node ON {RESERVATIONS} (node);
 """
 _SCHEMA_LOCK = 0x65786F72  # pg_advisory_xact_lock key: hosts starting together create it once
+# The table's columns as INSERTs see them (the search path's table, not a same-named one elsewhere).
+_PRESENT = "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped"
 # One batch: rows that were not there yet are inserted, and only those add to their hour
 # (a row copied twice, even by two processes at once, is neither stored nor counted twice).
 _INSERT = f"""
-WITH gone AS (DELETE FROM {RESERVATIONS} WHERE id = ANY($17::text[])),
+WITH gone AS (DELETE FROM {RESERVATIONS} WHERE id = ANY($20::text[])),
 new AS (
     INSERT INTO {TABLE} (local_id, request_id, ended_at, day, node, alias, deployment, model, prompt_tokens,
-                         completion_tokens, cost_usd, estimated, outcome, pid, origin, host)
+                         completion_tokens, cost_usd, estimated, outcome, pid, {", ".join(DETAIL_COLUMNS)},
+                         origin, host)
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::text[], $5::text[], $6::text[], $7::text[],
                          $8::text[], $9::int[], $10::int[], $11::float8[], $12::int[], $13::text[], $14::int[],
-                         $15::text[], $16::text[])
+                         $15::int[], $16::int[], $17::int[], $18::text[], $19::text[])
     ON CONFLICT (origin, local_id) DO NOTHING
     RETURNING node, ended_at, cost_usd
 )
@@ -229,6 +237,12 @@ class SpendDatabase:
         async with connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
             await connection.execute(_SCHEMA)
+            present = {row[0] for row in await connection.fetch(_PRESENT, TABLE)}
+            missing = [column for column in DETAIL_COLUMNS if column not in present]
+            if missing:  # a table an older sidecar created; ALTER only then (it locks the table)
+                adds = ", ".join(f"ADD COLUMN IF NOT EXISTS {c} INTEGER NOT NULL DEFAULT 0" for c in missing)
+                await connection.execute(f"ALTER TABLE {TABLE} {adds}")
+                log.warning("spend database %s: added the columns %s", self.name, ", ".join(missing))
         self._schema_ready = True
 
     async def spent(self, node: str, since: float) -> float:

@@ -1,10 +1,13 @@
 """Spend in a real PostgreSQL (tests/support/servers.py), copied from each host's SQLite
 ledger: idempotent copies, nothing lost across an outage and a restart during it, budgets
-that fail closed, and ``exo-remote usage --database``."""
+that fail closed, ``exo-remote usage --database``, the provider's token details carried
+along, and a table an older sidecar created migrated in place."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import math
 import sqlite3
 from pathlib import Path
@@ -18,9 +21,14 @@ from exo_remote_engine.sidecar.config.loader import ModelEntry, NodeQuota
 from exo_remote_engine.sidecar.control.budgets import Budgets
 from exo_remote_engine.sidecar.ledger.spend import DB_NAME, Charge, Ledger
 from exo_remote_engine.sidecar.ledger.spend_database import TABLE, SpendDatabase
+from exo_remote_engine.sidecar.ledger.token_cost import TokenDetails
 from tests.support.clock import FakeClock
+from tests.support.configs import deployment
+from tests.support.harness import chat_request, sidecar_client
+from tests.support.openai_upstream import OpenAIUpstream, Scenario
 from tests.support.processes import free_port
 from tests.support.servers import PostgresServer
+from tests.support.traffic import Sidecars
 
 ENTRY = ModelEntry(
     alias="mini",
@@ -232,3 +240,91 @@ async def test_reservations_hold_across_hosts_and_turn_into_their_charges(
         for ledger, database, _ in hosts:
             await database.close()
             ledger.close()
+
+
+async def test_cached_and_reasoning_tokens_of_a_request_reach_the_shared_database(
+    postgres_server: PostgresServer, upstream: OpenAIUpstream, sidecars: Sidecars
+) -> None:
+    """A provider's usage details go from its reply through the sidecar's ledger to PostgreSQL."""
+    url = await asyncio.to_thread(postgres_server.create_database, "spend_details")
+    upstream.scenarios["gpt-4o"] = Scenario(usage=(1000, 200), cached_tokens=800, reasoning_tokens=50)
+    sidecar = await sidecars.start(
+        "model_list:\n" + deployment("m", "gpt-4o", upstream.url), FakeClock(), database_url=url
+    )
+    client = sidecar_client(sidecar.address)
+    try:
+        events = [e async for e in client.generate(chat_request("m"))]
+    finally:
+        await client.close()
+    assert events[-1].finished.usage.cached_prompt_tokens == 800
+    database, ledger = sidecar.servicer.accounting.database, sidecar.servicer.accounting.ledger
+    assert database is not None and ledger is not None
+    await database.ship_pending()  # whatever the copier has not copied yet: every row is there after it
+    rows = await stored(url)
+    details = [
+        (r["prompt_tokens"], r["cached_prompt_tokens"], r["cache_creation_prompt_tokens"], r["reasoning_tokens"])
+        for r in rows
+    ]
+    assert details == [(1000, 800, 0, 50)]
+    with sqlite3.connect(ledger.path) as db:
+        (local_cost,) = db.execute("SELECT cost_usd FROM requests").fetchone()
+    assert rows[0]["cost_usd"] == local_cost and local_cost is not None, "the cost the ledger priced"
+
+
+# The shared table as sidecars before the token-detail columns created it.
+OLD_TABLE = f"""
+CREATE TABLE {TABLE} (
+    origin TEXT NOT NULL, local_id BIGINT NOT NULL, host TEXT NOT NULL, pid INTEGER, request_id TEXT NOT NULL,
+    ended_at DOUBLE PRECISION NOT NULL, day TEXT NOT NULL, node TEXT NOT NULL, alias TEXT NOT NULL,
+    deployment TEXT NOT NULL, model TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+    cost_usd DOUBLE PRECISION, estimated INTEGER NOT NULL, outcome TEXT NOT NULL, PRIMARY KEY (origin, local_id)
+)
+"""
+
+
+async def test_a_shared_table_from_an_older_sidecar_is_migrated_by_hosts_starting_together(
+    postgres_server: PostgresServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The token-detail columns are added once, whichever of three hosts gets there first;
+    the older sidecar's rows stay (with 0 details) and every host's copy then succeeds."""
+    caplog.set_level(logging.WARNING, "exo_remote_engine.sidecar")
+    url = await asyncio.to_thread(postgres_server.create_database, "spend_old_schema")
+    clock = FakeClock()
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(OLD_TABLE)
+        await connection.execute(
+            f"INSERT INTO {TABLE} VALUES ('an-older-ledger', 1, 'old-host', 7, 'old', $1, 'd', 'b', 'mini', 'mini',"  # noqa: S608
+            " 'gpt-4o-mini', 100, 10, $2, 0, 'completed')",
+            clock.now,
+            COST,
+        )
+    finally:
+        await connection.close()
+    hosts = []
+    for i in range(3):  # each host's row: its own, distinct details (a swapped column would show)
+        ledger = Ledger.open(tmp_path / str(i))
+        details = TokenDetails(cached_prompt_tokens=30 + i, cache_creation_prompt_tokens=20 + i, reasoning_tokens=5 + i)
+        await ledger.record(dataclasses.replace(charge(i, "b", clock.now), details=details))
+        hosts.append((ledger, SpendDatabase(url, ledger)))
+    await asyncio.gather(*(database.start() for _, database in hosts))  # three hosts start at once
+    try:
+        assert [r.getMessage() for r in caplog.records if "added the columns" in r.getMessage()] == [
+            f"spend database {hosts[0][1].name}: added the columns cached_prompt_tokens, cache_creation_prompt_tokens,"
+            " reasoning_tokens"
+        ], "one host migrates; the others, waiting on the schema lock, find the columns there"
+        assert not [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()], "no start failed"
+        await asyncio.gather(*(database.ship_pending() for _, database in hosts))
+        rows = {r["request_id"]: r for r in await stored(url)}
+        assert set(rows) == {"old", "r0", "r1", "r2"}, "the older sidecar's row is kept"
+        for request_id, expected in (("old", (0, 0, 0)), *((f"r{i}", (30 + i, 20 + i, 5 + i)) for i in range(3))):
+            row = rows[request_id]
+            got = (row["cached_prompt_tokens"], row["cache_creation_prompt_tokens"], row["reasoning_tokens"])
+            assert got == expected, request_id
+        assert rows["old"]["cost_usd"] == COST and rows["old"]["host"] == "old-host"
+    finally:
+        for ledger, database in hosts:
+            await database.close()
+            ledger.close()
+    table = await asyncio.to_thread(render_usage, tmp_path / "0", None, None, database=url)
+    assert "b     mini   4         400            40" in table, table
