@@ -11,14 +11,14 @@ accounting, the one log line.
 
 The writer batches: frames queued while its previous write was in flight leave together in
 one message (gRPC's cost is per message), and a message of continuation deltas only leaves
-:data:`COALESCE_S` after the previous one at the earliest, so deltas of a node's concurrent
-streams share messages; a completion's first event, its end and errors never wait. What a
-session holds is bounded: at most
-:data:`MAX_OPEN_COMPLETIONS` open completions, and at most :data:`MAX_QUEUED_BYTES` of frames
-not yet written; past that a completion's write waits, so a node that stops reading its
-session is ended by each completion's stall watch, as a stalled Generate call is. Only that
-node's completions share the session (its flow-control window, its head-of-line
-blocking); another node's never do.
+:data:`COALESCE_S` after the previous one at the earliest, so deltas of a node's
+concurrent streams share messages; a completion's first event, its end and errors never
+wait. What a session holds is bounded: at most :data:`MAX_OPEN_COMPLETIONS` open
+completions, and at most :data:`MAX_QUEUED_BYTES` of frames not yet written; past that a
+completion's write waits, so a node that stops reading its session is ended by each
+completion's stall watch, as a stalled Generate call is. Only that node's completions
+share the session (its flow-control window, its head-of-line blocking); another node's
+never do.
 """
 
 from __future__ import annotations
