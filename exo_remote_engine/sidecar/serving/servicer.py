@@ -211,8 +211,11 @@ class RemoteInferenceServicer(pb_grpc.RemoteInferenceServiceServicer):
 
     def _chargeable(self, entry: ModelEntry, node: str) -> list[ModelEntry]:
         """The deployments that may serve (and be charged for) a request for ``entry``: its
-        group and its fallbacks' groups the node may use. A budget reserves at their highest price."""
-        allowed = self.policy.fallbacks(node, self.config.fallbacks, entry.alias)
+        group and the groups of its fallbacks and context-window fallbacks the node may use,
+        ready or not (one may be ready when the stream starts; over-reserving is safe). A
+        budget reserves at their highest price."""
+        tables = (self.config.fallbacks, self.config.context_window_fallbacks)
+        allowed = dict.fromkeys(a for table in tables for a in self.policy.fallbacks(node, table, entry.alias))
         heads = [entry, *(f for a in allowed if (f := self.config.get(a)) is not None)]
         return [member for head in heads for member in self.config.deployments(head)]
 

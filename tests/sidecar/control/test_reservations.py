@@ -1,6 +1,8 @@
-"""Budget reservations in one process (sidecar/control/budgets.py) and the reply cut at them
-(sidecar/control/reply_limit.py); across hosts they are tested in
-tests/adversarial/test_tenant_budgets.py against a real PostgreSQL."""
+"""Budget reservations in one process (sidecar/control/budgets.py), the reply cut at them
+(sidecar/control/reply_limit.py) and the deployments a request's reservation is priced over
+(``Servicer._chargeable``: its group and every fallback that may serve it, context-window
+fallbacks included); across hosts they are tested in tests/adversarial/test_tenant_budgets.py
+against a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ from exo_remote_engine.sidecar.config.loader import NodeQuota
 from exo_remote_engine.sidecar.control.budgets import Budgets, plan
 from exo_remote_engine.sidecar.control.reply_limit import clip_delta
 from exo_remote_engine.sidecar.ledger.spend import Ledger
-from exo_remote_engine.sidecar.ledger.token_estimates import delta_tokens, estimate_text_tokens
+from exo_remote_engine.sidecar.ledger.token_estimates import delta_tokens, estimate_text_tokens, prompt_bound
+from tests.support.harness import chat_request
+from tests.support.openai_upstream import OpenAIUpstream, Scenario
+from tests.support.tenants import ATTACKER, CONTEXT_ERROR, VICTIM, Tenants, ledger_rows, tenant_config
 from tests.support.traffic import FakeClock
 
 
@@ -80,3 +85,63 @@ async def test_concurrent_reservations_never_hold_more_than_the_budget(budgets: 
     assert clamped is not None and clamped.output_tokens in (24, 25), "0.35 left: the prompt (0.1) and 25 tokens"
     assert clamped.cost_usd <= 0.35 + 1e-12  # (floating point may round one token away, never add one)
     assert await budgets.reserve("other", 0.001, 0.01, 100, 20, 60) is None, "no budget, nothing held"
+
+
+# A cheap model whose context-window fallback costs 100,000 times more: a prompt too long for
+# the cheap one is served (and charged) at the large one's price, so it is reserved at it.
+CHEAP, LARGE = (1e-9, 1e-9), (1e-4, 1e-4)
+OVERSIZED = "OVERSIZED-PROMPT " + "x" * 40
+TIGHT_BUDGET = 0.001  # the oversized prompt alone costs more at the large price (about 0.008)
+ROOMY_BUDGET = 0.05  # the prompt and a few hundred output tokens at the large price
+
+
+def _context_fallback_config(upstream: OpenAIUpstream) -> str:
+    upstream.by_prompt.append(
+        ("cheap", OVERSIZED, Scenario(status=400, error_message=CONTEXT_ERROR, error_code="context_length_exceeded"))
+    )
+    upstream.scenarios["large"] = Scenario(chunks=["tok "] * 30)  # usage (11, 30): 0.0041 USD
+    sections = "litellm_settings:\n  context_window_fallbacks: [{cheap: [large]}]\n"
+    sections += "exo_remote_settings:\n  nodes:\n"
+    sections += f"    {ATTACKER}: {{max_budget: {TIGHT_BUDGET}}}\n    {VICTIM}: {{max_budget: {ROOMY_BUDGET}}}\n"
+    groups = {"cheap": ["cheap"], "large": ["large"]}
+    return tenant_config(upstream.url, groups, sections=sections, prices={"cheap": CHEAP, "large": LARGE})
+
+
+async def _generate(tenants: Tenants, node: str, request: pb.GenerateRequest) -> str | RemoteError:
+    client = tenants.client(tenants.running[0], node)
+    try:
+        return "".join([e.delta.text async for e in client.generate(request) if e.HasField("delta")])
+    except RemoteError as exc:
+        return exc
+
+
+@pytest.mark.timeout(120)
+async def test_a_context_window_fallback_is_reserved_at_its_price(upstream: OpenAIUpstream, tenants: Tenants) -> None:
+    """A budget that holds the request at the cheap price but not at its context-window
+    fallback's: refused before any provider call (it used to be served by the large model
+    and overspend the budget fourfold)."""
+    await tenants.start(_context_fallback_config(upstream))
+    result = await _generate(tenants, ATTACKER, chat_request("cheap", OVERSIZED, request_id="tight"))
+    spent = sum(r["cost_usd"] for r in ledger_rows(tenants.state_dir(), expected=0, timeout_s=0))
+    assert spent <= TIGHT_BUDGET, f"spent ${spent:.6f} of a ${TIGHT_BUDGET} budget"
+    assert isinstance(result, RemoteError) and result.reason is Reason.BUDGET_EXCEEDED, result
+    assert not upstream.requests, "refused before any provider call"
+
+
+@pytest.mark.timeout(120)
+async def test_a_request_that_may_fall_back_is_clamped_at_the_fallbacks_price(
+    upstream: OpenAIUpstream, tenants: Tenants, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The output the budget leaves at the large model's price is what both models are asked
+    for, and the large model serves the request within the budget."""
+    await tenants.start(_context_fallback_config(upstream))
+    request = chat_request("cheap", OVERSIZED, request_id="roomy")
+    planned = plan(ROOMY_BUDGET, *LARGE, prompt_bound(request), 8192)  # no max_tokens: the default maximum
+    assert planned is not None and 0 < planned[0] < 8192
+    assert await _generate(tenants, VICTIM, request) == "tok " * 30
+    asked = [r.body.get("max_tokens") for r in upstream.requests if r.body is not None]
+    assert [r.model for r in upstream.requests] == ["cheap", "large"]
+    assert asked and all(a in (planned[0] - 1, planned[0]) for a in asked), (asked, planned)
+    rows = ledger_rows(tenants.state_dir(), expected=1)
+    assert [r["model"] for r in rows] == ["openai/large"] and sum(r["cost_usd"] for r in rows) <= ROOMY_BUDGET
+    assert "more than the reservation" not in caplog.text, "the charge fits in what was reserved"
