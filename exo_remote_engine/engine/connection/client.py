@@ -56,7 +56,12 @@ from exo_remote_engine.contract.addresses import TargetKind, sidecar_target
 from exo_remote_engine.contract.errors import Reason, RemoteError
 from exo_remote_engine.contract.health_stubs import health_pb2, health_pb2_grpc
 from exo_remote_engine.engine.connection.completion import CallCompletion, Completion, error_from, first_event
-from exo_remote_engine.engine.connection.session import MAX_MULTIPLEXED_REQUEST_BYTES, SessionPool, SessionUnsupported
+from exo_remote_engine.engine.connection.session import (
+    MAX_MULTIPLEXED_REQUEST_BYTES,
+    SessionLost,
+    SessionPool,
+    SessionUnsupported,
+)
 from exo_remote_engine.engine.connection.target import (
     SERVICE_NAME,
     WORKERS_REFRESH_S,
@@ -288,6 +293,7 @@ class SidecarClient:
         worker_port: int | None = None
         started = time.monotonic()
         attempt = 0
+        alone = False  # this completion as its own call, whatever the target
         try:
             while True:
                 attempt += 1
@@ -295,12 +301,15 @@ class SidecarClient:
                 worker_port = None
                 try:
                     channel, worker_port = await self._generate_channel()
-                    completion = self._open(channel, request)
+                    completion = self._open(channel, request, alone)
                     first = await first_event(completion)
                     break
                 except SessionUnsupported:  # an older sidecar: one call per completion from now on
                     assert channel is not None
                     self._sessions.unsupported(channel)
+                    attempt -= 1
+                except SessionLost:  # the sidecar's answer was lost with the session: ask as a call
+                    alone = True
                     attempt -= 1
                 except RemoteError as exc:
                     await self._drop_worker_if_gone(exc, worker_port)
@@ -323,13 +332,13 @@ class SidecarClient:
             if completion is not None and not completion.done:
                 completion.cancel()
 
-    def _open(self, channel: grpc.aio.Channel, request: pb.GenerateRequest) -> Completion:
+    def _open(self, channel: grpc.aio.Channel, request: pb.GenerateRequest, alone: bool = False) -> Completion:
         """The completion on the session of ``channel`` (multiplexed), or as its own call:
-        multiplexing off, a request too large for a session, a sidecar without Session, or
-        a target of several hosts or a ``dns:`` name. There gRPC's round_robin spreads and
+        ``alone`` (its session was lost), multiplexing off, a request too large for a session,
+        a sidecar without Session, or a target of several hosts or a ``dns:`` name. There gRPC's round_robin spreads and
         moves *calls* over the hosts (see the module doc); a session is one call, and would
         pin every completion of this node to the host it happened to reach."""
-        if self._multiplexed and (size := request.ByteSize()) <= MAX_MULTIPLEXED_REQUEST_BYTES:
+        if self._multiplexed and not alone and (size := request.ByteSize()) <= MAX_MULTIPLEXED_REQUEST_BYTES:
             session = self._sessions.session(channel)
             if session is not None:
                 return session.start(request, self.target.deadline_s, size)

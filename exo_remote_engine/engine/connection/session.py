@@ -44,10 +44,18 @@ class SessionUnsupported(Exception):
     """The sidecar has no Session method: use one Generate call per completion."""
 
 
+class SessionLost(Exception):
+    """The session broke on this side before the sidecar's status arrived, so what the
+    sidecar said is lost: grpc.aio replaces the status of a call with a local INTERNAL
+    ("Internal error from Core", no status details) when a write races the call's end, as
+    when the sidecar refuses a wrong token at once. A completion that received nothing yet
+    goes again as its own call, which reports the sidecar's own answer."""
+
+
 class SessionStream:
     """One completion's events, in order; :meth:`read` raises its RemoteError."""
 
-    __slots__ = ("_events", "_failure", "_session", "_taken", "_timer", "_waiter", "done", "stream_id")
+    __slots__ = ("_events", "_failure", "_session", "_taken", "_timer", "_waiter", "done", "received", "stream_id")
 
     def __init__(self, session: Session, stream_id: int) -> None:
         self._session = session
@@ -58,6 +66,7 @@ class SessionStream:
         self._timer: asyncio.TimerHandle | None = None
         self._taken = 0  # event bytes read and not yet acknowledged
         self.done = False
+        self.received = False  # an event came: the completion can no longer go again
 
     async def read(self) -> pb.GenerateResponse | None:
         """The next event; None after the finished event."""
@@ -87,6 +96,7 @@ class SessionStream:
             self._session.cancel(self.stream_id)
 
     def _put(self, event: pb.GenerateResponse) -> None:
+        self.received = True
         self._events.append(event)
         if event.HasField("finished"):
             self._end()
@@ -209,18 +219,21 @@ class Session:
             failure = RemoteError(Reason.SIDECAR_UNAVAILABLE, "sidecar unavailable: session closed")
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
+            trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
             if code == grpc.StatusCode.UNIMPLEMENTED:
                 failure = SessionUnsupported()
+            elif code == grpc.StatusCode.INTERNAL and not any(k == STATUS_DETAILS_KEY for k, _ in trailers or ()):
+                failure = SessionLost()  # every status the sidecar sends carries its details
             else:
                 details = exc.details() if hasattr(exc, "details") else str(exc)
-                trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
                 failure = RemoteError.from_status(code, details, trailers)
         self._closed(failure)
 
     def _closed(self, failure: BaseException) -> None:
         self.closed = True
+        mid_reply = RemoteError(Reason.SIDECAR_UNAVAILABLE, "sidecar unavailable: the session broke mid-reply")
         for stream in list(self._streams.values()):
-            stream._fail(failure)
+            stream._fail(mid_reply if isinstance(failure, SessionLost) and stream.received else failure)
         self._streams.clear()
 
 
