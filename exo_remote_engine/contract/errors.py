@@ -103,7 +103,11 @@ _REASON_FOR_BARE_CODE: dict[grpc.StatusCode, Reason] = {
     grpc.StatusCode.NOT_FOUND: Reason.MODEL_NOT_FOUND,
     grpc.StatusCode.INVALID_ARGUMENT: Reason.INVALID_REQUEST,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Reason.OVERLOADED,
-    grpc.StatusCode.CANCELLED: Reason.CANCELLED,
+    # A CANCELLED the sidecar did not write (every status it writes has details), on a call
+    # this side did not cancel (that raises CancelledError, not a status): grpc cancelled
+    # it on the sidecar's side, a server stopping as the call arrived or a reset connection.
+    # The sidecar is away, and the client may try another while nothing was received.
+    grpc.StatusCode.CANCELLED: Reason.SIDECAR_UNAVAILABLE,
     grpc.StatusCode.FAILED_PRECONDITION: Reason.MODEL_NOT_READY,
 }
 

@@ -22,16 +22,20 @@ pytestmark = pytest.mark.timeout(60)
 
 
 class Scripted(pb_grpc.RemoteInferenceServiceServicer):
-    """Fails each call with the next error of ``script``; once it is used up, answers."""
+    """Fails each call with the next error of ``script`` (a bare code: a status without the
+    sidecar's details, as grpc itself ends a call); once it is used up, answers."""
 
-    def __init__(self, script: list[RemoteError]) -> None:
+    def __init__(self, script: list[RemoteError | grpc.StatusCode]) -> None:
         self.script = script
         self.calls: list[float] = []
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.calls.append(time.monotonic())
         if self.script:
-            await abort(context, self.script.pop(0))
+            failure = self.script.pop(0)
+            if isinstance(failure, grpc.StatusCode):
+                await context.abort(failure, failure.name.capitalize())
+            await abort(context, failure)
         await context.write(pb.GenerateResponse(delta=pb.Delta(text="hello")))
         await context.write(pb.GenerateResponse(finished=pb.Finished(finish_reason=pb.FINISH_REASON_STOP)))
 
@@ -44,7 +48,9 @@ async def _serve(servicer: Scripted) -> tuple[grpc.aio.Server, str]:
     return server, f"127.0.0.1:{port}"
 
 
-async def _run(script: list[RemoteError], policy: RetryPolicy) -> tuple[str, RemoteError | None, Scripted]:
+async def _run(
+    script: list[RemoteError | grpc.StatusCode], policy: RetryPolicy
+) -> tuple[str, RemoteError | None, Scripted]:
     servicer = Scripted(script)
     server, address = await _serve(servicer)
     client = SidecarClient(SidecarTarget(address=address, retry=policy))
@@ -68,6 +74,15 @@ async def test_overloaded_and_unavailable_are_retried_until_an_answer() -> None:
     script = [RemoteError(Reason.OVERLOADED, "full"), RemoteError(Reason.SIDECAR_UNAVAILABLE, "draining")]
     text, failure, servicer = await _run(script, FAST)
     assert (text, failure, len(servicer.calls)) == ("hello", None, 3)
+
+
+async def test_a_bare_cancelled_before_the_first_delta_is_the_sidecar_going_away() -> None:
+    """A sidecar stopping as a call arrives cancels it in grpc, without the sidecar's
+    details (test_sidecar_hosts' drain saw one under load): retried like UNAVAILABLE."""
+    text, failure, servicer = await _run([grpc.StatusCode.CANCELLED], FAST)
+    assert (text, failure, len(servicer.calls)) == ("hello", None, 2)
+    _, failure, _ = await _run([grpc.StatusCode.CANCELLED] * 10, FAST)
+    assert failure is not None and failure.reason is Reason.SIDECAR_UNAVAILABLE, failure
 
 
 async def test_other_failures_are_not_retried() -> None:
