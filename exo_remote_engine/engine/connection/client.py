@@ -335,9 +335,10 @@ class SidecarClient:
     def _open(self, channel: grpc.aio.Channel, request: pb.GenerateRequest, alone: bool = False) -> Completion:
         """The completion on the session of ``channel`` (multiplexed), or as its own call:
         ``alone`` (its session was lost), multiplexing off, a request too large for a session,
-        a sidecar without Session, or a target of several hosts or a ``dns:`` name. There gRPC's round_robin spreads and
-        moves *calls* over the hosts (see the module doc); a session is one call, and would
-        pin every completion of this node to the host it happened to reach."""
+        a sidecar without Session, or a target of several hosts or a ``dns:`` name. There
+        gRPC's round_robin spreads and moves *calls* over the hosts (see the module doc); a
+        session is one call, and would pin every completion of this node to the host it
+        happened to reach."""
         if self._multiplexed and not alone and (size := request.ByteSize()) <= MAX_MULTIPLEXED_REQUEST_BYTES:
             session = self._sessions.session(channel)
             if session is not None:

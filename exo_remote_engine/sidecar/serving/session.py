@@ -124,8 +124,7 @@ class _Session:
         self._queued = pb.SessionResponse()
         self._queued_bytes = 0
         self._wake = asyncio.Event()
-        self._urgent = False  # something queued must not wait for company
-        self._now = asyncio.Event()  # set with _urgent: ends a wait for company
+        self._now = asyncio.Event()  # something queued must not wait for company
         self._last_write = 0.0
         self._room = asyncio.Event()
         self._room.set()
@@ -153,7 +152,6 @@ class _Session:
         if self._queued_bytes > MAX_QUEUED_BYTES:
             self._room.clear()
         if urgent or self._queued_bytes >= URGENT_BYTES:
-            self._urgent = True
             self._now.set()
         self._wake.set()
 
@@ -259,13 +257,12 @@ class _Session:
             if not self._queued.frames:
                 continue
             hold = self._last_write + COALESCE_S - loop.time()
-            if hold > 0 and not (self._urgent or self._closing):
-                self._now.clear()
+            if hold > 0 and not (self._now.is_set() or self._closing):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(hold):
                         await self._now.wait()
             message, self._queued, self._queued_bytes = self._queued, pb.SessionResponse(), 0
-            self._urgent = False
+            self._now.clear()
             self._room.set()
             self._last_write = loop.time()
             await self._context.write(message)
